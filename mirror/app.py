@@ -1,0 +1,100 @@
+"""The composition root: everything the mirror is made of is built here, from Settings.
+
+Tests swap collaborators through ``overrides`` instead of patching modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from mirror.config import Settings
+from mirror.fills import Fills
+from mirror.resolver import Resolver
+from mirror.routes import ops, v2
+from mirror.routes.middleware import registry_errors
+from mirror.store.blobs import BlobStore
+from mirror.store.cached import CachedStore
+from mirror.store.embedded import EmbeddedStore
+from mirror.store.protocols import MetadataStore
+from mirror.upstream.auth import TokenAuth
+from mirror.upstream.client import USER_AGENT, UpstreamClient
+
+log = structlog.get_logger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """Collaborators a test (or an embedding program) provides instead of the defaults."""
+
+    store: MetadataStore | None = None
+    clock: Any = None
+
+
+def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web.Application:
+    app = web.Application(middlewares=[registry_errors], handler_args={"max_field_size": 16384})
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_lifecycle(settings, overrides or Overrides()))
+    v2.add_routes(app)
+    ops.add_routes(app)
+    return app
+
+
+def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        data_dir = settings.data_dir
+        await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
+        blobs = BlobStore(data_dir / "blobs")
+        await asyncio.to_thread(blobs.sweep)
+        inner = overrides.store or await EmbeddedStore.open(data_dir)
+        store = CachedStore(
+            inner, max_entries=settings.manifest_cache_size, tag_ttl=settings.tag_ttl
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
+        )
+        session = aiohttp.ClientSession(
+            timeout=timeout,
+            # Blobs must reach the disk byte for byte, so nothing is decoded on the way.
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+            auto_decompress=False,
+            trust_env=True,
+        )
+        upstreams = {
+            name: UpstreamClient(
+                upstream.url,
+                session,
+                TokenAuth(session, username=upstream.username, password=upstream.password),
+            )
+            for name, upstream in settings.upstreams.items()
+        }
+        fills = Fills(blobs)
+        app[v2.RESOLVER] = Resolver(
+            store=store,
+            blobs=blobs,
+            fills=fills,
+            upstreams=upstreams,
+            tag_ttl=settings.tag_ttl,
+            **({"clock": overrides.clock} if overrides.clock else {}),
+        )
+        log.info(
+            "mirror_started",
+            data_dir=str(data_dir),
+            upstreams={name: u.url for name, u in settings.upstreams.items()},
+        )
+        try:
+            yield
+        finally:
+            await fills.close()
+            await session.close()
+            await store.close()
+
+    return lifecycle

@@ -1,0 +1,71 @@
+"""The ``mirror`` command line. Subcommands parse, load settings and hand over; no logic here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from mirror import __version__
+from mirror.app import create_app
+from mirror.config import ConfigError, Settings, load
+from mirror.logs import configure
+from mirror.routes.middleware import AccessLogger
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mirror {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the pull-through cache")
+    serve.add_argument("--config", type=Path, help="YAML config file (or MIRROR_CONFIG)")
+    serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
+    serve.add_argument("--data-dir", help="where blobs and metadata live (default ./mirror-data)")
+    serve.add_argument("--upstream", help="upstream registry URL (default registry-1.docker.io)")
+    serve.add_argument("--redis-url", help="redis:// URL of a shared metadata store")
+    serve.add_argument("--tag-ttl", help="seconds a tag is trusted without asking upstream")
+    serve.add_argument("--connect-timeout", help="seconds to wait for an upstream connection")
+    serve.add_argument("--read-timeout", help="seconds to wait for upstream data")
+    serve.add_argument("--log-level", help="debug, info, warning or error")
+    serve.add_argument("--log-format", help="auto, json or console")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    flags: dict[str, Any] = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in ("command", "config") and value is not None
+    }
+    try:
+        settings = load(flags, config_file=args.config)
+    except ConfigError as exc:
+        print(f"mirror: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "serve":
+        return serve(settings)
+    return EXIT_USAGE
+
+
+def serve(settings: Settings) -> int:
+    configure(settings.log_level, settings.log_format)
+    web.run_app(
+        create_app(settings),
+        host=settings.listen_host,
+        port=settings.listen_port,
+        access_log_class=AccessLogger,
+        print=None,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

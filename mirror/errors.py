@@ -1,0 +1,112 @@
+"""The domain errors of the mirror, each carrying its OCI error code and HTTP status.
+
+Handlers and the resolver raise these; one middleware (``mirror.routes.middleware``)
+turns them into the registry's JSON error body. Only ``mirror.upstream`` looks at
+upstream status codes, and it translates them into this tree:
+
+    RegistryError
+    ├── NameInvalid          NAME_INVALID        400
+    ├── TagInvalid           MANIFEST_INVALID    400
+    ├── DigestInvalid        DIGEST_INVALID      400
+    ├── Unsupported          UNSUPPORTED         405
+    ├── NotFound             (generic 404)
+    │   ├── NameUnknown      NAME_UNKNOWN        404
+    │   ├── ManifestUnknown  MANIFEST_UNKNOWN    404
+    │   └── BlobUnknown      BLOB_UNKNOWN        404
+    ├── RangeInvalid         RANGE_INVALID       416
+    ├── TooManyRequests      TOOMANYREQUESTS     429
+    └── UpstreamError        UNAVAILABLE         503
+        └── IntegrityError   (upstream sent bytes that do not match their digest)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class RegistryError(Exception):
+    code: ClassVar[str] = "UNKNOWN"
+    status: ClassVar[int] = 500
+    default_message: ClassVar[str] = "unknown error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        detail: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        self.detail = detail
+        self.headers = headers or {}
+        super().__init__(self.message)
+
+    def body(self) -> dict[str, Any]:
+        return {"errors": [{"code": self.code, "message": self.message, "detail": self.detail}]}
+
+
+class NameInvalid(RegistryError):
+    code = "NAME_INVALID"
+    status = 400
+    default_message = "invalid repository name"
+
+
+class TagInvalid(RegistryError):
+    code = "MANIFEST_INVALID"
+    status = 400
+    default_message = "invalid tag"
+
+
+class DigestInvalid(RegistryError):
+    code = "DIGEST_INVALID"
+    status = 400
+    default_message = "provided digest did not match uploaded content"
+
+
+class Unsupported(RegistryError):
+    code = "UNSUPPORTED"
+    status = 405
+    default_message = "the operation is unsupported: this registry is a read-only mirror"
+
+
+class NotFound(RegistryError):
+    code = "NOT_FOUND"
+    status = 404
+    default_message = "not found"
+
+
+class NameUnknown(NotFound):
+    code = "NAME_UNKNOWN"
+    default_message = "repository name not known to registry"
+
+
+class ManifestUnknown(NotFound):
+    code = "MANIFEST_UNKNOWN"
+    default_message = "manifest unknown"
+
+
+class BlobUnknown(NotFound):
+    code = "BLOB_UNKNOWN"
+    default_message = "blob unknown to registry"
+
+
+class RangeInvalid(RegistryError):
+    code = "RANGE_INVALID"
+    status = 416
+    default_message = "requested range not satisfiable"
+
+
+class TooManyRequests(RegistryError):
+    code = "TOOMANYREQUESTS"
+    status = 429
+    default_message = "the upstream registry's rate limit is exhausted"
+
+
+class UpstreamError(RegistryError):
+    code = "UNAVAILABLE"
+    status = 503
+    default_message = "the upstream registry is unavailable"
+
+
+class IntegrityError(UpstreamError):
+    default_message = "the upstream registry sent content that does not match its digest"

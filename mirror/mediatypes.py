@@ -1,0 +1,41 @@
+"""Manifest media types and Accept negotiation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
+
+# What the mirror asks upstream for when it resolves a tag for every client at once:
+# the multi-platform forms first, so the cached answer serves every platform.
+MANIFEST_TYPES = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
+BLOB_TYPE = "application/octet-stream"
+
+
+def parse_accept(lines: Iterable[str]) -> tuple[str, ...]:
+    """Merge Accept header lines (several lines or one comma-joined line) into media types."""
+    types: list[str] = []
+    for line in lines:
+        for item in line.split(","):
+            media_type = item.split(";", 1)[0].strip().lower()
+            if media_type and media_type not in types:
+                types.append(media_type)
+    return tuple(types)
+
+
+def accepts(accept: Sequence[str], media_type: str) -> bool:
+    """Does a client that sent ``accept`` take ``media_type``? No Accept at all takes anything."""
+    if not accept:
+        return True
+    major = media_type.split("/", 1)[0]
+    return any(item in (media_type, "*/*", f"{major}/*") for item in accept)
+
+
+def upstream_accept(accept: Sequence[str]) -> tuple[str, ...]:
+    """The Accept to send upstream on behalf of a client that cannot take what is cached."""
+    return tuple(item for item in accept if item not in ("*/*", "application/*")) or MANIFEST_TYPES

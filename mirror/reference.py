@@ -1,0 +1,91 @@
+"""Pure parsing and validation of repository names, tags and digests.
+
+Everything a file path or an upstream URL is built from passes through here first,
+so nothing outside the grammar of the OCI distribution spec reaches the disk or the
+network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from mirror.errors import DigestInvalid, NameInvalid, TagInvalid
+
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+# The algorithms we can verify, with the length of their hex encoding.
+_ALGORITHMS = {"sha256": 64, "sha512": 128}
+_HEX_RE = re.compile(r"[a-f0-9]+")
+# The spec bounds the whole name, registry host included; 255 is what registries enforce.
+MAX_NAME_LENGTH = 255
+DOCKER_HUB = "docker.io"
+
+
+def normalize_name(raw: str, registry: str = DOCKER_HUB) -> str:
+    """Check ``raw`` against the name grammar; Docker Hub's one-component names get ``library/``."""
+    if len(raw) > MAX_NAME_LENGTH or _NAME_RE.fullmatch(raw) is None:
+        raise NameInvalid(detail={"name": raw[:300]})
+    if registry == DOCKER_HUB and "/" not in raw:
+        return f"library/{raw}"
+    return raw
+
+
+def validate_tag(raw: str) -> str:
+    if _TAG_RE.fullmatch(raw) is None:
+        raise TagInvalid(f"invalid tag {raw[:140]!r}", detail={"tag": raw[:300]})
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    algorithm: str
+    hex: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+    @classmethod
+    def parse(cls, raw: str) -> Digest:
+        if len(raw) > 200 or _DIGEST_RE.fullmatch(raw) is None:
+            raise DigestInvalid(f"invalid digest {raw[:140]!r}", detail={"digest": raw[:300]})
+        algorithm, _, encoded = raw.partition(":")
+        length = _ALGORITHMS.get(algorithm)
+        if length is None:
+            raise DigestInvalid(
+                f"unsupported digest algorithm {algorithm!r}", detail={"digest": raw}
+            )
+        if len(encoded) != length or _HEX_RE.fullmatch(encoded) is None:
+            raise DigestInvalid(f"invalid {algorithm} digest", detail={"digest": raw})
+        return cls(algorithm, encoded)
+
+    @classmethod
+    def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
+        return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+    def hasher(self) -> hashlib._Hash:
+        return hashlib.new(self.algorithm)
+
+
+def is_digest(reference: str) -> bool:
+    return ":" in reference
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """A manifest reference: exactly one of ``tag`` and ``digest`` is set."""
+
+    tag: str | None = None
+    digest: Digest | None = None
+
+    @classmethod
+    def parse(cls, raw: str) -> Reference:
+        if is_digest(raw):
+            return cls(digest=Digest.parse(raw))
+        return cls(tag=validate_tag(raw))
+
+    def __str__(self) -> str:
+        return self.tag if self.tag is not None else str(self.digest)

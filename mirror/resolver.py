@@ -1,0 +1,181 @@
+"""The pull-through policy: what is answered from the cache and what goes upstream.
+
+- A tag inside its freshness window is answered from the store with no upstream call.
+- Past the window a HEAD (free on Docker Hub) revalidates it; a GET follows only when
+  the digest changed to one we do not hold.
+- A manifest pulled by digest never goes upstream once cached.
+- Concurrent misses for one tag, one digest or one blob make one upstream request.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from mirror.errors import NameUnknown
+from mirror.fills import Fill, Fills
+from mirror.mediatypes import MANIFEST_TYPES, accepts, upstream_accept
+from mirror.reference import Digest, Reference
+from mirror.singleflight import SingleFlight
+from mirror.store.blobs import BlobStore
+from mirror.store.protocols import Manifest, MetadataStore, TagRecord
+from mirror.upstream.client import TagsPage, UpstreamClient
+
+log = structlog.get_logger(__name__)
+
+
+class Outcome(enum.Enum):
+    HIT = "hit"
+    MISS = "miss"
+    REVALIDATED = "revalidated"
+    COALESCED = "coalesced"
+
+
+@dataclass(frozen=True, slots=True)
+class CachedBlob:
+    path: Path
+    size: int
+
+
+class Resolver:
+    def __init__(
+        self,
+        *,
+        store: MetadataStore,
+        blobs: BlobStore,
+        fills: Fills,
+        upstreams: Mapping[str, UpstreamClient],
+        tag_ttl: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.fills = fills
+        self._upstreams = upstreams
+        self._tag_ttl = tag_ttl
+        self._clock = clock
+        self._manifest_flights: SingleFlight[tuple[Manifest, Outcome]] = SingleFlight()
+
+    def upstream(self, registry: str) -> UpstreamClient:
+        try:
+            return self._upstreams[registry]
+        except KeyError:
+            raise NameUnknown(
+                f"registry {registry!r} is not mirrored here", detail={"ns": registry}
+            ) from None
+
+    async def manifest(
+        self, registry: str, repository: str, reference: Reference, accept: Sequence[str]
+    ) -> tuple[Manifest, Outcome]:
+        client = self.upstream(registry)
+        if reference.digest is not None:
+            manifest, outcome = await self._by_digest(
+                client, registry, repository, reference.digest, accept
+            )
+        else:
+            assert reference.tag is not None
+            manifest, outcome = await self._by_tag(client, registry, repository, reference.tag)
+        if accepts(accept, manifest.media_type):
+            return manifest, outcome
+        # The client cannot read what the tag resolves to for everyone (an old client and a
+        # multi-platform index): ask upstream what it would give this client.
+        wanted = upstream_accept(accept)
+        return await self._fetch(client, registry, repository, str(reference), wanted)
+
+    async def _by_tag(
+        self, client: UpstreamClient, registry: str, repository: str, tag: str
+    ) -> tuple[Manifest, Outcome]:
+        record = await self.store.get_tag(registry, repository, tag)
+        if record is not None and self._clock() - record.checked_at < self._tag_ttl:
+            manifest = await self.store.get_manifest(registry, repository, record.digest)
+            if manifest is not None:
+                return manifest, Outcome.HIT
+        return await self._coalesced(
+            ("tag", registry, repository, tag),
+            lambda: self._refresh_tag(client, registry, repository, tag, record),
+        )
+
+    async def _refresh_tag(
+        self,
+        client: UpstreamClient,
+        registry: str,
+        repository: str,
+        tag: str,
+        record: TagRecord | None,
+    ) -> tuple[Manifest, Outcome]:
+        if record is not None:
+            head = await client.head_manifest(repository, tag, MANIFEST_TYPES)
+            manifest = await self.store.get_manifest(registry, repository, head.digest)
+            if manifest is not None:
+                await self._remember_tag(registry, repository, tag, manifest)
+                return manifest, Outcome.REVALIDATED
+        manifest = await client.get_manifest(repository, tag, MANIFEST_TYPES)
+        await self.store.put_manifest(registry, repository, manifest)
+        await self._remember_tag(registry, repository, tag, manifest)
+        return manifest, Outcome.MISS
+
+    async def _remember_tag(
+        self, registry: str, repository: str, tag: str, manifest: Manifest
+    ) -> None:
+        record = TagRecord(manifest.digest, manifest.media_type, self._clock())
+        await self.store.put_tag(registry, repository, tag, record)
+
+    async def _by_digest(
+        self,
+        client: UpstreamClient,
+        registry: str,
+        repository: str,
+        digest: Digest,
+        accept: Sequence[str],
+    ) -> tuple[Manifest, Outcome]:
+        manifest = await self.store.get_manifest(registry, repository, str(digest))
+        if manifest is not None:
+            return manifest, Outcome.HIT
+        wanted = (*MANIFEST_TYPES, *(t for t in accept if t not in MANIFEST_TYPES))
+        return await self._fetch(client, registry, repository, str(digest), wanted)
+
+    async def _fetch(
+        self,
+        client: UpstreamClient,
+        registry: str,
+        repository: str,
+        reference: str,
+        accept: Sequence[str],
+    ) -> tuple[Manifest, Outcome]:
+        async def fetch() -> tuple[Manifest, Outcome]:
+            manifest = await client.get_manifest(repository, reference, accept)
+            await self.store.put_manifest(registry, repository, manifest)
+            return manifest, Outcome.MISS
+
+        return await self._coalesced(("get", registry, repository, reference, *accept), fetch)
+
+    async def _coalesced(
+        self, key: tuple[str, ...], work: Callable[[], Awaitable[tuple[Manifest, Outcome]]]
+    ) -> tuple[Manifest, Outcome]:
+        (manifest, outcome), shared = await self._manifest_flights.run(key, work)
+        return manifest, Outcome.COALESCED if shared else outcome
+
+    async def blob(self, registry: str, repository: str, digest: Digest) -> CachedBlob | Fill:
+        """A cached blob, or the running fill for it (the caller is attached as a reader)."""
+        client = self.upstream(registry)
+        size = self.blobs.size(digest)
+        if size is not None:
+            return CachedBlob(self.blobs.path(digest), size)
+        fill, _ = self.fills.join(client, repository, digest)
+        return fill
+
+    async def blob_size(self, registry: str, repository: str, digest: Digest) -> int | None:
+        """For HEAD: the size of a blob, from disk or upstream, without downloading it."""
+        client = self.upstream(registry)
+        size = self.blobs.size(digest)
+        if size is not None:
+            return size
+        return await client.head_blob(repository, digest)
+
+    async def tags(self, registry: str, repository: str, query: Mapping[str, str]) -> TagsPage:
+        return await self.upstream(registry).get_tags(repository, query)

@@ -1,0 +1,1 @@
+"""HTTP in and out: the distribution API and the operational endpoints."""

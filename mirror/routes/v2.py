@@ -1,0 +1,191 @@
+"""The OCI distribution pull API (``/v2/``), read-only.
+
+Handlers parse and validate the request, ask the resolver, and write the answer; they
+never build error responses themselves (``mirror.routes.middleware`` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from aiohttp import web
+
+from mirror.errors import RangeInvalid, RegistryError, Unsupported
+from mirror.fills import Fill, FillState
+from mirror.mediatypes import BLOB_TYPE, parse_accept
+from mirror.reference import DOCKER_HUB, Digest, Reference, normalize_name
+from mirror.resolver import CachedBlob, Resolver
+from mirror.routes.middleware import API_VERSION, API_VERSION_HEADER, CACHE_OUTCOME
+from mirror.store.protocols import Manifest
+
+RESOLVER = web.AppKey("resolver", Resolver)
+
+_PATH_RE = re.compile(r"(?P<name>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/list)")
+_UPLOADS_RE = re.compile(r".+/blobs/uploads(?:/.*)?")
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+_READ_METHODS = ("GET", "HEAD")
+_TAGS_QUERY = ("n", "last")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_route("*", "/v2", base)
+    app.router.add_route("*", "/v2/", base)
+    app.router.add_route("*", "/v2/{path:.+}", dispatch)
+
+
+async def base(request: web.Request) -> web.Response:
+    _check_method(request)
+    return web.json_response({}, headers={API_VERSION_HEADER: API_VERSION})
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    path = request.match_info["path"]
+    if _UPLOADS_RE.fullmatch(path):
+        raise Unsupported("pushing is not supported: this registry is a read-only mirror")
+    _check_method(request)
+    match = _PATH_RE.fullmatch(path)
+    if match is None:
+        raise web.HTTPNotFound()
+    registry = request.query.get("ns") or DOCKER_HUB
+    repository = normalize_name(match["name"], registry)
+    kind = match["kind"]
+    if kind == "manifests":
+        return await manifest(request, registry, repository, Reference.parse(match["ref"]))
+    if kind == "blobs":
+        return await blob(request, registry, repository, Digest.parse(match["ref"]))
+    return await tags(request, registry, repository)
+
+
+def _check_method(request: web.Request) -> None:
+    if request.method not in _READ_METHODS:
+        raise Unsupported(f"{request.method} is not supported: this registry is a read-only mirror")
+
+
+async def manifest(
+    request: web.Request, registry: str, repository: str, reference: Reference
+) -> web.Response:
+    accept = parse_accept(request.headers.getall("Accept", ()))
+    found, outcome = await request.app[RESOLVER].manifest(registry, repository, reference, accept)
+    request[CACHE_OUTCOME] = outcome.value
+    return _manifest_response(request, found)
+
+
+def _manifest_response(request: web.Request, found: Manifest) -> web.Response:
+    etag = f'"{found.digest}"'
+    headers = {
+        "Docker-Content-Digest": found.digest,
+        "ETag": etag,
+        API_VERSION_HEADER: API_VERSION,
+    }
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers=headers)
+    response = web.Response(body=found.body, headers=headers)
+    response.content_type = found.media_type
+    return response
+
+
+async def blob(
+    request: web.Request, registry: str, repository: str, digest: Digest
+) -> web.StreamResponse:
+    resolver = request.app[RESOLVER]
+    headers = {
+        "Docker-Content-Digest": str(digest),
+        "Content-Type": BLOB_TYPE,
+        "ETag": f'"{digest}"',
+        "Accept-Ranges": "bytes",
+        API_VERSION_HEADER: API_VERSION,
+        "Cache-Control": "max-age=31536000",
+    }
+    if request.method == "HEAD":
+        size = await resolver.blob_size(registry, repository, digest)
+        request[CACHE_OUTCOME] = "hit" if resolver.blobs.size(digest) is not None else "miss"
+        response = web.Response(headers=headers)
+        if size is not None:
+            response.headers["Content-Length"] = str(size)
+        return response
+    source = await resolver.blob(registry, repository, digest)
+    if isinstance(source, CachedBlob):
+        request[CACHE_OUTCOME] = "hit"
+        # FileResponse answers ranges itself; checking first gives a bad one our error body.
+        _parse_range(request.headers.get("Range"), source.size)
+        return web.FileResponse(source.path, headers=headers)
+    try:
+        await source.ready
+        request[CACHE_OUTCOME] = "miss"
+        return await _stream_fill(request, source, headers)
+    finally:
+        source.detach()
+
+
+async def _stream_fill(
+    request: web.Request, fill: Fill, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Stream a blob that is still arriving from upstream, from the bytes already on disk."""
+    size = fill.size
+    start, stop = 0, size
+    response = web.StreamResponse(headers=headers)
+    if size is not None and stop is not None:
+        byte_range = _parse_range(request.headers.get("Range"), size)
+        if byte_range is not None:
+            start, stop = byte_range
+            response.set_status(206)
+            response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+        response.content_length = stop - start
+    await response.prepare(request)
+    position = start
+    while stop is None or position < stop:
+        if fill.state is FillState.FAILED:
+            _abort(request, fill)
+        end = fill.available() if stop is None else min(fill.available(), stop)
+        if end <= position:
+            if fill.state is FillState.DONE and stop is None:
+                break
+            await fill.changed()
+            continue
+        length = min(end - position, 1024 * 1024)
+        data = await asyncio.to_thread(fill.pread, length, position)
+        await response.write(data)
+        position += len(data)
+    await response.write_eof()
+    return response
+
+
+def _abort(request: web.Request, fill: Fill) -> None:
+    """Cut the connection: the client must see a failed transfer, not a clean end."""
+    if request.transport is not None:
+        request.transport.abort()
+    raise ConnectionAbortedError(str(fill.error))
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """A single ``bytes=`` range as (start, stop); None means the whole blob."""
+    if header is None:
+        return None
+    match = _RANGE_RE.fullmatch(header.strip())
+    first, last = match.groups() if match is not None else ("", "")
+    if not first and not last:
+        # Several ranges, or none we understand: refused, as FileResponse refuses them.
+        raise RangeInvalid(headers={"Content-Range": f"bytes */{size}"})
+    if not first:
+        start, stop = max(size - int(last), 0), size
+    else:
+        start = int(first)
+        stop = min(int(last) + 1, size) if last else size
+    if start >= size or start >= stop:
+        raise RangeInvalid(headers={"Content-Range": f"bytes */{size}"})
+    return start, stop
+
+
+async def tags(request: web.Request, registry: str, repository: str) -> web.Response:
+    query = {key: request.query[key] for key in _TAGS_QUERY if key in request.query}
+    page = await request.app[RESOLVER].tags(registry, repository, query)
+    headers = {API_VERSION_HEADER: API_VERSION}
+    if page.link is not None:
+        headers["Link"] = page.link
+    response = web.Response(body=page.body, headers=headers)
+    response.content_type = page.content_type
+    return response
+
+
+__all__ = ["RESOLVER", "RegistryError", "add_routes"]

@@ -1,0 +1,1 @@
+"""Where the mirror keeps what it learned: manifests and tags (metadata) and blobs (disk)."""

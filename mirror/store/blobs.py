@@ -1,0 +1,118 @@
+"""Blobs on disk, addressed by digest: ``<root>/<algorithm>/<2 hex>/<hex>``.
+
+A blob only ever appears at its final path by an atomic rename after its digest was
+checked and its bytes fsynced, so anything at a final path is whole and verified. While
+it is being written it lives beside its final place as ``.<hex>.<random>.partial``,
+locked with flock by the process writing it; a partial file nobody holds a lock on was
+left by a crash and is swept.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from mirror.reference import Digest
+
+log = structlog.get_logger(__name__)
+
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(slots=True)
+class Partial:
+    """A blob being written: a locked temporary file beside its final path."""
+
+    path: Path
+    final: Path
+    fd: int
+    written: int = 0
+    _closed: bool = field(default=False, repr=False)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.written += len(data)
+
+    def commit(self) -> None:
+        """Make the blob visible at its final path, durably."""
+        os.fsync(self.fd)
+        os.rename(self.path, self.final)
+        _fsync_dir(self.final.parent)
+        self._close()
+
+    def discard(self) -> None:
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, digest: Digest) -> Path:
+        return self.root / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def size(self, digest: Digest) -> int | None:
+        """The size of a cached blob, or None when it is not on disk."""
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def new_partial(self, digest: Digest) -> Partial:
+        final = self.path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        path = final.with_name(f".{digest.hex}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return Partial(path=path, final=final, fd=fd)
+
+    def sweep(self) -> int:
+        """Remove partial files left by a crashed writer; returns how many."""
+        removed = 0
+        if not self.root.exists():
+            return 0
+        for path in self.root.glob(f"*/*/.*{PARTIAL_SUFFIX}"):
+            if _orphaned(path):
+                path.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("partial_blobs_swept", count=removed)
+        return removed
+
+
+def _orphaned(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # a live writer holds it
+    else:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

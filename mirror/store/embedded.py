@@ -1,0 +1,96 @@
+"""The default metadata store: SQLite in the data dir, needing no server.
+
+SQLite gives atomic, crash-safe writes and lets several worker processes on one host
+share the file (WAL mode). Every call runs on one dedicated thread so the event loop
+never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mirror.store.protocols import Manifest, TagRecord
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS manifests (
+    registry TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (registry, repository, digest)
+);
+CREATE TABLE IF NOT EXISTS tags (
+    registry TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    checked_at REAL NOT NULL,
+    PRIMARY KEY (registry, repository, tag)
+);
+"""
+
+
+class EmbeddedStore:
+    def __init__(self, path: Path) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-store")
+        self._db = sqlite3.connect(path, check_same_thread=False, timeout=5.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    @classmethod
+    async def open(cls, data_dir: Path) -> EmbeddedStore:
+        return await asyncio.to_thread(cls, data_dir / "metadata.sqlite3")
+
+    async def get_manifest(self, registry: str, repository: str, digest: str) -> Manifest | None:
+        row = await self._fetchone(
+            "SELECT body, media_type FROM manifests"
+            " WHERE registry = ? AND repository = ? AND digest = ?",
+            (registry, repository, digest),
+        )
+        return None if row is None else Manifest(bytes(row[0]), row[1], digest)
+
+    async def put_manifest(self, registry: str, repository: str, manifest: Manifest) -> None:
+        await self._write(
+            "INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?, ?)",
+            (registry, repository, manifest.digest, manifest.media_type, manifest.body),
+        )
+
+    async def get_tag(self, registry: str, repository: str, tag: str) -> TagRecord | None:
+        row = await self._fetchone(
+            "SELECT digest, media_type, checked_at FROM tags"
+            " WHERE registry = ? AND repository = ? AND tag = ?",
+            (registry, repository, tag),
+        )
+        return None if row is None else TagRecord(row[0], row[1], row[2])
+
+    async def put_tag(self, registry: str, repository: str, tag: str, record: TagRecord) -> None:
+        await self._write(
+            "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?, ?)",
+            (registry, repository, tag, record.digest, record.media_type, record.checked_at),
+        )
+
+    async def close(self) -> None:
+        await self._run(self._db.close)
+        self._executor.shutdown(wait=True)
+
+    async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> Any:
+        return await self._run(lambda: self._db.execute(sql, params).fetchone())
+
+    async def _write(self, sql: str, params: tuple[Any, ...]) -> None:
+        def write() -> None:
+            with self._db:
+                self._db.execute(sql, params)
+
+        await self._run(write)
+
+    async def _run(self, call: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)

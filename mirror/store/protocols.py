@@ -1,0 +1,45 @@
+"""The store interfaces the resolver is written against.
+
+Manifests are immutable and addressed by digest; a tag record says which digest a tag
+pointed to when the upstream last confirmed it. Keys always carry the upstream registry
+so that metadata of different upstreams never mixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    body: bytes
+    media_type: str
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class TagRecord:
+    digest: str
+    media_type: str
+    # Wall-clock seconds when the upstream last confirmed the mapping; the freshness
+    # window is measured from here, across restarts and replicas.
+    checked_at: float
+
+
+class MetadataStore(Protocol):
+    """Manifests by digest and tags by name, per upstream registry and repository."""
+
+    async def get_manifest(
+        self, registry: str, repository: str, digest: str
+    ) -> Manifest | None: ...
+
+    async def put_manifest(self, registry: str, repository: str, manifest: Manifest) -> None: ...
+
+    async def get_tag(self, registry: str, repository: str, tag: str) -> TagRecord | None: ...
+
+    async def put_tag(
+        self, registry: str, repository: str, tag: str, record: TagRecord
+    ) -> None: ...
+
+    async def close(self) -> None: ...
