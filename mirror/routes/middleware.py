@@ -15,8 +15,10 @@ log = structlog.get_logger("mirror.access")
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
 API_VERSION = "registry/2.0"
-CACHE_OUTCOME = "mirror.cache_outcome"
-REQUEST_ID = "mirror.request_id"
+CACHE_OUTCOME = web.RequestKey("cache_outcome", str)
+REQUEST_ID = web.RequestKey("request_id", str)
+# Set by handlers that stream a body themselves, so the log counts body bytes actually sent.
+BYTES_SENT = web.RequestKey("bytes_sent", int)
 
 
 def error_response(error: RegistryError) -> web.Response:
@@ -52,7 +54,7 @@ class AccessLogger(AbstractAccessLogger):
             method=request.method,
             path=request.path,
             status=response.status,
-            bytes=response.body_length,
+            bytes=_body_bytes(request, response),
             duration_ms=round(time * 1000, 2),
             cache=request.get(CACHE_OUTCOME),
         )
@@ -60,3 +62,12 @@ class AccessLogger(AbstractAccessLogger):
     @property
     def enabled(self) -> bool:
         return True
+
+
+def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    if request.method == "HEAD" or response.status in (204, 304):
+        return 0
+    sent = request.get(BYTES_SENT)
+    if sent is not None:
+        return sent
+    return response.content_length or 0

@@ -16,7 +16,7 @@ from mirror.fills import Fill, FillState
 from mirror.mediatypes import BLOB_TYPE, parse_accept
 from mirror.reference import DOCKER_HUB, Digest, Reference, normalize_name
 from mirror.resolver import CachedBlob, Resolver
-from mirror.routes.middleware import API_VERSION, API_VERSION_HEADER, CACHE_OUTCOME
+from mirror.routes.middleware import API_VERSION, API_VERSION_HEADER, BYTES_SENT, CACHE_OUTCOME
 from mirror.store.protocols import Manifest
 
 RESOLVER = web.AppKey("resolver", Resolver)
@@ -147,6 +147,7 @@ async def _stream_fill(
         data = await asyncio.to_thread(fill.pread, length, position)
         await response.write(data)
         position += len(data)
+        request[BYTES_SENT] = position - start
     await response.write_eof()
     return response
 
