@@ -1,0 +1,110 @@
+"""Settings precedence and the one-line errors users see for bad configuration."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mirror.config import DEFAULT_UPSTREAM, ConfigError, load
+from mirror.reference import DOCKER_HUB
+
+
+def test_defaults() -> None:
+    settings = load({}, env={})
+    assert (settings.listen_host, settings.listen_port) == ("0.0.0.0", 5000)
+    assert settings.data_dir == Path("mirror-data")
+    assert settings.upstreams[DOCKER_HUB].url == DEFAULT_UPSTREAM
+    assert settings.redis_url is None
+    assert settings.tag_ttl == 300
+
+
+def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text("tag_ttl: 10\nlisten: 127.0.0.1:6000\ndata_dir: /from/file\n")
+    env = {"MIRROR_TAG_TTL": "20", "MIRROR_DATA_DIR": "/from/env"}
+
+    settings = load({"tag_ttl": "30"}, env=env, config_file=config)
+
+    assert settings.tag_ttl == 30
+    assert settings.data_dir == Path("/from/env")
+    assert (settings.listen_host, settings.listen_port) == ("127.0.0.1", 6000)
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text("upstream: http://127.0.0.1:9999/\n")
+    settings = load({}, env={"MIRROR_CONFIG": str(config)})
+    assert settings.upstreams[DOCKER_HUB].url == "http://127.0.0.1:9999"
+
+
+def test_credentials_from_file_and_env_are_masked(tmp_path: Path) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text("upstream_username: me\nupstream_password: hunter2\n")
+    settings = load({}, env={}, config_file=config)
+    assert settings.upstreams[DOCKER_HUB].password == "hunter2"
+    assert "hunter2" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "file_text", "message"),
+    [
+        ({}, {}, "tag_tll: 5\n", "unknown key 'tag_tll'"),
+        ({}, {"MIRROR_TAG_TLL": "5"}, None, "unknown environment variable MIRROR_TAG_TLL"),
+        ({"tag_ttl": "soon"}, {}, None, "--tag-ttl"),
+        ({"tag_ttl": "-1"}, {}, None, "--tag-ttl"),
+        ({}, {"MIRROR_LISTEN": "5000"}, None, "MIRROR_LISTEN"),
+        ({"listen": "host:99999"}, {}, None, "--listen"),
+        ({"upstream": "ftp://x"}, {}, None, "--upstream"),
+        ({"redis_url": "http://x"}, {}, None, "--redis-url"),
+        ({}, {}, "- a\n- list\n", "must be a mapping"),
+        ({}, {}, "key: [unclosed\n", "not valid YAML"),
+        ({}, {}, "upstream_username: me\n", "must be given together"),
+        ({"upstream_password": "x"}, {}, None, "unknown option --upstream-password"),
+    ],
+)
+def test_bad_configuration_names_the_key(
+    tmp_path: Path, flags: dict[str, str], env: dict[str, str], file_text: str | None, message: str
+) -> None:
+    config = None
+    if file_text is not None:
+        config = tmp_path / "mirror.yaml"
+        config.write_text(file_text)
+    with pytest.raises(ConfigError, match=message) as raised:
+        load(flags, env=env, config_file=config)
+    assert "\n" not in str(raised.value)
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load({}, env={}, config_file=tmp_path / "absent.yaml")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mirror", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
+
+
+def test_cli_bad_value_exits_2_with_one_line(tmp_path: Path) -> None:
+    result = run_cli("serve", "--tag-ttl", "banana", "--data-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "--tag-ttl" in result.stderr
+
+
+def test_cli_missing_config_exits_2(tmp_path: Path) -> None:
+    result = run_cli("serve", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "nope.yaml" in result.stderr
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).parents[2] / "config.example.yaml"
+    settings = load({}, env={}, config_file=example)
+    assert settings.upstreams[DOCKER_HUB].url == DEFAULT_UPSTREAM
