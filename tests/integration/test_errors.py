@@ -1,4 +1,4 @@
-"""Malformed and refused requests: the registry's JSON error body, the right status, nothing upstream."""
+"""Malformed and refused requests: the JSON error body, the right status, nothing upstream."""
 
 import json
 

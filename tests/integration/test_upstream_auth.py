@@ -43,7 +43,7 @@ async def test_an_expired_token_is_renewed(fake_hub: FakeHub, mirror: RunningMir
 
     assert (await mirror.get("/v2/alpine/manifests/latest", accept=ACCEPT))[0] == 200
     await asyncio.sleep(1.1)
-    status, _, body = await mirror.get("/v2/alpine/manifests/other", accept=ACCEPT)
+    status, _, _ = await mirror.get("/v2/alpine/manifests/other", accept=ACCEPT)
 
     assert status == 200
     assert token_requests(fake_hub) == 2
