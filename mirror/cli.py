@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tag-ttl", help="seconds a tag is trusted without asking upstream")
     serve.add_argument("--connect-timeout", help="seconds to wait for an upstream connection")
     serve.add_argument("--read-timeout", help="seconds to wait for upstream data")
+    serve.add_argument("--manifest-cache-size", help="manifests and tags kept in memory")
     serve.add_argument("--log-level", help="debug, info, warning or error")
     serve.add_argument("--log-format", help="auto, json or console")
     return parser

@@ -65,7 +65,7 @@ class MirrorProcess:
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
         with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            self._process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env={**env, **self.env}
             )
         self._wait_ready()
