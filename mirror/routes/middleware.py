@@ -69,5 +69,5 @@ def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
         return 0
     sent = request.get(BYTES_SENT)
     if sent is not None:
-        return sent
+        return int(sent)
     return response.content_length or 0
