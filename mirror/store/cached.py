@@ -49,5 +49,11 @@ class CachedStore:
         await self.inner.put_tag(registry, repository, tag, record)
         self._tags[(registry, repository, tag)] = record
 
+    async def get_missing(self, registry: str, repository: str, tag: str) -> bool:
+        return await self.inner.get_missing(registry, repository, tag)
+
+    async def put_missing(self, registry: str, repository: str, tag: str, ttl: float) -> None:
+        await self.inner.put_missing(registry, repository, tag, ttl)
+
     async def close(self) -> None:
         await self.inner.close()

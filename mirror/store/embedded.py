@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +26,13 @@ CREATE TABLE IF NOT EXISTS manifests (
     media_type TEXT NOT NULL,
     body BLOB NOT NULL,
     PRIMARY KEY (registry, repository, digest)
+);
+CREATE TABLE IF NOT EXISTS missing (
+    registry TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (registry, repository, tag)
 );
 CREATE TABLE IF NOT EXISTS tags (
     registry TEXT NOT NULL,
@@ -76,6 +84,19 @@ class EmbeddedStore:
         await self._write(
             "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?, ?)",
             (registry, repository, tag, record.digest, record.media_type, record.checked_at),
+        )
+
+    async def get_missing(self, registry: str, repository: str, tag: str) -> bool:
+        row = await self._fetchone(
+            "SELECT expires_at FROM missing WHERE registry = ? AND repository = ? AND tag = ?",
+            (registry, repository, tag),
+        )
+        return row is not None and row[0] > time.time()
+
+    async def put_missing(self, registry: str, repository: str, tag: str, ttl: float) -> None:
+        await self._write(
+            "INSERT OR REPLACE INTO missing VALUES (?, ?, ?, ?)",
+            (registry, repository, tag, time.time() + ttl),
         )
 
     async def close(self) -> None:
