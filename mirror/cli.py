@@ -27,7 +27,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="YAML config file (or MIRROR_CONFIG)")
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
     serve.add_argument("--data-dir", help="where blobs and metadata live (default ./mirror-data)")
-    serve.add_argument("--upstream", help="upstream registry URL (default registry-1.docker.io)")
+    serve.add_argument(
+        "--upstream",
+        action="append",
+        metavar="[NAME=]URL",
+        help="upstream registry: a bare URL is docker.io's (default https://registry-1.docker.io);"
+        " NAME=URL adds another registry, picked by containerd's ?ns=NAME (repeatable)",
+    )
     serve.add_argument("--redis-url", help="redis:// URL of a shared metadata store")
     serve.add_argument("--tag-ttl", help="seconds a tag is trusted without asking upstream")
     serve.add_argument("--connect-timeout", help="seconds to wait for an upstream connection")

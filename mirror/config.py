@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,22 +118,79 @@ def _redis_url(value: Any) -> str | None:
     return text
 
 
-# key -> (parser, may it come from a command-line flag)
-_KEYS: dict[str, tuple[Callable[[Any], Any], bool]] = {
-    "listen": (_listen, True),
-    "data_dir": (lambda v: Path(str(v)), True),
-    "upstream": (_url, True),
-    "upstream_username": (_optional_str, False),
-    "upstream_password": (_optional_str, False),
-    "redis_url": (_redis_url, True),
-    "tag_ttl": (_non_negative, True),
-    "connect_timeout": (_positive, True),
-    "read_timeout": (_positive, True),
-    "manifest_cache_size": (_positive_int, True),
-    "log_level": (_choice("debug", "info", "warning", "error"), True),
-    "log_format": (_choice("auto", "json", "console"), True),
+_REGISTRY_RE = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]+)?")
+
+
+def _registry(name: str) -> str:
+    name = name.strip().lower()
+    if _REGISTRY_RE.fullmatch(name) is None:
+        raise ValueError(f"{name!r} is not a registry host name")
+    return name
+
+
+def _upstream(value: Any) -> dict[str, str]:
+    """``URL`` (Docker Hub's upstream) or ``NAME=URL``; several, as a list or comma-separated."""
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    upstreams: dict[str, str] = {}
+    for item in (str(i).strip() for i in items):
+        name, sep, url = item.partition("=")
+        if not sep:
+            name, url = DOCKER_HUB, item
+        upstreams[_registry(name)] = _url(url)
+    return upstreams
+
+
+def _upstreams(value: Any) -> dict[str, UpstreamSettings]:
+    """The ``upstreams:`` mapping: registry name -> URL, or -> {url, username, password}."""
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of registry names to URLs")
+    result: dict[str, UpstreamSettings] = {}
+    for name, entry in value.items():
+        fields = entry if isinstance(entry, dict) else {"url": entry}
+        unknown = set(fields) - {"url", "username", "password"}
+        if unknown:
+            raise ValueError(f"unknown key {sorted(unknown)[0]!r} under {name!r}")
+        registry = _registry(str(name))
+        result[registry] = _upstream_settings(
+            registry,
+            _url(fields.get("url")),
+            _optional_str(fields.get("username")),
+            _optional_str(fields.get("password")),
+        )
+    return result
+
+
+def _upstream_settings(
+    registry: str, url: str, username: str | None, password: str | None
+) -> UpstreamSettings:
+    if (username is None) != (password is None):
+        raise ConfigError(f"username and password for {registry} must be given together")
+    return UpstreamSettings(registry, url, username, password)
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    parse: Callable[[Any], Any]
+    flag: bool = True  # credentials never come from flags: they would show in `ps`
+    env: bool = True
+
+
+_KEYS: dict[str, _Key] = {
+    "listen": _Key(_listen),
+    "data_dir": _Key(lambda v: Path(str(v))),
+    "upstream": _Key(_upstream),
+    "upstreams": _Key(_upstreams, flag=False, env=False),
+    "upstream_username": _Key(_optional_str, flag=False),
+    "upstream_password": _Key(_optional_str, flag=False),
+    "redis_url": _Key(_redis_url),
+    "tag_ttl": _Key(_non_negative),
+    "connect_timeout": _Key(_positive),
+    "read_timeout": _Key(_positive),
+    "manifest_cache_size": _Key(_positive_int),
+    "log_level": _Key(_choice("debug", "info", "warning", "error")),
+    "log_format": _Key(_choice("auto", "json", "console")),
 }
-FLAG_KEYS = tuple(key for key, (_, flag) in _KEYS.items() if flag)
+FLAG_KEYS = tuple(key for key, spec in _KEYS.items() if spec.flag)
 
 
 def load(
@@ -144,21 +202,34 @@ def load(
     env = os.environ if env is None else env
     if config_file is None and env.get(f"{ENV_PREFIX}CONFIG"):
         config_file = Path(env[f"{ENV_PREFIX}CONFIG"])
-    raw: dict[str, tuple[Any, str]] = {}
+    sources: list[dict[str, tuple[Any, str]]] = []
     if config_file is not None:
-        for key, value in _read_file(config_file).items():
-            raw[key] = (value, f"{key} in {config_file}")
+        sources.append(
+            {
+                key: (value, f"{key} in {config_file}")
+                for key, value in _read_file(config_file).items()
+            }
+        )
+    from_env: dict[str, tuple[Any, str]] = {}
     for name, value in env.items():
         if name.startswith(ENV_PREFIX) and name != f"{ENV_PREFIX}CONFIG":
             key = name.removeprefix(ENV_PREFIX).lower()
-            if key not in _KEYS:
+            if key not in _KEYS or not _KEYS[key].env:
                 raise ConfigError(f"unknown environment variable {name}")
-            raw[key] = (value, name)
+            from_env[key] = (value, name)
+    sources.append(from_env)
+    from_flags: dict[str, tuple[Any, str]] = {}
     for key, value in flags.items():
         if key not in FLAG_KEYS:
             raise ConfigError(f"unknown option --{key.replace('_', '-')}")
-        raw[key] = (value, f"--{key.replace('_', '-')}")
-    return _build(_parse_all(raw))
+        from_flags[key] = (value, f"--{key.replace('_', '-')}")
+    sources.append(from_flags)
+    merged: dict[str, Any] = {}
+    for source in sources:
+        for key, value in _parse_all(source).items():
+            # Upstreams merge by registry name: a flag for ghcr.io keeps the file's docker.io.
+            merged[key] = {**merged.get(key, {}), **value} if key == "upstream" else value
+    return _build(merged)
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -183,9 +254,8 @@ def _read_file(path: Path) -> dict[str, Any]:
 def _parse_all(raw: Mapping[str, tuple[Any, str]]) -> dict[str, Any]:
     parsed: dict[str, Any] = {}
     for key, (value, origin) in raw.items():
-        parser, _ = _KEYS[key]
         try:
-            parsed[key] = parser(value)
+            parsed[key] = _KEYS[key].parse(value)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"bad value {value!r} for {origin}: {_one_line(exc)}") from None
     return parsed
@@ -193,20 +263,24 @@ def _parse_all(raw: Mapping[str, tuple[Any, str]]) -> dict[str, Any]:
 
 def _build(values: Mapping[str, Any]) -> Settings:
     defaults = Settings()
-    upstream = UpstreamSettings(
-        registry=DOCKER_HUB,
-        url=values.get("upstream", DEFAULT_UPSTREAM),
-        username=values.get("upstream_username"),
-        password=values.get("upstream_password"),
-    )
-    if (upstream.username is None) != (upstream.password is None):
-        raise ConfigError("upstream_username and upstream_password must be given together")
+    upstreams = dict(defaults.upstreams)
+    upstreams.update(values.get("upstreams", {}))
+    for registry, url in values.get("upstream", {}).items():
+        known = upstreams.get(registry)
+        upstreams[registry] = UpstreamSettings(
+            registry, url, known.username if known else None, known.password if known else None
+        )
+    if "upstream_username" in values or "upstream_password" in values:
+        hub = upstreams[DOCKER_HUB]
+        upstreams[DOCKER_HUB] = _upstream_settings(
+            DOCKER_HUB, hub.url, values.get("upstream_username"), values.get("upstream_password")
+        )
     host, port = values.get("listen", (defaults.listen_host, defaults.listen_port))
     return Settings(
         listen_host=host,
         listen_port=port,
         data_dir=values.get("data_dir", defaults.data_dir),
-        upstreams={DOCKER_HUB: upstream},
+        upstreams=upstreams,
         redis_url=values.get("redis_url"),
         tag_ttl=values.get("tag_ttl", defaults.tag_ttl),
         connect_timeout=values.get("connect_timeout", defaults.connect_timeout),

@@ -108,3 +108,48 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).parents[2] / "config.example.yaml"
     settings = load({}, env={}, config_file=example)
     assert settings.upstreams[DOCKER_HUB].url == DEFAULT_UPSTREAM
+
+
+def test_several_upstreams_from_flags_env_and_file(tmp_path: Path) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        "upstream: http://hub.internal:1\n"
+        "upstreams:\n"
+        "  ghcr.io: {url: 'http://ghcr.internal:2', username: bot, password: tok}\n"
+        "  quay.io: http://quay.internal:3\n"
+    )
+    settings = load(
+        {"upstream": ["registry.k8s.io=http://k8s.internal:4", "quay.io=http://quay2.internal:5"]},
+        env={"MIRROR_UPSTREAM": "http://hub-env.internal:6"},
+        config_file=config,
+    )
+    urls = {name: upstream.url for name, upstream in settings.upstreams.items()}
+    assert urls == {
+        "docker.io": "http://hub-env.internal:6",
+        "ghcr.io": "http://ghcr.internal:2",
+        "quay.io": "http://quay2.internal:5",
+        "registry.k8s.io": "http://k8s.internal:4",
+    }
+    assert settings.upstreams["ghcr.io"].username == "bot"
+    assert "tok" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("flags", "file_text", "message"),
+    [
+        ({"upstream": ["bad host=http://x"]}, None, "--upstream"),
+        ({"upstream": ["ghcr.io=nope"]}, None, "--upstream"),
+        ({}, "upstreams: {ghcr.io: {url: 'http://x', token: y}}\n", "unknown key 'token'"),
+        ({}, "upstreams: [a, b]\n", "upstreams in"),
+        ({}, "upstreams: {ghcr.io: {url: 'http://x', username: y}}\n", "given together"),
+    ],
+)
+def test_bad_upstreams_name_the_key(
+    tmp_path: Path, flags: dict[str, list[str]], file_text: str | None, message: str
+) -> None:
+    config = None
+    if file_text is not None:
+        config = tmp_path / "mirror.yaml"
+        config.write_text(file_text)
+    with pytest.raises(ConfigError, match=message):
+        load(flags, env={}, config_file=config)
