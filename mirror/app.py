@@ -6,7 +6,7 @@ Tests swap collaborators through ``overrides`` instead of patching modules.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,19 +16,20 @@ from aiohttp import web
 
 from mirror.config import Settings
 from mirror.fills import Fills
+from mirror.metrics import Metrics
 from mirror.resolver import Resolver
 from mirror.routes import ops, v2
-from mirror.routes.middleware import registry_errors
+from mirror.routes.middleware import count_requests, registry_errors
+from mirror.routes.state import METRICS, RESOLVER, SETTINGS
 from mirror.store.blobs import BlobStore
 from mirror.store.cached import CachedStore
 from mirror.store.embedded import EmbeddedStore
 from mirror.store.protocols import MetadataStore
 from mirror.upstream.auth import TokenAuth
 from mirror.upstream.client import USER_AGENT, UpstreamClient
+from mirror.upstream.ratelimit import RateLimit
 
 log = structlog.get_logger(__name__)
-
-SETTINGS = web.AppKey("settings", Settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +37,16 @@ class Overrides:
     """Collaborators a test (or an embedding program) provides instead of the defaults."""
 
     store: MetadataStore | None = None
-    clock: Any = None
+    clock: Callable[[], float] | None = None
+    probe_interval: float = 5.0
 
 
 def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web.Application:
-    app = web.Application(middlewares=[registry_errors], handler_args={"max_field_size": 16384})
+    app = web.Application(
+        middlewares=[count_requests, registry_errors], handler_args={"max_field_size": 16384}
+    )
     app[SETTINGS] = settings
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(_lifecycle(settings, overrides or Overrides()))
     v2.add_routes(app)
     ops.add_routes(app)
@@ -50,39 +55,37 @@ def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web
 
 def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        metrics = app[METRICS]
         data_dir = settings.data_dir
         await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
         blobs = BlobStore(data_dir / "blobs")
         await asyncio.to_thread(blobs.sweep)
-        inner = overrides.store or await EmbeddedStore.open(data_dir)
+        inner = overrides.store or await _open_store(settings)
         store = CachedStore(
             inner, max_entries=settings.manifest_cache_size, tag_ttl=settings.tag_ttl
         )
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
-        )
-        session = aiohttp.ClientSession(
-            timeout=timeout,
-            # Blobs must reach the disk byte for byte, so nothing is decoded on the way.
-            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
-            auto_decompress=False,
-            trust_env=True,
-        )
+        session = _upstream_session(settings)
         upstreams = {
             name: UpstreamClient(
+                name,
                 upstream.url,
                 session,
                 TokenAuth(session, username=upstream.username, password=upstream.password),
+                metrics=metrics,
+                ratelimit=RateLimit(reserve=settings.ratelimit_reserve),
+                probe_interval=overrides.probe_interval,
             )
             for name, upstream in settings.upstreams.items()
         }
-        fills = Fills(blobs)
-        app[v2.RESOLVER] = Resolver(
+        fills = Fills(blobs, on_change=metrics.fills_in_flight.set)
+        app[RESOLVER] = Resolver(
             store=store,
             blobs=blobs,
             fills=fills,
             upstreams=upstreams,
             tag_ttl=settings.tag_ttl,
+            max_stale=settings.max_stale,
+            negative_ttl=settings.negative_ttl,
             **({"clock": overrides.clock} if overrides.clock else {}),
         )
         log.info(
@@ -94,7 +97,26 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
             yield
         finally:
             await fills.close()
+            for client in upstreams.values():
+                await client.close()
             await session.close()
             await store.close()
 
     return lifecycle
+
+
+async def _open_store(settings: Settings) -> MetadataStore:
+    return await EmbeddedStore.open(settings.data_dir)
+
+
+def _upstream_session(settings: Settings) -> aiohttp.ClientSession:
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
+    )
+    return aiohttp.ClientSession(
+        timeout=timeout,
+        # Blobs must reach the disk byte for byte, so nothing is decoded on the way.
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+        auto_decompress=False,
+        trust_env=True,
+    )

@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--connect-timeout", help="seconds to wait for an upstream connection")
     serve.add_argument("--read-timeout", help="seconds to wait for upstream data")
     serve.add_argument("--manifest-cache-size", help="manifests and tags kept in memory")
+    serve.add_argument(
+        "--max-stale", help="seconds past its window a tag may be served while upstream fails"
+    )
+    serve.add_argument("--negative-ttl", help="seconds an upstream 404 for a tag is remembered")
+    serve.add_argument(
+        "--ratelimit-reserve", help="stop manifest GETs when the upstream quota falls below this"
+    )
     serve.add_argument("--log-level", help="debug, info, warning or error")
     serve.add_argument("--log-format", help="auto, json or console")
     return parser

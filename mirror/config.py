@@ -48,6 +48,9 @@ class Settings:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     manifest_cache_size: int = 4096
+    max_stale: float | None = None
+    negative_ttl: float = 30.0
+    ratelimit_reserve: int = 0
     log_level: str = "info"
     log_format: str = "auto"
 
@@ -94,6 +97,16 @@ def _positive(value: Any) -> float:
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or int(value) != float(value) or int(value) <= 0:
         raise ValueError("expected a whole number > 0")
+    return int(value)
+
+
+def _optional_seconds(value: Any) -> float | None:
+    return None if value in (None, "", "none", "unlimited") else _non_negative(value)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or int(value) != float(value) or int(value) < 0:
+        raise ValueError("expected a whole number >= 0")
     return int(value)
 
 
@@ -187,6 +200,9 @@ _KEYS: dict[str, _Key] = {
     "connect_timeout": _Key(_positive),
     "read_timeout": _Key(_positive),
     "manifest_cache_size": _Key(_positive_int),
+    "max_stale": _Key(_optional_seconds),
+    "negative_ttl": _Key(_non_negative),
+    "ratelimit_reserve": _Key(_count),
     "log_level": _Key(_choice("debug", "info", "warning", "error")),
     "log_format": _Key(_choice("auto", "json", "console")),
 }
@@ -286,6 +302,9 @@ def _build(values: Mapping[str, Any]) -> Settings:
         connect_timeout=values.get("connect_timeout", defaults.connect_timeout),
         read_timeout=values.get("read_timeout", defaults.read_timeout),
         manifest_cache_size=values.get("manifest_cache_size", defaults.manifest_cache_size),
+        max_stale=values.get("max_stale", defaults.max_stale),
+        negative_ttl=values.get("negative_ttl", defaults.negative_ttl),
+        ratelimit_reserve=values.get("ratelimit_reserve", defaults.ratelimit_reserve),
         log_level=values.get("log_level", defaults.log_level),
         log_format=values.get("log_format", defaults.log_format),
     )

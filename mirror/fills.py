@@ -84,11 +84,12 @@ class Fill:
 class Fills:
     """Starts fills and lets concurrent requests for one digest join the running one."""
 
-    def __init__(self, blobs: BlobStore, *, on_done: Callable[[Fill], None] | None = None) -> None:
+    def __init__(self, blobs: BlobStore, *, on_change: Callable[[int], None] | None = None) -> None:
         self._blobs = blobs
         self._active: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._on_done = on_done
+        # Told how many fills are in flight whenever that changes (a metrics gauge).
+        self._on_change = on_change or (lambda count: None)
 
     @property
     def in_flight(self) -> int:
@@ -107,6 +108,7 @@ class Fills:
             task = asyncio.create_task(self._run(fill, client, repository))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            self._on_change(len(self._active))
         fill.attach()
         return fill, joined
 
@@ -146,8 +148,7 @@ class Fills:
             self._active.pop(fill.digest, None)
             fill._notify()
             fill._close_if_unused()
-            if self._on_done is not None:
-                self._on_done(fill)
+            self._on_change(len(self._active))
 
     async def _copy(self, fill: Fill, partial: Partial, content: aiohttp.StreamReader) -> None:
         hasher = fill.digest.hasher()

@@ -5,6 +5,9 @@
   the digest changed to one we do not hold.
 - A manifest pulled by digest never goes upstream once cached.
 - Concurrent misses for one tag, one digest or one blob make one upstream request.
+- When the upstream fails or is out of quota, a tag we hold is served stale (up to
+  ``max_stale`` past its window) rather than failing the pull.
+- An upstream 404 for a tag is remembered for ``negative_ttl`` seconds.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from mirror.errors import NameUnknown
+from mirror.errors import ManifestUnknown, NameUnknown, TooManyRequests, UpstreamError
 from mirror.fills import Fill, Fills
 from mirror.mediatypes import MANIFEST_TYPES, accepts, upstream_accept
 from mirror.reference import Digest, Reference
@@ -34,6 +37,7 @@ class Outcome(enum.Enum):
     MISS = "miss"
     REVALIDATED = "revalidated"
     COALESCED = "coalesced"
+    STALE = "stale"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,19 +55,23 @@ class Resolver:
         fills: Fills,
         upstreams: Mapping[str, UpstreamClient],
         tag_ttl: float,
+        max_stale: float | None = None,
+        negative_ttl: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.blobs = blobs
         self.fills = fills
-        self._upstreams = upstreams
+        self.upstreams = upstreams
         self._tag_ttl = tag_ttl
+        self._max_stale = max_stale
+        self._negative_ttl = negative_ttl
         self._clock = clock
         self._manifest_flights: SingleFlight[tuple[Manifest, Outcome]] = SingleFlight()
 
     def upstream(self, registry: str) -> UpstreamClient:
         try:
-            return self._upstreams[registry]
+            return self.upstreams[registry]
         except KeyError:
             raise NameUnknown(
                 f"registry {registry!r} is not mirrored here", detail={"ns": registry}
@@ -95,10 +103,40 @@ class Resolver:
             manifest = await self.store.get_manifest(registry, repository, record.digest)
             if manifest is not None:
                 return manifest, Outcome.HIT
-        return await self._coalesced(
-            ("tag", registry, repository, tag),
-            lambda: self._refresh_tag(client, registry, repository, tag, record),
-        )
+        if await self.store.get_missing(registry, repository, tag):
+            raise ManifestUnknown(detail={"tag": tag, "cached": "upstream answered 404"})
+        try:
+            return await self._coalesced(
+                ("tag", registry, repository, tag),
+                lambda: self._refresh_tag(client, registry, repository, tag, record),
+            )
+        except ManifestUnknown:
+            await self.store.put_missing(registry, repository, tag, self._negative_ttl)
+            raise
+        except (UpstreamError, TooManyRequests) as exc:
+            stale = await self._stale(registry, repository, record)
+            if stale is None:
+                raise
+            log.warning(
+                "serving_stale",
+                repository=repository,
+                tag=tag,
+                reason=exc.message,
+                age=round(self._clock() - stale[1], 1),
+            )
+            return stale[0], Outcome.STALE
+
+    async def _stale(
+        self, registry: str, repository: str, record: TagRecord | None
+    ) -> tuple[Manifest, float] | None:
+        """The manifest a tag last pointed to, if it may still be served past its window."""
+        if record is None:
+            return None
+        overdue = self._clock() - record.checked_at - self._tag_ttl
+        if self._max_stale is not None and overdue > self._max_stale:
+            return None
+        manifest = await self.store.get_manifest(registry, repository, record.digest)
+        return None if manifest is None else (manifest, record.checked_at)
 
     async def _refresh_tag(
         self,

@@ -10,15 +10,12 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 from mirror.errors import NotFound, RegistryError, Unsupported
+from mirror.routes.state import BYTES_SENT, CACHE_OUTCOME, METRICS, REQUEST_ID, ROUTE
 
 log = structlog.get_logger("mirror.access")
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
 API_VERSION = "registry/2.0"
-CACHE_OUTCOME = web.RequestKey("cache_outcome", str)
-REQUEST_ID = web.RequestKey("request_id", str)
-# Set by handlers that stream a body themselves, so the log counts body bytes actually sent.
-BYTES_SENT = web.RequestKey("bytes_sent", int)
 
 
 def error_response(error: RegistryError) -> web.Response:
@@ -42,6 +39,19 @@ async def registry_errors(request: web.Request, handler: Handler) -> web.StreamR
         return error_response(NotFound(f"no route for {request.path[:200]}"))
     finally:
         structlog.contextvars.clear_contextvars()
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    metrics = request.app[METRICS]
+    route = request.get(ROUTE, "other")
+    cache = request.get(CACHE_OUTCOME, "none")
+    metrics.requests.labels(route, request.method, str(response.status), cache).inc()
+    if route == "blob" and response.status in (200, 206):
+        source = "cache" if cache == "hit" else "upstream"
+        metrics.bytes_served.labels(source).inc(_body_bytes(request, response))
+    return response
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -15,11 +15,10 @@ from mirror.errors import RangeInvalid, RegistryError, Unsupported
 from mirror.fills import Fill, FillState
 from mirror.mediatypes import BLOB_TYPE, parse_accept
 from mirror.reference import DOCKER_HUB, Digest, Reference, normalize_name
-from mirror.resolver import CachedBlob, Resolver
-from mirror.routes.middleware import API_VERSION, API_VERSION_HEADER, BYTES_SENT, CACHE_OUTCOME
+from mirror.resolver import CachedBlob
+from mirror.routes.middleware import API_VERSION, API_VERSION_HEADER
+from mirror.routes.state import BYTES_SENT, CACHE_OUTCOME, RESOLVER, ROUTE
 from mirror.store.protocols import Manifest
-
-RESOLVER = web.AppKey("resolver", Resolver)
 
 _PATH_RE = re.compile(r"(?P<name>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/list)")
 _UPLOADS_RE = re.compile(r".+/blobs/uploads(?:/.*)?")
@@ -50,6 +49,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     registry = request.query.get("ns") or DOCKER_HUB
     repository = normalize_name(match["name"], registry)
     kind = match["kind"]
+    request[ROUTE] = {"manifests": "manifest", "blobs": "blob"}.get(kind, "tags")
     if kind == "manifests":
         return await manifest(request, registry, repository, Reference.parse(match["ref"]))
     if kind == "blobs":
@@ -189,4 +189,4 @@ async def tags(request: web.Request, registry: str, repository: str) -> web.Resp
     return response
 
 
-__all__ = ["RESOLVER", "RegistryError", "add_routes"]
+__all__ = ["RegistryError", "add_routes"]

@@ -55,5 +55,8 @@ class CachedStore:
     async def put_missing(self, registry: str, repository: str, tag: str, ttl: float) -> None:
         await self.inner.put_missing(registry, repository, tag, ttl)
 
+    async def ping(self) -> bool:
+        return await self.inner.ping()
+
     async def close(self) -> None:
         await self.inner.close()

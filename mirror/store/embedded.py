@@ -99,6 +99,13 @@ class EmbeddedStore:
             (registry, repository, tag, time.time() + ttl),
         )
 
+    async def ping(self) -> bool:
+        try:
+            await self._fetchone("SELECT 1", ())
+        except sqlite3.Error:
+            return False
+        return True
+
     async def close(self) -> None:
         await self._run(self._db.close)
         self._executor.shutdown(wait=True)

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -66,6 +67,8 @@ class TokenAuth:
         self._challenge: Challenge | None = None
         self._tokens: dict[str, tuple[str, float]] = {}
         self._pending: dict[str, asyncio.Future[str]] = {}
+        # Told the status of every token request ("error" when none came back): for metrics.
+        self.on_token_response: Callable[[str], None] = lambda status: None
 
     @property
     def has_credentials(self) -> bool:
@@ -115,6 +118,7 @@ class TokenAuth:
             async with self._session.get(
                 challenge.realm, params=params, headers=headers, allow_redirects=False
             ) as response:
+                self.on_token_response(str(response.status))
                 if response.status != 200:
                     raise UpstreamError(
                         "the upstream token server refused the request",
@@ -122,6 +126,7 @@ class TokenAuth:
                     )
                 data = await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            self.on_token_response("error")
             raise UpstreamError(
                 "the upstream token server is unavailable", detail={"error": type(exc).__name__}
             ) from exc

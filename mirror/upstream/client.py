@@ -3,6 +3,8 @@
 Upstream status codes stop here: every failure leaves this module as a
 ``mirror.errors`` exception. Blob downloads follow the registry's redirect to its CDN
 by hand, so the Authorization header is never sent to a host other than the registry.
+The client also keeps the upstream's health: its pull quota (``RateLimit``) and a
+circuit breaker that fails fast while the upstream is unreachable.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from mirror.errors import (
     ManifestUnknown,
     NameUnknown,
     NotFound,
-    RegistryError,
     TooManyRequests,
     UpstreamError,
 )
+from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.store.protocols import Manifest
 from mirror.upstream.auth import TokenAuth, parse_challenge, pull_scope
+from mirror.upstream.breaker import CircuitBreaker
+from mirror.upstream.ratelimit import RateLimit
 
 log = structlog.get_logger(__name__)
 
@@ -38,6 +42,8 @@ USER_AGENT = f"mirror/{__version__} (registry pull-through cache)"
 MAX_REDIRECTS = 5
 # The distribution spec lets registries refuse manifests over 4 MiB; we refuse to cache them.
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+# Upstream answers that mean "the upstream is unwell", counted by the circuit breaker.
+_UNWELL = frozenset({500, 502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,15 +67,40 @@ class TagsPage:
 
 
 class UpstreamClient:
-    def __init__(self, base_url: str, session: aiohttp.ClientSession, auth: TokenAuth) -> None:
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        session: aiohttp.ClientSession,
+        auth: TokenAuth,
+        *,
+        metrics: Metrics | None = None,
+        ratelimit: RateLimit | None = None,
+        breaker_threshold: int = 5,
+        probe_interval: float = 5.0,
+    ) -> None:
+        self.name = name
         self.base_url = base_url.rstrip("/")
         self._session = session
         self._auth = auth
+        self.metrics = metrics or Metrics()
+        auth.on_token_response = lambda status: self.metrics.upstream_requests.labels(
+            name, "token", status
+        ).inc()
+        self.ratelimit = ratelimit or RateLimit()
+        self.breaker = CircuitBreaker(
+            name,
+            self._ping,
+            threshold=breaker_threshold,
+            probe_interval=probe_interval,
+            on_change=lambda is_open: self.metrics.circuit_open.labels(name).set(int(is_open)),
+        )
 
     async def head_manifest(
         self, repository: str, reference: str, accept: Sequence[str]
     ) -> ManifestHead:
         async with self._call(
+            "manifest_head",
             "HEAD",
             repository,
             f"manifests/{reference}",
@@ -78,47 +109,41 @@ class UpstreamClient:
         ) as response:
             digest = response.headers.get("Docker-Content-Digest")
             if digest is None:
-                # Without a digest a HEAD proves nothing; callers then GET instead.
                 raise UpstreamError("the upstream sent no Docker-Content-Digest on HEAD")
-            return ManifestHead(
-                digest=digest,
-                media_type=_media_type(response),
-                size=response.content_length,
-            )
+            return ManifestHead(digest, _media_type(response), response.content_length)
 
     async def get_manifest(
         self, repository: str, reference: str, accept: Sequence[str]
     ) -> Manifest:
+        await self._spend_quota(repository, reference, accept)
         async with self._call(
+            "manifest_get",
             "GET",
             repository,
             f"manifests/{reference}",
             headers=_accept(accept),
             not_found=ManifestUnknown,
         ) as response:
-            if (response.content_length or 0) > MAX_MANIFEST_SIZE:
-                raise UpstreamError("the upstream manifest is larger than 4 MiB")
-            body = await response.content.read(MAX_MANIFEST_SIZE + 1)
-            if len(body) > MAX_MANIFEST_SIZE:
-                raise UpstreamError("the upstream manifest is larger than 4 MiB")
+            body = await _read_limited(response, MAX_MANIFEST_SIZE)
             claimed = response.headers.get("Docker-Content-Digest")
             return _verified_manifest(body, _media_type(response), reference, claimed)
 
     async def head_blob(self, repository: str, digest: Digest) -> int | None:
         async with self._call(
-            "HEAD", repository, f"blobs/{digest}", headers={}, not_found=BlobUnknown
+            "blob_head", "HEAD", repository, f"blobs/{digest}", headers={}, not_found=BlobUnknown
         ) as response:
             return response.content_length
 
     @asynccontextmanager
     async def open_blob(self, repository: str, digest: Digest) -> AsyncIterator[BlobResponse]:
         async with self._call(
-            "GET", repository, f"blobs/{digest}", headers={}, not_found=BlobUnknown
+            "blob_get", "GET", repository, f"blobs/{digest}", headers={}, not_found=BlobUnknown
         ) as response:
             yield BlobResponse(size=response.content_length, content=response.content)
 
     async def get_tags(self, repository: str, query: Mapping[str, str]) -> TagsPage:
         async with self._call(
+            "tags",
             "GET",
             repository,
             "tags/list",
@@ -126,14 +151,32 @@ class UpstreamClient:
             not_found=NameUnknown,
             query=query,
         ) as response:
-            body = await response.content.read(MAX_MANIFEST_SIZE)
-            return TagsPage(
-                body, _media_type(response) or "application/json", response.headers.get("Link")
+            body = await _read_limited(response, MAX_MANIFEST_SIZE)
+            content_type = _media_type(response) or "application/json"
+            return TagsPage(body, content_type, response.headers.get("Link"))
+
+    async def close(self) -> None:
+        await self.breaker.close()
+
+    async def _spend_quota(self, repository: str, reference: str, accept: Sequence[str]) -> None:
+        """Refuse a manifest GET the pull limit cannot pay for, before it is sent."""
+        wait = self.ratelimit.retry_after()
+        if wait == 0 and self.ratelimit.below_reserve:
+            # A HEAD is free and carries the current quota: read it before refusing.
+            await self.head_manifest(repository, reference, accept)
+            if self.ratelimit.below_reserve:
+                wait = 60.0
+        if wait > 0:
+            raise TooManyRequests(
+                "the upstream's pull limit is spent; retry later",
+                detail={"upstream": self.name, "remaining": self.ratelimit.remaining},
+                headers={"Retry-After": str(max(int(wait), 1))},
             )
 
     @asynccontextmanager
     async def _call(
         self,
+        kind: str,
         method: str,
         repository: str,
         path: str,
@@ -142,23 +185,66 @@ class UpstreamClient:
         not_found: type[NotFound],
         query: Mapping[str, str] | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
+        if self.breaker.open:
+            raise UpstreamError(
+                "the upstream registry is unreachable; not retrying for now",
+                detail={"upstream": self.name},
+            )
         url = f"{self.base_url}/v2/{repository}/{path}"
-        scope = pull_scope(repository)
         try:
-            response = await self._authorized(method, url, scope, headers, query)
-            try:
-                if response.status >= 400:
-                    _raise_for(response, not_found)
-                yield response
-            finally:
-                response.release()
+            response = await self._authorized(
+                kind, method, url, scope=pull_scope(repository), headers=headers, query=query
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(detail={"error": _describe(exc)}) from exc
+            self.breaker.failure()
+            self.metrics.upstream_requests.labels(self.name, kind, "error").inc()
+            raise UpstreamError(detail={"upstream": self.name, "error": _describe(exc)}) from exc
+        try:
+            self._observe(kind, response)
+            if response.status >= 400:
+                self._raise_for(response, not_found)
+            yield response
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.breaker.failure()
+            raise UpstreamError(detail={"upstream": self.name, "error": _describe(exc)}) from exc
+        finally:
+            response.release()
+
+    def _observe(self, kind: str, response: aiohttp.ClientResponse) -> None:
+        self.metrics.upstream_requests.labels(self.name, kind, str(response.status)).inc()
+        if response.status in _UNWELL:
+            self.breaker.failure()
+        else:
+            self.breaker.success()
+        if kind.startswith("manifest"):
+            self.ratelimit.observe(response.headers)
+            if self.ratelimit.remaining is not None:
+                self.metrics.ratelimit_remaining.labels(self.name).set(self.ratelimit.remaining)
+            if self.ratelimit.limit is not None:
+                self.metrics.ratelimit_limit.labels(self.name).set(self.ratelimit.limit)
+
+    def _raise_for(self, response: aiohttp.ClientResponse, not_found: type[NotFound]) -> NoReturn:
+        status = response.status
+        if status == 404:
+            raise not_found()
+        if status in (401, 403):
+            raise NameUnknown(detail="the upstream registry refused access to this repository")
+        if status == 429:
+            retry_after = response.headers.get("Retry-After")
+            self.ratelimit.rejected(retry_after)
+            log.warning("upstream_rate_limited", upstream=self.name, retry_after=retry_after)
+            raise TooManyRequests(
+                detail={"upstream": self.name},
+                headers={"Retry-After": str(max(int(self.ratelimit.retry_after()), 1))},
+            )
+        raise UpstreamError(detail={"upstream": self.name, "upstream_status": status})
 
     async def _authorized(
         self,
+        kind: str,
         method: str,
         url: str,
+        *,
         scope: str,
         headers: Mapping[str, str],
         query: Mapping[str, str] | None,
@@ -169,6 +255,7 @@ class UpstreamClient:
         response = await self._follow(method, url, headers, authorization, query)
         if response.status != 401:
             return response
+        self.metrics.upstream_requests.labels(self.name, kind, "401").inc()
         challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
         response.release()
         if challenge is None:
@@ -201,17 +288,21 @@ class UpstreamClient:
                 method = "GET"
         raise UpstreamError("the upstream registry redirected too many times")
 
+    async def _ping(self) -> bool:
+        """The circuit breaker's probe: does the upstream answer HTTP at all?"""
+        async with self._session.get(f"{self.base_url}/v2/", allow_redirects=False) as response:
+            return response.status < 500
 
-def _raise_for(response: aiohttp.ClientResponse, not_found: type[NotFound]) -> NoReturn:
-    status = response.status
-    if status == 404:
-        raise not_found()
-    if status in (401, 403):
-        raise NameUnknown(detail="the upstream registry refused access to this repository")
-    if status == 429:
-        retry_after = response.headers.get("Retry-After")
-        raise TooManyRequests(headers={"Retry-After": retry_after} if retry_after else {})
-    raise UpstreamError(detail={"upstream_status": status})
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    if (response.content_length or 0) > limit:
+        raise UpstreamError(f"the upstream response is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise UpstreamError(f"the upstream response is larger than {limit} bytes")
+    return bytes(body)
 
 
 def _verified_manifest(
@@ -243,6 +334,3 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-__all__ = ["BlobResponse", "ManifestHead", "RegistryError", "TagsPage", "UpstreamClient"]

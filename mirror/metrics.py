@@ -1,0 +1,57 @@
+"""Prometheus metrics, kept in a registry of the app's own (no module-level state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "mirror_requests",
+            "Client requests by route, method, status and cache outcome.",
+            ["route", "method", "status", "cache"],
+            registry=self.registry,
+        )
+        self.upstream_requests = Counter(
+            "mirror_upstream_requests",
+            "Requests sent to upstream registries, by kind and status.",
+            ["upstream", "kind", "status"],
+            registry=self.registry,
+        )
+        self.ratelimit_remaining = Gauge(
+            "mirror_upstream_ratelimit_remaining",
+            "The last ratelimit-remaining an upstream announced (Docker Hub's pull quota).",
+            ["upstream"],
+            registry=self.registry,
+        )
+        self.ratelimit_limit = Gauge(
+            "mirror_upstream_ratelimit_limit",
+            "The last ratelimit-limit an upstream announced.",
+            ["upstream"],
+            registry=self.registry,
+        )
+        self.circuit_open = Gauge(
+            "mirror_upstream_circuit_open",
+            "1 while the circuit breaker keeps requests away from an unreachable upstream.",
+            ["upstream"],
+            registry=self.registry,
+        )
+        self.bytes_served = Counter(
+            "mirror_blob_bytes_served",
+            "Blob bytes sent to clients, from the cache or while arriving from upstream.",
+            ["source"],
+            registry=self.registry,
+        )
+        self.fills_in_flight = Gauge(
+            "mirror_blob_fills_in_flight",
+            "Blob downloads from upstream under way in this process.",
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

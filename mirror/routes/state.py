@@ -1,0 +1,19 @@
+"""Typed keys for what the app and each request carry."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from mirror.config import Settings
+from mirror.metrics import Metrics
+from mirror.resolver import Resolver
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+RESOLVER = web.AppKey("resolver", Resolver)
+
+# Per request: which API route it hit, the cache outcome, body bytes a handler streamed.
+ROUTE = web.RequestKey("route", str)
+CACHE_OUTCOME = web.RequestKey("cache_outcome", str)
+BYTES_SENT = web.RequestKey("bytes_sent", int)
+REQUEST_ID = web.RequestKey("request_id", str)

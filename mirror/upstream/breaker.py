@@ -1,0 +1,72 @@
+"""A circuit breaker per upstream: stop waiting on a registry that keeps failing.
+
+After ``threshold`` consecutive connection failures or timeouts the circuit opens:
+requests fail at once instead of each waiting for a timeout, so cached content keeps
+being served quickly. While open, a background probe asks the upstream's ``/v2/``
+every ``probe_interval`` seconds; any HTTP answer closes the circuit again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        name: str,
+        probe: Callable[[], Awaitable[bool]],
+        *,
+        threshold: int = 5,
+        probe_interval: float = 5.0,
+        on_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._probe = probe
+        self._threshold = threshold
+        self._probe_interval = probe_interval
+        self._on_change = on_change
+        self._failures = 0
+        self._prober: asyncio.Task[None] | None = None
+
+    @property
+    def open(self) -> bool:
+        return self._prober is not None
+
+    def success(self) -> None:
+        self._failures = 0
+
+    def failure(self) -> None:
+        self._failures += 1
+        if self._failures >= self._threshold and self._prober is None:
+            log.warning("upstream_circuit_open", upstream=self.name, failures=self._failures)
+            self._prober = asyncio.create_task(self._probe_until_back())
+            self._changed(True)
+
+    async def _probe_until_back(self) -> None:
+        while True:
+            await asyncio.sleep(self._probe_interval)
+            with contextlib.suppress(Exception):
+                if await self._probe():
+                    break
+        log.info("upstream_circuit_closed", upstream=self.name)
+        self._failures = 0
+        self._prober = None
+        self._changed(False)
+
+    def _changed(self, is_open: bool) -> None:
+        if self._on_change is not None:
+            self._on_change(is_open)
+
+    async def close(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+            self._prober = None
