@@ -116,12 +116,15 @@ class FakeHub:
         self.blob_delay_per_chunk = 0.0
         self.down = False
         self.status_override: int | None = None
+        self.retry_after = "60"  # sent with every 429
+        self.stall_next_blob_at: int | None = None  # send this many bytes, then nothing
         self.cdn_authorization_rejections = 0
         self.log: list[LoggedRequest] = []
         self.url = self.token_url = self.cdn_url = ""
         self._signatures: dict[str, str] = {}  # CDN URL signature -> digest
         self._runners: list[web.AppRunner] = []
         self._live_entries: dict[int, LoggedRequest] = {}  # id(request) -> its log entry
+        self._stall_at: int | None = None
 
     # -- content -------------------------------------------------------------------------
 
@@ -315,6 +318,8 @@ class FakeHub:
             response: web.StreamResponse = _error(503, "UNAVAILABLE", "service unavailable")
         elif self.status_override is not None:
             response = _error(self.status_override, "UNKNOWN", "injected failure")
+            if self.status_override == 429:
+                response.headers["Retry-After"] = self.retry_after
         else:
             response = await handler(request)
         response.headers["Docker-Distribution-API-Version"] = "registry/2.0"
@@ -369,11 +374,13 @@ class FakeHub:
         _, repo = self._lookup(request)
         if isinstance(repo, web.Response):
             return repo
+        # Docker Hub counts manifest GETs, not HEADs, against the pull limit, and reports
+        # the quota on both.
         if request.method != "GET":
-            return self._manifest_response(repo, request)
-        # Docker Hub counts manifest GETs, not HEADs, against the pull limit.
-        if self.ratelimit_remaining <= 0:
+            response = self._manifest_response(repo, request)
+        elif self.ratelimit_remaining <= 0:
             response = _error(429, "TOOMANYREQUESTS", "You have reached your pull rate limit.")
+            response.headers["Retry-After"] = self.retry_after
         else:
             self.ratelimit_remaining -= 1
             response = self._manifest_response(repo, request)
@@ -511,6 +518,9 @@ class FakeHub:
             middle = len(body) // 2
             body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1 :]
         limit = len(body)
+        if self.stall_next_blob_at is not None:
+            self._stall_at = self.stall_next_blob_at
+            self.stall_next_blob_at = None
         if self.truncate_next_blob_at is not None:
             limit = min(limit, self.truncate_next_blob_at)
             self.truncate_next_blob_at = None
@@ -525,6 +535,9 @@ class FakeHub:
         try:
             for offset in range(0, limit, CHUNK_SIZE):
                 chunk = view[offset : min(offset + CHUNK_SIZE, limit)]
+                if self._stall_at is not None and offset >= self._stall_at:
+                    self._stall_at = None
+                    await asyncio.sleep(3600)  # a stalled transfer: the reader must time out
                 await response.write(chunk)
                 entry.bytes_sent += len(chunk)
                 if self.blob_delay_per_chunk:

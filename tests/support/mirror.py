@@ -52,9 +52,12 @@ def settings_for(upstream_url: str, data_dir: Path, **changes: Any) -> Settings:
 class RunningMirror:
     """A mirror app on a loopback port, with a client session pointed at it."""
 
-    def __init__(self, settings: Settings, *, clock: FakeClock | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, clock: FakeClock | None = None, probe_interval: float = 5.0
+    ) -> None:
         self.settings = settings
         self.clock = clock
+        self.probe_interval = probe_interval
         self._server: TestServer | None = None
         self.session: aiohttp.ClientSession | None = None
 
@@ -68,7 +71,8 @@ class RunningMirror:
         return self.url.removeprefix("http://")
 
     async def start(self) -> None:
-        app = create_app(self.settings, overrides=Overrides(clock=self.clock))
+        overrides = Overrides(clock=self.clock, probe_interval=self.probe_interval)
+        app = create_app(self.settings, overrides=overrides)
         self._server = TestServer(app, host="127.0.0.1", access_log_class=AccessLogger)
         await self._server.start_server()
         self.session = aiohttp.ClientSession(auto_decompress=False)
@@ -106,3 +110,16 @@ class RunningMirror:
         async with self.session.request(method, self.url + path, headers=sent) as response:
             body = await response.read()
             return response.status, response.headers, body
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """One sample from a Prometheus text page, or None when it is not there."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, _, value = line.rpartition(" ")
+        if series.partition("{")[0] != name:
+            continue
+        if all(f'{key}="{val}"' in series for key, val in labels.items()):
+            return float(value)
+    return None
