@@ -237,7 +237,8 @@ async def test_a_full_disk_fails_the_fill_cleanly_and_recovers(
         assert partials == []
         # Cached content is still served, and the mirror recovers when space returns.
         assert (await mirror.get(f"/v2/app/blobs/{small.digest}"))[2] == small.data
-        subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+        remount = ["mount", "-o", "remount,size=16m", str(small_disk)]
+        await asyncio.to_thread(subprocess.run, remount, check=True)
         status, _, body = await mirror.get(f"/v2/app/blobs/{big.digest}")
         assert (status, body) == (200, big.data)
 

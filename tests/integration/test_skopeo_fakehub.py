@@ -87,3 +87,44 @@ async def test_unknown_tag_is_404_with_the_json_body(
 
     with pytest.raises(RuntimeError, match="manifest unknown"):
         await skopeo_copy(f"{served.host}/single:nope", tmp_path / "nope")
+
+
+async def test_with_upstream_down_or_out_of_quota_cached_images_still_pull(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    require_binary("skopeo")
+    single = make_image([make_layer({"bin/app": b"v1"})])
+    index = make_index(
+        [
+            make_image([make_layer(b"amd")], arch="amd64"),
+            make_image([make_layer(b"arm")], arch="arm64"),
+        ]
+    )
+    fake_hub.add_image("library/single", "1.0", single)
+    fake_hub.add_index("library/multi", "1.0", index)
+    fake_hub.add_image("library/uncached", "1.0", make_image([make_layer(b"never pulled")]))
+    expected = {"single": single.digest, "multi": index.digest}
+    process = MirrorProcess(tmp_path / "data", fake_hub.url, "--tag-ttl", "0")
+    await asyncio.to_thread(process.start)
+    try:
+        for name in expected:
+            await skopeo_copy(f"{process.host}/{name}:1.0", tmp_path / "warm" / name)
+
+        fake_hub.status_override = 429  # everything answers 429
+        fake_hub.retry_after = "1"  # skopeo honours Retry-After: keep its retries short
+        for name, digest in expected.items():
+            destination = tmp_path / "limited" / name
+            await skopeo_copy(f"{process.host}/{name}:1.0", destination)
+            assert dir_manifest_digest(destination) == digest
+        with pytest.raises(RuntimeError, match=r"(?i)toomanyrequests|429"):
+            await skopeo_copy(f"{process.host}/uncached:1.0", tmp_path / "uncached")
+
+        await fake_hub.close()  # the upstream is gone: connections refused
+        for name, digest in expected.items():
+            destination = tmp_path / "down" / name
+            await skopeo_copy(f"{process.host}/{name}:1.0", destination)
+            assert dir_manifest_digest(destination) == digest
+    finally:
+        await asyncio.to_thread(process.stop)
+    stale = [line for line in process.access_log() if line["cache"] == "stale"]
+    assert len(stale) >= 4
