@@ -25,6 +25,7 @@ from mirror.store.blobs import BlobStore
 from mirror.store.cached import CachedStore
 from mirror.store.embedded import EmbeddedStore
 from mirror.store.protocols import MetadataStore
+from mirror.store.redis_store import RedisStore
 from mirror.upstream.auth import TokenAuth
 from mirror.upstream.client import USER_AGENT, UpstreamClient
 from mirror.upstream.ratelimit import RateLimit
@@ -91,6 +92,7 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
         log.info(
             "mirror_started",
             data_dir=str(data_dir),
+            store="redis" if settings.redis_url else "embedded",
             upstreams={name: u.url for name, u in settings.upstreams.items()},
         )
         try:
@@ -106,6 +108,8 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
 
 
 async def _open_store(settings: Settings) -> MetadataStore:
+    if settings.redis_url is not None:
+        return await RedisStore.open(settings.redis_url)
     return await EmbeddedStore.open(settings.data_dir)
 
 

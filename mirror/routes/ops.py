@@ -24,15 +24,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the store and the data dir are usable; upstream state is reported only,
-    since a mirror whose upstream is down still serves everything it holds."""
+    """Ready when the data dir is usable. The store and the upstreams are reported, not
+    required: with Redis or the upstream down the mirror still serves what it holds."""
     request[ROUTE] = "ops"
     resolver = request.app[RESOLVER]
     writable = await asyncio.to_thread(os.access, resolver.blobs.root, os.W_OK)
-    checks = {
-        "data_dir": "ok" if writable else "not writable",
-        "store": "ok" if await resolver.store.ping() else "unavailable",
-    }
+    checks = {"data_dir": "ok" if writable else "not writable"}
+    store = "ok" if await resolver.store.ping() else "degraded"
     upstreams: dict[str, Any] = {}
     for name, client in resolver.upstreams.items():
         upstreams[name] = {
@@ -41,10 +39,9 @@ async def readyz(request: web.Request) -> web.Response:
             "retry_after": round(client.ratelimit.retry_after(), 1),
         }
     ready = all(value == "ok" for value in checks.values())
-    return web.json_response(
-        {"status": "ready" if ready else "not ready", "checks": checks, "upstreams": upstreams},
-        status=200 if ready else 503,
-    )
+    status = "not ready" if not ready else "ready" if store == "ok" else "degraded"
+    body = {"status": status, "checks": {**checks, "store": store}, "upstreams": upstreams}
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

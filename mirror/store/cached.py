@@ -1,62 +1,120 @@
-"""An in-process LRU in front of any metadata store.
+"""An in-process LRU in front of any metadata store, which also rides out its outages.
 
 Hot manifests and tag records are answered from memory, so a tag pulled inside its
 freshness window touches neither the disk nor Redis. Tag records are cached with the
 time the upstream confirmed them and trusted only inside the freshness window: past it
 the inner store is asked again, since another replica may have revalidated the tag.
+
+When the inner store is unavailable (Redis down), reads fall back to what is in memory
+and then count as misses (the resolver asks the upstream), writes are kept in memory
+only, and the inner store is left alone for ``retry_interval`` seconds so no request
+waits on its timeouts. One warning says it went away, one line says it came back.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
+import structlog
 from cachetools import LRUCache
 
-from mirror.store.protocols import Manifest, MetadataStore, TagRecord
+from mirror.store.protocols import Manifest, MetadataStore, StoreUnavailable, TagRecord
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 class CachedStore:
-    def __init__(self, inner: MetadataStore, *, max_entries: int, tag_ttl: float) -> None:
+    def __init__(
+        self,
+        inner: MetadataStore,
+        *,
+        max_entries: int,
+        tag_ttl: float,
+        retry_interval: float = 2.0,
+    ) -> None:
         self.inner = inner
         self._tag_ttl = tag_ttl
+        self._retry_interval = retry_interval
         self._manifests: LRUCache[tuple[str, str, str], Manifest] = LRUCache(max_entries)
         self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(max_entries)
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+
+    @property
+    def degraded(self) -> bool:
+        return self._down_since is not None
 
     async def get_manifest(self, registry: str, repository: str, digest: str) -> Manifest | None:
         key = (registry, repository, digest)
         manifest = self._manifests.get(key)
         if manifest is None:
-            manifest = await self.inner.get_manifest(registry, repository, digest)
+            manifest = await self._read(self.inner.get_manifest(registry, repository, digest))
             if manifest is not None:
                 self._manifests[key] = manifest
         return manifest
 
     async def put_manifest(self, registry: str, repository: str, manifest: Manifest) -> None:
-        await self.inner.put_manifest(registry, repository, manifest)
         self._manifests[(registry, repository, manifest.digest)] = manifest
+        await self._write(self.inner.put_manifest(registry, repository, manifest))
 
     async def get_tag(self, registry: str, repository: str, tag: str) -> TagRecord | None:
         key = (registry, repository, tag)
-        record = self._tags.get(key)
-        if record is not None and time.time() - record.checked_at < self._tag_ttl:
-            return record
-        record = await self.inner.get_tag(registry, repository, tag)
-        if record is not None:
+        cached = self._tags.get(key)
+        if cached is not None and time.time() - cached.checked_at < self._tag_ttl:
+            return cached
+        record = await self._read(self.inner.get_tag(registry, repository, tag))
+        if record is None:
+            return cached  # what we knew, stale or not: the resolver decides
+        if cached is None or record.checked_at >= cached.checked_at:
             self._tags[key] = record
-        return record
+            return record
+        return cached
 
     async def put_tag(self, registry: str, repository: str, tag: str, record: TagRecord) -> None:
-        await self.inner.put_tag(registry, repository, tag, record)
         self._tags[(registry, repository, tag)] = record
+        await self._write(self.inner.put_tag(registry, repository, tag, record))
 
     async def get_missing(self, registry: str, repository: str, tag: str) -> bool:
-        return await self.inner.get_missing(registry, repository, tag)
+        return bool(await self._read(self.inner.get_missing(registry, repository, tag)))
 
     async def put_missing(self, registry: str, repository: str, tag: str, ttl: float) -> None:
-        await self.inner.put_missing(registry, repository, tag, ttl)
+        await self._write(self.inner.put_missing(registry, repository, tag, ttl))
 
     async def ping(self) -> bool:
         return await self.inner.ping()
 
     async def close(self) -> None:
         await self.inner.close()
+
+    async def _read(self, call: Awaitable[T]) -> T | None:
+        if not self._available():
+            call.close()  # type: ignore[attr-defined]
+            return None
+        try:
+            result = await call
+        except StoreUnavailable as exc:
+            self._went_down(exc)
+            return None
+        self._came_back()
+        return result
+
+    async def _write(self, call: Awaitable[None]) -> None:
+        await self._read(call)
+
+    def _available(self) -> bool:
+        return self._down_since is None or time.monotonic() >= self._retry_at
+
+    def _went_down(self, exc: StoreUnavailable) -> None:
+        self._retry_at = time.monotonic() + self._retry_interval
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("store_unavailable", error=str(exc), retry_interval=self._retry_interval)
+
+    def _came_back(self) -> None:
+        if self._down_since is not None:
+            log.info("store_available", down_for=round(time.monotonic() - self._down_since, 1))
+            self._down_since = None

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
+class StoreUnavailable(Exception):
+    """A shared store (Redis) did not answer, or answered with an error; the caller degrades."""
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     body: bytes
