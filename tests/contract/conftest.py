@@ -1,0 +1,100 @@
+"""The store implementations the contract suite runs against, one parameter each.
+
+A :class:`Backend` opens stores over one set of data: closing a store and opening another
+from the same backend must find what the first one wrote (the same directory, the same
+Redis server, the same fakeredis server object).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import fakeredis
+import fakeredis.aioredis
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from mirror.store.cached import CachedStore
+from mirror.store.embedded import EmbeddedStore
+from mirror.store.protocols import MetadataStore
+from mirror.store.redis_store import RedisStore
+from tests.support.binaries import require_binary
+from tests.support.redis_server import RedisServer
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    open: Callable[[], Awaitable[MetadataStore]]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the whole run; tests that stop a server start their own."""
+    with RedisServer(require_binary("redis-server")) as server:
+        yield server
+
+
+async def _flush(url: str) -> None:
+    client = Redis.from_url(url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+
+
+def _embedded(tmp_path: Path) -> Backend:
+    async def open_store() -> MetadataStore:
+        return await EmbeddedStore.open(tmp_path)
+
+    return Backend("embedded", open_store)
+
+
+def _fakeredis() -> Backend:
+    server = fakeredis.FakeServer()
+
+    async def open_store() -> MetadataStore:
+        return RedisStore(fakeredis.aioredis.FakeRedis(server=server))
+
+    return Backend("fakeredis", open_store)
+
+
+async def _redis(request: pytest.FixtureRequest) -> Backend:
+    server: RedisServer = request.getfixturevalue("redis_server")
+    await _flush(server.url())
+
+    async def open_store() -> MetadataStore:
+        return await RedisStore.open(server.url())
+
+    return Backend("redis", open_store)
+
+
+def _cached(inner: Backend) -> Backend:
+    async def open_store() -> MetadataStore:
+        return CachedStore(await inner.open(), max_entries=64, tag_ttl=300.0)
+
+    return Backend(f"cached-{inner.name}", open_store)
+
+
+@pytest_asyncio.fixture(params=["embedded", "fakeredis", "redis", "cached-fakeredis"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    name: str = request.param
+    if name == "embedded":
+        return _embedded(tmp_path)
+    if name == "fakeredis":
+        return _fakeredis()
+    if name == "redis":
+        return await _redis(request)
+    return _cached(_fakeredis())
+
+
+@pytest_asyncio.fixture
+async def store(backend: Backend) -> AsyncIterator[MetadataStore]:
+    opened = await backend.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
