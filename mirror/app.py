@@ -15,6 +15,12 @@ import structlog
 from aiohttp import web
 
 from mirror.config import Settings
+from mirror.coordination import (
+    Coordinator,
+    LocalCoordinator,
+    RedisCoordinator,
+    data_dir_identity,
+)
 from mirror.fills import Fills
 from mirror.metrics import Metrics
 from mirror.resolver import Resolver
@@ -78,12 +84,19 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
             )
             for name, upstream in settings.upstreams.items()
         }
-        fills = Fills(blobs, on_change=metrics.fills_in_flight.set)
+        coordinator = await asyncio.to_thread(_coordinator, settings, inner)
+        fills = Fills(
+            blobs,
+            coordinator,
+            stall_timeout=settings.read_timeout,
+            on_change=metrics.fills_in_flight.set,
+        )
         app[RESOLVER] = Resolver(
             store=store,
             blobs=blobs,
             fills=fills,
             upstreams=upstreams,
+            coordinator=coordinator,
             tag_ttl=settings.tag_ttl,
             max_stale=settings.max_stale,
             negative_ttl=settings.negative_ttl,
@@ -102,6 +115,7 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
             for client in upstreams.values():
                 await client.close()
             await session.close()
+            await coordinator.close()
             await store.close()
 
     return lifecycle
@@ -111,6 +125,14 @@ async def _open_store(settings: Settings) -> MetadataStore:
     if settings.redis_url is not None:
         return await RedisStore.open(settings.redis_url)
     return await EmbeddedStore.open(settings.data_dir)
+
+
+def _coordinator(settings: Settings, store: MetadataStore) -> Coordinator:
+    local = LocalCoordinator(settings.data_dir / "locks")
+    if isinstance(store, RedisStore):
+        scope = data_dir_identity(settings.data_dir)
+        return RedisCoordinator(store.client, local, scope=scope)
+    return local
 
 
 def _upstream_session(settings: Settings) -> aiohttp.ClientSession:

@@ -1,23 +1,34 @@
-"""In-flight blob fills: one upstream download written to disk, read by any number of clients.
+"""Blob fills: one upstream download written to disk, read by any number of clients.
 
 A fill runs as its own task, so a client that disconnects does not stop it. Readers
 stream from the partial file as it grows, through a file descriptor the fill shares
 with them (``os.pread`` needs no seek, so one descriptor serves every reader). The last
 byte of the blob is held back from every reader until the digest is verified: a client
 that was sent bad bytes sees its transfer cut short, never a clean end.
+
+Across processes (workers on one host, replicas sharing a data dir volume) a lease per
+digest elects one filler. It publishes the name of its partial file and the blob size;
+the other processes follow it: they open that file and stream it as it grows, and know
+it is whole when the blob appears at its final path, which only happens after
+verification. If the filler dies before a follower has sent anything, the follower
+hands over (``FillHandover``) and the caller starts again, taking the lease itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import structlog
 
+from mirror.coordination import Coordinator, Lease
 from mirror.errors import IntegrityError, RegistryError, UpstreamError
 from mirror.reference import Digest
 from mirror.store.blobs import BlobStore, Partial
@@ -27,13 +38,18 @@ log = structlog.get_logger(__name__)
 
 # Bytes handed to the writer thread at once: large enough to keep thread hops rare.
 WRITE_BATCH = 1024 * 1024
-READ_CHUNK = 1024 * 1024
+# How often a follower looks at another process's partial file.
+FOLLOW_POLL = 0.02
 
 
 class FillState(enum.Enum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+
+
+class FillHandover(UpstreamError):
+    """The process we followed went away before sending anything: start over."""
 
 
 @dataclass(eq=False)
@@ -45,7 +61,7 @@ class Fill:
     size: int | None = None
     written: int = 0
     state: FillState = FillState.RUNNING
-    error: BaseException | None = None
+    error: RegistryError | None = None
     _fd: int | None = None
     _readers: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -59,10 +75,6 @@ class Fill:
     async def changed(self) -> None:
         await self._changed.wait()
 
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
     def attach(self) -> None:
         self._readers += 1
 
@@ -75,6 +87,29 @@ class Fill:
             raise RuntimeError("fill has no data yet")
         return os.pread(self._fd, size, offset)
 
+    def _progress(self, written: int) -> None:
+        self.written = written
+        self._notify()
+
+    def _started(self, fd: int, size: int | None) -> None:
+        self._fd, self.size = fd, size
+        self.ready.set_result(None)
+
+    def _finish(self, error: RegistryError | None = None) -> None:
+        if error is None:
+            self.state = FillState.DONE
+        else:
+            self.state, self.error = FillState.FAILED, error
+            if not self.ready.done():
+                self.ready.set_exception(error)
+                self.ready.exception()  # readers may all be gone; nobody must retrieve it
+        self._notify()
+        self._close_if_unused()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
     def _close_if_unused(self) -> None:
         if self._readers == 0 and self.state is not FillState.RUNNING and self._fd is not None:
             os.close(self._fd)
@@ -82,98 +117,156 @@ class Fill:
 
 
 class Fills:
-    """Starts fills and lets concurrent requests for one digest join the running one."""
+    """Starts fills, or follows the one already running here or in another process."""
 
-    def __init__(self, blobs: BlobStore, *, on_change: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        blobs: BlobStore,
+        coordinator: Coordinator,
+        *,
+        stall_timeout: float = 60.0,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
         self._blobs = blobs
+        self._coordinator = coordinator
+        self._stall_timeout = stall_timeout
         self._active: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._starting = asyncio.Lock()
         # Told how many fills are in flight whenever that changes (a metrics gauge).
         self._on_change = on_change or (lambda count: None)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._active)
+    async def open(self, client: UpstreamClient, repository: str, digest: Digest) -> Fill | None:
+        """The fill to read ``digest`` from, attached; None when the blob is on disk now.
 
-    def join(self, client: UpstreamClient, repository: str, digest: Digest) -> tuple[Fill, bool]:
-        """The running fill for ``digest``, started if there is none; and whether it was joined.
-
-        The caller is attached as a reader and must ``detach()`` when done.
+        The caller must ``detach()`` the fill when done with it.
         """
-        fill = self._active.get(digest)
-        joined = fill is not None
-        if fill is None:
-            fill = Fill(digest)
-            self._active[digest] = fill
-            task = asyncio.create_task(self._run(fill, client, repository))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            self._on_change(len(self._active))
-        fill.attach()
-        return fill, joined
+        async with self._starting:
+            fill = self._active.get(digest)
+            if fill is None:
+                if self._blobs.size(digest) is not None:
+                    return None
+                key = f"blob:{digest}"
+                lease = await self._coordinator.acquire(key)
+                if lease is not None and self._blobs.size(digest) is not None:
+                    await lease.release()  # finished elsewhere while we asked
+                    return None
+                fill = Fill(digest)
+                self._active[digest] = fill
+                if lease is not None:
+                    self._spawn(self._fill(fill, client, repository, lease))
+                else:
+                    self._spawn(self._follow(fill, key))
+                self._on_change(len(self._active))
+            fill.attach()
+            return fill
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _run(self, fill: Fill, client: UpstreamClient, repository: str) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _done(self, fill: Fill) -> None:
+        self._active.pop(fill.digest, None)
+        self._on_change(len(self._active))
+
+    async def _fill(
+        self, fill: Fill, client: UpstreamClient, repository: str, lease: Lease
+    ) -> None:
         partial: Partial | None = None
         try:
             async with client.open_blob(repository, fill.digest) as response:
                 partial = await asyncio.to_thread(self._blobs.new_partial, fill.digest)
-                fill._fd = os.open(partial.path, os.O_RDONLY | os.O_CLOEXEC)
-                fill.size = response.size
-                fill.ready.set_result(None)
-                await self._copy(fill, partial, response.content)
+                fd = os.open(partial.path, os.O_RDONLY | os.O_CLOEXEC)
+                fill._started(fd, response.size)
+                await lease.publish({"partial": partial.path.name, "size": response.size})
+                await _copy(fill, partial, response.content)
             await asyncio.to_thread(partial.commit)
-            fill.state = FillState.DONE
+            self._done(fill)
+            fill._finish()
             log.info("blob_stored", digest=str(fill.digest), size=fill.written)
         except BaseException as exc:
-            fill.state, fill.error = FillState.FAILED, _as_registry_error(exc)
-            if not fill.ready.done():
-                fill.ready.set_exception(fill.error)
-                fill.ready.exception()  # readers may all be gone; nobody must retrieve it
+            error = _as_registry_error(exc)
+            self._done(fill)
+            fill._finish(error)
             if partial is not None:
                 await asyncio.shield(asyncio.to_thread(partial.discard))
             log.warning(
-                "blob_fill_failed",
-                digest=str(fill.digest),
-                error=str(fill.error),
-                written=fill.written,
+                "blob_fill_failed", digest=str(fill.digest), error=str(error), written=fill.written
             )
             if not isinstance(exc, Exception):
                 raise
         finally:
-            self._active.pop(fill.digest, None)
-            fill._notify()
-            fill._close_if_unused()
-            self._on_change(len(self._active))
+            await asyncio.shield(lease.release())
 
-    async def _copy(self, fill: Fill, partial: Partial, content: aiohttp.StreamReader) -> None:
-        hasher = fill.digest.hasher()
+    async def _follow(self, fill: Fill, key: str) -> None:
+        """Stream another process's fill from its partial file, by polling its size."""
+        final = self._blobs.path(fill.digest)
+        progress_at = time.monotonic()
+        try:
+            while True:
+                if fill._fd is None and final.exists():
+                    fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
+                    fill._started(fd, os.fstat(fd).st_size)
+                holder = await self._coordinator.holder(key)
+                if fill._fd is None and holder and holder.get("partial"):
+                    with contextlib.suppress(FileNotFoundError):
+                        fd = os.open(
+                            final.with_name(str(holder["partial"])), os.O_RDONLY | os.O_CLOEXEC
+                        )
+                        fill._started(fd, holder.get("size"))
+                if fill._fd is not None:
+                    written = os.fstat(fill._fd).st_size
+                    if written > fill.written:
+                        fill._progress(written)
+                        progress_at = time.monotonic()
+                    if final.exists() and written == (fill.size or written):
+                        fill.size = written
+                        break
+                if holder is None and not final.exists():
+                    raise FillHandover("the process filling this blob went away")
+                if time.monotonic() - progress_at > self._stall_timeout:
+                    raise UpstreamError("the process filling this blob stalled")
+                await asyncio.sleep(FOLLOW_POLL)
+            self._done(fill)
+            fill._finish()
+        except BaseException as exc:
+            self._done(fill)
+            fill._finish(_as_registry_error(exc))
+            if not isinstance(exc, Exception):
+                raise
 
-        def write(batch: bytes) -> None:
-            hasher.update(batch)
-            partial.write(batch)
 
-        while True:
-            batch = await content.read(WRITE_BATCH)
-            if not batch:
-                break
-            while len(batch) < WRITE_BATCH and (more := content.read_nowait(WRITE_BATCH)):
-                batch += more
-            await asyncio.to_thread(write, batch)
-            fill.written += len(batch)
-            fill._notify()
-        if fill.size is not None and fill.written != fill.size:
-            raise IntegrityError(
-                "the upstream blob transfer ended early",
-                detail={"expected_size": fill.size, "received": fill.written},
-            )
-        if hasher.hexdigest() != fill.digest.hex:
-            raise IntegrityError(detail={"digest": str(fill.digest)})
-        fill.size = fill.written
+async def _copy(fill: Fill, partial: Partial, content: aiohttp.StreamReader) -> None:
+    hasher = fill.digest.hasher()
+
+    def write(batch: bytes) -> None:
+        hasher.update(batch)
+        partial.write(batch)
+
+    written = 0
+    while True:
+        batch = await content.read(WRITE_BATCH)
+        if not batch:
+            break
+        while len(batch) < WRITE_BATCH and (more := content.read_nowait(WRITE_BATCH)):
+            batch += more
+        await asyncio.to_thread(write, batch)
+        written += len(batch)
+        fill._progress(written)
+    if fill.size is not None and written != fill.size:
+        raise IntegrityError(
+            "the upstream blob transfer ended early",
+            detail={"expected_size": fill.size, "received": written},
+        )
+    if hasher.hexdigest() != fill.digest.hex:
+        raise IntegrityError(detail={"digest": str(fill.digest)})
+    fill.size = written
 
 
 def _as_registry_error(exc: BaseException) -> RegistryError:

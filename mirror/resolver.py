@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import structlog
 
+from mirror.coordination import Coordinator
 from mirror.errors import ManifestUnknown, NameUnknown, TooManyRequests, UpstreamError
-from mirror.fills import Fill, Fills
+from mirror.fills import Fill, FillHandover, Fills
 from mirror.mediatypes import MANIFEST_TYPES, accepts, upstream_accept
 from mirror.reference import Digest, Reference
 from mirror.singleflight import SingleFlight
@@ -30,6 +32,11 @@ from mirror.store.protocols import Manifest, MetadataStore, TagRecord
 from mirror.upstream.client import TagsPage, UpstreamClient
 
 log = structlog.get_logger(__name__)
+
+
+# How long a process waits for another one resolving the same tag, and how often it looks.
+HOLDER_WAIT = 10.0
+HOLDER_POLL = 0.05
 
 
 class Outcome(enum.Enum):
@@ -54,6 +61,7 @@ class Resolver:
         blobs: BlobStore,
         fills: Fills,
         upstreams: Mapping[str, UpstreamClient],
+        coordinator: Coordinator,
         tag_ttl: float,
         max_stale: float | None = None,
         negative_ttl: float = 30.0,
@@ -63,6 +71,7 @@ class Resolver:
         self.blobs = blobs
         self.fills = fills
         self.upstreams = upstreams
+        self._coordinator = coordinator
         self._tag_ttl = tag_ttl
         self._max_stale = max_stale
         self._negative_ttl = negative_ttl
@@ -108,7 +117,7 @@ class Resolver:
         try:
             return await self._coalesced(
                 ("tag", registry, repository, tag),
-                lambda: self._refresh_tag(client, registry, repository, tag, record),
+                lambda: self._refresh_tag_once(client, registry, repository, tag, record),
             )
         except ManifestUnknown:
             await self.store.put_missing(registry, repository, tag, self._negative_ttl)
@@ -137,6 +146,45 @@ class Resolver:
             return None
         manifest = await self.store.get_manifest(registry, repository, record.digest)
         return None if manifest is None else (manifest, record.checked_at)
+
+    async def _refresh_tag_once(
+        self,
+        client: UpstreamClient,
+        registry: str,
+        repository: str,
+        tag: str,
+        record: TagRecord | None,
+    ) -> tuple[Manifest, Outcome]:
+        """Refresh a tag in one process of many: the others wait for its answer in the store."""
+        key = f"tag:{registry}/{repository}:{tag}"
+        lease = await self._coordinator.acquire(key)
+        if lease is None:
+            answer = await self._answer_of_holder(key, registry, repository, tag, record)
+            if answer is not None:
+                return answer
+            lease = await self._coordinator.acquire(key)  # none: go ahead without one
+        try:
+            return await self._refresh_tag(client, registry, repository, tag, record)
+        finally:
+            if lease is not None:
+                await lease.release()
+
+    async def _answer_of_holder(
+        self, key: str, registry: str, repository: str, tag: str, old: TagRecord | None
+    ) -> tuple[Manifest, Outcome] | None:
+        """Wait while another process resolves the tag; its result, or None if it left none."""
+        for _ in range(int(HOLDER_WAIT / HOLDER_POLL)):
+            await asyncio.sleep(HOLDER_POLL)
+            record = await self.store.get_tag(registry, repository, tag)
+            if record is not None and (old is None or record.checked_at > old.checked_at):
+                manifest = await self.store.get_manifest(registry, repository, record.digest)
+                if manifest is not None:
+                    return manifest, Outcome.COALESCED
+            if await self.store.get_missing(registry, repository, tag):
+                raise ManifestUnknown(detail={"tag": tag})
+            if await self._coordinator.holder(key) is None:
+                return None
+        return None
 
     async def _refresh_tag(
         self,
@@ -201,11 +249,25 @@ class Resolver:
     async def blob(self, registry: str, repository: str, digest: Digest) -> CachedBlob | Fill:
         """A cached blob, or the running fill for it (the caller is attached as a reader)."""
         client = self.upstream(registry)
-        size = self.blobs.size(digest)
-        if size is not None:
-            return CachedBlob(self.blobs.path(digest), size)
-        fill, _ = self.fills.join(client, repository, digest)
-        return fill
+        for _ in range(3):
+            size = self.blobs.size(digest)
+            if size is not None:
+                return CachedBlob(self.blobs.path(digest), size)
+            fill = await self.fills.open(client, repository, digest)
+            if fill is None:
+                continue  # it landed on disk meanwhile
+            try:
+                await fill.ready
+            except FillHandover:
+                fill.detach()  # the process we followed died: take the fill over
+                continue
+            except BaseException:
+                fill.detach()
+                raise
+            return fill
+        raise UpstreamError(
+            "the blob transfer could not be started", detail={"digest": str(digest)}
+        )
 
     async def blob_size(self, registry: str, repository: str, digest: Digest) -> int | None:
         """For HEAD: the size of a blob, from disk or upstream, without downloading it."""

@@ -111,7 +111,6 @@ async def blob(
         _parse_range(request.headers.get("Range"), source.size)
         return web.FileResponse(source.path, headers=headers)
     try:
-        await source.ready
         request[CACHE_OUTCOME] = "miss"
         return await _stream_fill(request, source, headers)
     finally:

@@ -61,6 +61,11 @@ class RedisStore:
             raise ValueError("RedisStore needs a client with decode_responses=False")
         self._redis = client
 
+    @property
+    def client(self) -> Redis:
+        """The store's client, for the lease coordinator to share (the store closes it)."""
+        return self._redis
+
     @classmethod
     async def open(
         cls,
