@@ -8,13 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from mirror import __version__
-from mirror.app import create_app
 from mirror.config import ConfigError, Settings, load
 from mirror.logs import configure
-from mirror.routes.middleware import AccessLogger
+from mirror.server import serve_one
+from mirror.workers import run_workers
 
 EXIT_USAGE = 2
 
@@ -38,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tag-ttl", help="seconds a tag is trusted without asking upstream")
     serve.add_argument("--connect-timeout", help="seconds to wait for an upstream connection")
     serve.add_argument("--read-timeout", help="seconds to wait for upstream data")
+    serve.add_argument("--workers", help="processes serving the port (default 1)")
     serve.add_argument("--manifest-cache-size", help="manifests and tags kept in memory")
     serve.add_argument(
         "--max-stale", help="seconds past its window a tag may be served while upstream fails"
@@ -71,13 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(settings: Settings) -> int:
     configure(settings.log_level, settings.log_format)
-    web.run_app(
-        create_app(settings),
-        host=settings.listen_host,
-        port=settings.listen_port,
-        access_log_class=AccessLogger,
-        print=None,
-    )
+    if settings.workers > 1:
+        return run_workers(settings, settings.workers)
+    serve_one(settings)
     return 0
 
 

@@ -51,6 +51,7 @@ class Settings:
     max_stale: float | None = None
     negative_ttl: float = 30.0
     ratelimit_reserve: int = 0
+    workers: int = 1
     log_level: str = "info"
     log_format: str = "auto"
 
@@ -203,6 +204,7 @@ _KEYS: dict[str, _Key] = {
     "max_stale": _Key(_optional_seconds),
     "negative_ttl": _Key(_non_negative),
     "ratelimit_reserve": _Key(_count),
+    "workers": _Key(_positive_int),
     "log_level": _Key(_choice("debug", "info", "warning", "error")),
     "log_format": _Key(_choice("auto", "json", "console")),
 }
@@ -305,6 +307,7 @@ def _build(values: Mapping[str, Any]) -> Settings:
         max_stale=values.get("max_stale", defaults.max_stale),
         negative_ttl=values.get("negative_ttl", defaults.negative_ttl),
         ratelimit_reserve=values.get("ratelimit_reserve", defaults.ratelimit_reserve),
+        workers=values.get("workers", defaults.workers),
         log_level=values.get("log_level", defaults.log_level),
         log_format=values.get("log_format", defaults.log_format),
     )

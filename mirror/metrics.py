@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
@@ -28,18 +30,21 @@ class Metrics:
             "The last ratelimit-remaining an upstream announced (Docker Hub's pull quota).",
             ["upstream"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.ratelimit_limit = Gauge(
             "mirror_upstream_ratelimit_limit",
             "The last ratelimit-limit an upstream announced.",
             ["upstream"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.circuit_open = Gauge(
             "mirror_upstream_circuit_open",
             "1 while the circuit breaker keeps requests away from an unreachable upstream.",
             ["upstream"],
             registry=self.registry,
+            multiprocess_mode="max",
         )
         self.bytes_served = Counter(
             "mirror_blob_bytes_served",
@@ -49,9 +54,16 @@ class Metrics:
         )
         self.fills_in_flight = Gauge(
             "mirror_blob_fills_in_flight",
-            "Blob downloads from upstream under way in this process.",
+            "Blob downloads from upstream under way (summed over worker processes).",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
 
     def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Several workers (--workers): sum what every process wrote to the shared dir.
+            merged = CollectorRegistry()
+            # prometheus-client ships without annotations for this class.
+            multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+            return generate_latest(merged)
         return generate_latest(self.registry)

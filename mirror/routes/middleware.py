@@ -28,17 +28,15 @@ def error_response(error: RegistryError) -> web.Response:
 async def registry_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = uuid.uuid4().hex[:16]
     request[REQUEST_ID] = request_id
-    structlog.contextvars.bind_contextvars(request_id=request_id)
-    try:
-        return await handler(request)
-    except RegistryError as error:
-        return error_response(error)
-    except web.HTTPMethodNotAllowed:
-        return error_response(Unsupported())
-    except web.HTTPNotFound:
-        return error_response(NotFound(f"no route for {request.path[:200]}"))
-    finally:
-        structlog.contextvars.clear_contextvars()
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        try:
+            return await handler(request)
+        except RegistryError as error:
+            return error_response(error)
+        except web.HTTPMethodNotAllowed:
+            return error_response(Unsupported())
+        except web.HTTPNotFound:
+            return error_response(NotFound(f"no route for {request.path[:200]}"))
 
 
 @web.middleware

@@ -23,14 +23,19 @@ class MirrorProcess:
     """``python -m mirror serve`` on a free loopback port, stopped by its PID."""
 
     def __init__(
-        self, data_dir: Path, upstream: str, *extra: str, env: dict[str, str] | None = None
+        self,
+        data_dir: Path,
+        upstream: str,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        name: str = "mirror",
     ) -> None:
         self.data_dir = data_dir
         self.upstream = upstream
         self.extra = extra
         self.env = env or {}
         self.port = 0
-        self.log_path = data_dir.parent / f"{data_dir.name}-mirror.log"
+        self.log_path = data_dir.parent / f"{data_dir.name}-{name}.log"
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
