@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 import structlog
@@ -82,10 +82,11 @@ class Fill:
         self._readers -= 1
         self._close_if_unused()
 
-    def pread(self, size: int, offset: int) -> bytes:
+    def open_file(self) -> BinaryIO:
+        """A file object of the reader's own on the fill's data, for ``loop.sendfile``."""
         if self._fd is None:
             raise RuntimeError("fill has no data yet")
-        return os.pread(self._fd, size, offset)
+        return os.fdopen(os.dup(self._fd), "rb", buffering=0)
 
     def _progress(self, written: int) -> None:
         self.written = written
@@ -192,10 +193,11 @@ class Fills:
             log.info("blob_stored", digest=str(fill.digest), size=fill.written)
         except BaseException as exc:
             error = _as_registry_error(exc)
+            if partial is not None:
+                # Gone before any reader learns of the failure: nothing partial stays behind.
+                await asyncio.shield(asyncio.to_thread(partial.discard))
             self._done(fill)
             fill._finish(error)
-            if partial is not None:
-                await asyncio.shield(asyncio.to_thread(partial.discard))
             log.warning(
                 "blob_fill_failed", digest=str(fill.digest), error=str(error), written=fill.written
             )
