@@ -42,11 +42,26 @@ def _require_root() -> None:
 
 
 @pytest.fixture(scope="session")
+def second_registry() -> Iterator[RealRegistry]:
+    """Another real registry, mirrored as ghcr.io by the session mirror."""
+    with RealRegistry() as registry:
+        yield registry
+
+
+@pytest.fixture(scope="session")
 def session_mirror(
-    real_registry: RealRegistry, tmp_path_factory: pytest.TempPathFactory
+    real_registry: RealRegistry,
+    second_registry: RealRegistry,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[MirrorProcess]:
-    """One mirror process in front of the session's real registry, for the long-lived clients."""
-    process = MirrorProcess(tmp_path_factory.mktemp("session-mirror") / "data", real_registry.url)
+    """One mirror process in front of the session's real registries, for the long-lived
+    clients: docker.io is the first, ghcr.io the second."""
+    process = MirrorProcess(
+        tmp_path_factory.mktemp("session-mirror") / "data",
+        real_registry.url,
+        "--upstream",
+        f"ghcr.io={second_registry.url}",
+    )
     process.start()
     yield process
     process.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.clients import Containerd, Dockerd, Podman, write_hosts_toml
+from tests.support.clients import ClientError, Containerd, Dockerd, Podman, write_hosts_toml
 from tests.support.oci import Image, Index, make_image, make_index, make_layer
 from tests.support.process import MirrorProcess
 from tests.support.realregistry import RealRegistry
@@ -194,3 +195,41 @@ def test_ctr_pulls_with_the_mirror_as_the_only_server(
     assert digest == pushed.digest
     blobs = _blobs_for(real_registry, pushed.repository, pushed.digest, arch)
     assert_pulled_through(session_mirror, pushed.repository, blobs)
+
+
+def _upstream_requests(mirror: MirrorProcess) -> float:
+    with urllib.request.urlopen(f"{mirror.url}/metrics", timeout=10) as response:
+        page = response.read().decode()
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in page.splitlines()
+        if line.startswith("mirror_upstream_requests_total{")
+    )
+
+
+def test_ctr_reaches_a_second_upstream_by_ns_and_an_unknown_ns_is_refused(
+    second_registry: RealRegistry,
+    session_mirror: MirrorProcess,
+    containerd: Containerd,
+    tmp_path: Path,
+) -> None:
+    token = uuid.uuid4().hex[:8]
+    repository = f"someorg/tool-{token}"
+    pushed = second_registry.push_image(_image(token), repository, TAG)
+    hosts = tmp_path / "hosts"
+    for registry in ("ghcr.io", "quay.io"):
+        write_hosts_toml(hosts, session_mirror.url, fallback=False, registry=registry)
+
+    digest = containerd.pull(f"ghcr.io/{repository}:{TAG}", hosts)
+    assert digest == pushed
+
+    before = _upstream_requests(session_mirror)
+    with pytest.raises(ClientError):
+        containerd.pull(f"quay.io/{repository}:{TAG}", hosts)
+    assert _upstream_requests(session_mirror) == before  # nothing was forwarded anywhere
+    refused = [
+        line
+        for line in session_mirror.access_log()
+        if line["path"] == f"/v2/{repository}/manifests/{TAG}" and line["status"] == 404
+    ]
+    assert refused

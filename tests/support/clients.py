@@ -213,7 +213,9 @@ class Containerd(_Daemon):
         self.ctr("images", "rm", "--sync", reference)
 
 
-def write_hosts_toml(hosts_dir: Path, mirror_url: str, *, fallback: bool = True) -> Path:
+def write_hosts_toml(
+    hosts_dir: Path, mirror_url: str, *, fallback: bool = True, registry: str = "docker.io"
+) -> Path:
     """containerd's ``<hosts_dir>/docker.io/hosts.toml`` sending docker.io pulls to the mirror.
 
     With `fallback` Docker Hub stays the server and the mirror is tried first, as the README
@@ -222,13 +224,13 @@ def write_hosts_toml(hosts_dir: Path, mirror_url: str, *, fallback: bool = True)
     """
     if fallback:
         text = (
-            f'server = "{DOCKER_HUB}"\n\n'
+            f'server = "{DOCKER_HUB if registry == "docker.io" else "https://" + registry}"\n\n'
             f'[host."{mirror_url}"]\n'
             '  capabilities = ["pull", "resolve"]\n'
         )
     else:
         text = f'server = "{mirror_url}"\ncapabilities = ["pull", "resolve"]\n\n[host]\n'
-    path = hosts_dir / "docker.io" / "hosts.toml"
+    path = hosts_dir / registry / "hosts.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return hosts_dir
