@@ -66,6 +66,7 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
         data_dir = settings.data_dir
         await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
         blobs = BlobStore(data_dir / "blobs")
+        await asyncio.to_thread(blobs.root.mkdir, exist_ok=True)
         await asyncio.to_thread(blobs.sweep)
         inner = overrides.store or await _open_store(settings)
         store = CachedStore(

@@ -83,3 +83,13 @@ async def test_upstream_down_is_a_503_with_the_error_body(
     status, _, body = await mirror.get("/v2/alpine/manifests/latest")
     assert status == 503
     assert error_code(body) == "UNAVAILABLE"
+
+
+async def test_health_and_readiness_on_a_fresh_data_dir(mirror: RunningMirror) -> None:
+    status, _, body = await mirror.get("/healthz")
+    assert status == 200
+    status, _, body = await mirror.get("/readyz")
+    report = json.loads(body)
+    assert (status, report["status"]) == (200, "ready")
+    assert report["checks"] == {"data_dir": "ok", "store": "ok"}
+    assert report["upstreams"]["docker.io"]["reachable"] is True
