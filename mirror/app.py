@@ -25,7 +25,7 @@ from mirror.fills import Fills
 from mirror.metrics import Metrics
 from mirror.resolver import Resolver
 from mirror.routes import ops, v2
-from mirror.routes.middleware import count_requests, registry_errors
+from mirror.routes.middleware import registry_middleware
 from mirror.routes.state import METRICS, RESOLVER, SETTINGS
 from mirror.store.blobs import BlobStore
 from mirror.store.cached import CachedStore
@@ -49,9 +49,7 @@ class Overrides:
 
 
 def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web.Application:
-    app = web.Application(
-        middlewares=[count_requests, registry_errors], handler_args={"max_field_size": 16384}
-    )
+    app = web.Application(middlewares=[registry_middleware], handler_args={"max_field_size": 16384})
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_lifecycle(settings, overrides or Overrides()))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Sequence
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -17,7 +18,8 @@ MANIFEST_TYPES = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
 BLOB_TYPE = "application/octet-stream"
 
 
-def parse_accept(lines: Iterable[str]) -> tuple[str, ...]:
+@functools.lru_cache(maxsize=1024)
+def parse_accept(lines: tuple[str, ...]) -> tuple[str, ...]:
     """Merge Accept header lines (several lines or one comma-joined line) into media types."""
     types: list[str] = []
     for line in lines:
@@ -28,7 +30,8 @@ def parse_accept(lines: Iterable[str]) -> tuple[str, ...]:
     return tuple(types)
 
 
-def accepts(accept: Sequence[str], media_type: str) -> bool:
+@functools.lru_cache(maxsize=1024)
+def accepts(accept: tuple[str, ...], media_type: str) -> bool:
     """Does a client that sent ``accept`` take ``media_type``? No Accept at all takes anything."""
     if not accept:
         return True

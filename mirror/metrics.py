@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -13,6 +14,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._request_children: dict[tuple[str, str, int, str], Any] = {}
         self.requests = Counter(
             "mirror_requests",
             "Client requests by route, method, status and cache outcome.",
@@ -58,6 +60,14 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+
+    def count_request(self, route: str, method: str, status: int, cache: str) -> None:
+        key = (route, method, status, cache)
+        child = self._request_children.get(key)
+        if child is None:  # labels() costs more than a request's own work on the hot path
+            child = self.requests.labels(route, method, str(status), cache)
+            self._request_children[key] = child
+        child.inc()
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import os
+import secrets
 
 import structlog
 from aiohttp import web
@@ -16,6 +18,9 @@ log = structlog.get_logger("mirror.access")
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
 API_VERSION = "registry/2.0"
+# Request ids: unique per process start, cheap per request (uuid4 costs more than a handler).
+_PROCESS_TAG = f"{os.getpid():x}{secrets.token_hex(2)}"
+_request_numbers = itertools.count(1)
 
 
 def error_response(error: RegistryError) -> web.Response:
@@ -25,31 +30,34 @@ def error_response(error: RegistryError) -> web.Response:
 
 
 @web.middleware
-async def registry_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = uuid.uuid4().hex[:16]
+async def registry_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request: an id for its log lines, domain errors turned into the registry's error
+    body, and the request counted by route, status and cache outcome."""
+    request_id = f"{_PROCESS_TAG}-{next(_request_numbers):x}"
     request[REQUEST_ID] = request_id
-    with structlog.contextvars.bound_contextvars(request_id=request_id):
-        try:
-            return await handler(request)
-        except RegistryError as error:
-            return error_response(error)
-        except web.HTTPMethodNotAllowed:
-            return error_response(Unsupported())
-        except web.HTTPNotFound:
-            return error_response(NotFound(f"no route for {request.path[:200]}"))
+    # Each connection's task has its own context, so binding without a reset cannot leak
+    # into another connection; the next request on this one binds its own id.
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    try:
+        response = await handler(request)
+    except RegistryError as error:
+        response = error_response(error)
+    except web.HTTPMethodNotAllowed:
+        response = error_response(Unsupported())
+    except web.HTTPNotFound:
+        response = error_response(NotFound(f"no route for {request.path[:200]}"))
+    _count(request, response)
+    return response
 
 
-@web.middleware
-async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-    response = await handler(request)
+def _count(request: web.Request, response: web.StreamResponse) -> None:
     metrics = request.app[METRICS]
     route = request.get(ROUTE, "other")
     cache = request.get(CACHE_OUTCOME, "none")
-    metrics.requests.labels(route, request.method, str(response.status), cache).inc()
+    metrics.count_request(route, request.method, response.status, cache)
     if route == "blob" and response.status in (200, 206):
         source = "cache" if cache == "hit" else "upstream"
         metrics.bytes_served.labels(source).inc(_body_bytes(request, response))
-    return response
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -7,10 +7,12 @@ never build error responses themselves (``mirror.routes.middleware`` does).
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from mirror.errors import RangeInvalid, RegistryError, Unsupported
 from mirror.fills import Fill, FillState
@@ -31,9 +33,10 @@ _TAGS_QUERY = ("n", "last")
 
 
 def add_routes(app: web.Application) -> None:
+    # The busy route first: aiohttp tries resources in the order they were added.
+    app.router.add_route("*", "/v2/{path:.+}", dispatch)
     app.router.add_route("*", "/v2", base)
     app.router.add_route("*", "/v2/", base)
-    app.router.add_route("*", "/v2/{path:.+}", dispatch)
 
 
 async def base(request: web.Request) -> web.Response:
@@ -46,18 +49,30 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if _UPLOADS_RE.fullmatch(path):
         raise Unsupported("pushing is not supported: this registry is a read-only mirror")
     _check_method(request)
+    registry = request.query.get("ns") or DOCKER_HUB
+    route, repository, reference = _parse_path(path, registry)
+    request[ROUTE] = route
+    if isinstance(reference, Reference):
+        return await manifest(request, registry, repository, reference)
+    if isinstance(reference, Digest):
+        return await blob(request, registry, repository, reference)
+    return await tags(request, registry, repository)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_path(path: str, registry: str) -> tuple[str, str, Reference | Digest | None]:
+    """(route, repository, reference) of an API path, validated; memoized since clients
+    ask for the same few paths over and over, and the answers never change."""
     match = _PATH_RE.fullmatch(path)
     if match is None:
         raise web.HTTPNotFound()
-    registry = request.query.get("ns") or DOCKER_HUB
     repository = normalize_name(match["name"], registry)
     kind = match["kind"]
-    request[ROUTE] = {"manifests": "manifest", "blobs": "blob"}.get(kind, "tags")
     if kind == "manifests":
-        return await manifest(request, registry, repository, Reference.parse(match["ref"]))
+        return "manifest", repository, Reference.parse(match["ref"])
     if kind == "blobs":
-        return await blob(request, registry, repository, Digest.parse(match["ref"]))
-    return await tags(request, registry, repository)
+        return "blob", repository, Digest.parse(match["ref"])
+    return "tags", repository, None
 
 
 def _check_method(request: web.Request) -> None:
@@ -68,24 +83,31 @@ def _check_method(request: web.Request) -> None:
 async def manifest(
     request: web.Request, registry: str, repository: str, reference: Reference
 ) -> web.Response:
-    accept = parse_accept(request.headers.getall("Accept", ()))
+    accept = parse_accept(tuple(request.headers.getall("Accept", ())))
     found, outcome = await request.app[RESOLVER].manifest(registry, repository, reference, accept)
     request[CACHE_OUTCOME] = outcome.value
     return _manifest_response(request, found)
 
 
 def _manifest_response(request: web.Request, found: Manifest) -> web.Response:
-    etag = f'"{found.digest}"'
-    headers = {
-        "Docker-Content-Digest": found.digest,
-        "ETag": etag,
-        API_VERSION_HEADER: API_VERSION,
-    }
-    if request.headers.get("If-None-Match") == etag:
+    headers = _manifest_headers(found.digest, found.media_type)
+    if request.headers.get("If-None-Match") == headers["ETag"]:
         return web.Response(status=304, headers=headers)
-    response = web.Response(body=found.body, headers=headers)
-    response.content_type = found.media_type
-    return response
+    return web.Response(body=found.body, headers=headers)
+
+
+@functools.lru_cache(maxsize=4096)
+def _manifest_headers(digest: str, media_type: str) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(
+        CIMultiDict(
+            {
+                "Content-Type": media_type,
+                "Docker-Content-Digest": digest,
+                "ETag": f'"{digest}"',
+                API_VERSION_HEADER: API_VERSION,
+            }
+        )
+    )
 
 
 async def blob(

@@ -43,7 +43,7 @@ def test_tags_and_digests() -> None:
 
 
 def test_accept_lines_merge() -> None:
-    merged = parse_accept(["a/x, b/y;q=0.5", "c/z", "a/x"])
+    merged = parse_accept(("a/x, b/y;q=0.5", "c/z", "a/x"))
     assert merged == ("a/x", "b/y", "c/z")
     assert accepts((), "anything/at-all")
     assert accepts(("*/*",), "application/vnd.oci.image.index.v1+json")
