@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import secrets
 
@@ -77,7 +78,8 @@ class AccessLogger(AbstractAccessLogger):
 
     @property
     def enabled(self) -> bool:
-        return True
+        # aiohttp skips the call altogether when the level filters the line out anyway.
+        return bool(log.is_enabled_for(logging.INFO))
 
 
 def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
