@@ -113,6 +113,9 @@ class LocalCoordinator:
         pass
 
 
+# After Redis failed, how long to use local locks before asking Redis again.
+RETRY_INTERVAL = 2.0
+
 # Renew the lease when a third of its time is gone, so two missed renewals still hold it.
 _RENEW = """
 local value = redis.call('GET', KEYS[1])
@@ -175,11 +178,14 @@ class RedisCoordinator:
         self._renew_script = client.register_script(_RENEW)
         self._release_script = client.register_script(_RELEASE)
         self._degraded = False
+        self._retry_at = 0.0  # while degraded, Redis is left alone until then
 
     def _key(self, key: str) -> str:
         return f"mirror:v1:{{lease:{self._scope}}}:{quote(key, safe='')}"
 
     async def acquire(self, key: str) -> Lease | None:
+        if self._degraded and time.monotonic() < self._retry_at:
+            return await self._fallback.acquire(key)
         token = secrets.token_hex(8) + "|"
         try:
             taken = await self._client.set(
@@ -192,6 +198,8 @@ class RedisCoordinator:
         return _RedisLease(self, key, token) if taken else None
 
     async def holder(self, key: str) -> dict[str, Any] | None:
+        if self._degraded and time.monotonic() < self._retry_at:
+            return await self._fallback.holder(key)
         try:
             value = await self._client.get(self._key(key))
         except RedisError as exc:
@@ -213,6 +221,7 @@ class RedisCoordinator:
         pass  # the client belongs to the Redis store, which closes it
 
     def _went_down(self, exc: Exception) -> None:
+        self._retry_at = time.monotonic() + RETRY_INTERVAL
         if not self._degraded:
             self._degraded = True
             log.warning("coordination_degraded", error=str(exc), fallback="local locks")
