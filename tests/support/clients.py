@@ -21,6 +21,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from tests.support.daemon import terminate
+
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 COMMAND_TIMEOUT = 30.0
@@ -134,14 +136,7 @@ class _Daemon:
 
     def _terminate(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT)
+        terminate(process, STOP_TIMEOUT)
 
     def log(self) -> str:
         return _tail(self.log_path)

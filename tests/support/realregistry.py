@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from tests.support.daemon import terminate
 from tests.support.oci import ALL_MANIFEST_TYPES, Image, Index, write_oci_layout
 
 _CONFIG = """\
@@ -98,14 +99,7 @@ class RealRegistry:
 
     def _terminate(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)
 
     def stop(self) -> None:
         self._terminate()

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote, urlencode
 
+from tests.support.daemon import terminate
 from tests.support.realregistry import free_port
 
 START_TIMEOUT = 10.0
@@ -96,14 +97,7 @@ class RedisServer:
 
     def _terminate(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)
 
     def stop(self) -> None:
         """Stop the server; the port and directory are kept for a later start()."""
