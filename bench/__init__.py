@@ -1,0 +1,1 @@
+"""The benchmark suite of issue 6 (see the README, Performance)."""

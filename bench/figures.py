@@ -1,0 +1,439 @@
+"""The six figures of issue 6, each measured side by side with its reference in one run.
+
+Each function takes the running ``Lab`` and returns table rows; the numbers behind every
+median are kept in the rows' ``samples`` for the JSON.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from dataclasses import dataclass
+from statistics import median
+
+from bench import report
+from bench.clients import (
+    AccessLog,
+    MemoryWatch,
+    Request,
+    WrkResult,
+    fetch,
+    fetch_parallel,
+    head_load,
+    wrk,
+)
+from bench.lab import Lab, supports_workers, wait_stored
+from bench.report import Row, row
+from bench.services import Mirror, Registry, Service
+
+MIB = 1024 * 1024
+ACCEPT = ", ".join(
+    (
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    )
+)
+
+
+def _blob_gets(requests: list[Request], digest: str) -> int:
+    return sum(1 for r in requests if r.method == "GET" and r.path.endswith(f"/blobs/{digest}"))
+
+
+# 1. Warm blob ------------------------------------------------------------------------------
+
+
+def warm_blob(lab: Lab, mirror: Mirror, proxy: Registry, nginx: Service) -> list[Row]:
+    """The large blob, already cached everywhere: mirror vs nginx sendfile vs registry proxy."""
+    big = lab.images["big"]
+    size = big.layer.size
+    urls = {
+        name: lab.blob_url(s, big)
+        for name, s in (("mirror", mirror), ("nginx", nginx), ("proxy", proxy))
+    }
+    for url in urls.values():
+        fetch(url, expect_size=size)
+    wait_stored(proxy, big.layer.digest)
+    fetch(urls["proxy"], expect_size=size)  # now from the proxy's own storage
+    times: dict[str, list[float]] = {name: [] for name in urls}
+    for _ in range(lab.plan.blob_repetitions):
+        for name, url in urls.items():  # interleaved, so drift hits every server alike
+            times[name].append(fetch(url, expect_size=size).seconds)
+    m, n, p = (median(times[name]) for name in ("mirror", "nginx", "proxy"))
+    reps = lab.plan.blob_repetitions
+    label = f"warm blob {size / MIB:,.0f} MiB: time"
+    return [
+        row(
+            f"{label} vs nginx",
+            "s",
+            m,
+            reference=n,
+            reference_name="nginx sendfile",
+            ratio=report.ratio_of(m, n),
+            target=report.at_most_ratio(1.0, "nginx"),
+            repetitions=reps,
+            samples=times,
+        ),
+        row(
+            f"{label} vs registry proxy",
+            "s",
+            m,
+            reference=p,
+            reference_name="registry proxy",
+            ratio=report.ratio_of(m, p),
+            repetitions=reps,
+            samples=times,
+        ),
+    ]
+
+
+# 2. Warm tag manifests ---------------------------------------------------------------------
+
+
+@dataclass
+class WrkRuns:
+    results: list[WrkResult]
+    upstream_requests: list[int]
+
+    @property
+    def rate(self) -> float:
+        return median(r.requests_per_second for r in self.results)
+
+    @property
+    def p99(self) -> float:
+        return median(r.p99_ms for r in self.results)
+
+    @property
+    def errors(self) -> int:
+        return sum(r.errors for r in self.results)
+
+
+def _warm_manifest(url: str, method: str, times: int = 1) -> None:
+    request = urllib.request.Request(url, method=method, headers={"Accept": ACCEPT})
+    for _ in range(times):
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+
+
+def _load(lab: Lab, url: str, method: str, tool: str) -> WrkResult:
+    plan = lab.plan
+    if tool == "wrk":
+        return wrk(
+            url,
+            method=method,
+            accept=ACCEPT,
+            seconds=plan.wrk_seconds,
+            connections=plan.wrk_connections,
+            threads=plan.wrk_threads,
+            script_dir=lab.root,
+        )
+    return head_load(
+        url,
+        method=method,
+        accept=ACCEPT,
+        seconds=plan.wrk_seconds,
+        connections=plan.wrk_connections,
+        threads=plan.wrk_threads,
+    )
+
+
+def _load_runs(lab: Lab, jobs: dict[str, tuple[str, str]], method: str) -> dict[str, WrkRuns]:
+    """Each job (URL, tool) in turn, per repetition, counting what reached the upstream.
+
+    The tool is wrk, or ``bench.headload`` for HEAD, which wrk cannot measure.
+    """
+    log = AccessLog(lab.upstream.access_log)
+    runs = {name: WrkRuns([], []) for name in jobs}
+    for _ in range(lab.plan.wrk_repetitions):
+        for name, (url, tool) in jobs.items():
+            mark = log.mark()
+            runs[name].results.append(_load(lab, url, method, tool))
+            runs[name].upstream_requests.append(len(log.settle(mark)))
+    return runs
+
+
+def warm_manifests(lab: Lab, mirror: Mirror, proxy: Registry) -> list[Row]:
+    """Tag manifest GET and HEAD at 32 connections: mirror vs registry proxy."""
+    small = lab.images["small"]
+    mine, peer = lab.manifest_url(mirror, small), lab.manifest_url(proxy, small)
+    rows: list[Row] = []
+    for method, tool in (("GET", "wrk"), ("HEAD", "headload")):
+        for url in (mine, peer):
+            _warm_manifest(url, method)
+        jobs = {"mirror": (mine, tool), "proxy": (peer, tool)}
+        if method == "GET":
+            jobs["headload"] = (mine, "headload")  # calibrates the HEAD figures against wrk
+        runs = _load_runs(lab, jobs, method)
+        rows += _manifest_rows(lab, method, runs["mirror"], runs["proxy"], tool)
+        if method == "GET":
+            rows.append(_calibration_row(lab, runs["headload"], runs["mirror"]))
+    return rows
+
+
+def _calibration_row(lab: Lab, headload: WrkRuns, wrk_runs: WrkRuns) -> Row:
+    return row(
+        "load generator check: mirror GET, bench.headload vs wrk",
+        "req/s",
+        headload.rate,
+        reference=wrk_runs.rate,
+        reference_name="wrk",
+        ratio=report.ratio_of(headload.rate, wrk_runs.rate),
+        repetitions=lab.plan.wrk_repetitions,
+        note="how far the HEAD figures' load generator reads below wrk",
+        samples={"headload": [r.requests_per_second for r in headload.results]},
+    )
+
+
+def _manifest_rows(lab: Lab, method: str, mine: WrkRuns, peer: WrkRuns, tool: str) -> list[Row]:
+    reps = lab.plan.wrk_repetitions
+    label = f"tag manifest {method}, {lab.plan.wrk_connections} conns ({tool})"
+    errors = mine.errors + peer.errors
+    note = f"error responses: mirror {mine.errors}, proxy {peer.errors}" if errors else ""
+    upstream = {
+        "mirror": [float(n) for n in mine.upstream_requests],
+        "proxy": [float(n) for n in peer.upstream_requests],
+    }
+    return [
+        row(
+            f"{label}: rate",
+            "req/s",
+            mine.rate,
+            reference=peer.rate,
+            reference_name="registry proxy",
+            ratio=report.ratio_of(mine.rate, peer.rate),
+            target=report.rate_and_ratio(10_000, 50, "proxy"),
+            repetitions=reps,
+            note=note,
+            samples={
+                "mirror": [r.requests_per_second for r in mine.results],
+                "proxy": [r.requests_per_second for r in peer.results],
+            },
+        ),
+        row(
+            f"{label}: p99 latency",
+            "ms",
+            mine.p99,
+            reference=peer.p99,
+            reference_name="registry proxy",
+            ratio=report.ratio_of(mine.p99, peer.p99),
+            target=report.below(10, "ms"),
+            repetitions=reps,
+            samples={
+                "mirror": [r.p99_ms for r in mine.results],
+                "proxy": [r.p99_ms for r in peer.results],
+            },
+        ),
+        row(
+            f"{label}: upstream requests (total)",
+            "",
+            sum(upstream["mirror"]),
+            reference=sum(upstream["proxy"]),
+            reference_name="registry proxy",
+            target=report.exactly(0),
+            repetitions=reps,
+            samples=upstream,
+        ),
+    ]
+
+
+# 3. Cold pull ------------------------------------------------------------------------------
+
+
+def cold_pull(lab: Lab) -> tuple[list[Row], float]:
+    """The large blob through a mirror with an empty data dir vs straight from the upstream.
+
+    Also returns the median cold pull time, the yardstick of the concurrent figures.
+    """
+    big = lab.images["big"]
+    size = big.layer.size
+    times: dict[str, list[float]] = {"mirror": [], "direct": []}
+    for _ in range(lab.plan.cold_repetitions):
+        mirror = lab.new_mirror()
+        try:
+            times["mirror"].append(fetch(lab.blob_url(mirror, big), expect_size=size).seconds)
+        finally:
+            lab.discard(mirror)
+        times["direct"].append(fetch(lab.blob_url(lab.upstream, big), expect_size=size).seconds)
+    cold, direct = median(times["mirror"]), median(times["direct"])
+    mine, theirs = size / MIB / cold, size / MIB / direct
+    result = row(
+        f"cold pull {size / MIB:,.0f} MiB: throughput",
+        "MiB/s",
+        mine,
+        reference=theirs,
+        reference_name="upstream direct",
+        ratio=report.ratio_of(mine, theirs),
+        target=report.at_least_ratio(0.9, "direct"),
+        repetitions=lab.plan.cold_repetitions,
+        samples=times,
+    )
+    return [result], cold
+
+
+# 4 and 5. Concurrent cold pulls, and memory while 50 clients stream ------------------------
+
+
+@dataclass
+class Crowd:
+    walls: list[float]
+    blob_gets: list[int]
+    peak_kib: list[int]
+
+
+def _mirror_crowd(lab: Lab, clients: int) -> tuple[Crowd, Crowd]:
+    """(cold, warm): N clients at once on a fresh mirror each time, then once more warm."""
+    log = AccessLog(lab.upstream.access_log)
+    cold, warm = Crowd([], [], []), Crowd([], [], [])
+    mirror: Mirror | None = None
+    try:
+        for _ in range(lab.plan.concurrent_repetitions):
+            if mirror is not None:
+                lab.discard(mirror)
+            mirror = lab.new_mirror()
+            _crowd_once(lab, mirror, clients, log, cold)
+        assert mirror is not None
+        lab.restart(mirror)  # the blob is cached now; a new process, so a new high-water mark
+        _crowd_once(lab, mirror, clients, log, warm)
+    finally:
+        if mirror is not None:
+            lab.discard(mirror)
+    return cold, warm
+
+
+def _crowd_once(lab: Lab, mirror: Mirror, clients: int, log: AccessLog, into: Crowd) -> None:
+    big = lab.images["big"]
+    mark = log.mark()
+    with MemoryWatch(mirror.pid) as memory:
+        result = fetch_parallel(lab.blob_url(mirror, big), clients, expect_size=big.layer.size)
+    into.walls.append(result.wall)
+    into.blob_gets.append(_blob_gets(log.settle(mark), big.layer.digest))
+    into.peak_kib.append(memory.peak_kib)
+
+
+def _proxy_crowd(lab: Lab, clients: int) -> Crowd:
+    big = lab.images["big"]
+    log = AccessLog(lab.upstream.access_log)
+    crowd = Crowd([], [], [])
+    for _ in range(lab.plan.proxy_concurrent_repetitions):
+        proxy = lab.new_proxy()
+        try:
+            mark = log.mark()
+            result = fetch_parallel(lab.blob_url(proxy, big), clients, expect_size=big.layer.size)
+            wait_stored(proxy, big.layer.digest)  # its own fetch to store the blob ends later
+            crowd.walls.append(result.wall)
+            crowd.blob_gets.append(_blob_gets(log.settle(mark), big.layer.digest))
+        finally:
+            lab.discard(proxy)
+    return crowd
+
+
+def concurrent_pulls(lab: Lab, clients: int, one_cold: float) -> list[Row]:
+    cold, warm = _mirror_crowd(lab, clients)
+    peer = _proxy_crowd(lab, clients)
+    reps = lab.plan.concurrent_repetitions
+    label = f"{clients} concurrent cold pulls"
+    wall, warm_wall = median(cold.walls), median(warm.walls)
+    rows = [
+        row(
+            f"{label}: upstream blob GETs (worst)",
+            "",
+            float(max(cold.blob_gets)),
+            reference=float(max(peer.blob_gets)),
+            reference_name="registry proxy",
+            target=report.exactly(1),
+            repetitions=reps,
+            samples={
+                "mirror": [float(n) for n in cold.blob_gets],
+                "proxy": [float(n) for n in peer.blob_gets],
+                "proxy_wall_s": peer.walls,
+            },
+        ),
+        row(
+            f"{label}: wall / one cold pull",
+            "s",
+            wall,
+            reference=one_cold,
+            reference_name="1 cold pull",
+            ratio=report.ratio_of(wall, one_cold),
+            target=report.at_most_ratio(1.3, "one"),
+            repetitions=reps,
+            samples={"mirror": cold.walls},
+        ),
+        row(
+            f"{label}: wall / same {clients} warm",
+            "s",
+            wall,
+            reference=warm_wall,
+            reference_name=f"{clients} warm pulls",
+            ratio=report.ratio_of(wall, warm_wall),
+            repetitions=reps,
+            note="the delivery floor: what the same clients take from cache",
+            samples={"mirror": cold.walls, "warm": warm.walls},
+        ),
+    ]
+    if clients == 50:
+        rows += _memory_rows(cold, warm, reps)
+    return rows
+
+
+def _memory_rows(cold: Crowd, warm: Crowd, reps: int) -> list[Row]:
+    cold_mib = [kib / 1024 for kib in cold.peak_kib]
+    warm_mib = [kib / 1024 for kib in warm.peak_kib]
+    return [
+        row(
+            "peak RSS, 50 clients streaming the cached blob",
+            "MiB",
+            max(warm_mib),
+            target=report.at_most(150, "MiB"),
+            repetitions=1,
+            samples={"mirror": warm_mib},
+        ),
+        row(
+            "peak RSS, 50 clients streaming one cold fill",
+            "MiB",
+            max(cold_mib),
+            target=report.at_most(150, "MiB"),
+            repetitions=reps,
+            samples={"mirror": cold_mib},
+        ),
+    ]
+
+
+# 6. --workers N ----------------------------------------------------------------------------
+
+
+def workers_scaling(lab: Lab) -> list[Row]:
+    """Figure 2 for ``mirror serve --workers N``; n/a until the flag exists."""
+    if not supports_workers(lab.mirror_executable):
+        return [report.not_available("tag manifests, --workers N", "n/a (no --workers)")]
+    small = lab.images["small"]
+    rates: dict[str, dict[int, WrkRuns]] = {"GET": {}, "HEAD": {}}
+    for workers in lab.plan.workers:
+        mirror = lab.new_mirror(workers=workers)
+        try:
+            url = lab.manifest_url(mirror, small)
+            for method, runs in rates.items():
+                _warm_manifest(url, method, times=8 * workers)  # reach every worker's cache
+                tool = "wrk" if method == "GET" else "headload"
+                runs[workers] = _load_runs(lab, {"w": (url, tool)}, method)["w"]
+        finally:
+            lab.discard(mirror)
+    return [_workers_row(lab, method, runs) for method, runs in rates.items()]
+
+
+def _workers_row(lab: Lab, method: str, runs: dict[int, WrkRuns]) -> Row:
+    low, high = min(runs), max(runs)
+    upstream = sum(sum(r.upstream_requests) for r in runs.values())
+    return row(
+        f"tag manifest {method}, --workers {high} vs {low}",
+        "req/s",
+        runs[high].rate,
+        reference=runs[low].rate,
+        reference_name=f"--workers {low}",
+        ratio=report.ratio_of(runs[high].rate, runs[low].rate),
+        repetitions=lab.plan.wrk_repetitions,
+        note=f"p99 {runs[high].p99:.2f} ms; upstream requests {upstream}",
+        samples={
+            f"workers_{n}": [r.requests_per_second for r in w.results] for n, w in runs.items()
+        },
+    )
