@@ -6,8 +6,11 @@ median are kept in the rows' ``samples`` for the JSON.
 
 from __future__ import annotations
 
+import os
+import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import median
 
 from bench import report
@@ -240,24 +243,39 @@ def _manifest_rows(lab: Lab, method: str, mine: WrkRuns, peer: WrkRuns, tool: st
 
 
 def cold_pull(lab: Lab) -> tuple[list[Row], float]:
-    """The large blob through a mirror with an empty data dir vs straight from the upstream.
+    """The large blob through a mirror with an empty data dir vs straight from the upstream,
+    on loopback and through a link of ``plan.link_mib`` MiB/s.
 
-    Also returns the median cold pull time, the yardstick of the concurrent figures.
+    Also returns the median cold pull time over the link, the yardstick of the concurrent
+    figures (which run over the same link).
     """
     big = lab.images["big"]
     size = big.layer.size
-    times: dict[str, list[float]] = {"mirror": [], "direct": []}
+    times: dict[str, list[float]] = {"mirror": [], "direct": [], "disk": []}
+    linked: dict[str, list[float]] = {"mirror": [], "direct": []}
     for _ in range(lab.plan.cold_repetitions):
-        mirror = lab.new_mirror()
-        try:
-            times["mirror"].append(fetch(lab.blob_url(mirror, big), expect_size=size).seconds)
-        finally:
-            lab.discard(mirror)
-        times["direct"].append(fetch(lab.blob_url(lab.upstream, big), expect_size=size).seconds)
-    cold, direct = median(times["mirror"]), median(times["direct"])
-    mine, theirs = size / MIB / cold, size / MIB / direct
-    result = row(
-        f"cold pull {size / MIB:,.0f} MiB: throughput",
+        for upstream, into in ((lab.upstream, times), (lab.link, linked)):
+            mirror = lab.new_mirror(upstream=upstream)
+            try:
+                into["mirror"].append(fetch(lab.blob_url(mirror, big), expect_size=size).seconds)
+            finally:
+                lab.discard(mirror)
+            into["direct"].append(fetch(lab.blob_url(upstream, big), expect_size=size).seconds)
+        times["disk"].append(disk_write_seconds(lab.root, size))
+    rows = [
+        _throughput_row(f"cold pull {size / MIB:,.0f} MiB, loopback", size, times, lab),
+        _throughput_row(
+            f"cold pull {size / MIB:,.0f} MiB, {lab.plan.link_mib:g} MiB/s link", size, linked, lab
+        ),
+        _disk_row(size, times, lab),
+    ]
+    return rows, median(linked["mirror"])
+
+
+def _throughput_row(label: str, size: int, times: dict[str, list[float]], lab: Lab) -> Row:
+    mine, theirs = (size / MIB / median(times[name]) for name in ("mirror", "direct"))
+    return row(
+        f"{label}: throughput",
         "MiB/s",
         mine,
         reference=theirs,
@@ -267,7 +285,40 @@ def cold_pull(lab: Lab) -> tuple[list[Row], float]:
         repetitions=lab.plan.cold_repetitions,
         samples=times,
     )
-    return [result], cold
+
+
+def _disk_row(size: int, times: dict[str, list[float]], lab: Lab) -> Row:
+    mine, disk = (size / MIB / median(times[name]) for name in ("mirror", "disk"))
+    return row(
+        "cold pull, loopback: throughput vs the disk's write speed",
+        "MiB/s",
+        mine,
+        reference=disk,
+        reference_name="write + fsync, 1 MiB writes",
+        ratio=report.ratio_of(mine, disk),
+        repetitions=lab.plan.cold_repetitions,
+        note="a cold blob must reach the disk; loopback outruns it",
+        samples=times,
+    )
+
+
+def disk_write_seconds(directory: Path, size: int) -> float:
+    """Seconds to write ``size`` bytes to a new file in ``directory`` and fsync it, as a fill
+    does (1 MiB writes), without hashing or network: the ceiling of any cold pull here."""
+    chunk = os.urandom(MIB)
+    path = directory / "disk-write-probe"
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(size // MIB):
+            os.write(fd, chunk)
+        os.write(fd, chunk[: size % MIB])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - started
+    path.unlink()
+    return seconds
 
 
 # 4 and 5. Concurrent cold pulls, and memory while 50 clients stream ------------------------
@@ -289,7 +340,7 @@ def _mirror_crowd(lab: Lab, clients: int) -> tuple[Crowd, Crowd]:
         for _ in range(lab.plan.concurrent_repetitions):
             if mirror is not None:
                 lab.discard(mirror)
-            mirror = lab.new_mirror()
+            mirror = lab.new_mirror(upstream=lab.link)
             _crowd_once(lab, mirror, clients, log, cold)
         assert mirror is not None
         lab.restart(mirror)  # the blob is cached now; a new process, so a new high-water mark
@@ -311,6 +362,8 @@ def _crowd_once(lab: Lab, mirror: Mirror, clients: int, log: AccessLog, into: Cr
 
 
 def _proxy_crowd(lab: Lab, clients: int) -> Crowd:
+    """The registry proxy's upstream blob GETs for the same crowd; on loopback, since over the
+    link its N fetches of 1 GiB would take minutes and only their count is reported."""
     big = lab.images["big"]
     log = AccessLog(lab.upstream.access_log)
     crowd = Crowd([], [], [])
@@ -331,7 +384,7 @@ def concurrent_pulls(lab: Lab, clients: int, one_cold: float) -> list[Row]:
     cold, warm = _mirror_crowd(lab, clients)
     peer = _proxy_crowd(lab, clients)
     reps = lab.plan.concurrent_repetitions
-    label = f"{clients} concurrent cold pulls"
+    label = f"{clients} concurrent cold pulls, {lab.plan.link_mib:g} MiB/s link"
     wall, warm_wall = median(cold.walls), median(warm.walls)
     rows = [
         row(
@@ -353,7 +406,7 @@ def concurrent_pulls(lab: Lab, clients: int, one_cold: float) -> list[Row]:
             "s",
             wall,
             reference=one_cold,
-            reference_name="1 cold pull",
+            reference_name="1 cold pull, same link",
             ratio=report.ratio_of(wall, one_cold),
             target=report.at_most_ratio(1.3, "one"),
             repetitions=reps,

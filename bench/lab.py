@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bench.content import Image
-from bench.services import Mirror, Nginx, Registry, Service
+from bench.services import Mirror, Nginx, Registry, Service, Throttle
 
 S = TypeVar("S", bound=Service)
 STORE_TIMEOUT = 300.0
@@ -35,6 +35,7 @@ class Plan:
     wrk_connections: int = 32
     wrk_threads: int = 2
     concurrency: tuple[int, ...] = (8, 50)
+    link_mib: float = 100.0  # the upstream's uplink for the cold figures users feel
     workers: tuple[int, ...] = (1, 2)
 
     @classmethod
@@ -55,6 +56,7 @@ class Lab:
         self._running: list[Service] = []
         self._serial = itertools.count(1)
         self.upstream = Registry(root / "upstream", "upstream")
+        self._link: Throttle | None = None
 
     def start(self, service: S) -> S:
         self._running.append(service)
@@ -81,10 +83,23 @@ class Lab:
             service.stop()
         self._running.clear()
 
-    def new_mirror(self, *, workers: int | None = None) -> Mirror:
+    @property
+    def link(self) -> Throttle:
+        """The upstream behind a link of ``plan.link_mib`` MiB/s, started on first use."""
+        if self._link is None:
+            throttle = Throttle(
+                self.root / "link", target=self.upstream, rate_mib=self.plan.link_mib
+            )
+            self._link = self.start(throttle)
+        return self._link
+
+    def new_mirror(self, *, workers: int | None = None, upstream: Service | None = None) -> Mirror:
         workdir = self.root / f"mirror-{next(self._serial)}"
         mirror = Mirror(
-            workdir, executable=self.mirror_executable, upstream=self.upstream.url, workers=workers
+            workdir,
+            executable=self.mirror_executable,
+            upstream=(upstream or self.upstream).url,
+            workers=workers,
         )
         return self.start(mirror)
 

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -70,6 +71,7 @@ class Service:
 
     name = "service"
     ready_path = "/"
+    cwd: Path | None = None  # where the command runs; None: the benchmark's own
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -116,7 +118,7 @@ class Service:
     def _spawn_and_wait(self) -> bool:
         with self.stdout_path.open("ab") as stdout, self.stderr_path.open("ab") as stderr:
             self._process = subprocess.Popen(
-                self.command(), stdout=stdout, stderr=stderr, start_new_session=True
+                self.command(), stdout=stdout, stderr=stderr, start_new_session=True, cwd=self.cwd
             )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -266,3 +268,20 @@ class Nginx(Service):
             "-g",
             "daemon off;",
         ]
+
+
+class Throttle(Service):
+    """``bench.throttle``: the upstream behind a link of ``rate_mib`` MiB/s, shared."""
+
+    name = "throttle"
+    ready_path = "/v2/"
+    cwd = Path(__file__).resolve().parent.parent  # where ``-m bench.throttle`` is found
+
+    def __init__(self, workdir: Path, *, target: Service, rate_mib: float) -> None:
+        super().__init__(workdir)
+        self.target = target
+        self.rate_mib = rate_mib
+
+    def command(self) -> list[str]:
+        command = [sys.executable, "-m", "bench.throttle", "--listen", self.host]
+        return [*command, "--target", self.target.host, "--rate", f"{self.rate_mib:g}"]
