@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+from typing import BinaryIO
 
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from mirror.errors import RangeInvalid, RegistryError, Unsupported
+from mirror.errors import BlobUnknown, RangeInvalid, RegistryError, Unsupported
 from mirror.fills import Fill, FillState
 from mirror.mediatypes import BLOB_TYPE, parse_accept
 from mirror.reference import DOCKER_HUB, Digest, Reference, normalize_name
@@ -30,6 +31,9 @@ _UPLOADS_RE = re.compile(r".+/blobs/uploads(?:/.*)?")
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
 _READ_METHODS = ("GET", "HEAD")
 _TAGS_QUERY = ("n", "last")
+# Bytes per sendfile(2) call. One call for a whole blob is what FileResponse makes; calls of
+# a few MiB send a cached 1 GiB blob faster on loopback (see the README's Performance).
+SENDFILE_CHUNK = 8 * 1024 * 1024
 
 
 def add_routes(app: web.Application) -> None:
@@ -129,12 +133,16 @@ async def blob(
         if size is not None:
             response.headers["Content-Length"] = str(size)
         return response
-    source = await resolver.blob(registry, repository, digest)
+    for _ in range(2):
+        source = await resolver.blob(registry, repository, digest)
+        if not isinstance(source, CachedBlob):
+            break
+        try:
+            return await _send_cached(request, source, headers)
+        except FileNotFoundError:
+            continue  # deleted since it was found (by hand, say): fetch it again
     if isinstance(source, CachedBlob):
-        request[CACHE_OUTCOME] = "hit"
-        # FileResponse answers ranges itself; checking first gives a bad one our error body.
-        _parse_range(request.headers.get("Range"), source.size)
-        return web.FileResponse(source.path, headers=headers)
+        raise BlobUnknown(detail={"digest": str(digest)})
     try:
         request[CACHE_OUTCOME] = "miss"
         return await _stream_fill(request, source, headers)
@@ -142,25 +150,61 @@ async def blob(
         source.detach()
 
 
+def _ranged(
+    request: web.Request, headers: dict[str, str], size: int
+) -> tuple[web.StreamResponse, int, int]:
+    """The response for the part of a blob the request asks for, with its (start, stop)."""
+    response = web.StreamResponse(headers=headers)
+    start, stop = 0, size
+    byte_range = _parse_range(request.headers.get("Range"), size)
+    if byte_range is not None:
+        start, stop = byte_range
+        response.set_status(206)
+        response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    response.content_length = stop - start
+    return response, start, stop
+
+
+async def _send_cached(
+    request: web.Request, blob: CachedBlob, headers: dict[str, str]
+) -> web.StreamResponse:
+    response, start, stop = _ranged(request, headers, blob.size)
+    with await asyncio.to_thread(open, blob.path, "rb", buffering=0) as file:
+        request[CACHE_OUTCOME] = "hit"
+        await response.prepare(request)
+        try:
+            await _sendfile(request, file, start, stop, start)
+        except ConnectionError:
+            return response  # the client hung up; aiohttp closes the connection quietly
+    await response.write_eof()
+    return response
+
+
+async def _sendfile(
+    request: web.Request, file: BinaryIO, position: int, stop: int, first: int
+) -> int:
+    """Send bytes ``position``..``stop`` of ``file`` with sendfile(2), SENDFILE_CHUNK at a time;
+    returns ``stop``. ``first`` is where the response's body starts, for the byte count."""
+    transport = request.transport
+    loop = asyncio.get_running_loop()
+    while position < stop:
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        count = min(stop - position, SENDFILE_CHUNK)
+        position += await loop.sendfile(transport, file, position, count)
+        request[BYTES_SENT] = position - first
+    return position
+
+
 async def _stream_fill(
     request: web.Request, fill: Fill, headers: dict[str, str]
 ) -> web.StreamResponse:
     """Stream a blob that is still arriving from upstream, from the bytes already on disk."""
-    size = fill.size
-    start, stop = 0, size
-    response = web.StreamResponse(headers=headers)
-    if size is not None and stop is not None:
-        byte_range = _parse_range(request.headers.get("Range"), size)
-        if byte_range is not None:
-            start, stop = byte_range
-            response.set_status(206)
-            response.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
-        response.content_length = stop - start
+    if fill.size is None:
+        response, start, stop = web.StreamResponse(headers=headers), 0, None
+    else:
+        response, start, stop = _ranged(request, headers, fill.size)
     await response.prepare(request)  # a StreamResponse sends its headers here
-    transport = request.transport
-    if transport is None:
-        raise ConnectionResetError("the client went away")
-    loop = asyncio.get_running_loop()
     position = start
     with fill.open_file() as file:
         while stop is None or position < stop:
@@ -174,8 +218,10 @@ async def _stream_fill(
                 await fill.changed()
                 continue
             # The bytes already on disk go out with sendfile(2), as cached blobs do.
-            position += await loop.sendfile(transport, file, position, end - position)
-            request[BYTES_SENT] = position - start
+            try:
+                position = await _sendfile(request, file, position, end, start)
+            except ConnectionError:
+                return response  # the client hung up; the fill goes on without it
     await response.write_eof()
     return response
 
@@ -199,7 +245,7 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     match = _RANGE_RE.fullmatch(header.strip())
     first, last = match.groups() if match is not None else ("", "")
     if not first and not last:
-        # Several ranges, or none we understand: refused, as FileResponse refuses them.
+        # Several ranges, or none we understand: refused.
         raise RangeInvalid(headers={"Content-Range": f"bytes */{size}"})
     if not first:
         start, stop = max(size - int(last), 0), size

@@ -2,9 +2,11 @@
 
 import asyncio
 import hashlib
+import logging
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror
@@ -104,6 +106,27 @@ async def test_a_client_disconnecting_does_not_stop_the_fill(
     assert cdn_gets(fake_hub) == 1
     [cdn] = fake_hub.requests("GET", "cdn")
     assert cdn.bytes_sent == layer.size
+
+
+async def test_a_client_hanging_up_mid_blob_logs_no_error(
+    fake_hub: FakeHub, mirror: RunningMirror, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Larger than the socket buffers, so the mirror is still sending when the client leaves.
+    layer = make_random_layer(32 * 1024 * 1024, seed=14)
+    publish(fake_hub, layer)
+    assert mirror.session is not None
+
+    for _cold_then_cached in range(2):
+        url = f"{mirror.url}/v2/app/blobs/{layer.digest}"
+        async with mirror.session.get(url) as response:
+            await response.content.readexactly(100 * 1024)
+            response.close()
+        status, _, body = await mirror.get(f"/v2/app/blobs/{layer.digest}")
+        assert (status, body) == (200, layer.data)
+
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert cdn_gets(fake_hub) == 1
 
 
 async def test_a_corrupted_upstream_blob_is_never_stored_nor_delivered_whole(
