@@ -1,0 +1,29 @@
+# Sourced by scripts/test and scripts/bench: what both need on a fresh machine.
+# As root on Debian, the system packages the tests and benchmarks drive (a real registry,
+# skopeo, Redis, the container clients, nginx, wrk) are installed with apt-get; the package
+# itself goes into .venv with its test dependencies.
+
+system_packages=(docker-registry skopeo redis-server nginx wrk curl containerd runc podman docker.io uidmap)
+
+install_system_packages() {
+    local missing=() binary
+    for binary in docker-registry skopeo redis-server nginx wrk curl containerd runc podman dockerd newuidmap; do
+        command -v "$binary" >/dev/null 2>&1 || missing+=("$binary")
+    done
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing system packages: ${system_packages[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${system_packages[@]}" >/dev/null
+    else
+        echo "not installed: ${missing[*]} (tests that need them will skip; CI=true fails them)"
+    fi
+}
+
+make_venv() {
+    local python="${PYTHON:-python3}"
+    [ -x .venv/bin/python ] || "$python" -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e '.[test]'
+}
