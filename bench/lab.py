@@ -44,7 +44,7 @@ class Plan:
 
     @classmethod
     def full(cls) -> Plan:
-        return cls(1024, 5, 5, 3, 1, 3, 10)
+        return cls(1024, 9, 5, 3, 1, 3, 10)
 
 
 class Lab:
