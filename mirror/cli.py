@@ -15,6 +15,7 @@ from mirror.server import serve_one
 from mirror.workers import run_workers
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,7 +73,12 @@ def serve(settings: Settings) -> int:
     configure(settings.log_level, settings.log_format)
     if settings.workers > 1:
         return run_workers(settings, settings.workers)
-    serve_one(settings)
+    try:
+        serve_one(settings)
+    except OSError as exc:
+        # The port is taken or the data dir unusable: say so in one line, not a traceback.
+        print(f"mirror: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 

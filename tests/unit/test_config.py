@@ -1,5 +1,6 @@
 """Settings precedence and the one-line errors users see for bad configuration."""
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,20 @@ def test_cli_missing_config_exits_2(tmp_path: Path) -> None:
     result = run_cli("serve", "--config", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2
     assert "nope.yaml" in result.stderr
+
+
+def test_cli_port_in_use_exits_1_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        listen = f"127.0.0.1:{port}"
+        result = run_cli("serve", "--listen", listen, "--data-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]  # after the start-up log line
+    assert line.startswith("mirror: error:")
+    assert "address already in use" in line
 
 
 def test_example_config_is_valid() -> None:
