@@ -5,11 +5,14 @@ from __future__ import annotations
 from aiohttp import web
 
 from mirror.config import Settings
+from mirror.engine import Engine
 from mirror.metrics import Metrics
 from mirror.resolver import Resolver
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
+ENGINE = web.AppKey("engine", Engine)
+# The engine's resolver, kept under its own key: the request path reads it on every request.
 RESOLVER = web.AppKey("resolver", Resolver)
 
 # Per request: which API route it hit, the cache outcome, body bytes a handler streamed.

@@ -1,0 +1,153 @@
+"""The engine: every part of the mirror, opened and closed in one place.
+
+``mirror serve`` runs the engine behind the HTTP API (``mirror.app``); the offline
+subcommands (``ls``, ``gc``, ``verify``, ...) open the very same engine on the same data
+dir without a web server, the way devpi-server's XOM serves both its server and its fsck.
+Tests and embedding programs swap collaborators through :class:`Overrides`.
+
+    Engine
+    ├── store        metadata (manifests, tags, negative answers): embedded SQLite or Redis,
+    │                behind the in-process CachedStore
+    ├── blobs        blob files on disk by digest
+    ├── coordinator  leases across workers (flock) and replicas (Redis)
+    ├── fills        blob downloads shared by their readers
+    ├── upstreams    one client per upstream registry (token auth, quota, circuit breaker)
+    └── resolver     the pull-through policy over all of the above
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+
+from mirror.config import Settings
+from mirror.coordination import (
+    Coordinator,
+    LocalCoordinator,
+    RedisCoordinator,
+    data_dir_identity,
+)
+from mirror.fills import Fills
+from mirror.metrics import Metrics
+from mirror.resolver import Resolver
+from mirror.store.blobs import BlobStore
+from mirror.store.cached import CachedStore
+from mirror.store.embedded import EmbeddedStore
+from mirror.store.protocols import MetadataStore
+from mirror.store.redis_store import RedisStore
+from mirror.upstream.auth import TokenAuth
+from mirror.upstream.client import USER_AGENT, UpstreamClient
+from mirror.upstream.ratelimit import RateLimit
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """Collaborators a test (or an embedding program) provides instead of the defaults."""
+
+    store: MetadataStore | None = None
+    clock: Callable[[], float] | None = None
+    probe_interval: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    settings: Settings
+    metrics: Metrics
+    store: CachedStore
+    blobs: BlobStore
+    coordinator: Coordinator
+    fills: Fills
+    upstreams: Mapping[str, UpstreamClient]
+    resolver: Resolver
+
+
+@asynccontextmanager
+async def open_engine(
+    settings: Settings, *, metrics: Metrics | None = None, overrides: Overrides | None = None
+) -> AsyncIterator[Engine]:
+    """Open every part on ``settings.data_dir``; close them all, in reverse, on exit."""
+    overrides = overrides or Overrides()
+    metrics = metrics or Metrics()
+    async with AsyncExitStack() as stack:
+        blobs = await asyncio.to_thread(_open_blobs, settings)
+        inner = overrides.store or await _open_store(settings)
+        store = CachedStore(
+            inner, max_entries=settings.manifest_cache_size, tag_ttl=settings.tag_ttl
+        )
+        stack.push_async_callback(store.close)
+        coordinator = await asyncio.to_thread(_coordinator, settings, inner)
+        stack.push_async_callback(coordinator.close)
+        session = _upstream_session(settings)
+        stack.push_async_callback(session.close)
+        upstreams = {
+            name: UpstreamClient(
+                name,
+                upstream.url,
+                session,
+                TokenAuth(session, username=upstream.username, password=upstream.password),
+                metrics=metrics,
+                ratelimit=RateLimit(reserve=settings.ratelimit_reserve),
+                probe_interval=overrides.probe_interval,
+            )
+            for name, upstream in settings.upstreams.items()
+        }
+        for client in upstreams.values():
+            stack.push_async_callback(client.close)
+        fills = Fills(
+            blobs,
+            coordinator,
+            stall_timeout=settings.read_timeout,
+            on_change=metrics.fills_in_flight.set,
+        )
+        stack.push_async_callback(fills.close)
+        resolver = Resolver(
+            store=store,
+            blobs=blobs,
+            fills=fills,
+            upstreams=upstreams,
+            coordinator=coordinator,
+            tag_ttl=settings.tag_ttl,
+            max_stale=settings.max_stale,
+            negative_ttl=settings.negative_ttl,
+            **({"clock": overrides.clock} if overrides.clock else {}),
+        )
+        yield Engine(settings, metrics, store, blobs, coordinator, fills, upstreams, resolver)
+
+
+def _open_blobs(settings: Settings) -> BlobStore:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    blobs = BlobStore(settings.data_dir / "blobs")
+    blobs.root.mkdir(exist_ok=True)
+    blobs.sweep()
+    return blobs
+
+
+async def _open_store(settings: Settings) -> MetadataStore:
+    if settings.redis_url is not None:
+        return await RedisStore.open(settings.redis_url)
+    return await EmbeddedStore.open(settings.data_dir)
+
+
+def _coordinator(settings: Settings, store: MetadataStore) -> Coordinator:
+    local = LocalCoordinator(settings.data_dir / "locks")
+    if isinstance(store, RedisStore):
+        scope = data_dir_identity(settings.data_dir)
+        return RedisCoordinator(store.client, local, scope=scope)
+    return local
+
+
+def _upstream_session(settings: Settings) -> aiohttp.ClientSession:
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
+    )
+    return aiohttp.ClientSession(
+        timeout=timeout,
+        # Blobs must reach the disk byte for byte, so nothing is decoded on the way.
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+        auto_decompress=False,
+        trust_env=True,
+    )
