@@ -1,0 +1,94 @@
+"""Pins: image patterns whose content eviction never removes.
+
+A pin is written the way users write images, with ``*`` wildcards anywhere:
+``[registry/]repository[:tag]``. ``library/postgres:16*`` keeps every ``16…`` tag of
+Docker Hub's postgres, ``ghcr.io/acme/*`` everything under ``acme`` on ghcr.io, and
+``alpine`` every tag of ``docker.io/library/alpine``. Names are completed as ``docker pull``
+completes them (see :func:`split_image`), so a pin matches what the graph records.
+Pure code: no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from mirror.reference import DOCKER_HUB
+
+_LOOKS_LIKE_HOST = re.compile(r"[^/]*[.:][^/]*|localhost")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageName:
+    """A reference as a user writes it, completed: registry, repository, tag or digest."""
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.registry}/{self.repository}"
+        if self.tag is not None:
+            text += f":{self.tag}"
+        if self.digest is not None:
+            text += f"@{self.digest}"
+        return text
+
+
+def split_image(text: str) -> ImageName:
+    """``alpine:3.20`` -> docker.io/library/alpine:3.20, as ``docker pull`` reads it.
+
+    The first component is a registry when it looks like a host (a dot, a port or
+    ``localhost``); Docker Hub's one-component names get ``library/``. Nothing is
+    validated here beyond the shape: wildcards are allowed for patterns.
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("empty image reference")
+    rest, _, digest = text.partition("@")
+    name, tag = rest, None
+    slash, colon = rest.rfind("/"), rest.rfind(":")
+    if colon > slash:
+        name, tag = rest[:colon], rest[colon + 1 :]
+    first, sep, remainder = name.partition("/")
+    if sep and _LOOKS_LIKE_HOST.fullmatch(first):
+        registry, repository = first.lower(), remainder
+    else:
+        registry, repository = DOCKER_HUB, name
+    if registry in ("index.docker.io", "registry-1.docker.io"):
+        registry = DOCKER_HUB
+    if registry == DOCKER_HUB and "/" not in repository:
+        repository = f"library/{repository}"
+    if not name or tag == "" or (digest == "" and "@" in text):
+        raise ValueError(f"malformed image reference {text!r}")
+    return ImageName(registry, repository, tag, digest or None)
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    pattern: ImageName
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> Pin:
+        return cls(split_image(text), text.strip())
+
+    def matches(self, registry: str, repository: str, tag: str | None) -> bool:
+        """Does this pin cover ``repository`` on ``registry`` (tagged ``tag``, if any)?
+
+        A pin without a tag covers every manifest of the repository, tagged or not; a pin
+        with one covers the tags it matches.
+        """
+        if not fnmatchcase(registry, self.pattern.registry):
+            return False
+        if not fnmatchcase(repository, self.pattern.repository):
+            return False
+        if self.pattern.tag is None:
+            return True
+        return tag is not None and fnmatchcase(tag, self.pattern.tag)
+
+
+def pinned(pins: tuple[Pin, ...], registry: str, repository: str, tag: str | None) -> bool:
+    return any(pin.matches(registry, repository, tag) for pin in pins)
