@@ -1,4 +1,8 @@
-"""The ``mirror`` command line. Subcommands parse, load settings and hand over; no logic here."""
+"""The ``mirror`` command line. Subcommands parse, load settings and hand over; no logic here.
+
+Every subcommand reads the same configuration (``--config``, ``MIRROR_*``, flags) and opens
+the same engine on the data dir; each adds options of its own, which are not settings.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror import __version__
-from mirror.config import ConfigError, Settings, load
+from mirror.config import FLAG_KEYS, ConfigError, Settings, load
 from mirror.logs import configure
 from mirror.server import serve_one
 from mirror.workers import run_workers
@@ -18,46 +22,62 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"mirror {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the pull-through cache")
-    serve.add_argument("--config", type=Path, help="YAML config file (or MIRROR_CONFIG)")
-    serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
-    serve.add_argument("--data-dir", help="where blobs and metadata live (default ./mirror-data)")
-    serve.add_argument(
+def _store_options() -> argparse.ArgumentParser:
+    """What every subcommand needs to find the mirror's content."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--config", type=Path, help="YAML config file (or MIRROR_CONFIG)")
+    options.add_argument(
+        "--data-dir", help="where blobs and metadata live (default ./mirror-data)"
+    )
+    options.add_argument("--redis-url", help="redis:// URL of a shared metadata store")
+    options.add_argument("--log-level", help="debug, info, warning or error")
+    options.add_argument("--log-format", help="auto, json or console")
+    return options
+
+
+def _upstream_options() -> argparse.ArgumentParser:
+    """What the subcommands that talk to upstream registries need."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
         "--upstream",
         action="append",
         metavar="[NAME=]URL",
         help="upstream registry: a bare URL is docker.io's (default https://registry-1.docker.io);"
         " NAME=URL adds another registry, picked by containerd's ?ns=NAME (repeatable)",
     )
-    serve.add_argument("--redis-url", help="redis:// URL of a shared metadata store")
-    serve.add_argument("--tag-ttl", help="seconds a tag is trusted without asking upstream")
-    serve.add_argument("--connect-timeout", help="seconds to wait for an upstream connection")
-    serve.add_argument("--read-timeout", help="seconds to wait for upstream data")
-    serve.add_argument("--workers", help="processes serving the port (default 1)")
-    serve.add_argument("--manifest-cache-size", help="manifests and tags kept in memory")
-    serve.add_argument(
+    options.add_argument("--tag-ttl", help="seconds a tag is trusted without asking upstream")
+    options.add_argument("--connect-timeout", help="seconds to wait for an upstream connection")
+    options.add_argument("--read-timeout", help="seconds to wait for upstream data")
+    options.add_argument("--manifest-cache-size", help="manifests and tags kept in memory")
+    options.add_argument(
         "--max-stale", help="seconds past its window a tag may be served while upstream fails"
     )
-    serve.add_argument("--negative-ttl", help="seconds an upstream 404 for a tag is remembered")
-    serve.add_argument(
+    options.add_argument("--negative-ttl", help="seconds an upstream 404 for a tag is remembered")
+    options.add_argument(
         "--ratelimit-reserve", help="stop manifest GETs when the upstream quota falls below this"
     )
-    serve.add_argument("--log-level", help="debug, info, warning or error")
-    serve.add_argument("--log-format", help="auto, json or console")
+    return options
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mirror {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    store, upstream = _store_options(), _upstream_options()
+    serve = commands.add_parser(
+        "serve", help="run the pull-through cache", parents=[store, upstream]
+    )
+    serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
+    serve.add_argument("--workers", help="processes serving the port (default 1)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    values = vars(args)
     flags: dict[str, Any] = {
-        key: value
-        for key, value in vars(args).items()
-        if key not in ("command", "config") and value is not None
+        key: value for key, value in values.items() if key in FLAG_KEYS and value is not None
     }
     try:
         settings = load(flags, config_file=args.config)
