@@ -59,6 +59,32 @@ def _upstream_options() -> argparse.ArgumentParser:
     return options
 
 
+def _budget_options(command: argparse.ArgumentParser) -> None:
+    budget = command.add_argument_group("disk budget")
+    budget.add_argument(
+        "--max-cache-size",
+        metavar="SIZE",
+        help="evict least recently pulled blobs beyond this (500MiB, 50GiB, 10GB; default none)",
+    )
+    budget.add_argument(
+        "--min-free-space",
+        metavar="SIZE|PERCENT",
+        help="also evict while the data dir's filesystem has less free (default 5%%)",
+    )
+    budget.add_argument(
+        "--evict-unused-after",
+        metavar="DURATION",
+        help="evict what nobody pulled for this long (30d, 12h; default off)",
+    )
+    budget.add_argument(
+        "--pin",
+        action="append",
+        dest="pins",
+        metavar="REF",
+        help="[registry/]repository[:tag] with * wildcards: never evicted (repeatable)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mirror {__version__}")
@@ -69,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
     serve.add_argument("--workers", help="processes serving the port (default 1)")
+    _budget_options(serve)
     return parser
 
 

@@ -18,7 +18,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from mirror.pins import Pin
 from mirror.reference import DOCKER_HUB
+from mirror.units import SizeOrShare, parse_duration, parse_size, parse_size_or_percent
 
 ENV_PREFIX = "MIRROR_"
 
@@ -54,6 +56,11 @@ class Settings:
     workers: int = 1
     log_level: str = "info"
     log_format: str = "auto"
+    # The disk budget: blobs beyond it are evicted, least recently pulled first.
+    max_cache_size: int | None = None
+    min_free_space: SizeOrShare = field(default_factory=lambda: SizeOrShare(percent=5.0))
+    evict_unused_after: float | None = None
+    pins: tuple[Pin, ...] = ()
 
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
@@ -103,6 +110,20 @@ def _positive_int(value: Any) -> int:
 
 def _optional_seconds(value: Any) -> float | None:
     return None if value in (None, "", "none", "unlimited") else _non_negative(value)
+
+
+def _optional_size(value: Any) -> int | None:
+    return None if value in (None, "", "none", "unlimited") else parse_size(value)
+
+
+def _optional_duration(value: Any) -> float | None:
+    return None if value in (None, "", "none", "off") else parse_duration(value)
+
+
+def _pins(value: Any) -> tuple[Pin, ...]:
+    """A list of image patterns (YAML, repeated --pin) or one comma-separated string (env)."""
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    return tuple(Pin.parse(str(item)) for item in items if str(item).strip())
 
 
 def _count(value: Any) -> int:
@@ -207,6 +228,10 @@ _KEYS: dict[str, _Key] = {
     "workers": _Key(_positive_int),
     "log_level": _Key(_choice("debug", "info", "warning", "error")),
     "log_format": _Key(_choice("auto", "json", "console")),
+    "max_cache_size": _Key(_optional_size),
+    "min_free_space": _Key(parse_size_or_percent),
+    "evict_unused_after": _Key(_optional_duration),
+    "pins": _Key(_pins),
 }
 FLAG_KEYS = tuple(key for key, spec in _KEYS.items() if spec.flag)
 
@@ -310,6 +335,10 @@ def _build(values: Mapping[str, Any]) -> Settings:
         workers=values.get("workers", defaults.workers),
         log_level=values.get("log_level", defaults.log_level),
         log_format=values.get("log_format", defaults.log_format),
+        max_cache_size=values.get("max_cache_size", defaults.max_cache_size),
+        min_free_space=values.get("min_free_space", defaults.min_free_space),
+        evict_unused_after=values.get("evict_unused_after", defaults.evict_unused_after),
+        pins=values.get("pins", defaults.pins),
     )
 
 

@@ -168,3 +168,26 @@ def test_bad_upstreams_name_the_key(
         config.write_text(file_text)
     with pytest.raises(ConfigError, match=message):
         load(flags, env={}, config_file=config)
+
+
+def test_disk_budget_keys_from_every_source(tmp_path: Path) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text("max_cache_size: 50GiB\npins: ['library/postgres:16*', 'ghcr.io/acme/*']\n")
+    settings = load(
+        {"min_free_space": "2GiB"}, env={"MIRROR_EVICT_UNUSED_AFTER": "30d"}, config_file=config
+    )
+    assert settings.max_cache_size == 50 * 1024**3
+    assert settings.min_free_space.of(10**12) == 2 * 1024**3
+    assert settings.evict_unused_after == 30 * 86400
+    assert [pin.text for pin in settings.pins] == ["library/postgres:16*", "ghcr.io/acme/*"]
+    defaults = load({}, env={})
+    assert defaults.max_cache_size is None
+    assert defaults.min_free_space.of(1000) == 50
+    assert defaults.evict_unused_after is None
+
+
+def test_bad_budget_values_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="--max-cache-size"):
+        load({"max_cache_size": "lots"}, env={})
+    with pytest.raises(ConfigError, match="MIRROR_MIN_FREE_SPACE"):
+        load({}, env={"MIRROR_MIN_FREE_SPACE": "150%"})
