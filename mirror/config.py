@@ -23,6 +23,12 @@ from mirror.reference import DOCKER_HUB
 from mirror.units import SizeOrShare, parse_duration, parse_size, parse_size_or_percent
 
 ENV_PREFIX = "MIRROR_"
+# What Kubernetes puts in every pod for a Service named "mirror" (service links):
+# MIRROR_SERVICE_HOST, MIRROR_SERVICE_PORT[_NAME], MIRROR_PORT, MIRROR_PORT_5000_TCP[_ADDR|...].
+_SERVICE_LINK_RE = re.compile(
+    r"MIRROR_(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT(?:_[0-9]+_(?:TCP|UDP|SCTP)"
+    r"(?:_(?:ADDR|PORT|PROTO))?)?)"
+)
 
 
 class ConfigError(Exception):
@@ -257,6 +263,8 @@ def load(
     for name, value in env.items():
         if name.startswith(ENV_PREFIX) and name != f"{ENV_PREFIX}CONFIG":
             key = name.removeprefix(ENV_PREFIX).lower()
+            if key not in _KEYS and _SERVICE_LINK_RE.fullmatch(name):
+                continue  # Kubernetes' own variables for a Service named "mirror"
             if key not in _KEYS or not _KEYS[key].env:
                 raise ConfigError(f"unknown environment variable {name}")
             from_env[key] = (value, name)

@@ -191,3 +191,22 @@ def test_bad_budget_values_name_the_key() -> None:
         load({"max_cache_size": "lots"}, env={})
     with pytest.raises(ConfigError, match="MIRROR_MIN_FREE_SPACE"):
         load({}, env={"MIRROR_MIN_FREE_SPACE": "150%"})
+
+
+def test_kubernetes_service_link_variables_are_not_settings() -> None:
+    env = {
+        "MIRROR_SERVICE_HOST": "10.0.0.7",
+        "MIRROR_SERVICE_PORT": "5000",
+        "MIRROR_SERVICE_PORT_HTTP": "5000",
+        "MIRROR_PORT": "tcp://10.0.0.7:5000",
+        "MIRROR_PORT_5000_TCP": "tcp://10.0.0.7:5000",
+        "MIRROR_PORT_5000_TCP_ADDR": "10.0.0.7",
+        "MIRROR_PORT_5000_TCP_PORT": "5000",
+        "MIRROR_PORT_5000_TCP_PROTO": "tcp",
+        "MIRROR_TAG_TTL": "7",
+    }
+    assert load({}, env=env).tag_ttl == 7
+    with pytest.raises(ConfigError, match="MIRROR_TAG_TLL"):
+        load({}, env={**env, "MIRROR_TAG_TLL": "5"})
+    with pytest.raises(ConfigError, match="MIRROR_PORT_HTTP"):
+        load({}, env={"MIRROR_PORT_HTTP": "5000"})
