@@ -118,9 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(settings: Settings) -> int:
     configure(settings.log_level, settings.log_format)
-    if settings.workers > 1:
-        return run_workers(settings, settings.workers)
     try:
+        if settings.workers > 1:
+            return run_workers(settings, settings.workers)
         serve_one(settings)
     except OSError as exc:
         # The port is taken or the data dir unusable: say so in one line, not a traceback.

@@ -1,6 +1,8 @@
-"""Run one mirror process: the app on its port, with structured logs."""
+"""Run one mirror process: the app on its port (or on a socket it is handed), with logs."""
 
 from __future__ import annotations
+
+import socket
 
 from aiohttp import web
 
@@ -10,13 +12,13 @@ from mirror.logs import configure
 from mirror.routes.middleware import AccessLogger
 
 
-def serve_one(settings: Settings, *, reuse_port: bool = False) -> None:
+def serve_one(settings: Settings, *, sock: socket.socket | None = None) -> None:
     configure(settings.log_level, settings.log_format)
     web.run_app(
         create_app(settings),
-        host=settings.listen_host,
-        port=settings.listen_port,
+        host=None if sock is not None else settings.listen_host,
+        port=None if sock is not None else settings.listen_port,
+        sock=sock,
         access_log_class=AccessLogger,
-        reuse_port=reuse_port or None,
         print=None,
     )

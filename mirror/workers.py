@@ -1,10 +1,12 @@
 """``mirror serve --workers N``: N processes serving one port.
 
-Each worker binds the port with SO_REUSEPORT, so the kernel spreads connections over
-them; they share the data dir and coordinate through its lock files (or Redis). The
-parent only supervises: it restarts a worker that dies and stops them all on SIGTERM
-or SIGINT. Metrics are summed over the workers through prometheus-client's
-multiprocess mode, in a directory of the parent's.
+The supervisor binds the port once and hands the listening socket to each worker, so
+the kernel spreads connections over them while a port in use fails at once, like a
+single process does, and a second supervisor cannot share the port unnoticed. Workers
+share the data dir and coordinate through its lock files (or Redis). The supervisor
+restarts a worker that dies, gives up (exit 1) when workers keep dying right after their
+start, and stops them all on SIGTERM or SIGINT. Metrics are summed over the workers
+through prometheus-client's multiprocess mode, in ``<data_dir>/run/metrics``.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import multiprocessing
 import os
 import shutil
 import signal
-import tempfile
+import socket
 import time
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 
 import structlog
@@ -26,18 +29,24 @@ from mirror.server import serve_one
 
 log = structlog.get_logger(__name__)
 
-# A worker that dies sooner than this after its start is restarted only after a pause,
-# so a worker that cannot start does not spin.
+# A worker that dies sooner than MIN_UPTIME after its start is restarted only after a
+# pause, so a worker that cannot start does not spin; MAX_QUICK_DEATHS in a row end it all.
 MIN_UPTIME = 5.0
+RESTART_PAUSE = 1.0
+MAX_QUICK_DEATHS = 5
 STOP_TIMEOUT = 15.0
+BACKLOG = 1024
 
 
 def run_workers(settings: Settings, count: int) -> int:
-    metrics_dir = tempfile.mkdtemp(prefix="mirror-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    """Supervise ``count`` workers; the exit code. Raises OSError when the port is taken."""
+    listener = bind(settings)
+    metrics_dir = _fresh_metrics_dir(settings.data_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     context = multiprocessing.get_context("spawn")
     workers: dict[int, tuple[BaseProcess, float]] = {}
     stopping = False
+    quick_deaths = 0
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -47,8 +56,10 @@ def run_workers(settings: Settings, count: int) -> int:
     signal.signal(signal.SIGINT, stop)
     try:
         for slot in range(count):
-            workers[slot] = _start(context, settings, slot)
-        log.info("workers_started", count=count, port=settings.listen_port)
+            workers[slot] = _start(context, settings, slot, listener)
+        log.info(
+            "workers_started", count=count, host=settings.listen_host, port=settings.listen_port
+        )
         while not stopping:
             time.sleep(0.2)
             for slot, (process, started) in list(workers.items()):
@@ -56,27 +67,53 @@ def run_workers(settings: Settings, count: int) -> int:
                     continue
                 log.warning("worker_died", worker=slot, exitcode=process.exitcode)
                 _remove_metrics_of(metrics_dir, process.pid)
-                if time.monotonic() - started < MIN_UPTIME:
-                    time.sleep(MIN_UPTIME)
-                workers[slot] = _start(context, settings, slot)
+                quick = time.monotonic() - started < MIN_UPTIME
+                quick_deaths = quick_deaths + 1 if quick else 0
+                if quick_deaths >= MAX_QUICK_DEATHS:
+                    log.error("workers_keep_dying", deaths=quick_deaths, exitcode=process.exitcode)
+                    return 1
+                if quick:
+                    time.sleep(RESTART_PAUSE)
+                workers[slot] = _start(context, settings, slot, listener)
     finally:
         _stop_all([process for process, _ in workers.values()])
+        listener.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
+def bind(settings: Settings) -> socket.socket:
+    """The listening socket, bound without SO_REUSEPORT: one server per port."""
+    family = socket.AF_INET6 if ":" in settings.listen_host else socket.AF_INET
+    return socket.create_server(
+        (settings.listen_host, settings.listen_port), family=family, backlog=BACKLOG
+    )
+
+
+def _fresh_metrics_dir(data_dir: Path) -> Path:
+    directory = data_dir / "run" / "metrics"
+    shutil.rmtree(directory, ignore_errors=True)  # files of a supervisor that was killed
+    directory.mkdir(parents=True)
+    return directory
+
+
 def _start(
-    context: multiprocessing.context.SpawnContext, settings: Settings, slot: int
+    context: multiprocessing.context.SpawnContext,
+    settings: Settings,
+    slot: int,
+    listener: socket.socket,
 ) -> tuple[BaseProcess, float]:
-    process = context.Process(target=_worker, args=(settings, slot), name=f"mirror-worker-{slot}")
+    process = context.Process(
+        target=_worker, args=(settings, slot, listener), name=f"mirror-worker-{slot}"
+    )
     process.start()
     return process, time.monotonic()
 
 
-def _worker(settings: Settings, slot: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+def _worker(settings: Settings, slot: int, listener: socket.socket) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     structlog.contextvars.bind_contextvars(worker=slot)
-    serve_one(settings, reuse_port=True)
+    serve_one(settings, sock=listener)
 
 
 def _stop_all(processes: list[BaseProcess]) -> None:
@@ -91,7 +128,7 @@ def _stop_all(processes: list[BaseProcess]) -> None:
             process.join()
 
 
-def _remove_metrics_of(directory: str, pid: int | None) -> None:
+def _remove_metrics_of(directory: Path, pid: int | None) -> None:
     if pid is not None:
         # prometheus-client ships without annotations for this function.
-        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import aiohttp
 
 from tests.support.fakehub import FakeHub
 from tests.support.process import MirrorProcess
+from tests.support.realregistry import free_port
 
 
 async def status_of(url: str) -> int:
@@ -29,3 +36,63 @@ async def test_starts_with_kubernetes_service_link_variables(
     }
     with MirrorProcess(tmp_path / "data", fake_hub.url, env=env) as mirror:
         assert await status_of(f"{mirror.url}/healthz") == 200
+
+
+def run_serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    return subprocess.run(
+        [sys.executable, "-m", "mirror", "serve", "--log-format", "json", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
+async def test_workers_on_a_port_in_use_exit_1_with_one_line(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    with MirrorProcess(tmp_path / "first", fake_hub.url, "--workers", "2") as first:
+        started = time.monotonic()
+        second = await asyncio.to_thread(
+            run_serve,
+            "--workers", "2",
+            "--listen", first.host,
+            "--data-dir", str(tmp_path / "second"),
+            "--upstream", fake_hub.url,
+        )  # fmt: skip
+        assert second.returncode == 1
+        assert time.monotonic() - started < 10
+        errors = [line for line in second.stderr.splitlines() if line.startswith("mirror: error")]
+        assert len(errors) == 1
+        assert "in use" in errors[0]
+        assert await status_of(f"{first.url}/healthz") == 200
+
+
+async def test_supervisor_gives_up_when_workers_keep_dying(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    (data / "metadata.sqlite3").mkdir(parents=True)  # every worker fails to open its store
+    result = await asyncio.to_thread(
+        run_serve,
+        "--workers", "2",
+        "--listen", f"127.0.0.1:{free_port()}",
+        "--data-dir", str(data),
+        "--upstream", fake_hub.url,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "workers_keep_dying" in result.stderr
+
+
+async def test_workers_keep_their_files_under_the_data_dir(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    before = set(os.listdir(tempfile.gettempdir()))
+    data = tmp_path / "data"
+    with MirrorProcess(data, fake_hub.url, "--workers", "2") as mirror:
+        assert await status_of(f"{mirror.url}/v2/") == 200
+        assert os.listdir(data / "run" / "metrics")
+        new = set(os.listdir(tempfile.gettempdir())) - before
+        assert not [name for name in new if "metrics" in name]
