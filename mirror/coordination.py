@@ -10,7 +10,8 @@ at once, and a Redis lease runs out after ``ttl`` since nobody renews it.
   processes of one host sharing one data dir.
 - ``RedisCoordinator``: ``SET NX PX`` leases renewed while held, for replicas sharing
   Redis and a data dir volume. When Redis cannot be reached it falls back to the local
-  coordinator, so workers on one host still coordinate.
+  coordinator, so workers on one host still coordinate; from then on no request asks
+  Redis: a background probe pings it and switches back once it answers.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class LocalCoordinator:
         pass
 
 
-# After Redis failed, how long to use local locks before asking Redis again.
+# After Redis failed, how often the background probe asks whether it is back.
 RETRY_INTERVAL = 2.0
 
 # Renew the lease when a third of its time is gone, so two missed renewals still hold it.
@@ -178,13 +179,13 @@ class RedisCoordinator:
         self._renew_script = client.register_script(_RENEW)
         self._release_script = client.register_script(_RELEASE)
         self._degraded = False
-        self._retry_at = 0.0  # while degraded, Redis is left alone until then
+        self._probe: asyncio.Task[None] | None = None
 
     def _key(self, key: str) -> str:
         return f"mirror:v1:{{lease:{self._scope}}}:{quote(key, safe='')}"
 
     async def acquire(self, key: str) -> Lease | None:
-        if self._degraded and time.monotonic() < self._retry_at:
+        if self._degraded:
             return await self._fallback.acquire(key)
         token = secrets.token_hex(8) + "|"
         try:
@@ -194,11 +195,10 @@ class RedisCoordinator:
         except RedisError as exc:
             self._went_down(exc)
             return await self._fallback.acquire(key)
-        self._came_back()
         return _RedisLease(self, key, token) if taken else None
 
     async def holder(self, key: str) -> dict[str, Any] | None:
-        if self._degraded and time.monotonic() < self._retry_at:
+        if self._degraded:
             return await self._fallback.holder(key)
         try:
             value = await self._client.get(self._key(key))
@@ -218,18 +218,27 @@ class RedisCoordinator:
         await self._release_script(keys=[self._key(key)], args=[token])
 
     async def close(self) -> None:
-        pass  # the client belongs to the Redis store, which closes it
+        # The client belongs to the Redis store, which closes it; the probe is ours.
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
 
     def _went_down(self, exc: Exception) -> None:
-        self._retry_at = time.monotonic() + RETRY_INTERVAL
         if not self._degraded:
             self._degraded = True
             log.warning("coordination_degraded", error=str(exc), fallback="local locks")
+            self._probe = asyncio.create_task(self._probe_until_back())
 
-    def _came_back(self) -> None:
-        if self._degraded:
-            self._degraded = False
-            log.info("coordination_restored")
+    async def _probe_until_back(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_INTERVAL)
+            with contextlib.suppress(RedisError):
+                if await self._client.ping():
+                    break
+        self._degraded = False
+        self._probe = None
+        log.info("coordination_restored")
 
 
 def _same_file(fd: int, path: Path) -> bool:

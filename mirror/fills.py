@@ -133,34 +133,43 @@ class Fills:
         self._stall_timeout = stall_timeout
         self._active: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._starting = asyncio.Lock()
         # Told how many fills are in flight whenever that changes (a metrics gauge).
         self._on_change = on_change or (lambda count: None)
 
     async def open(self, client: UpstreamClient, repository: str, digest: Digest) -> Fill | None:
         """The fill to read ``digest`` from, attached; None when the blob is on disk now.
 
-        The caller must ``detach()`` the fill when done with it.
+        The caller must ``detach()`` the fill when done with it. Nothing here waits while
+        the fill is registered, so concurrent openers of one digest always meet, and the
+        lease (perhaps a Redis call) is taken by the fill's own task, holding up nobody.
         """
-        async with self._starting:
-            fill = self._active.get(digest)
-            if fill is None:
-                if self._blobs.size(digest) is not None:
-                    return None
-                key = f"blob:{digest}"
-                lease = await self._coordinator.acquire(key)
-                if lease is not None and self._blobs.size(digest) is not None:
-                    await lease.release()  # finished elsewhere while we asked
-                    return None
-                fill = Fill(digest)
-                self._active[digest] = fill
-                if lease is not None:
-                    self._spawn(self._fill(fill, client, repository, lease))
-                else:
-                    self._spawn(self._follow(fill, key))
-                self._on_change(len(self._active))
-            fill.attach()
-            return fill
+        fill = self._active.get(digest)
+        if fill is None:
+            if self._blobs.size(digest) is not None:
+                return None
+            fill = Fill(digest)
+            self._active[digest] = fill
+            self._on_change(len(self._active))
+            self._spawn(self._start(fill, client, repository))
+        fill.attach()
+        return fill
+
+    async def _start(self, fill: Fill, client: UpstreamClient, repository: str) -> None:
+        """Fill the blob under its lease, or follow whoever holds the lease."""
+        key = f"blob:{fill.digest}"
+        try:
+            lease = await self._coordinator.acquire(key)
+        except BaseException as exc:
+            self._done(fill)
+            fill._finish(_as_registry_error(exc))
+            raise
+        if lease is not None and self._blobs.size(fill.digest) is not None:
+            await lease.release()  # finished elsewhere while we asked: read the blob
+            lease = None
+        if lease is not None:
+            await self._fill(fill, client, repository, lease)
+        else:
+            await self._follow(fill, key)
 
     async def close(self) -> None:
         for task in list(self._tasks):
