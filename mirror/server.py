@@ -1,24 +1,141 @@
-"""Run one mirror process: the app on its port (or on a socket it is handed), with logs."""
+"""Run one mirror process: the app on its port (or on a socket it is handed).
+
+Besides serving, the process looks after its file descriptors, which every connection
+costs one of: it raises its soft limit to the hard limit at start, and when connections
+near that limit it closes idle keep-alive connections first, so an idle crowd cannot lock
+everyone out. At the limit itself asyncio cannot accept and would log a traceback per
+attempt; those become one short line per interval.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import resource
+import signal
 import socket
+from typing import Any
 
+import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from mirror.app import create_app
 from mirror.config import Settings
-from mirror.logs import configure
+from mirror.logs import LogThrottle, configure
 from mirror.routes.middleware import AccessLogger
 
+log = structlog.get_logger(__name__)
 
-def serve_one(settings: Settings, *, sock: socket.socket | None = None) -> None:
+# Seconds an idle keep-alive connection stays open (what web.run_app uses).
+KEEPALIVE_TIMEOUT = 75.0
+# Descriptors kept for everything but client connections: blob files, upstream, stores.
+RESERVED_FDS = 64
+SHED_INTERVAL = 0.1
+_FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def serve_one(
+    settings: Settings,
+    *,
+    sock: socket.socket | None = None,
+    stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+) -> None:
+    """Serve until one of ``stop_signals``; raises OSError when the port cannot be bound."""
     configure(settings.log_level, settings.log_format)
-    web.run_app(
+    asyncio.run(_serve(settings, sock, stop_signals))
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("fd_limit_raised", soft=soft, now=hard)
+            soft = hard
+    return soft
+
+
+async def _serve(
+    settings: Settings, sock: socket.socket | None, stop_signals: tuple[signal.Signals, ...]
+) -> None:
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_loop_exception_handler(LogThrottle(10.0)))
+    limit = raise_fd_limit()
+    runner = web.AppRunner(
         create_app(settings),
-        host=None if sock is not None else settings.listen_host,
-        port=None if sock is not None else settings.listen_port,
-        sock=sock,
         access_log_class=AccessLogger,
-        print=None,
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
+        handle_signals=False,
     )
+    await runner.setup()
+    try:
+        site: web.BaseSite = (
+            web.SockSite(runner, sock)
+            if sock is not None
+            else web.TCPSite(runner, settings.listen_host, settings.listen_port)
+        )
+        await site.start()
+        log.info("listening", address=site.name, fd_limit=limit)
+        stop = asyncio.Event()
+        for signum in stop_signals:
+            loop.add_signal_handler(signum, stop.set)
+        assert runner.server is not None
+        shedder = asyncio.create_task(_shed_idle(runner.server, limit))
+        await stop.wait()
+        shedder.cancel()
+    finally:
+        await runner.cleanup()
+
+
+async def _shed_idle(server: web.Server, fd_limit: int) -> None:
+    """Close idle keep-alive connections while connections crowd the descriptor limit."""
+    high = max(fd_limit - RESERVED_FDS, fd_limit * 3 // 4)
+    low = high * 4 // 5
+    throttle = LogThrottle(10.0)
+    while True:
+        await asyncio.sleep(SHED_INTERVAL)
+        connections = server.connections
+        if len(connections) < high:
+            continue
+        idle = [handler for handler in connections if _idle(handler)]
+        shed = idle[: len(connections) - low]
+        for handler in shed:
+            handler.force_close()
+        suppressed = throttle.admit("shed")
+        if suppressed is not None:
+            log.warning(
+                "idle_connections_shed",
+                closed=len(shed),
+                connections=len(connections),
+                fd_limit=fd_limit,
+                suppressed=suppressed,
+            )
+
+
+def _idle(handler: RequestHandler) -> bool:
+    # aiohttp keeps no public "idle" flag: a handler waiting for the next request's first
+    # bytes, with none in progress, is what its own keep-alive timer closes.
+    waiter = handler._waiter
+    return not handler._request_in_progress and waiter is not None and not waiter.done()
+
+
+def _loop_exception_handler(throttle: LogThrottle) -> Any:
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _FD_ERRNOS:
+            # asyncio retries the accept a second later, and would log each failure.
+            suppressed = throttle.admit(exc.errno)
+            if suppressed is not None:
+                log.error(
+                    "accept_failed",
+                    error=exc.strerror or str(exc),
+                    hint="out of file descriptors: connections wait",
+                    suppressed=suppressed,
+                )
+            return
+        loop.default_exception_handler(context)
+
+    return handle

@@ -113,7 +113,7 @@ def _start(
 def _worker(settings: Settings, slot: int, listener: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     structlog.contextvars.bind_contextvars(worker=slot)
-    serve_one(settings, sock=listener)
+    serve_one(settings, sock=listener, stop_signals=(signal.SIGTERM,))
 
 
 def _stop_all(processes: list[BaseProcess]) -> None:

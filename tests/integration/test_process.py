@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.support.fakehub import FakeHub
+from tests.support.oci import make_image, make_layer
 from tests.support.process import MirrorProcess
 from tests.support.realregistry import free_port
 
@@ -96,3 +97,29 @@ async def test_workers_keep_their_files_under_the_data_dir(
         assert os.listdir(data / "run" / "metrics")
         new = set(os.listdir(tempfile.gettempdir())) - before
         assert not [name for name in new if "metrics" in name]
+
+
+async def test_an_idle_crowd_at_the_fd_limit_does_not_lock_everyone_out(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    fake_hub.add_image("library/app", "latest", make_image([make_layer(b"x" * 100)]))
+    limit = ("prlimit", "--nofile=256:256", "--")
+    with MirrorProcess(tmp_path / "data", fake_hub.url, prefix=limit) as mirror:
+        crowd = []
+        for _ in range(400):
+            try:
+                crowd.append(await asyncio.open_connection("127.0.0.1", mirror.port))
+            except OSError:
+                break
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        assert await status_of(f"{mirror.url}/healthz") == 200
+        assert await status_of(f"{mirror.url}/v2/app/manifests/latest") == 200
+        assert time.monotonic() - started < 3.0
+        for _, writer in crowd:
+            writer.close()
+        await asyncio.sleep(1.5)  # accept failures, if any, would be logged by now
+        log = mirror.log()
+    assert "Traceback" not in log
+    assert len(log.encode()) < 20_000, log[-2000:]
+    assert "idle_connections_shed" in log

@@ -29,11 +29,13 @@ class MirrorProcess:
         *extra: str,
         env: dict[str, str] | None = None,
         name: str = "mirror",
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = data_dir
         self.upstream = upstream
         self.extra = extra
         self.env = env or {}
+        self.prefix = prefix  # a command the mirror runs under, such as prlimit
         self.port = 0
         self.log_path = data_dir.parent / f"{data_dir.name}-{name}.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -54,6 +56,7 @@ class MirrorProcess:
     def start(self) -> None:
         self.port = free_port()
         command = [
+            *self.prefix,
             sys.executable,
             "-m",
             "mirror",
