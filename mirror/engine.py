@@ -42,6 +42,7 @@ from mirror.store.redis_store import RedisStore
 from mirror.upstream.auth import TokenAuth
 from mirror.upstream.client import USER_AGENT, UpstreamClient
 from mirror.upstream.ratelimit import RateLimit
+from mirror.upstream.shared_state import FileState, RedisState, UpstreamState
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,18 +84,19 @@ async def open_engine(
         stack.push_async_callback(coordinator.close)
         session = _upstream_session(settings)
         stack.push_async_callback(session.close)
-        upstreams = {
-            name: UpstreamClient(
+        upstreams = {}
+        for name, upstream in settings.upstreams.items():
+            shared = _shared_state(settings, inner, name)
+            upstreams[name] = UpstreamClient(
                 name,
                 upstream.url,
                 session,
                 TokenAuth(session, username=upstream.username, password=upstream.password),
                 metrics=metrics,
-                ratelimit=RateLimit(reserve=settings.ratelimit_reserve),
+                ratelimit=RateLimit(reserve=settings.ratelimit_reserve, shared=shared),
                 probe_interval=overrides.probe_interval,
+                shared=shared,
             )
-            for name, upstream in settings.upstreams.items()
-        }
         for client in upstreams.values():
             stack.push_async_callback(client.close)
         fills = Fills(
@@ -130,6 +132,14 @@ async def _open_store(settings: Settings) -> MetadataStore:
     if settings.redis_url is not None:
         return await RedisStore.open(settings.redis_url)
     return await EmbeddedStore.open(settings.data_dir)
+
+
+def _shared_state(settings: Settings, store: MetadataStore, upstream: str) -> UpstreamState:
+    """Where the processes of the site share an upstream's quota and circuit state."""
+    on_host = FileState(settings.data_dir / "run", upstream)
+    if isinstance(store, RedisStore):
+        return RedisState(store.client, upstream, on_host)
+    return on_host
 
 
 def _coordinator(settings: Settings, store: MetadataStore) -> Coordinator:

@@ -4,15 +4,22 @@ After ``threshold`` consecutive connection failures or timeouts the circuit open
 requests fail at once instead of each waiting for a timeout, so cached content keeps
 being served quickly. While open, a background probe asks the upstream's ``/v2/``
 every ``probe_interval`` seconds; any HTTP answer closes the circuit again.
+
+The open circuit is shared with the other processes serving the site (the shared
+upstream state's ``open_until``, renewed by the prober while it keeps failing), so one
+process finding the upstream down spares the others their timeouts too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
+
+from mirror.upstream.shared_state import LocalState, UpstreamState
 
 log = structlog.get_logger(__name__)
 
@@ -26,6 +33,8 @@ class CircuitBreaker:
         threshold: int = 5,
         probe_interval: float = 5.0,
         on_change: Callable[[bool], None] | None = None,
+        shared: UpstreamState | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
         self._probe = probe
@@ -34,10 +43,19 @@ class CircuitBreaker:
         self._on_change = on_change
         self._failures = 0
         self._prober: asyncio.Task[None] | None = None
+        self._shared = shared or LocalState()
+        self._clock = clock
+        self._open_elsewhere_until = 0.0
 
     @property
     def open(self) -> bool:
-        return self._prober is not None
+        return self._prober is not None or self._open_elsewhere_until > self._clock()
+
+    async def sync(self) -> None:
+        """Learn whether another process found the upstream down."""
+        if self._prober is None:
+            shared = await self._shared.read()
+            self._open_elsewhere_until = shared.get("open_until", 0.0)
 
     def success(self) -> None:
         self._failures = 0
@@ -51,6 +69,8 @@ class CircuitBreaker:
 
     async def _probe_until_back(self) -> None:
         while True:
+            # Open for the others until a little after the next probe could renew it.
+            await self._shared.write({"open_until": self._clock() + 2 * self._probe_interval})
             await asyncio.sleep(self._probe_interval)
             with contextlib.suppress(Exception):
                 if await self._probe():
@@ -58,6 +78,8 @@ class CircuitBreaker:
         log.info("upstream_circuit_closed", upstream=self.name)
         self._failures = 0
         self._prober = None
+        self._open_elsewhere_until = 0.0
+        await self._shared.write({"open_until": 0.0})
         self._changed(False)
 
     def _changed(self, is_open: bool) -> None:

@@ -35,6 +35,7 @@ from mirror.store.protocols import Manifest
 from mirror.upstream.auth import TokenAuth, parse_challenge, pull_scope
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.ratelimit import RateLimit
+from mirror.upstream.shared_state import UpstreamState
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +79,7 @@ class UpstreamClient:
         ratelimit: RateLimit | None = None,
         breaker_threshold: int = 5,
         probe_interval: float = 5.0,
+        shared: UpstreamState | None = None,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -94,6 +96,7 @@ class UpstreamClient:
             threshold=breaker_threshold,
             probe_interval=probe_interval,
             on_change=lambda is_open: self.metrics.circuit_open.labels(name).set(int(is_open)),
+            shared=shared,
         )
 
     async def head_manifest(
@@ -157,9 +160,11 @@ class UpstreamClient:
 
     async def close(self) -> None:
         await self.breaker.close()
+        await self.ratelimit.close()
 
     async def _spend_quota(self, repository: str, reference: str, accept: Sequence[str]) -> None:
         """Refuse a manifest GET the pull limit cannot pay for, before it is sent."""
+        await self.ratelimit.sync()
         wait = self.ratelimit.retry_after()
         if wait == 0 and self.ratelimit.below_reserve:
             # A HEAD is free and carries the current quota: read it before refusing.
@@ -185,6 +190,7 @@ class UpstreamClient:
         not_found: type[NotFound],
         query: Mapping[str, str] | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
+        await self.breaker.sync()
         if self.breaker.open:
             raise UpstreamError(
                 "the upstream registry is unreachable; not retrying for now",
@@ -202,7 +208,7 @@ class UpstreamClient:
         try:
             self._observe(kind, response)
             if response.status >= 400:
-                self._raise_for(response, not_found)
+                await self._raise_for(response, not_found)
             yield response
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.breaker.failure()
@@ -223,7 +229,9 @@ class UpstreamClient:
             if self.ratelimit.limit is not None:
                 self.metrics.ratelimit_limit.labels(self.name).set(self.ratelimit.limit)
 
-    def _raise_for(self, response: aiohttp.ClientResponse, not_found: type[NotFound]) -> NoReturn:
+    async def _raise_for(
+        self, response: aiohttp.ClientResponse, not_found: type[NotFound]
+    ) -> NoReturn:
         status = response.status
         if status == 404:
             raise not_found()
@@ -231,7 +239,7 @@ class UpstreamClient:
             raise NameUnknown(detail="the upstream registry refused access to this repository")
         if status == 429:
             retry_after = response.headers.get("Retry-After")
-            self.ratelimit.rejected(retry_after)
+            await self.ratelimit.rejected(retry_after)
             log.warning("upstream_rate_limited", upstream=self.name, retry_after=retry_after)
             raise TooManyRequests(
                 detail={"upstream": self.name},

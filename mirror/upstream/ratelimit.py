@@ -5,24 +5,39 @@ Docker Hub counts manifest GETs (HEADs are free) and reports the quota on both i
 no manifest GET is sent until its Retry-After has passed; with a reserve configured,
 GETs stop while the remaining quota is below it, and a free HEAD re-reads the quota
 before each GET that would otherwise be refused.
+
+The promise holds for the whole site: a 429 and the quota are written to the shared
+upstream state (``mirror.upstream.shared_state``), and :meth:`RateLimit.sync` reads what
+the other processes learnt before a GET is sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
+
+from mirror.upstream.shared_state import LocalState, UpstreamState
 
 # How long to back off after a 429 that names no Retry-After.
 DEFAULT_RETRY_AFTER = 60.0
 
 
 class RateLimit:
-    def __init__(self, *, reserve: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        reserve: int = 0,
+        shared: UpstreamState | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.reserve = reserve
         self.limit: int | None = None
         self.remaining: int | None = None
-        self._blocked_until = 0.0
+        self._blocked_until = 0.0  # wall-clock seconds, comparable across processes
+        self._shared = shared or LocalState()
         self._clock = clock
+        self._writes: set[asyncio.Task[None]] = set()
 
     def observe(self, headers: Mapping[str, str]) -> None:
         limit = _quota(headers.get("ratelimit-limit"))
@@ -31,11 +46,24 @@ class RateLimit:
             self.limit = limit
         if remaining is not None:
             self.remaining = remaining
+        if limit is not None or remaining is not None:
+            self._publish({"remaining": self.remaining, "limit": self.limit})
 
-    def rejected(self, retry_after: str | None) -> None:
-        """The upstream answered 429."""
+    async def rejected(self, retry_after: str | None) -> None:
+        """The upstream answered 429: shared before the client hears of it, so no other
+        process can send a GET in between."""
         self._blocked_until = self._clock() + _seconds(retry_after)
         self.remaining = 0
+        await self._shared.write({"blocked_until": self._blocked_until, "remaining": 0})
+
+    async def sync(self) -> None:
+        """Learn what the other processes sharing this upstream learnt."""
+        shared = await self._shared.read()
+        self._blocked_until = max(self._blocked_until, shared.get("blocked_until", 0.0))
+        if "remaining" in shared:
+            self.remaining = int(shared["remaining"])
+        if "limit" in shared:
+            self.limit = int(shared["limit"])
 
     def retry_after(self) -> float:
         """Seconds until a manifest GET may be sent again; 0 when it may be sent now."""
@@ -44,6 +72,15 @@ class RateLimit:
     @property
     def below_reserve(self) -> bool:
         return self.reserve > 0 and self.remaining is not None and self.remaining < self.reserve
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._writes, return_exceptions=True)
+
+    def _publish(self, values: Mapping[str, float | None]) -> None:
+        known = {key: float(value) for key, value in values.items() if value is not None}
+        task = asyncio.ensure_future(self._shared.write(known))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
 
 
 def _quota(value: str | None) -> int | None:

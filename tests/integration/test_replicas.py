@@ -128,3 +128,84 @@ async def test_workers_share_one_port_one_fill_and_one_metrics_page(
         assert workers == {0, 1}
     finally:
         await asyncio.to_thread(process.stop)
+
+
+def manifest_gets(hub: FakeHub) -> int:
+    """Manifest GETs that reached the quota (a 401 asking for a token spends nothing)."""
+    requests = hub.requests("GET", "registry", "/manifests/")
+    return sum(1 for request in requests if request.status != 401)
+
+
+async def pull_new_tags(urls: list[str], count: int) -> list[int]:
+    """GETs of tags nobody pulled yet: the first alone, then the rest at once, each on a new
+    connection (so every worker gets some)."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        first, _ = await fetch(session, f"{urls[0]}/v2/app/manifests/0.0")
+        rest = await asyncio.gather(
+            *(
+                fetch(session, f"{urls[number % len(urls)]}/v2/app/manifests/{number}.0")
+                for number in range(1, count)
+            )
+        )
+        return [first, *(status for status, _ in rest)]
+
+
+async def test_after_a_429_no_worker_sends_a_manifest_get(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    for number in range(24):
+        fake_hub.add_image("library/app", f"{number}.0", make_image([make_layer(b"x")]))
+    fake_hub.ratelimit_remaining = 0
+    fake_hub.retry_after = "120"
+    process = MirrorProcess(tmp_path / "data", fake_hub.url, "--workers", "2")
+    await asyncio.to_thread(process.start)
+    try:
+        statuses = await pull_new_tags([process.url], 24)
+    finally:
+        await asyncio.to_thread(process.stop)
+    assert statuses == [429] * 24
+    assert manifest_gets(fake_hub) == 1  # the one that learnt of the limit
+
+
+async def test_after_a_429_no_process_on_the_host_sends_a_manifest_get(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    """Two processes on one data dir (what --workers runs, each request placed by hand)."""
+    for number in range(6):
+        fake_hub.add_image("library/app", f"{number}.0", make_image([make_layer(b"x")]))
+    fake_hub.ratelimit_remaining = 0
+    fake_hub.retry_after = "120"
+    pair = [MirrorProcess(tmp_path / "data", fake_hub.url, name=name) for name in ("a", "b")]
+    for process in pair:
+        await asyncio.to_thread(process.start)
+    try:
+        statuses = await pull_new_tags([process.url for process in pair], 6)
+    finally:
+        for process in pair:
+            await asyncio.to_thread(process.stop)
+    assert statuses == [429] * 6
+    assert manifest_gets(fake_hub) == 1
+
+
+async def test_after_a_429_no_replica_sends_a_manifest_get(
+    fake_hub: FakeHub, redis: RedisServer, tmp_path: Path
+) -> None:
+    for number in range(6):
+        fake_hub.add_image("library/app", f"{number}.0", make_image([make_layer(b"x")]))
+    fake_hub.ratelimit_remaining = 0
+    fake_hub.retry_after = "120"
+    # Replicas on different hosts: nothing shared but Redis.
+    pair = [
+        MirrorProcess(tmp_path / name, fake_hub.url, "--redis-url", redis.url(), name=name)
+        for name in ("a", "b")
+    ]
+    for process in pair:
+        await asyncio.to_thread(process.start)
+    try:
+        statuses = await pull_new_tags([process.url for process in pair], 6)
+    finally:
+        for process in pair:
+            await asyncio.to_thread(process.stop)
+    assert statuses == [429] * 6
+    assert manifest_gets(fake_hub) == 1
