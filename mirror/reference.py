@@ -11,7 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from mirror.errors import DigestInvalid, NameInvalid, TagInvalid
+from mirror.errors import DigestInvalid, ManifestUnknown, NameInvalid, TagInvalid
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -26,12 +26,17 @@ DOCKER_HUB = "docker.io"
 
 
 def normalize_name(raw: str, registry: str = DOCKER_HUB) -> str:
-    """Check ``raw`` against the name grammar; Docker Hub's one-component names get ``library/``."""
+    """Check ``raw`` against the name grammar; Docker Hub's one-component names get ``library/``.
+
+    The length is checked on the name as the upstream will see it: a name that only grows
+    past the limit with ``library/`` would make the upstream fail, not answer.
+    """
     if len(raw) > MAX_NAME_LENGTH or _NAME_RE.fullmatch(raw) is None:
         raise NameInvalid(detail={"name": raw[:300]})
-    if registry == DOCKER_HUB and "/" not in raw:
-        return f"library/{raw}"
-    return raw
+    name = f"library/{raw}" if registry == DOCKER_HUB and "/" not in raw else raw
+    if len(name) > MAX_NAME_LENGTH:
+        raise NameInvalid("repository name too long", detail={"name": name[:300]})
+    return name
 
 
 def validate_tag(raw: str) -> str:
@@ -83,9 +88,14 @@ class Reference:
 
     @classmethod
     def parse(cls, raw: str) -> Reference:
+        """A tag that cannot exist names a manifest that is not there: 404, as the OCI
+        conformance suite expects (``.INVALID_MANIFEST_NAME``), not a 400."""
         if is_digest(raw):
             return cls(digest=Digest.parse(raw))
-        return cls(tag=validate_tag(raw))
+        try:
+            return cls(tag=validate_tag(raw))
+        except TagInvalid as exc:
+            raise ManifestUnknown(exc.message, detail=exc.detail) from None
 
     def __str__(self) -> str:
         return self.tag if self.tag is not None else str(self.digest)

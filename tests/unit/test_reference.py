@@ -2,7 +2,7 @@
 
 import pytest
 
-from mirror.errors import DigestInvalid, NameInvalid, TagInvalid
+from mirror.errors import DigestInvalid, ManifestUnknown, NameInvalid
 from mirror.mediatypes import accepts, parse_accept
 from mirror.reference import Digest, Reference, normalize_name
 
@@ -27,6 +27,13 @@ def test_invalid_names(raw: str) -> None:
         normalize_name(raw)
 
 
+def test_names_are_measured_as_the_upstream_sees_them() -> None:
+    name = "a" * 248
+    assert normalize_name(name, "ghcr.io") == name
+    with pytest.raises(NameInvalid):
+        normalize_name(name)  # library/ + 248 characters: 256
+
+
 def test_tags_and_digests() -> None:
     assert Reference.parse("v1.2.3_rc-1").tag == "v1.2.3_rc-1"
     digest = Reference.parse("sha256:" + "0" * 64).digest
@@ -34,8 +41,8 @@ def test_tags_and_digests() -> None:
     assert str(Digest.of(b"")).endswith(
         "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     )
-    for bad in (".x", "-x", "x" * 129, "a/b"):
-        with pytest.raises(TagInvalid):
+    for bad in (".x", "-x", "x" * 129, "a/b", ".INVALID_MANIFEST_NAME"):
+        with pytest.raises(ManifestUnknown):
             Reference.parse(bad)
     for bad in ("sha256:" + "0" * 63, "sha256:" + "G" * 64, "sha1:" + "0" * 40, "sha256:"):
         with pytest.raises(DigestInvalid):
