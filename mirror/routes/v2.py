@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import re
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import structlog
@@ -34,6 +36,8 @@ _TAGS_QUERY = ("n", "last")
 # Bytes per sendfile(2) call. One call for a whole blob is what FileResponse makes; calls of
 # a few MiB send a cached 1 GiB blob faster on loopback (see the README's Performance).
 SENDFILE_CHUNK = 8 * 1024 * 1024
+# Bytes per read when a body must go through response.write (a chunked answer).
+WRITE_CHUNK = 1024 * 1024
 
 
 def add_routes(app: web.Application) -> None:
@@ -138,7 +142,7 @@ async def blob(
         if not isinstance(source, CachedBlob):
             break
         try:
-            return await _send_cached(request, source, headers)
+            return await _send_cached(request, digest, source, headers)
         except FileNotFoundError:
             continue  # deleted since it was found (by hand, say): fetch it again
     if isinstance(source, CachedBlob):
@@ -166,34 +170,68 @@ def _ranged(
 
 
 async def _send_cached(
-    request: web.Request, blob: CachedBlob, headers: dict[str, str]
+    request: web.Request, digest: Digest, blob: CachedBlob, headers: dict[str, str]
 ) -> web.StreamResponse:
     response, start, stop = _ranged(request, headers, blob.size)
     with await asyncio.to_thread(open, blob.path, "rb", buffering=0) as file:
         request[CACHE_OUTCOME] = "hit"
         await response.prepare(request)
         try:
-            await _sendfile(request, file, start, stop, start)
+            await _Body(request, response, file, start).sendfile(start, stop)
         except ConnectionError:
             return response  # the client hung up; aiohttp closes the connection quietly
+        except _SourceShrank:
+            await _quarantine(request, digest, blob, file)
+            return response
     await response.write_eof()
     return response
 
 
-async def _sendfile(
-    request: web.Request, file: BinaryIO, position: int, stop: int, first: int
-) -> int:
-    """Send bytes ``position``..``stop`` of ``file`` with sendfile(2), SENDFILE_CHUNK at a time;
-    returns ``stop``. ``first`` is where the response's body starts, for the byte count."""
-    transport = request.transport
-    loop = asyncio.get_running_loop()
-    while position < stop:
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client went away")
-        count = min(stop - position, SENDFILE_CHUNK)
-        position += await loop.sendfile(transport, file, position, count)
-        request[BYTES_SENT] = position - first
-    return position
+class _SourceShrank(Exception):
+    """The file being sent ended before the bytes it was expected to hold."""
+
+
+@dataclass(slots=True)
+class _Body:
+    """A response body sent from a file: bytes ``first``.. of the file are its bytes 0.."""
+
+    request: web.Request
+    response: web.StreamResponse
+    file: BinaryIO
+    first: int
+
+    async def sendfile(self, position: int, stop: int) -> int:
+        """Send bytes ``position``..``stop`` with sendfile(2), SENDFILE_CHUNK at a time;
+        returns ``stop``. Only for a body of declared length: sendfile(2) bypasses any chunk
+        framing."""
+        transport = self.request.transport
+        loop = asyncio.get_running_loop()
+        while position < stop:
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client went away")
+            count = min(stop - position, SENDFILE_CHUNK)
+            sent = await loop.sendfile(transport, self.file, position, count)
+            if sent == 0:
+                # sendfile(2) at the end of the file: it shrank under us, and asking again
+                # would spin forever.
+                raise _SourceShrank
+            position += sent
+            self.request[BYTES_SENT] = position - self.first
+        return position
+
+    async def write(self, position: int, stop: int) -> int:
+        """As ``sendfile``, through ``response.write`` so aiohttp frames the chunks of a body
+        of unknown length; the file is read off the event loop."""
+        fd = self.file.fileno()
+        while position < stop:
+            count = min(stop - position, WRITE_CHUNK)
+            data = await asyncio.to_thread(os.pread, fd, count, position)
+            if not data:
+                raise _SourceShrank
+            await self.response.write(data)
+            position += len(data)
+            self.request[BYTES_SENT] = position - self.first
+        return position
 
 
 async def _stream_fill(
@@ -201,12 +239,15 @@ async def _stream_fill(
 ) -> web.StreamResponse:
     """Stream a blob that is still arriving from upstream, from the bytes already on disk."""
     if fill.size is None:
+        # No length from upstream: aiohttp answers chunked (or, to HTTP/1.0, until close).
         response, start, stop = web.StreamResponse(headers=headers), 0, None
     else:
         response, start, stop = _ranged(request, headers, fill.size)
     await response.prepare(request)  # a StreamResponse sends its headers here
     position = start
     with fill.open_file() as file:
+        body = _Body(request, response, file, start)
+        send = body.write if stop is None else body.sendfile
         while stop is None or position < stop:
             if fill.state is FillState.FAILED:
                 _abort(request, fill)
@@ -217,13 +258,35 @@ async def _stream_fill(
                     break
                 await fill.changed()
                 continue
-            # The bytes already on disk go out with sendfile(2), as cached blobs do.
+            # The bytes already on disk go out as cached blobs do.
             try:
-                position = await _sendfile(request, file, position, end, start)
+                position = await send(position, end)
             except ConnectionError:
                 return response  # the client hung up; the fill goes on without it
+            except _SourceShrank:
+                _abort(request, fill)
+                return response
     await response.write_eof()
     return response
+
+
+async def _quarantine(
+    request: web.Request, digest: Digest, blob: CachedBlob, file: BinaryIO
+) -> None:
+    """A cached blob shorter than when it was found: fail this transfer and take the file
+    out of service, so the next pull fetches the blob again."""
+    removed = await asyncio.to_thread(
+        request.app[RESOLVER].blobs.quarantine, digest, os.fstat(file.fileno())
+    )
+    log.error(
+        "blob_shrank_while_served",
+        digest=str(digest),
+        expected_size=blob.size,
+        sent=request.get(BYTES_SENT, 0),
+        removed=removed,
+    )
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _abort(request: web.Request, fill: Fill) -> None:
