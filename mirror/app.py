@@ -15,7 +15,7 @@ from mirror.config import Settings
 from mirror.engine import Overrides, open_engine
 from mirror.metrics import Metrics
 from mirror.routes import ops, v2
-from mirror.routes.middleware import registry_middleware
+from mirror.routes.middleware import add_fallback_route, registry_middleware
 from mirror.routes.state import ENGINE, METRICS, RESOLVER, SETTINGS
 
 __all__ = ["Overrides", "create_app"]
@@ -30,6 +30,7 @@ def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web
     app.cleanup_ctx.append(_lifecycle(settings, overrides or Overrides()))
     v2.add_routes(app)
     ops.add_routes(app)
+    add_fallback_route(app)
     return app
 
 

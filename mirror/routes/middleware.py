@@ -8,7 +8,7 @@ import os
 import secrets
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
@@ -28,6 +28,27 @@ def error_response(error: RegistryError) -> web.Response:
     response = web.json_response(error.body(), status=error.status, headers=error.headers)
     response.headers[API_VERSION_HEADER] = API_VERSION
     return response
+
+
+async def expect_handler(request: web.Request) -> None:
+    """``Expect`` for every route: 100-continue answered as aiohttp answers it, any other
+    expectation ignored, as RFC 9110 allows. aiohttp's own handler answers those before the
+    middleware runs, with a text/plain 417, or a 500 when the value is not UTF-8."""
+    if request.version != HttpVersion11:
+        return
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the body has not started
+
+
+def add_fallback_route(app: web.Application) -> None:
+    """Route every path nothing else took to a 404, so that it too goes through
+    ``expect_handler`` and the middleware. Added last: it matches anything."""
+    app.router.add_route("*", "/{tail:.*}", _no_route, expect_handler=expect_handler)
+
+
+async def _no_route(request: web.Request) -> web.StreamResponse:
+    raise NotFound(f"no route for {request.path[:200]}")
 
 
 @web.middleware

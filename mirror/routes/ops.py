@@ -9,17 +9,21 @@ from typing import Any
 from aiohttp import web
 
 from mirror.metrics import CONTENT_TYPE_LATEST
+from mirror.routes.middleware import expect_handler
 from mirror.routes.state import METRICS, RESOLVER, ROUTE
+from mirror.routes.v2 import check_method
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    # Any method, refused in the handler: the fallback route (mirror.app) would otherwise
+    # take a POST as a path it does not know.
+    for path, handler in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics)):
+        app.router.add_route("*", path, handler, expect_handler=expect_handler)
 
 
 async def healthz(request: web.Request) -> web.Response:
     request[ROUTE] = "ops"
+    check_method(request)
     return web.json_response({"status": "ok"})
 
 
@@ -27,6 +31,7 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready when the data dir is usable. The store and the upstreams are reported, not
     required: with Redis or the upstream down the mirror still serves what it holds."""
     request[ROUTE] = "ops"
+    check_method(request)
     resolver = request.app[RESOLVER]
     writable = await asyncio.to_thread(os.access, resolver.blobs.root, os.W_OK)
     checks = {"data_dir": "ok" if writable else "not writable"}
@@ -46,5 +51,6 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     request[ROUTE] = "ops"
+    check_method(request)
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -22,7 +22,7 @@ from mirror.fills import Fill, FillState
 from mirror.mediatypes import BLOB_TYPE, parse_accept
 from mirror.reference import DOCKER_HUB, Digest, Reference, normalize_name
 from mirror.resolver import CachedBlob
-from mirror.routes.middleware import API_VERSION, API_VERSION_HEADER
+from mirror.routes.middleware import API_VERSION, API_VERSION_HEADER, expect_handler
 from mirror.routes.state import BYTES_SENT, CACHE_OUTCOME, RESOLVER, ROUTE
 from mirror.store.protocols import Manifest
 
@@ -30,7 +30,8 @@ log = structlog.get_logger(__name__)
 
 _PATH_RE = re.compile(r"(?P<name>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/list)")
 _UPLOADS_RE = re.compile(r".+/blobs/uploads(?:/.*)?")
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+# At most 18 digits: more is beyond any blob, and int() refuses over 4,300 of them.
+_RANGE_RE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})")
 _READ_METHODS = ("GET", "HEAD")
 _TAGS_QUERY = ("n", "last")
 # Bytes per sendfile(2) call. One call for a whole blob is what FileResponse makes; calls of
@@ -42,13 +43,13 @@ WRITE_CHUNK = 1024 * 1024
 
 def add_routes(app: web.Application) -> None:
     # The busy route first: aiohttp tries resources in the order they were added.
-    app.router.add_route("*", "/v2/{path:.+}", dispatch)
-    app.router.add_route("*", "/v2", base)
-    app.router.add_route("*", "/v2/", base)
+    app.router.add_route("*", "/v2/{path:.+}", dispatch, expect_handler=expect_handler)
+    app.router.add_route("*", "/v2", base, expect_handler=expect_handler)
+    app.router.add_route("*", "/v2/", base, expect_handler=expect_handler)
 
 
 async def base(request: web.Request) -> web.Response:
-    _check_method(request)
+    check_method(request)
     return web.json_response({}, headers={API_VERSION_HEADER: API_VERSION})
 
 
@@ -56,7 +57,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     path = request.match_info["path"]
     if _UPLOADS_RE.fullmatch(path):
         raise Unsupported("pushing is not supported: this registry is a read-only mirror")
-    _check_method(request)
+    check_method(request)
     registry = request.query.get("ns") or DOCKER_HUB
     route, repository, reference = _parse_path(path, registry)
     request[ROUTE] = route
@@ -83,7 +84,7 @@ def _parse_path(path: str, registry: str) -> tuple[str, str, Reference | Digest 
     return "tags", repository, None
 
 
-def _check_method(request: web.Request) -> None:
+def check_method(request: web.Request) -> None:
     if request.method not in _READ_METHODS:
         raise Unsupported(f"{request.method} is not supported: this registry is a read-only mirror")
 

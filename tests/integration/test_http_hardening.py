@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror
 from tests.support.oci import make_image, make_random_layer
+
+RAW_TIMEOUT = 10.0
 
 
 async def test_a_blob_without_content_length_reaches_every_client_of_the_cold_fill(
@@ -28,3 +31,60 @@ async def test_a_blob_without_content_length_reaches_every_client_of_the_cold_fi
         assert "sha256:" + hashlib.sha256(body).hexdigest() == layer.digest
         assert headers["Docker-Content-Digest"] == layer.digest
     assert fake_hub.count("GET", "cdn") == 1
+
+
+async def raw_request(host: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are on a new connection; the status, headers and body of the answer."""
+    address, _, port = host.rpartition(":")
+    reader, writer = await asyncio.open_connection(address, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), RAW_TIMEOUT)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
+
+
+def error_code(body: bytes) -> str:
+    return str(json.loads(body)["errors"][0]["code"])
+
+
+async def test_a_range_number_beyond_pythons_int_limit_is_416(
+    fake_hub: FakeHub, mirror: RunningMirror
+) -> None:
+    layer = make_random_layer(64 * 1024, seed=102)
+    fake_hub.add_image("library/app", "latest", make_image([layer]))
+    assert (await mirror.get(f"/v2/app/blobs/{layer.digest}"))[0] == 200
+
+    for header in ("bytes=" + "9" * 5000 + "-", "bytes=0-" + "1" * 5000, "bytes=-" + "7" * 4400):
+        request = (
+            f"GET /v2/app/blobs/{layer.digest} HTTP/1.1\r\nHost: x\r\nRange: {header}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        status, headers, body = await raw_request(mirror.host, request)
+        assert status == 416
+        assert headers["content-type"].startswith("application/json")
+        assert error_code(body) == "RANGE_INVALID"
+        assert headers["content-range"] == f"bytes */{layer.size}"
+
+
+async def test_an_expect_header_that_is_not_utf8_is_no_500(mirror: RunningMirror) -> None:
+    for path in (b"/v2/", b"/v2/app/manifests/latest", b"/healthz", b"/nowhere"):
+        for expect in (b"\xff\xfe100-continue", b"something-else"):
+            request = (
+                b"GET "
+                + path
+                + b" HTTP/1.1\r\nHost: x\r\nExpect: "
+                + expect
+                + b"\r\nConnection: close\r\n\r\n"
+            )
+            status, headers, body = await raw_request(mirror.host, request)
+            assert status < 500, (path, expect, body)
+            assert headers["content-type"].startswith("application/json"), (path, expect, body)
