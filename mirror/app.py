@@ -13,10 +13,11 @@ from aiohttp import web
 
 from mirror.config import Settings
 from mirror.engine import Overrides, open_engine
+from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
 from mirror.routes import ops, v2
 from mirror.routes.middleware import add_fallback_route, registry_middleware
-from mirror.routes.state import ENGINE, METRICS, RESOLVER, SETTINGS
+from mirror.routes.state import ENGINE, LOG_THROTTLE, METRICS, RESOLVER, SETTINGS
 
 __all__ = ["Overrides", "create_app"]
 
@@ -27,6 +28,7 @@ def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web
     app = web.Application(middlewares=[registry_middleware], handler_args={"max_field_size": 16384})
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[LOG_THROTTLE] = LogThrottle()
     app.cleanup_ctx.append(_lifecycle(settings, overrides or Overrides()))
     v2.add_routes(app)
     ops.add_routes(app)

@@ -13,7 +13,14 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
 from mirror.errors import NotFound, RegistryError, Unsupported
-from mirror.routes.state import BYTES_SENT, CACHE_OUTCOME, METRICS, REQUEST_ID, ROUTE
+from mirror.routes.state import (
+    BYTES_SENT,
+    CACHE_OUTCOME,
+    LOG_THROTTLE,
+    METRICS,
+    REQUEST_ID,
+    ROUTE,
+)
 
 log = structlog.get_logger("mirror.access")
 
@@ -68,8 +75,35 @@ async def registry_middleware(request: web.Request, handler: Handler) -> web.Str
         response = error_response(Unsupported())
     except web.HTTPNotFound:
         response = error_response(NotFound(f"no route for {request.path[:200]}"))
+    except web.HTTPException:
+        raise  # aiohttp's own answers (a body too large, say): already what they should be
+    except Exception as error:  # the boundary: nothing unexpected leaves it raw
+        response = _unexpected(request, error)
     _count(request, response)
     return response
+
+
+def _unexpected(request: web.Request, error: Exception) -> web.StreamResponse:
+    """A bug, or a part failing in a way nothing foresaw: the registry's error body, and the
+    traceback once per interval for each place that raises (a broken part fails every
+    request; its traceback need not be in the log a thousand times)."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    where = (frame.tb_frame.f_code.co_filename, frame.tb_lineno) if frame else None
+    suppressed = request.app[LOG_THROTTLE].admit(("unexpected_error", type(error), where))
+    if suppressed is not None:
+        log.error(
+            "unexpected_error",
+            method=request.method,
+            path=request.path[:200],
+            suppressed=suppressed,
+            exc_info=error,
+        )
+    if request.writer.output_size > 0 and request.transport is not None:
+        # The answer has begun: the client can only be told by a cut connection.
+        request.transport.abort()
+    return error_response(RegistryError("internal error"))
 
 
 def _count(request: web.Request, response: web.StreamResponse) -> None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from pathlib import Path
 
+import pytest
+
+from mirror.store.protocols import Manifest, TagRecord
 from tests.support.fakehub import FakeHub
-from tests.support.mirror import RunningMirror
+from tests.support.mirror import RunningMirror, metric_value, settings_for
 from tests.support.oci import make_image, make_random_layer
 
 RAW_TIMEOUT = 10.0
@@ -88,3 +92,54 @@ async def test_an_expect_header_that_is_not_utf8_is_no_500(mirror: RunningMirror
             status, headers, body = await raw_request(mirror.host, request)
             assert status < 500, (path, expect, body)
             assert headers["content-type"].startswith("application/json"), (path, expect, body)
+
+
+class BrokenStore:
+    """A metadata store with a bug: every read raises what nothing expects."""
+
+    async def get_manifest(self, registry: str, repository: str, digest: str) -> Manifest | None:
+        raise RuntimeError("a bug in the store")
+
+    async def put_manifest(self, registry: str, repository: str, manifest: Manifest) -> None:
+        raise RuntimeError("a bug in the store")
+
+    async def get_tag(self, registry: str, repository: str, tag: str) -> TagRecord | None:
+        raise RuntimeError("a bug in the store")
+
+    async def put_tag(self, registry: str, repository: str, tag: str, record: TagRecord) -> None:
+        raise RuntimeError("a bug in the store")
+
+    async def get_missing(self, registry: str, repository: str, tag: str) -> bool:
+        raise RuntimeError("a bug in the store")
+
+    async def put_missing(self, registry: str, repository: str, tag: str, ttl: float) -> None:
+        raise RuntimeError("a bug in the store")
+
+    async def ping(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_an_unexpected_error_is_the_registry_error_body_counted_and_logged_once(
+    fake_hub: FakeHub,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake_hub.add_image("library/app", "latest", make_image([make_random_layer(1024, seed=103)]))
+    settings = settings_for(fake_hub.url, tmp_path / "data")
+    async with RunningMirror(settings, store=BrokenStore()) as mirror:
+        for _ in range(3):
+            status, headers, body = await mirror.get("/v2/app/manifests/latest")
+            assert status == 500
+            assert headers["Content-Type"].startswith("application/json")
+            assert error_code(body) == "UNKNOWN"
+            assert "a bug in the store" not in body.decode()  # no internals for the client
+        metrics = (await mirror.get("/metrics"))[2].decode()
+
+    assert metric_value(metrics, "mirror_requests_total", route="manifest", status="500") == 3
+    logged = capsys.readouterr().out + caplog.text
+    assert logged.count("Traceback (most recent call last)") == 1
+    assert "a bug in the store" in logged
