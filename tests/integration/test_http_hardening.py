@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from mirror.store.protocols import Manifest, TagRecord
@@ -143,3 +145,28 @@ async def test_an_unexpected_error_is_the_registry_error_body_counted_and_logged
     logged = capsys.readouterr().out + caplog.text
     assert logged.count("Traceback (most recent call last)") == 1
     assert "a bug in the store" in logged
+
+
+async def test_a_blob_truncated_on_disk_while_served_fails_fast_and_is_fetched_again(
+    fake_hub: FakeHub, mirror: RunningMirror
+) -> None:
+    layer = make_random_layer(48 * 1024 * 1024, seed=104)
+    fake_hub.add_image("library/app", "latest", make_image([layer]))
+    url = f"{mirror.url}/v2/app/blobs/{layer.digest}"
+    assert (await mirror.get(f"/v2/app/blobs/{layer.digest}"))[0] == 200
+    [stored] = [p for p in (mirror.settings.data_dir / "blobs").rglob("*") if p.is_file()]
+    assert mirror.session is not None
+
+    async with mirror.session.get(url) as response:
+        await response.content.readexactly(64 * 1024)  # a slow reader: the mirror waits on it
+        with stored.open("r+b") as file:
+            file.truncate(1024 * 1024)
+        started = time.monotonic()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(response.read(), 10)
+    assert time.monotonic() - started < 5
+
+    status, _, body = await mirror.get(f"/v2/app/blobs/{layer.digest}")
+    assert (status, body == layer.data) == (200, True)
+    assert fake_hub.count("GET", "cdn") == 2
+    assert stored.stat().st_size == layer.size
