@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import structlog
+import yarl
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -34,6 +35,7 @@ _UPLOADS_RE = re.compile(r".+/blobs/uploads(?:/.*)?")
 _RANGE_RE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})")
 _READ_METHODS = ("GET", "HEAD")
 _TAGS_QUERY = ("n", "last")
+_LINK_RE = re.compile(r'<(?P<url>[^>]*)>\s*;[^,]*rel="?next"?')
 # Bytes per sendfile(2) call. One call for a whole blob is what FileResponse makes; calls of
 # a few MiB send a cached 1 GiB blob faster on loopback (see the README's Performance).
 SENDFILE_CHUNK = 8 * 1024 * 1024
@@ -325,11 +327,25 @@ async def tags(request: web.Request, registry: str, repository: str) -> web.Resp
     query = {key: request.query[key] for key in _TAGS_QUERY if key in request.query}
     page = await request.app[RESOLVER].tags(registry, repository, query)
     headers = {API_VERSION_HEADER: API_VERSION}
-    if page.link is not None:
-        headers["Link"] = page.link
+    if page.link is not None and (link := _next_page_link(request, page.link)) is not None:
+        headers["Link"] = link
     response = web.Response(body=page.body, headers=headers)
     response.content_type = page.content_type
     return response
+
+
+def _next_page_link(request: web.Request, upstream_link: str) -> str | None:
+    """The upstream's link to the next page, pointing at the mirror: the name as the client
+    wrote it, the same ``ns``, and only the paging parameters of the upstream's link."""
+    match = _LINK_RE.search(upstream_link)
+    if match is None:
+        return None
+    upstream_query = yarl.URL(match["url"]).query
+    query = {key: upstream_query[key] for key in _TAGS_QUERY if key in upstream_query}
+    if "ns" in request.query:
+        query["ns"] = request.query["ns"]
+    path = yarl.URL.build(path=f"/v2/{request.match_info['path']}", query=query)
+    return f'<{path}>; rel="next"'
 
 
 __all__ = ["RegistryError", "add_routes"]

@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 import pytest
+import pytest_asyncio
 
+from mirror.config import UpstreamSettings
 from mirror.store.protocols import Manifest, TagRecord
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror, metric_value, settings_for
@@ -170,3 +175,53 @@ async def test_a_blob_truncated_on_disk_while_served_fails_fast_and_is_fetched_a
     assert (status, body == layer.data) == (200, True)
     assert fake_hub.count("GET", "cdn") == 2
     assert stored.stat().st_size == layer.size
+
+
+@pytest_asyncio.fixture
+async def second_hub() -> AsyncIterator[FakeHub]:
+    async with FakeHub() as hub:
+        yield hub
+
+
+async def follow_tag_pages(mirror: RunningMirror, path: str) -> tuple[list[str], list[str]]:
+    """Every tag of a listing, following Link from page to page; and the Links followed."""
+    tags: list[str] = []
+    links: list[str] = []
+    for _ in range(20):
+        status, headers, body = await mirror.get(path)
+        assert status == 200, body
+        tags += json.loads(body)["tags"]
+        link = headers.get("Link")
+        if link is None:
+            return tags, links
+        links.append(link)
+        match = re.fullmatch(r'<([^>]+)>;\s*rel="next"', link)
+        assert match is not None, link
+        path = match[1]
+    raise AssertionError("the pages never end")
+
+
+async def test_tag_list_pages_link_to_the_mirror_with_ns_kept(
+    fake_hub: FakeHub, second_hub: FakeHub, tmp_path: Path
+) -> None:
+    image = make_image([make_random_layer(1024, seed=105)])
+    second_hub.add_image("org/app", None, image)
+    fake_hub.add_image("library/app", None, image)
+    for tag in ("a", "b", "c", "d", "e"):
+        second_hub.set_tag("org/app", tag, image.digest)
+    for tag in ("x", "y", "z"):
+        fake_hub.set_tag("library/app", tag, image.digest)
+    settings = settings_for(fake_hub.url, tmp_path / "data")
+    upstreams = {**settings.upstreams, "ghcr.io": UpstreamSettings("ghcr.io", second_hub.url)}
+    async with RunningMirror(replace(settings, upstreams=upstreams)) as mirror:
+        tags, links = await follow_tag_pages(mirror, "/v2/org/app/tags/list?ns=ghcr.io&n=2")
+        assert tags == ["a", "b", "c", "d", "e"]
+        assert all(link.startswith("</v2/org/app/tags/list?") for link in links)
+        assert all("ns=ghcr.io" in link for link in links)
+        assert fake_hub.count(path_contains="tags/list") == 0
+
+        # Docker Hub's short names stay as the client wrote them.
+        tags, links = await follow_tag_pages(mirror, "/v2/app/tags/list?n=2")
+        assert tags == ["x", "y", "z"]
+        assert links
+        assert all(link.startswith("</v2/app/tags/list?") for link in links)
