@@ -26,6 +26,9 @@ log = structlog.get_logger("mirror.access")
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
 API_VERSION = "registry/2.0"
+# On every answer: no browser may guess a type for content the mirror did not write itself.
+NOSNIFF_HEADER = "X-Content-Type-Options"
+NOSNIFF = "nosniff"
 # Request ids: unique per process start, cheap per request (uuid4 costs more than a handler).
 _PROCESS_TAG = f"{os.getpid():x}{secrets.token_hex(2)}"
 _request_numbers = itertools.count(1)
@@ -34,6 +37,7 @@ _request_numbers = itertools.count(1)
 def error_response(error: RegistryError) -> web.Response:
     response = web.json_response(error.body(), status=error.status, headers=error.headers)
     response.headers[API_VERSION_HEADER] = API_VERSION
+    response.headers[NOSNIFF_HEADER] = NOSNIFF
     return response
 
 

@@ -9,9 +9,11 @@ from typing import Any
 from aiohttp import web
 
 from mirror.metrics import CONTENT_TYPE_LATEST
-from mirror.routes.middleware import expect_handler
+from mirror.routes.middleware import NOSNIFF, NOSNIFF_HEADER, expect_handler
 from mirror.routes.state import METRICS, RESOLVER, ROUTE
 from mirror.routes.v2 import check_method
+
+_HEADERS = {NOSNIFF_HEADER: NOSNIFF}
 
 
 def add_routes(app: web.Application) -> None:
@@ -24,7 +26,7 @@ def add_routes(app: web.Application) -> None:
 async def healthz(request: web.Request) -> web.Response:
     request[ROUTE] = "ops"
     check_method(request)
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok"}, headers=_HEADERS)
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -46,11 +48,11 @@ async def readyz(request: web.Request) -> web.Response:
     ready = all(value == "ok" for value in checks.values())
     status = "not ready" if not ready else "ready" if store == "ok" else "degraded"
     body = {"status": status, "checks": {**checks, "store": store}, "upstreams": upstreams}
-    return web.json_response(body, status=200 if ready else 503)
+    return web.json_response(body, status=200 if ready else 503, headers=_HEADERS)
 
 
 async def metrics(request: web.Request) -> web.Response:
     request[ROUTE] = "ops"
     check_method(request)
     body = request.app[METRICS].render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=body, headers={**_HEADERS, "Content-Type": CONTENT_TYPE_LATEST})

@@ -20,10 +20,16 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from mirror.errors import BlobUnknown, RangeInvalid, RegistryError, Unsupported
 from mirror.fills import Fill, FillState
-from mirror.mediatypes import BLOB_TYPE, parse_accept
+from mirror.mediatypes import BLOB_TYPE, parse_accept, served_manifest_type
 from mirror.reference import DOCKER_HUB, Digest, Reference, normalize_name
 from mirror.resolver import CachedBlob
-from mirror.routes.middleware import API_VERSION, API_VERSION_HEADER, expect_handler
+from mirror.routes.middleware import (
+    API_VERSION,
+    API_VERSION_HEADER,
+    NOSNIFF,
+    NOSNIFF_HEADER,
+    expect_handler,
+)
 from mirror.routes.state import BYTES_SENT, CACHE_OUTCOME, RESOLVER, ROUTE
 from mirror.store.protocols import Manifest
 
@@ -52,7 +58,7 @@ def add_routes(app: web.Application) -> None:
 
 async def base(request: web.Request) -> web.Response:
     check_method(request)
-    return web.json_response({}, headers={API_VERSION_HEADER: API_VERSION})
+    return web.json_response({}, headers={API_VERSION_HEADER: API_VERSION, NOSNIFF_HEADER: NOSNIFF})
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -112,10 +118,11 @@ def _manifest_headers(digest: str, media_type: str) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(
         CIMultiDict(
             {
-                "Content-Type": media_type,
+                "Content-Type": served_manifest_type(media_type),
                 "Docker-Content-Digest": digest,
                 "ETag": f'"{digest}"',
                 API_VERSION_HEADER: API_VERSION,
+                NOSNIFF_HEADER: NOSNIFF,
             }
         )
     )
@@ -131,6 +138,7 @@ async def blob(
         "ETag": f'"{digest}"',
         "Accept-Ranges": "bytes",
         API_VERSION_HEADER: API_VERSION,
+        NOSNIFF_HEADER: NOSNIFF,
         "Cache-Control": "max-age=31536000",
     }
     if request.method == "HEAD":
@@ -326,7 +334,7 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 async def tags(request: web.Request, registry: str, repository: str) -> web.Response:
     query = {key: request.query[key] for key in _TAGS_QUERY if key in request.query}
     page = await request.app[RESOLVER].tags(registry, repository, query)
-    headers = {API_VERSION_HEADER: API_VERSION}
+    headers = {API_VERSION_HEADER: API_VERSION, NOSNIFF_HEADER: NOSNIFF}
     if page.link is not None and (link := _next_page_link(request, page.link)) is not None:
         headers["Link"] = link
     response = web.Response(body=page.body, headers=headers)

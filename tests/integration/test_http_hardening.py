@@ -16,6 +16,7 @@ import pytest
 import pytest_asyncio
 
 from mirror.config import UpstreamSettings
+from mirror.store.embedded import EmbeddedStore
 from mirror.store.protocols import Manifest, TagRecord
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror, metric_value, settings_for
@@ -225,3 +226,59 @@ async def test_tag_list_pages_link_to_the_mirror_with_ns_kept(
         assert tags == ["x", "y", "z"]
         assert links
         assert all(link.startswith("</v2/app/tags/list?") for link in links)
+
+
+NOSNIFF = "nosniff"
+
+
+async def test_every_answer_says_nosniff(fake_hub: FakeHub, mirror: RunningMirror) -> None:
+    layer = make_random_layer(1024, seed=106)
+    image = make_image([layer])
+    fake_hub.add_image("library/app", "latest", image)
+    paths = [
+        "/v2/",
+        "/v2/app/manifests/latest",
+        f"/v2/app/manifests/{image.digest}",
+        f"/v2/app/blobs/{layer.digest}",  # cold
+        f"/v2/app/blobs/{layer.digest}",  # cached
+        "/v2/app/tags/list",
+        "/v2/app/manifests/missing",
+        "/v2/app/blobs/sha256:" + "0" * 64,
+        "/v2/..bad/manifests/latest",
+        "/nowhere",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ]
+    for path in paths:
+        for method in ("GET", "HEAD", "DELETE"):
+            status, headers, _ = await mirror.get(path, method=method)
+            assert headers.get("X-Content-Type-Options") == NOSNIFF, (method, path, status)
+    status, headers, _ = await mirror.get(
+        f"/v2/app/blobs/{layer.digest}", headers={"Range": "bytes=999999-"}
+    )
+    assert (status, headers.get("X-Content-Type-Options")) == (416, NOSNIFF)
+    etag = (await mirror.get("/v2/app/manifests/latest"))[1]["ETag"]
+    status, headers, _ = await mirror.get(
+        "/v2/app/manifests/latest", headers={"If-None-Match": etag}
+    )
+    assert (status, headers.get("X-Content-Type-Options")) == (304, NOSNIFF)
+
+
+async def test_a_stored_manifest_of_an_unknown_type_is_served_as_a_generic_type(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    body = b"<html><script>alert(1)</script></html>"
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    (tmp_path / "data").mkdir()
+    store = await EmbeddedStore.open(tmp_path / "data")
+    await store.put_manifest("docker.io", "library/app", Manifest(body, "text/html", digest))
+    await store.close()
+
+    settings = settings_for(fake_hub.url, tmp_path / "data")
+    async with RunningMirror(settings) as mirror:
+        status, headers, served = await mirror.get(f"/v2/app/manifests/{digest}")
+    assert (status, served) == (200, body)
+    assert headers["Content-Type"] == "application/octet-stream"
+    assert headers["X-Content-Type-Options"] == NOSNIFF
+    assert fake_hub.count(server="registry") == 0
