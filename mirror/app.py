@@ -27,7 +27,7 @@ log = structlog.get_logger(__name__)
 def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web.Application:
     app = web.Application(middlewares=[registry_middleware], handler_args={"max_field_size": 16384})
     app[SETTINGS] = settings
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(upstreams=tuple(settings.upstreams))
     app[LOG_THROTTLE] = LogThrottle()
     app.cleanup_ctx.append(_lifecycle(settings, overrides or Overrides()))
     v2.add_routes(app)
@@ -43,6 +43,7 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
             app[RESOLVER] = engine.resolver
             log.info(
                 "mirror_started",
+                listen=_address(settings.listen_host, settings.listen_port),
                 data_dir=str(settings.data_dir),
                 store="redis" if settings.redis_url else "embedded",
                 upstreams={name: u.url for name, u in settings.upstreams.items()},
@@ -50,3 +51,7 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
             yield
 
     return lifecycle
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

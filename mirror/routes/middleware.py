@@ -18,6 +18,7 @@ from mirror.routes.state import (
     CACHE_OUTCOME,
     LOG_THROTTLE,
     METRICS,
+    REGISTRY,
     REQUEST_ID,
     ROUTE,
 )
@@ -32,6 +33,8 @@ NOSNIFF = "nosniff"
 # Request ids: unique per process start, cheap per request (uuid4 costs more than a handler).
 _PROCESS_TAG = f"{os.getpid():x}{secrets.token_hex(2)}"
 _request_numbers = itertools.count(1)
+# Characters of a client-chosen value (user agent, ns) an access-log line carries.
+MAX_LOGGED = 200
 
 
 def error_response(error: RegistryError) -> web.Response:
@@ -133,12 +136,20 @@ class AccessLogger(AbstractAccessLogger):
             bytes=_body_bytes(request, response),
             duration_ms=round(time * 1000, 2),
             cache=request.get(CACHE_OUTCOME),
+            # Client input, cut short: a header of 8 KiB must not become a log line of 8 KiB.
+            ns=_clip(request.get(REGISTRY)),
+            client=request.remote,
+            user_agent=_clip(request.headers.get("User-Agent")),
         )
 
     @property
     def enabled(self) -> bool:
         # aiohttp skips the call altogether when the level filters the line out anyway.
         return bool(log.is_enabled_for(logging.INFO))
+
+
+def _clip(value: str | None) -> str | None:
+    return value if value is None or len(value) <= MAX_LOGGED else value[:MAX_LOGGED] + "..."
 
 
 def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:

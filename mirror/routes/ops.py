@@ -41,7 +41,8 @@ async def readyz(request: web.Request) -> web.Response:
     upstreams: dict[str, Any] = {}
     for name, client in resolver.upstreams.items():
         upstreams[name] = {
-            "reachable": not client.breaker.open,
+            # Nothing is claimed of an upstream nothing has asked yet.
+            "reachable": not client.breaker.open if client.breaker.contacted else "unknown",
             "ratelimit_remaining": client.ratelimit.remaining,
             "retry_after": round(client.ratelimit.retry_after(), 1),
         }

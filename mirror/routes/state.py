@@ -23,3 +23,5 @@ ROUTE = web.RequestKey("route", str)
 CACHE_OUTCOME = web.RequestKey("cache_outcome", str)
 BYTES_SENT = web.RequestKey("bytes_sent", int)
 REQUEST_ID = web.RequestKey("request_id", str)
+# The upstream registry an API request is for (its ``ns``), for the access log.
+REGISTRY = web.RequestKey("registry", str)

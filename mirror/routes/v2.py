@@ -30,7 +30,7 @@ from mirror.routes.middleware import (
     NOSNIFF_HEADER,
     expect_handler,
 )
-from mirror.routes.state import BYTES_SENT, CACHE_OUTCOME, RESOLVER, ROUTE
+from mirror.routes.state import BYTES_SENT, CACHE_OUTCOME, REGISTRY, RESOLVER, ROUTE
 from mirror.store.protocols import Manifest
 
 log = structlog.get_logger(__name__)
@@ -67,6 +67,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         raise Unsupported("pushing is not supported: this registry is a read-only mirror")
     check_method(request)
     registry = request.query.get("ns") or DOCKER_HUB
+    request[REGISTRY] = registry
     route, repository, reference = _parse_path(path, registry)
     request[ROUTE] = route
     if isinstance(reference, Reference):

@@ -34,6 +34,8 @@ class CircuitBreaker:
         self._on_change = on_change
         self._failures = 0
         self._prober: asyncio.Task[None] | None = None
+        # Whether any request has reached the upstream (or failed to) since start.
+        self.contacted = False
 
     @property
     def open(self) -> bool:
@@ -41,9 +43,11 @@ class CircuitBreaker:
 
     def success(self) -> None:
         self._failures = 0
+        self.contacted = True
 
     def failure(self) -> None:
         self._failures += 1
+        self.contacted = True
         if self._failures >= self._threshold and self._prober is None:
             log.warning("upstream_circuit_open", upstream=self.name, failures=self._failures)
             self._prober = asyncio.create_task(self._probe_until_back())
