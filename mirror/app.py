@@ -16,7 +16,7 @@ from mirror.engine import Overrides, open_engine
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
 from mirror.routes import ops, v2
-from mirror.routes.middleware import add_fallback_route, registry_middleware
+from mirror.routes.middleware import add_fallback_route, registry_middleware, server_logger
 from mirror.routes.state import ENGINE, LOG_THROTTLE, METRICS, RESOLVER, SETTINGS
 
 __all__ = ["Overrides", "create_app"]
@@ -25,10 +25,14 @@ log = structlog.get_logger(__name__)
 
 
 def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web.Application:
-    app = web.Application(middlewares=[registry_middleware], handler_args={"max_field_size": 16384})
+    throttle = LogThrottle()
+    app = web.Application(
+        middlewares=[registry_middleware],
+        handler_args={"max_field_size": 16384, "logger": server_logger(throttle)},
+    )
     app[SETTINGS] = settings
     app[METRICS] = Metrics(upstreams=tuple(settings.upstreams))
-    app[LOG_THROTTLE] = LogThrottle()
+    app[LOG_THROTTLE] = throttle
     app.cleanup_ctx.append(_lifecycle(settings, overrides or Overrides()))
     v2.add_routes(app)
     ops.add_routes(app)

@@ -90,3 +90,61 @@ async def test_readyz_and_the_upstream_gauges_before_and_after_contact(
     assert upstreams["ghcr.io"]["reachable"] == "unknown"
     remaining = metric_value(metrics, "mirror_upstream_ratelimit_remaining", upstream="docker.io")
     assert remaining == fake_hub.ratelimit_remaining
+
+
+MALFORMED = [
+    b"GARBAGE\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(64)),  # a TLS hello
+    b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
+    b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"G\x00T /v2/ HTTP/1.1\r\n\r\n",
+    b"GET /v2/ HTTP/9.9\r\nHost: x\r\n\r\n",
+    b"GET /v2/ HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+    b"GET /v2/ HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"GET /v2/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+]
+
+
+async def send_raw(host: str, data: bytes, *, half_close: bool = False) -> bytes:
+    address, _, port = host.rpartition(":")
+    reader, writer = await asyncio.open_connection(address, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        if half_close:
+            writer.write_eof()
+            return b""
+        return await asyncio.wait_for(reader.read(65536), 10)
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_a_flood_of_malformed_requests_and_half_closed_gets_logs_a_few_short_lines(
+    fake_hub: FakeHub, process: MirrorProcess
+) -> None:
+    layer = make_random_layer(8 * 1024 * 1024, seed=203)
+    fake_hub.add_image("library/app", "1.0", make_image([layer]))
+    url = f"{process.url}/v2/app/blobs/{layer.digest}"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert await response.read() == layer.data  # now cached
+    get_blob = f"GET /v2/app/blobs/{layer.digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    before = len(process.log().splitlines())
+
+    for _ in range(20):
+        answers = await asyncio.gather(*(send_raw(process.host, data) for data in MALFORMED))
+        assert all(not answer.startswith(b"HTTP/1.1 5") for answer in answers)
+        await asyncio.gather(
+            *(send_raw(process.host, get_blob, half_close=True) for _ in range(10))
+        )
+    await asyncio.sleep(0.5)
+
+    new = process.log().splitlines()[before:]
+    assert "Traceback" not in "\n".join(new)
+    noise = [line for line in new if '"event": "request"' not in line]
+    assert len(noise) <= 10, "\n".join(noise[:20])
+    assert all(len(line) < 600 for line in noise), "\n".join(noise)
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert await response.read() == layer.data  # still serving
