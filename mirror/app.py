@@ -13,10 +13,11 @@ from aiohttp import web
 
 from mirror.config import Settings
 from mirror.engine import Overrides, open_engine
+from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
 from mirror.routes import ops, v2
-from mirror.routes.middleware import registry_middleware
-from mirror.routes.state import ENGINE, METRICS, RESOLVER, SETTINGS
+from mirror.routes.middleware import add_fallback_route, registry_middleware, server_logger
+from mirror.routes.state import ENGINE, LOG_THROTTLE, METRICS, RESOLVER, SETTINGS
 
 __all__ = ["Overrides", "create_app"]
 
@@ -24,12 +25,18 @@ log = structlog.get_logger(__name__)
 
 
 def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web.Application:
-    app = web.Application(middlewares=[registry_middleware], handler_args={"max_field_size": 16384})
+    throttle = LogThrottle()
+    app = web.Application(
+        middlewares=[registry_middleware],
+        handler_args={"max_field_size": 16384, "logger": server_logger(throttle)},
+    )
     app[SETTINGS] = settings
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(upstreams=tuple(settings.upstreams))
+    app[LOG_THROTTLE] = throttle
     app.cleanup_ctx.append(_lifecycle(settings, overrides or Overrides()))
     v2.add_routes(app)
     ops.add_routes(app)
+    add_fallback_route(app)
     return app
 
 
@@ -40,6 +47,7 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
             app[RESOLVER] = engine.resolver
             log.info(
                 "mirror_started",
+                listen=_address(settings.listen_host, settings.listen_port),
                 data_dir=str(settings.data_dir),
                 store="redis" if settings.redis_url else "embedded",
                 upstreams={name: u.url for name, u in settings.upstreams.items()},
@@ -47,3 +55,7 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
             yield
 
     return lifecycle
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -26,9 +26,7 @@ def _store_options() -> argparse.ArgumentParser:
     """What every subcommand needs to find the mirror's content."""
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--config", type=Path, help="YAML config file (or MIRROR_CONFIG)")
-    options.add_argument(
-        "--data-dir", help="where blobs and metadata live (default ./mirror-data)"
-    )
+    options.add_argument("--data-dir", help="where blobs and metadata live (default ./mirror-data)")
     options.add_argument("--redis-url", help="redis:// URL of a shared metadata store")
     options.add_argument("--log-level", help="debug, info, warning or error")
     options.add_argument("--log-format", help="auto, json or console")

@@ -16,6 +16,15 @@ DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 # the multi-platform forms first, so the cached answer serves every platform.
 MANIFEST_TYPES = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
 BLOB_TYPE = "application/octet-stream"
+# Every type a manifest is served as; anything else an upstream claimed is served as
+# GENERIC_TYPE (a text/html "manifest" must not become a page of the mirror's origin).
+KNOWN_MANIFEST_TYPES = frozenset((*MANIFEST_TYPES, DOCKER_SCHEMA1_SIGNED, DOCKER_SCHEMA1))
+GENERIC_TYPE = "application/octet-stream"
+
+
+def served_manifest_type(media_type: str) -> str:
+    """The Content-Type to serve a manifest stored as ``media_type`` with."""
+    return media_type if media_type in KNOWN_MANIFEST_TYPES else GENERIC_TYPE
 
 
 @functools.lru_cache(maxsize=1024)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
@@ -12,7 +14,9 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, upstreams: Iterable[str] = ()
+    ) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self._request_children: dict[tuple[str, str, int, str], Any] = {}
         self.requests = Counter(
@@ -60,6 +64,15 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        for name in upstreams:
+            self._upstream_known(name)
+
+    def _upstream_known(self, name: str) -> None:
+        """Every upstream gauge has a sample from the start: a circuit closed, a quota not
+        yet announced (NaN), rather than series that appear only after the first answer."""
+        self.circuit_open.labels(name).set(0)
+        self.ratelimit_remaining.labels(name).set(math.nan)
+        self.ratelimit_limit.labels(name).set(math.nan)
 
     def count_request(self, route: str, method: str, status: int, cache: str) -> None:
         key = (route, method, status, cache)

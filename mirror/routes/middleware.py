@@ -1,4 +1,5 @@
-"""Request-wide behaviour: the registry's JSON error body and one access-log line per request."""
+"""Request-wide behaviour: the registry's JSON error body, one access-log line per request,
+and short, rate-limited lines for what aiohttp's HTTP server itself reports."""
 
 from __future__ import annotations
 
@@ -6,28 +7,70 @@ import itertools
 import logging
 import os
 import secrets
+from http import HTTPStatus
 
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from mirror.errors import NotFound, RegistryError, Unsupported
-from mirror.routes.state import BYTES_SENT, CACHE_OUTCOME, METRICS, REQUEST_ID, ROUTE
+from mirror.logs import LogThrottle
+from mirror.routes.state import (
+    BYTES_SENT,
+    CACHE_OUTCOME,
+    LOG_THROTTLE,
+    METRICS,
+    REGISTRY,
+    REQUEST_ID,
+    ROUTE,
+)
 
 log = structlog.get_logger("mirror.access")
+server_log = structlog.get_logger("mirror.http")
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
 API_VERSION = "registry/2.0"
+# On every answer: no browser may guess a type for content the mirror did not write itself.
+NOSNIFF_HEADER = "X-Content-Type-Options"
+NOSNIFF = "nosniff"
 # Request ids: unique per process start, cheap per request (uuid4 costs more than a handler).
 _PROCESS_TAG = f"{os.getpid():x}{secrets.token_hex(2)}"
 _request_numbers = itertools.count(1)
+# nginx's status for "the client closed the connection before the answer": for the access
+# log and the metrics, never sent.
+CLIENT_CLOSED_REQUEST = 499
+# Characters of a client-chosen value (user agent, ns) an access-log line carries.
+MAX_LOGGED = 200
 
 
 def error_response(error: RegistryError) -> web.Response:
     response = web.json_response(error.body(), status=error.status, headers=error.headers)
     response.headers[API_VERSION_HEADER] = API_VERSION
+    response.headers[NOSNIFF_HEADER] = NOSNIFF
     return response
+
+
+async def expect_handler(request: web.Request) -> None:
+    """``Expect`` for every route: 100-continue answered as aiohttp answers it, any other
+    expectation ignored, as RFC 9110 allows. aiohttp's own handler answers those before the
+    middleware runs, with a text/plain 417, or a 500 when the value is not UTF-8."""
+    if request.version != HttpVersion11:
+        return
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the body has not started
+
+
+def add_fallback_route(app: web.Application) -> None:
+    """Route every path nothing else took to a 404, so that it too goes through
+    ``expect_handler`` and the middleware. Added last: it matches anything."""
+    app.router.add_route("*", "/{tail:.*}", _no_route, expect_handler=expect_handler)
+
+
+async def _no_route(request: web.Request) -> web.StreamResponse:
+    raise NotFound(f"no route for {request.path[:200]}")
 
 
 @web.middleware
@@ -47,8 +90,45 @@ async def registry_middleware(request: web.Request, handler: Handler) -> web.Str
         response = error_response(Unsupported())
     except web.HTTPNotFound:
         response = error_response(NotFound(f"no route for {request.path[:200]}"))
+    except web.HTTPException:
+        raise  # aiohttp's own answers (a body too large, say): already what they should be
+    except ConnectionError:
+        response = _client_gone(request)
+    except Exception as error:  # the boundary: nothing unexpected leaves it raw
+        response = _unexpected(request, error)
     _count(request, response)
     return response
+
+
+def _client_gone(request: web.Request) -> web.StreamResponse:
+    """The client went away (or half-closed) before its answer could be written: nothing
+    to log but the access line, and nothing left to say."""
+    if request.transport is not None:
+        request.transport.abort()
+    return web.Response(status=CLIENT_CLOSED_REQUEST)
+
+
+def _unexpected(request: web.Request, error: Exception) -> web.StreamResponse:
+    """A bug, or a part failing in a way nothing foresaw: the registry's error body, and the
+    traceback once per interval for each place that raises (a broken part fails every
+    request; its traceback need not be in the log a thousand times)."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    where = (frame.tb_frame.f_code.co_filename, frame.tb_lineno) if frame else None
+    suppressed = request.app[LOG_THROTTLE].admit(("unexpected_error", type(error), where))
+    if suppressed is not None:
+        log.error(
+            "unexpected_error",
+            method=request.method,
+            path=request.path[:200],
+            suppressed=suppressed,
+            exc_info=error,
+        )
+    if request.writer.output_size > 0 and request.transport is not None:
+        # The answer has begun: the client can only be told by a cut connection.
+        request.transport.abort()
+    return error_response(RegistryError("internal error"))
 
 
 def _count(request: web.Request, response: web.StreamResponse) -> None:
@@ -65,6 +145,8 @@ class AccessLogger(AbstractAccessLogger):
     """aiohttp calls this once the response is sent, so the byte count is what went out."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.get(REQUEST_ID) is None and response.status == HTTPStatus.BAD_REQUEST:
+            return  # the parser refused it: the server logger's throttled line reports it
         log.info(
             "request",
             request_id=request.get(REQUEST_ID),
@@ -74,12 +156,54 @@ class AccessLogger(AbstractAccessLogger):
             bytes=_body_bytes(request, response),
             duration_ms=round(time * 1000, 2),
             cache=request.get(CACHE_OUTCOME),
+            # Client input, cut short: a header of 8 KiB must not become a log line of 8 KiB.
+            ns=_clip(request.get(REGISTRY)),
+            client=request.remote,
+            user_agent=_clip(request.headers.get("User-Agent")),
         )
 
     @property
     def enabled(self) -> bool:
         # aiohttp skips the call altogether when the level filters the line out anyway.
         return bool(log.is_enabled_for(logging.INFO))
+
+
+def server_logger(throttle: LogThrottle) -> logging.Logger:
+    """The logger for aiohttp's HTTP server (``handler_args={"logger": ...}``). aiohttp logs
+    every request its parser refuses, and every client lost mid-answer, as an ERROR with a
+    traceback: 750 bytes of log for a 50-byte request. Those become one short line per kind
+    per interval; anything else goes on to the ``aiohttp.server`` logger as before."""
+    logger = logging.Logger("mirror.http")  # not registered: its filter stays its own
+    logger.parent = logging.getLogger("aiohttp.server")
+    logger.addFilter(_ServerLogFilter(throttle))
+    return logger
+
+
+class _ServerLogFilter(logging.Filter):
+    def __init__(self, throttle: LogThrottle) -> None:
+        super().__init__()
+        self._throttle = throttle
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            event, reason = "request_rejected", _clip(error.message.splitlines()[0])
+        elif isinstance(error, ConnectionError):
+            event, reason = "client_connection_lost", _clip(str(error))
+        else:
+            return True
+        kind = type(error).__name__
+        suppressed = self._throttle.admit((event, kind))
+        if suppressed is not None:
+            client = record.args[0] if isinstance(record.args, tuple) and record.args else None
+            server_log.warning(
+                event, error=kind, reason=reason, client=client, suppressed=suppressed
+            )
+        return False
+
+
+def _clip(value: str | None) -> str | None:
+    return value if value is None or len(value) <= MAX_LOGGED else value[:MAX_LOGGED] + "..."
 
 
 def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:

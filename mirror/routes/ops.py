@@ -9,24 +9,31 @@ from typing import Any
 from aiohttp import web
 
 from mirror.metrics import CONTENT_TYPE_LATEST
+from mirror.routes.middleware import NOSNIFF, NOSNIFF_HEADER, expect_handler
 from mirror.routes.state import METRICS, RESOLVER, ROUTE
+from mirror.routes.v2 import check_method
+
+_HEADERS = {NOSNIFF_HEADER: NOSNIFF}
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    # Any method, refused in the handler: the fallback route (mirror.app) would otherwise
+    # take a POST as a path it does not know.
+    for path, handler in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics)):
+        app.router.add_route("*", path, handler, expect_handler=expect_handler)
 
 
 async def healthz(request: web.Request) -> web.Response:
     request[ROUTE] = "ops"
-    return web.json_response({"status": "ok"})
+    check_method(request)
+    return web.json_response({"status": "ok"}, headers=_HEADERS)
 
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready when the data dir is usable. The store and the upstreams are reported, not
     required: with Redis or the upstream down the mirror still serves what it holds."""
     request[ROUTE] = "ops"
+    check_method(request)
     resolver = request.app[RESOLVER]
     writable = await asyncio.to_thread(os.access, resolver.blobs.root, os.W_OK)
     checks = {"data_dir": "ok" if writable else "not writable"}
@@ -34,17 +41,19 @@ async def readyz(request: web.Request) -> web.Response:
     upstreams: dict[str, Any] = {}
     for name, client in resolver.upstreams.items():
         upstreams[name] = {
-            "reachable": not client.breaker.open,
+            # Nothing is claimed of an upstream nothing has asked yet.
+            "reachable": not client.breaker.open if client.breaker.contacted else "unknown",
             "ratelimit_remaining": client.ratelimit.remaining,
             "retry_after": round(client.ratelimit.retry_after(), 1),
         }
     ready = all(value == "ok" for value in checks.values())
     status = "not ready" if not ready else "ready" if store == "ok" else "degraded"
     body = {"status": status, "checks": {**checks, "store": store}, "upstreams": upstreams}
-    return web.json_response(body, status=200 if ready else 503)
+    return web.json_response(body, status=200 if ready else 503, headers=_HEADERS)
 
 
 async def metrics(request: web.Request) -> web.Response:
     request[ROUTE] = "ops"
+    check_method(request)
     body = request.app[METRICS].render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=body, headers={**_HEADERS, "Content-Type": CONTENT_TYPE_LATEST})

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from mirror.config import Settings
 from mirror.engine import Engine
+from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
 from mirror.resolver import Resolver
 
@@ -14,9 +15,13 @@ METRICS = web.AppKey("metrics", Metrics)
 ENGINE = web.AppKey("engine", Engine)
 # The engine's resolver, kept under its own key: the request path reads it on every request.
 RESOLVER = web.AppKey("resolver", Resolver)
+# Lines the request path logs for events a client or a broken part can repeat endlessly.
+LOG_THROTTLE = web.AppKey("log_throttle", LogThrottle)
 
 # Per request: which API route it hit, the cache outcome, body bytes a handler streamed.
 ROUTE = web.RequestKey("route", str)
 CACHE_OUTCOME = web.RequestKey("cache_outcome", str)
 BYTES_SENT = web.RequestKey("bytes_sent", int)
 REQUEST_ID = web.RequestKey("request_id", str)
+# The upstream registry an API request is for (its ``ns``), for the access log.
+REGISTRY = web.RequestKey("registry", str)

@@ -8,52 +8,66 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import re
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import structlog
+import yarl
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from mirror.errors import BlobUnknown, RangeInvalid, RegistryError, Unsupported
 from mirror.fills import Fill, FillState
-from mirror.mediatypes import BLOB_TYPE, parse_accept
+from mirror.mediatypes import BLOB_TYPE, parse_accept, served_manifest_type
 from mirror.reference import DOCKER_HUB, Digest, Reference, normalize_name
 from mirror.resolver import CachedBlob
-from mirror.routes.middleware import API_VERSION, API_VERSION_HEADER
-from mirror.routes.state import BYTES_SENT, CACHE_OUTCOME, RESOLVER, ROUTE
+from mirror.routes.middleware import (
+    API_VERSION,
+    API_VERSION_HEADER,
+    NOSNIFF,
+    NOSNIFF_HEADER,
+    expect_handler,
+)
+from mirror.routes.state import BYTES_SENT, CACHE_OUTCOME, REGISTRY, RESOLVER, ROUTE
 from mirror.store.protocols import Manifest
 
 log = structlog.get_logger(__name__)
 
 _PATH_RE = re.compile(r"(?P<name>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/list)")
 _UPLOADS_RE = re.compile(r".+/blobs/uploads(?:/.*)?")
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+# At most 18 digits: more is beyond any blob, and int() refuses over 4,300 of them.
+_RANGE_RE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})")
 _READ_METHODS = ("GET", "HEAD")
 _TAGS_QUERY = ("n", "last")
+_LINK_RE = re.compile(r'<(?P<url>[^>]*)>\s*;[^,]*rel="?next"?')
 # Bytes per sendfile(2) call. One call for a whole blob is what FileResponse makes; calls of
 # a few MiB send a cached 1 GiB blob faster on loopback (see the README's Performance).
 SENDFILE_CHUNK = 8 * 1024 * 1024
+# Bytes per read when a body must go through response.write (a chunked answer).
+WRITE_CHUNK = 1024 * 1024
 
 
 def add_routes(app: web.Application) -> None:
     # The busy route first: aiohttp tries resources in the order they were added.
-    app.router.add_route("*", "/v2/{path:.+}", dispatch)
-    app.router.add_route("*", "/v2", base)
-    app.router.add_route("*", "/v2/", base)
+    app.router.add_route("*", "/v2/{path:.+}", dispatch, expect_handler=expect_handler)
+    app.router.add_route("*", "/v2", base, expect_handler=expect_handler)
+    app.router.add_route("*", "/v2/", base, expect_handler=expect_handler)
 
 
 async def base(request: web.Request) -> web.Response:
-    _check_method(request)
-    return web.json_response({}, headers={API_VERSION_HEADER: API_VERSION})
+    check_method(request)
+    return web.json_response({}, headers={API_VERSION_HEADER: API_VERSION, NOSNIFF_HEADER: NOSNIFF})
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     path = request.match_info["path"]
     if _UPLOADS_RE.fullmatch(path):
         raise Unsupported("pushing is not supported: this registry is a read-only mirror")
-    _check_method(request)
+    check_method(request)
     registry = request.query.get("ns") or DOCKER_HUB
+    request[REGISTRY] = registry
     route, repository, reference = _parse_path(path, registry)
     request[ROUTE] = route
     if isinstance(reference, Reference):
@@ -79,7 +93,7 @@ def _parse_path(path: str, registry: str) -> tuple[str, str, Reference | Digest 
     return "tags", repository, None
 
 
-def _check_method(request: web.Request) -> None:
+def check_method(request: web.Request) -> None:
     if request.method not in _READ_METHODS:
         raise Unsupported(f"{request.method} is not supported: this registry is a read-only mirror")
 
@@ -105,10 +119,11 @@ def _manifest_headers(digest: str, media_type: str) -> CIMultiDictProxy[str]:
     return CIMultiDictProxy(
         CIMultiDict(
             {
-                "Content-Type": media_type,
+                "Content-Type": served_manifest_type(media_type),
                 "Docker-Content-Digest": digest,
                 "ETag": f'"{digest}"',
                 API_VERSION_HEADER: API_VERSION,
+                NOSNIFF_HEADER: NOSNIFF,
             }
         )
     )
@@ -124,6 +139,7 @@ async def blob(
         "ETag": f'"{digest}"',
         "Accept-Ranges": "bytes",
         API_VERSION_HEADER: API_VERSION,
+        NOSNIFF_HEADER: NOSNIFF,
         "Cache-Control": "max-age=31536000",
     }
     if request.method == "HEAD":
@@ -138,7 +154,7 @@ async def blob(
         if not isinstance(source, CachedBlob):
             break
         try:
-            return await _send_cached(request, source, headers)
+            return await _send_cached(request, digest, source, headers)
         except FileNotFoundError:
             continue  # deleted since it was found (by hand, say): fetch it again
     if isinstance(source, CachedBlob):
@@ -166,34 +182,68 @@ def _ranged(
 
 
 async def _send_cached(
-    request: web.Request, blob: CachedBlob, headers: dict[str, str]
+    request: web.Request, digest: Digest, blob: CachedBlob, headers: dict[str, str]
 ) -> web.StreamResponse:
     response, start, stop = _ranged(request, headers, blob.size)
     with await asyncio.to_thread(open, blob.path, "rb", buffering=0) as file:
         request[CACHE_OUTCOME] = "hit"
         await response.prepare(request)
         try:
-            await _sendfile(request, file, start, stop, start)
+            await _Body(request, response, file, start).sendfile(start, stop)
         except ConnectionError:
             return response  # the client hung up; aiohttp closes the connection quietly
+        except _SourceShrank:
+            await _quarantine(request, digest, blob, file)
+            return response
     await response.write_eof()
     return response
 
 
-async def _sendfile(
-    request: web.Request, file: BinaryIO, position: int, stop: int, first: int
-) -> int:
-    """Send bytes ``position``..``stop`` of ``file`` with sendfile(2), SENDFILE_CHUNK at a time;
-    returns ``stop``. ``first`` is where the response's body starts, for the byte count."""
-    transport = request.transport
-    loop = asyncio.get_running_loop()
-    while position < stop:
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client went away")
-        count = min(stop - position, SENDFILE_CHUNK)
-        position += await loop.sendfile(transport, file, position, count)
-        request[BYTES_SENT] = position - first
-    return position
+class _SourceShrank(Exception):
+    """The file being sent ended before the bytes it was expected to hold."""
+
+
+@dataclass(slots=True)
+class _Body:
+    """A response body sent from a file: bytes ``first``.. of the file are its bytes 0.."""
+
+    request: web.Request
+    response: web.StreamResponse
+    file: BinaryIO
+    first: int
+
+    async def sendfile(self, position: int, stop: int) -> int:
+        """Send bytes ``position``..``stop`` with sendfile(2), SENDFILE_CHUNK at a time;
+        returns ``stop``. Only for a body of declared length: sendfile(2) bypasses any chunk
+        framing."""
+        transport = self.request.transport
+        loop = asyncio.get_running_loop()
+        while position < stop:
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client went away")
+            count = min(stop - position, SENDFILE_CHUNK)
+            sent = await loop.sendfile(transport, self.file, position, count)
+            if sent == 0:
+                # sendfile(2) at the end of the file: it shrank under us, and asking again
+                # would spin forever.
+                raise _SourceShrank
+            position += sent
+            self.request[BYTES_SENT] = position - self.first
+        return position
+
+    async def write(self, position: int, stop: int) -> int:
+        """As ``sendfile``, through ``response.write`` so aiohttp frames the chunks of a body
+        of unknown length; the file is read off the event loop."""
+        fd = self.file.fileno()
+        while position < stop:
+            count = min(stop - position, WRITE_CHUNK)
+            data = await asyncio.to_thread(os.pread, fd, count, position)
+            if not data:
+                raise _SourceShrank
+            await self.response.write(data)
+            position += len(data)
+            self.request[BYTES_SENT] = position - self.first
+        return position
 
 
 async def _stream_fill(
@@ -201,12 +251,15 @@ async def _stream_fill(
 ) -> web.StreamResponse:
     """Stream a blob that is still arriving from upstream, from the bytes already on disk."""
     if fill.size is None:
+        # No length from upstream: aiohttp answers chunked (or, to HTTP/1.0, until close).
         response, start, stop = web.StreamResponse(headers=headers), 0, None
     else:
         response, start, stop = _ranged(request, headers, fill.size)
     await response.prepare(request)  # a StreamResponse sends its headers here
     position = start
     with fill.open_file() as file:
+        body = _Body(request, response, file, start)
+        send = body.write if stop is None else body.sendfile
         while stop is None or position < stop:
             if fill.state is FillState.FAILED:
                 _abort(request, fill)
@@ -217,13 +270,35 @@ async def _stream_fill(
                     break
                 await fill.changed()
                 continue
-            # The bytes already on disk go out with sendfile(2), as cached blobs do.
+            # The bytes already on disk go out as cached blobs do.
             try:
-                position = await _sendfile(request, file, position, end, start)
+                position = await send(position, end)
             except ConnectionError:
                 return response  # the client hung up; the fill goes on without it
+            except _SourceShrank:
+                _abort(request, fill)
+                return response
     await response.write_eof()
     return response
+
+
+async def _quarantine(
+    request: web.Request, digest: Digest, blob: CachedBlob, file: BinaryIO
+) -> None:
+    """A cached blob shorter than when it was found: fail this transfer and take the file
+    out of service, so the next pull fetches the blob again."""
+    removed = await asyncio.to_thread(
+        request.app[RESOLVER].blobs.quarantine, digest, os.fstat(file.fileno())
+    )
+    log.error(
+        "blob_shrank_while_served",
+        digest=str(digest),
+        expected_size=blob.size,
+        sent=request.get(BYTES_SENT, 0),
+        removed=removed,
+    )
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _abort(request: web.Request, fill: Fill) -> None:
@@ -260,12 +335,26 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 async def tags(request: web.Request, registry: str, repository: str) -> web.Response:
     query = {key: request.query[key] for key in _TAGS_QUERY if key in request.query}
     page = await request.app[RESOLVER].tags(registry, repository, query)
-    headers = {API_VERSION_HEADER: API_VERSION}
-    if page.link is not None:
-        headers["Link"] = page.link
+    headers = {API_VERSION_HEADER: API_VERSION, NOSNIFF_HEADER: NOSNIFF}
+    if page.link is not None and (link := _next_page_link(request, page.link)) is not None:
+        headers["Link"] = link
     response = web.Response(body=page.body, headers=headers)
     response.content_type = page.content_type
     return response
+
+
+def _next_page_link(request: web.Request, upstream_link: str) -> str | None:
+    """The upstream's link to the next page, pointing at the mirror: the name as the client
+    wrote it, the same ``ns``, and only the paging parameters of the upstream's link."""
+    match = _LINK_RE.search(upstream_link)
+    if match is None:
+        return None
+    upstream_query = yarl.URL(match["url"]).query
+    query = {key: upstream_query[key] for key in _TAGS_QUERY if key in upstream_query}
+    if "ns" in request.query:
+        query["ns"] = request.query["ns"]
+    path = yarl.URL.build(path=f"/v2/{request.match_info['path']}", query=query)
+    return f'<{path}>; rel="next"'
 
 
 __all__ = ["RegistryError", "add_routes"]

@@ -73,6 +73,21 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
+    def quarantine(self, digest: Digest, opened: os.stat_result | None = None) -> bool:
+        """Take a damaged blob out of service, so the next pull fetches it again; returns
+        whether a file was removed. With ``opened`` (the fstat of the file found damaged),
+        only that very file goes: one fetched again since then is left alone."""
+        path = self.path(digest)
+        try:
+            if opened is not None:
+                current = path.stat()
+                if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
+                    return False
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     def new_partial(self, digest: Digest) -> Partial:
         final = self.path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)

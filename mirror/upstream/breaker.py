@@ -46,6 +46,8 @@ class CircuitBreaker:
         self._shared = shared or LocalState()
         self._clock = clock
         self._open_elsewhere_until = 0.0
+        # Whether any request has reached the upstream (or failed to) since start.
+        self.contacted = False
 
     @property
     def open(self) -> bool:
@@ -59,9 +61,11 @@ class CircuitBreaker:
 
     def success(self) -> None:
         self._failures = 0
+        self.contacted = True
 
     def failure(self) -> None:
         self._failures += 1
+        self.contacted = True
         if self._failures >= self._threshold and self._prober is None:
             log.warning("upstream_circuit_open", upstream=self.name, failures=self._failures)
             self._prober = asyncio.create_task(self._probe_until_back())

@@ -119,6 +119,8 @@ class FakeHub:
         self.retry_after = "60"  # sent with every 429
         self.stall_next_blob_at: int | None = None  # send this many bytes, then nothing
         self.cdn_authorization_rejections = 0
+        # The CDN sends blobs with Transfer-Encoding: chunked and no Content-Length.
+        self.cdn_chunked = False
         self.log: list[LoggedRequest] = []
         self.url = self.token_url = self.cdn_url = ""
         self._signatures: dict[str, str] = {}  # CDN URL signature -> digest
@@ -503,7 +505,10 @@ class FakeHub:
             status = 206
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
         response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = stop - start
+        if self.cdn_chunked:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = stop - start
         await response.prepare(request)
         if request.method == "HEAD":
             await response.write_eof()

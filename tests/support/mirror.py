@@ -16,6 +16,7 @@ from mirror.app import Overrides, create_app
 from mirror.config import Settings, UpstreamSettings
 from mirror.reference import DOCKER_HUB
 from mirror.routes.middleware import AccessLogger
+from mirror.store.protocols import MetadataStore
 
 
 @dataclass
@@ -53,11 +54,17 @@ class RunningMirror:
     """A mirror app on a loopback port, with a client session pointed at it."""
 
     def __init__(
-        self, settings: Settings, *, clock: FakeClock | None = None, probe_interval: float = 5.0
+        self,
+        settings: Settings,
+        *,
+        clock: FakeClock | None = None,
+        probe_interval: float = 5.0,
+        store: MetadataStore | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.probe_interval = probe_interval
+        self.store = store  # a metadata store of the test's own instead of the embedded one
         self._server: TestServer | None = None
         self.session: aiohttp.ClientSession | None = None
 
@@ -71,7 +78,9 @@ class RunningMirror:
         return self.url.removeprefix("http://")
 
     async def start(self) -> None:
-        overrides = Overrides(clock=self.clock, probe_interval=self.probe_interval)
+        overrides = Overrides(
+            clock=self.clock, probe_interval=self.probe_interval, store=self.store
+        )
         app = create_app(self.settings, overrides=overrides)
         self._server = TestServer(app, host="127.0.0.1", access_log_class=AccessLogger)
         await self._server.start_server()

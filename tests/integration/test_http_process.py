@@ -1,0 +1,150 @@
+"""A real ``mirror serve`` process: what its log and its ops endpoints tell an operator, and
+how little a hostile client can make it write (issue 10)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest_asyncio
+
+from tests.support.fakehub import FakeHub
+from tests.support.mirror import metric_value
+from tests.support.oci import make_image, make_random_layer
+from tests.support.process import MirrorProcess
+
+
+@pytest_asyncio.fixture
+async def second_hub() -> AsyncIterator[FakeHub]:
+    async with FakeHub() as hub:
+        yield hub
+
+
+@pytest_asyncio.fixture
+async def process(
+    fake_hub: FakeHub, second_hub: FakeHub, tmp_path: Path
+) -> AsyncIterator[MirrorProcess]:
+    running = MirrorProcess(
+        tmp_path / "data", fake_hub.url, "--upstream", f"ghcr.io={second_hub.url}"
+    )
+    await asyncio.to_thread(running.start)
+    yield running
+    await asyncio.to_thread(running.stop)
+
+
+def log_lines(process: MirrorProcess) -> list[dict[str, object]]:
+    return [json.loads(line) for line in process.log().splitlines() if line.startswith("{")]
+
+
+async def test_the_log_says_where_it_listens_and_who_asked_what_of_which_registry(
+    fake_hub: FakeHub, second_hub: FakeHub, process: MirrorProcess
+) -> None:
+    image = make_image([make_random_layer(1024, seed=201)])
+    second_hub.add_image("org/app", "1.0", image)
+    async with aiohttp.ClientSession() as session:
+        url = f"{process.url}/v2/org/app/manifests/1.0?ns=ghcr.io"
+        async with session.get(url, headers={"User-Agent": "containerd/2.0 test"}) as response:
+            assert response.status == 200
+        async with session.get(f"{process.url}/v2/app/manifests/none") as response:
+            assert response.status == 404
+    await asyncio.sleep(0.2)  # the access line is written once the answer is sent
+
+    [started] = [line for line in log_lines(process) if line["event"] == "mirror_started"]
+    assert started["listen"] == process.host
+    ghcr, hub = process.access_log()[-2:]
+    assert ghcr["ns"] == "ghcr.io"
+    assert ghcr["client"] == "127.0.0.1"
+    assert ghcr["user_agent"] == "containerd/2.0 test"
+    assert hub["ns"] == "docker.io"
+
+
+async def test_readyz_and_the_upstream_gauges_before_and_after_contact(
+    fake_hub: FakeHub, process: MirrorProcess
+) -> None:
+    fake_hub.add_image("library/app", "1.0", make_image([make_random_layer(1024, seed=202)]))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{process.url}/readyz") as response:
+            upstreams = (await response.json())["upstreams"]
+        async with session.get(f"{process.url}/metrics") as response:
+            metrics = await response.text()
+        assert upstreams["docker.io"]["reachable"] == "unknown"
+        assert upstreams["ghcr.io"]["reachable"] == "unknown"
+        for name in ("docker.io", "ghcr.io"):
+            assert metric_value(metrics, "mirror_upstream_circuit_open", upstream=name) == 0
+            for gauge in ("mirror_upstream_ratelimit_remaining", "mirror_upstream_ratelimit_limit"):
+                value = metric_value(metrics, gauge, upstream=name)
+                assert value is not None, (gauge, name)
+                assert math.isnan(value)
+
+        async with session.get(f"{process.url}/v2/app/manifests/1.0") as response:
+            assert response.status == 200
+        async with session.get(f"{process.url}/readyz") as response:
+            upstreams = (await response.json())["upstreams"]
+        async with session.get(f"{process.url}/metrics") as response:
+            metrics = await response.text()
+    assert upstreams["docker.io"]["reachable"] is True
+    assert upstreams["ghcr.io"]["reachable"] == "unknown"
+    remaining = metric_value(metrics, "mirror_upstream_ratelimit_remaining", upstream="docker.io")
+    assert remaining == fake_hub.ratelimit_remaining
+
+
+MALFORMED = [
+    b"GARBAGE\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(64)),  # a TLS hello
+    b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
+    b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"G\x00T /v2/ HTTP/1.1\r\n\r\n",
+    b"GET /v2/ HTTP/9.9\r\nHost: x\r\n\r\n",
+    b"GET /v2/ HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+    b"GET /v2/ HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"GET /v2/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+]
+
+
+async def send_raw(host: str, data: bytes, *, half_close: bool = False) -> bytes:
+    address, _, port = host.rpartition(":")
+    reader, writer = await asyncio.open_connection(address, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        if half_close:
+            writer.write_eof()
+            return b""
+        return await asyncio.wait_for(reader.read(65536), 10)
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_a_flood_of_malformed_requests_and_half_closed_gets_logs_a_few_short_lines(
+    fake_hub: FakeHub, process: MirrorProcess
+) -> None:
+    layer = make_random_layer(8 * 1024 * 1024, seed=203)
+    fake_hub.add_image("library/app", "1.0", make_image([layer]))
+    url = f"{process.url}/v2/app/blobs/{layer.digest}"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert await response.read() == layer.data  # now cached
+    get_blob = f"GET /v2/app/blobs/{layer.digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    before = len(process.log().splitlines())
+
+    for _ in range(20):
+        answers = await asyncio.gather(*(send_raw(process.host, data) for data in MALFORMED))
+        assert all(not answer.startswith(b"HTTP/1.1 5") for answer in answers)
+        await asyncio.gather(
+            *(send_raw(process.host, get_blob, half_close=True) for _ in range(10))
+        )
+    await asyncio.sleep(0.5)
+
+    new = process.log().splitlines()[before:]
+    assert "Traceback" not in "\n".join(new)
+    noise = [line for line in new if '"event": "request"' not in line]
+    assert len(noise) <= 10, "\n".join(noise[:20])
+    assert all(len(line) < 600 for line in noise), "\n".join(noise)
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert await response.read() == layer.data  # still serving
