@@ -181,6 +181,10 @@ class RedisCoordinator:
         self._degraded = False
         self._probe: asyncio.Task[None] | None = None
 
+    @property
+    def client(self) -> Redis:
+        return self._client
+
     def _key(self, key: str) -> str:
         return f"mirror:v1:{{lease:{self._scope}}}:{quote(key, safe='')}"
 
@@ -223,6 +227,15 @@ class RedisCoordinator:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
+
+    @property
+    def available(self) -> bool:
+        """Is Redis worth asking now? Others sharing the client follow the same verdict."""
+        return not self._degraded
+
+    def failed(self, exc: Exception) -> None:
+        """Another user of the client saw Redis fail: degrade, and probe until it is back."""
+        self._went_down(exc)
 
     def _went_down(self, exc: Exception) -> None:
         if not self._degraded:

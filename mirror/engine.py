@@ -86,7 +86,7 @@ async def open_engine(
         stack.push_async_callback(session.close)
         upstreams = {}
         for name, upstream in settings.upstreams.items():
-            shared = _shared_state(settings, inner, name)
+            shared = _shared_state(settings, coordinator, name)
             upstreams[name] = UpstreamClient(
                 name,
                 upstream.url,
@@ -134,11 +134,11 @@ async def _open_store(settings: Settings) -> MetadataStore:
     return await EmbeddedStore.open(settings.data_dir)
 
 
-def _shared_state(settings: Settings, store: MetadataStore, upstream: str) -> UpstreamState:
+def _shared_state(settings: Settings, coordinator: Coordinator, upstream: str) -> UpstreamState:
     """Where the processes of the site share an upstream's quota and circuit state."""
     on_host = FileState(settings.data_dir / "run", upstream)
-    if isinstance(store, RedisStore):
-        return RedisState(store.client, upstream, on_host)
+    if isinstance(coordinator, RedisCoordinator):
+        return RedisState(coordinator.client, upstream, on_host, coordinator)
     return on_host
 
 

@@ -91,16 +91,33 @@ class FileState:
             os.close(lock)
 
 
+class RedisHealth(Protocol):
+    """Who knows whether Redis answers (the lease coordinator, which probes it)."""
+
+    @property
+    def available(self) -> bool: ...
+
+    def failed(self, exc: Exception) -> None: ...
+
+
 class RedisState:
-    def __init__(self, client: Redis, upstream: str, fallback: FileState) -> None:
+    """While Redis is known to be down, no request waits on it: the file stands in."""
+
+    def __init__(
+        self, client: Redis, upstream: str, fallback: FileState, health: RedisHealth
+    ) -> None:
         self._client = client
         self._key = f"mirror:v1:{{upstream:{quote(upstream, safe='')}}}:state"
         self._fallback = fallback
+        self._health = health
 
     async def read(self) -> dict[str, float]:
+        if not self._health.available:
+            return await self._fallback.read()
         try:
             raw = await self._client.hgetall(self._key)
-        except RedisError:
+        except RedisError as exc:
+            self._health.failed(exc)
             return await self._fallback.read()
         values: dict[str, float] = {}
         for key, value in raw.items():
@@ -112,10 +129,14 @@ class RedisState:
 
     async def write(self, values: dict[str, float]) -> None:
         await self._fallback.write(values)
-        with contextlib.suppress(RedisError):
+        if not self._health.available:
+            return
+        try:
             await self._client.hset(
                 self._key, mapping={key: repr(value) for key, value in values.items()}
             )
+        except RedisError as exc:
+            self._health.failed(exc)
 
 
 def _number(value: object) -> bool:
