@@ -50,7 +50,13 @@ def _upstream_options() -> argparse.ArgumentParser:
     options.add_argument(
         "--max-stale", help="seconds past its window a tag may be served while upstream fails"
     )
-    options.add_argument("--negative-ttl", help="seconds an upstream 404 for a tag is remembered")
+    options.add_argument(
+        "--negative-ttl", help="seconds an upstream 'not found' is remembered (default 30)"
+    )
+    options.add_argument(
+        "--cold-lookup-rate",
+        help="upstream lookups of names never seen, per upstream (10/s, 600/min, off)",
+    )
     options.add_argument(
         "--ratelimit-reserve", help="stop manifest GETs when the upstream quota falls below this"
     )

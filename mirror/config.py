@@ -20,7 +20,13 @@ import yaml
 
 from mirror.pins import Pin
 from mirror.reference import DOCKER_HUB
-from mirror.units import SizeOrShare, parse_duration, parse_size, parse_size_or_percent
+from mirror.units import (
+    SizeOrShare,
+    parse_duration,
+    parse_rate,
+    parse_size,
+    parse_size_or_percent,
+)
 
 ENV_PREFIX = "MIRROR_"
 # What Kubernetes puts in every pod for a Service named "mirror" (service links):
@@ -58,6 +64,8 @@ class Settings:
     manifest_cache_size: int = 4096
     max_stale: float | None = None
     negative_ttl: float = 30.0
+    # Upstream lookups of tags and digests never seen, per second per upstream (0: no bound).
+    cold_lookup_rate: float = 10.0
     ratelimit_reserve: int = 0
     workers: int = 1
     log_level: str = "info"
@@ -230,6 +238,7 @@ _KEYS: dict[str, _Key] = {
     "manifest_cache_size": _Key(_positive_int),
     "max_stale": _Key(_optional_seconds),
     "negative_ttl": _Key(_non_negative),
+    "cold_lookup_rate": _Key(parse_rate),
     "ratelimit_reserve": _Key(_count),
     "workers": _Key(_positive_int),
     "log_level": _Key(_choice("debug", "info", "warning", "error")),
@@ -339,6 +348,7 @@ def _build(values: Mapping[str, Any]) -> Settings:
         manifest_cache_size=values.get("manifest_cache_size", defaults.manifest_cache_size),
         max_stale=values.get("max_stale", defaults.max_stale),
         negative_ttl=values.get("negative_ttl", defaults.negative_ttl),
+        cold_lookup_rate=values.get("cold_lookup_rate", defaults.cold_lookup_rate),
         ratelimit_reserve=values.get("ratelimit_reserve", defaults.ratelimit_reserve),
         workers=values.get("workers", defaults.workers),
         log_level=values.get("log_level", defaults.log_level),

@@ -18,6 +18,7 @@ Tests and embedding programs swap collaborators through :class:`Overrides`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -115,7 +116,8 @@ async def open_engine(
             tag_ttl=settings.tag_ttl,
             max_stale=settings.max_stale,
             negative_ttl=settings.negative_ttl,
-            **({"clock": overrides.clock} if overrides.clock else {}),
+            cold_lookup_rate=settings.cold_lookup_rate,
+            clock=overrides.clock or time.time,
         )
         yield Engine(settings, metrics, store, blobs, coordinator, fills, upstreams, resolver)
 

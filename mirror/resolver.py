@@ -7,7 +7,13 @@
 - Concurrent misses for one tag, one digest or one blob make one upstream request.
 - When the upstream fails or is out of quota, a tag we hold is served stale (up to
   ``max_stale`` past its window) rather than failing the pull.
-- An upstream 404 for a tag is remembered for ``negative_ttl`` seconds.
+- An upstream "not found" is remembered for ``negative_ttl`` seconds: for a tag, a manifest
+  or blob digest, and a whole repository the upstream does not know or refuses, so
+  repeating a miss costs no upstream request.
+- Lookups the cache cannot answer at all (a tag or digest never seen) go upstream at a
+  bounded rate per upstream (``cold_lookup_rate``), so a client inventing names cannot
+  spend the pull quota as fast as it can send requests.
+- Tag lists are served from memory for ``tag_ttl`` seconds.
 """
 
 from __future__ import annotations
@@ -20,16 +26,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+from cachetools import TTLCache
 
 from mirror.coordination import Coordinator
-from mirror.errors import ManifestUnknown, NameUnknown, TooManyRequests, UpstreamError
+from mirror.errors import (
+    BlobUnknown,
+    ManifestUnknown,
+    NameUnknown,
+    NotFound,
+    TooManyRequests,
+    UpstreamError,
+)
 from mirror.fills import Fill, FillHandover, Fills
 from mirror.mediatypes import MANIFEST_TYPES, accepts, upstream_accept
 from mirror.reference import Digest, Reference
 from mirror.singleflight import SingleFlight
 from mirror.store.blobs import BlobStore
-from mirror.store.protocols import Manifest, MetadataStore, TagRecord
+from mirror.store.protocols import (
+    REPOSITORY_MISSING,
+    Manifest,
+    MetadataStore,
+    TagRecord,
+    blob_missing,
+)
 from mirror.upstream.client import TagsPage, UpstreamClient
+from mirror.upstream.ratelimit import TokenBucket
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +58,8 @@ log = structlog.get_logger(__name__)
 # How long a process waits for another one resolving the same tag, and how often it looks.
 HOLDER_WAIT = 10.0
 HOLDER_POLL = 0.05
+# Tag-list pages kept in memory (each up to MAX_MANIFEST_SIZE, usually a few KiB).
+TAG_PAGES = 256
 
 
 class Outcome(enum.Enum):
@@ -65,6 +88,7 @@ class Resolver:
         tag_ttl: float,
         max_stale: float | None = None,
         negative_ttl: float = 30.0,
+        cold_lookup_rate: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -77,6 +101,13 @@ class Resolver:
         self._negative_ttl = negative_ttl
         self._clock = clock
         self._manifest_flights: SingleFlight[tuple[Manifest, Outcome]] = SingleFlight()
+        self._cold_lookups = {
+            name: TokenBucket(cold_lookup_rate, max(cold_lookup_rate * 5, 1.0))
+            for name in upstreams
+        }
+        self._tag_pages: TTLCache[tuple[str, ...], TagsPage] = TTLCache(
+            TAG_PAGES, ttl=max(tag_ttl, 1e-9), timer=clock
+        )
 
     def upstream(self, registry: str) -> UpstreamClient:
         try:
@@ -90,13 +121,19 @@ class Resolver:
         self, registry: str, repository: str, reference: Reference, accept: Sequence[str]
     ) -> tuple[Manifest, Outcome]:
         client = self.upstream(registry)
-        if reference.digest is not None:
-            manifest, outcome = await self._by_digest(
-                client, registry, repository, reference.digest, accept
-            )
-        else:
-            assert reference.tag is not None
-            manifest, outcome = await self._by_tag(client, registry, repository, reference.tag)
+        try:
+            if reference.digest is not None:
+                manifest, outcome = await self._by_digest(
+                    client, registry, repository, reference.digest, accept
+                )
+            else:
+                assert reference.tag is not None
+                manifest, outcome = await self._by_tag(
+                    client, registry, repository, reference.tag
+                )
+        except NameUnknown as exc:
+            await self._remember_unknown(registry, repository, exc)
+            raise
         if accepts(accept, manifest.media_type):
             return manifest, outcome
         # The client cannot read what the tag resolves to for everyone (an old client and a
@@ -114,6 +151,7 @@ class Resolver:
                 return manifest, Outcome.HIT
         if await self.store.get_missing(registry, repository, tag):
             raise ManifestUnknown(detail={"tag": tag, "cached": "upstream answered 404"})
+        await self._may_ask_upstream(registry, repository, cold=record is None)
         try:
             return await self._coalesced(
                 ("tag", registry, repository, tag),
@@ -222,8 +260,37 @@ class Resolver:
         manifest = await self.store.get_manifest(registry, repository, str(digest))
         if manifest is not None:
             return manifest, Outcome.HIT
+        if await self.store.get_missing(registry, repository, str(digest)):
+            raise ManifestUnknown(detail={"digest": str(digest), "cached": "upstream answered 404"})
+        await self._may_ask_upstream(registry, repository, cold=True)
         wanted = (*MANIFEST_TYPES, *(t for t in accept if t not in MANIFEST_TYPES))
-        return await self._fetch(client, registry, repository, str(digest), wanted)
+        try:
+            return await self._fetch(client, registry, repository, str(digest), wanted)
+        except ManifestUnknown:
+            await self.store.put_missing(registry, repository, str(digest), self._negative_ttl)
+            raise
+
+    async def _may_ask_upstream(self, registry: str, repository: str, *, cold: bool) -> None:
+        """Refuse what the negative cache or the cold-lookup rate says not to send upstream."""
+        if await self.store.get_missing(registry, repository, REPOSITORY_MISSING):
+            raise NameUnknown(
+                detail={"repository": repository, "cached": "the upstream does not serve it"}
+            )
+        if cold:
+            wait = self._cold_lookups[registry].take()
+            if wait > 0:
+                raise TooManyRequests(
+                    "too many lookups of names this mirror does not know; retry later",
+                    detail={"upstream": registry},
+                    headers={"Retry-After": str(max(int(wait + 0.999), 1))},
+                )
+
+    async def _remember_unknown(self, registry: str, repository: str, exc: NameUnknown) -> None:
+        cached = isinstance(exc.detail, dict) and "cached" in exc.detail
+        if not cached and registry in self.upstreams:
+            await self.store.put_missing(
+                registry, repository, REPOSITORY_MISSING, self._negative_ttl
+            )
 
     async def _fetch(
         self,
@@ -253,6 +320,7 @@ class Resolver:
             size = self.blobs.size(digest)
             if size is not None:
                 return CachedBlob(self.blobs.path(digest), size)
+            await self._blob_not_known_missing(registry, repository, digest)
             fill = await self.fills.open(client, repository, digest)
             if fill is None:
                 continue  # it landed on disk meanwhile
@@ -261,6 +329,10 @@ class Resolver:
             except FillHandover:
                 fill.detach()  # the process we followed died: take the fill over
                 continue
+            except NotFound as exc:
+                fill.detach()
+                await self._remember_missing_blob(registry, repository, digest, exc)
+                raise
             except BaseException:
                 fill.detach()
                 raise
@@ -275,7 +347,43 @@ class Resolver:
         size = self.blobs.size(digest)
         if size is not None:
             return size
-        return await client.head_blob(repository, digest)
+        await self._blob_not_known_missing(registry, repository, digest)
+        try:
+            return await client.head_blob(repository, digest)
+        except NotFound as exc:
+            await self._remember_missing_blob(registry, repository, digest, exc)
+            raise
+
+    async def _blob_not_known_missing(self, registry: str, repository: str, digest: Digest) -> None:
+        if await self.store.get_missing(registry, repository, REPOSITORY_MISSING):
+            raise NameUnknown(
+                detail={"repository": repository, "cached": "the upstream does not serve it"}
+            )
+        if await self.store.get_missing(registry, repository, blob_missing(str(digest))):
+            raise BlobUnknown(detail={"digest": str(digest), "cached": "upstream answered 404"})
+
+    async def _remember_missing_blob(
+        self, registry: str, repository: str, digest: Digest, exc: NotFound
+    ) -> None:
+        if isinstance(exc, NameUnknown):
+            await self._remember_unknown(registry, repository, exc)
+        elif isinstance(exc, BlobUnknown):
+            key = blob_missing(str(digest))
+            await self.store.put_missing(registry, repository, key, self._negative_ttl)
 
     async def tags(self, registry: str, repository: str, query: Mapping[str, str]) -> TagsPage:
-        return await self.upstream(registry).get_tags(repository, query)
+        """A tag-list page, from memory inside the freshness window."""
+        client = self.upstream(registry)
+        key = (registry, repository, *(f"{k}={v}" for k, v in sorted(query.items())))
+        page = self._tag_pages.get(key)
+        if page is not None:
+            return page
+        await self._may_ask_upstream(registry, repository, cold=False)
+        try:
+            page = await client.get_tags(repository, query)
+        except NameUnknown as exc:
+            await self._remember_unknown(registry, repository, exc)
+            raise
+        if self._tag_ttl > 0:
+            self._tag_pages[key] = page
+        return page

@@ -85,3 +85,19 @@ def parse_size_or_percent(value: object) -> SizeOrShare:
             raise ValueError("expected a percentage between 0% and 100%")
         return SizeOrShare(percent=percent)
     return SizeOrShare(bytes=parse_size(value))
+
+
+_RATE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*")
+_RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600}
+_RATE_UNITS["hour"] = 3600
+
+
+def parse_rate(value: object) -> float:
+    """Events per second from ``10/s``, ``600/min`` or ``1000/h``; ``0`` or ``off`` is none."""
+    text = str(value).strip().lower()
+    if text in ("0", "off", "none", "unlimited"):
+        return 0.0
+    match = _RATE_RE.fullmatch(text)
+    if match is None:
+        raise ValueError("expected a rate such as 10/s, 600/min or 1000/h (or off)")
+    return float(match[1]) / _RATE_UNITS[match[2]]

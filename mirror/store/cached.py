@@ -5,14 +5,17 @@ freshness window touches neither the disk nor Redis. Tag records are cached with
 time the upstream confirmed them and trusted only inside the freshness window: past it
 the inner store is asked again, since another replica may have revalidated the tag.
 
-When the inner store is unavailable (Redis down), reads fall back to what is in memory
-and then count as misses (the resolver asks the upstream), writes are kept in memory
-only, and the inner store is left alone for ``retry_interval`` seconds so no request
-waits on its timeouts. One warning says it went away, one line says it came back.
+When the inner store is unavailable (Redis down, SQLite locked or its disk full), reads
+fall back to what is in memory and then count as misses (the resolver asks the upstream),
+writes are kept in memory only, and no request asks the inner store again: a background
+probe pings it every ``retry_interval`` seconds until it answers, so no request waits on
+its timeouts. One warning says it went away, one line says it came back.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -42,7 +45,7 @@ class CachedStore:
         self._manifests: LRUCache[tuple[str, str, str], Manifest] = LRUCache(max_entries)
         self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(max_entries)
         self._down_since: float | None = None
-        self._retry_at = 0.0
+        self._probe: asyncio.Task[None] | None = None
 
     @property
     def degraded(self) -> bool:
@@ -88,6 +91,10 @@ class CachedStore:
         return await self.inner.ping()
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
         await self.inner.close()
 
     async def _read(self, call: Awaitable[T]) -> T | None:
@@ -95,26 +102,30 @@ class CachedStore:
             call.close()  # type: ignore[attr-defined]
             return None
         try:
-            result = await call
+            return await call
         except StoreUnavailable as exc:
             self._went_down(exc)
             return None
-        self._came_back()
-        return result
 
     async def _write(self, call: Awaitable[None]) -> None:
         await self._read(call)
 
     def _available(self) -> bool:
-        return self._down_since is None or time.monotonic() >= self._retry_at
+        return self._down_since is None
 
     def _went_down(self, exc: StoreUnavailable) -> None:
-        self._retry_at = time.monotonic() + self._retry_interval
         if self._down_since is None:
             self._down_since = time.monotonic()
             log.warning("store_unavailable", error=str(exc), retry_interval=self._retry_interval)
+            self._probe = asyncio.create_task(self._probe_until_back())
 
-    def _came_back(self) -> None:
-        if self._down_since is not None:
-            log.info("store_available", down_for=round(time.monotonic() - self._down_since, 1))
-            self._down_since = None
+    async def _probe_until_back(self) -> None:
+        while True:
+            await asyncio.sleep(self._retry_interval)
+            with contextlib.suppress(Exception):
+                if await self.inner.ping():
+                    break
+        assert self._down_since is not None
+        log.info("store_available", down_for=round(time.monotonic() - self._down_since, 1))
+        self._down_since = None
+        self._probe = None

@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS missing (
     expires_at REAL NOT NULL,
     PRIMARY KEY (registry, repository, tag)
 );
+CREATE INDEX IF NOT EXISTS missing_expiry ON missing (expires_at);
 CREATE TABLE IF NOT EXISTS tags (
     registry TEXT NOT NULL,
     repository TEXT NOT NULL,
@@ -94,10 +95,19 @@ class EmbeddedStore:
         return row is not None and row[0] > time.time()
 
     async def put_missing(self, registry: str, repository: str, tag: str, ttl: float) -> None:
-        await self._write(
-            "INSERT OR REPLACE INTO missing VALUES (?, ?, ?, ?)",
-            (registry, repository, tag, time.time() + ttl),
-        )
+        now = time.time()
+
+        def write() -> None:
+            with self._db:
+                # What has expired goes as new answers come: clients inventing names
+                # cannot grow the table beyond what one negative_ttl holds.
+                self._db.execute("DELETE FROM missing WHERE expires_at <= ?", (now,))
+                self._db.execute(
+                    "INSERT OR REPLACE INTO missing VALUES (?, ?, ?, ?)",
+                    (registry, repository, tag, now + ttl),
+                )
+
+        await self._run(write)
 
     async def ping(self) -> bool:
         try:

@@ -31,6 +31,14 @@ class TagRecord:
     checked_at: float
 
 
+# Negative-cache keys for what is not a tag: the repository itself, a manifest digest, a blob.
+REPOSITORY_MISSING = "@repository"
+
+
+def blob_missing(digest: str) -> str:
+    return f"blob@{digest}"
+
+
 class MetadataStore(Protocol):
     """Manifests by digest and tags by name, per upstream registry and repository."""
 
@@ -47,11 +55,15 @@ class MetadataStore(Protocol):
     ) -> None: ...
 
     async def get_missing(self, registry: str, repository: str, tag: str) -> bool:
-        """Did the upstream recently answer 404 for this tag (the negative cache)?"""
+        """Did the upstream recently answer "not found" for this (the negative cache)?
+
+        ``tag`` is a tag, or one of the keys of :func:`missing_key` for what is not a
+        tag; none of them can collide with a tag, whose grammar has no ``@`` or ``:``.
+        """
         ...
 
     async def put_missing(self, registry: str, repository: str, tag: str, ttl: float) -> None:
-        """Remember an upstream 404 for ``ttl`` seconds."""
+        """Remember an upstream "not found" for ``ttl`` seconds."""
         ...
 
     async def ping(self) -> bool:

@@ -258,10 +258,14 @@ class UpstreamClient:
         query: Mapping[str, str] | None,
     ) -> aiohttp.ClientResponse:
         authorization = self._auth.header(scope)
+        fresh = False
         if authorization is None and self._auth.knows_challenge:
             authorization = await self._auth.authorize(scope)
+            fresh = True
         response = await self._follow(method, url, headers, authorization, query)
-        if response.status != 401:
+        if response.status != 401 or fresh:
+            # A token issued a moment ago and refused means no access to this repository
+            # (Docker Hub's answer for names it does not have): asking again changes nothing.
             return response
         self.metrics.upstream_requests.labels(self.name, kind, "401").inc()
         challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))

@@ -97,3 +97,28 @@ def _seconds(value: str | None) -> float:
         return max(float(value), 1.0) if value else DEFAULT_RETRY_AFTER
     except ValueError:
         return DEFAULT_RETRY_AFTER  # an HTTP date: rare from registries; back off the default
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up; ``rate`` 0 never refuses."""
+
+    def __init__(
+        self, rate: float, burst: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._tokens = burst
+        self._clock = clock
+        self._at = clock()
+
+    def take(self) -> float:
+        """0 when a token was taken; otherwise the seconds until one will be there."""
+        if self._rate <= 0:
+            return 0.0
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / self._rate
