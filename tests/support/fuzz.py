@@ -326,7 +326,14 @@ async def _healthy(host: str) -> bool:
     return received.startswith(b"HTTP/1.1 200")
 
 
-async def run(requests: int, *, seed: int = 1, concurrency: int = 32, work_dir: Path) -> Report:
+async def run(
+    requests: int,
+    *,
+    seed: int = 1,
+    concurrency: int = 32,
+    work_dir: Path,
+    serve_args: tuple[str, ...] = (),
+) -> Report:
     report = Report()
     async with FakeHub() as hub, FakeHub() as second:
         image = make_image([make_random_layer(32 * 1024, seed=seed)])
@@ -336,7 +343,12 @@ async def run(requests: int, *, seed: int = 1, concurrency: int = 32, work_dir: 
             second.add_image("org/app", tag, other)
         hub.add_image("org/tool", "latest", other)
         process = MirrorProcess(
-            work_dir / "data", hub.url, "--upstream", f"ghcr.io={second.url}", name="fuzz"
+            work_dir / "data",
+            hub.url,
+            "--upstream",
+            f"ghcr.io={second.url}",
+            *serve_args,
+            name="fuzz",
         )
         await asyncio.to_thread(process.start)
         try:
@@ -370,12 +382,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--keep", type=Path, help="keep the data dir and log here")
+    parser.add_argument("--workers", type=int, default=1, help="mirror serve --workers")
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
         work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
+        serve_args = ("--workers", str(args.workers)) if args.workers > 1 else ()
         report = asyncio.run(
-            run(args.requests, seed=args.seed, concurrency=args.concurrency, work_dir=work)
+            run(
+                args.requests,
+                seed=args.seed,
+                concurrency=args.concurrency,
+                work_dir=work,
+                serve_args=serve_args,
+            )
         )
         print(report.render())
     return 0 if report.ok else 1
