@@ -59,6 +59,7 @@ class Report:
     tracebacks: int = 0
     alive: bool = False
     seconds: float = 0.0
+    upstream: Counter[str] = field(default_factory=Counter)  # requests the upstreams saw
 
     @property
     def ok(self) -> bool:
@@ -69,6 +70,7 @@ class Report:
             f"sent {self.sent} requests in {self.seconds:.1f} s; process alive: {self.alive}",
             "by status: " + ", ".join(f"{k}={v}" for k, v in sorted(self.statuses.items())),
             "by kind: " + ", ".join(f"{k}={v}" for k, v in sorted(self.kinds.items())),
+            "upstream requests: " + ", ".join(f"{k}={v}" for k, v in sorted(self.upstream.items())),
             f"log: {self.log_lines} lines, {self.log_bytes} bytes, {self.tracebacks} tracebacks",
             "log events (other than access lines): "
             + ", ".join(f"{k}={v}" for k, v in self.events.most_common()),
@@ -373,6 +375,9 @@ async def run(
         finally:
             await asyncio.to_thread(process.stop)
         _read_log(process, report)
+        for name, fake in (("docker.io", hub), ("ghcr.io", second)):
+            for entry in fake.log:
+                report.upstream[f"{name} {entry.server}"] += 1
     return report
 
 
