@@ -13,6 +13,7 @@ upstream status codes, and it translates them into this tree:
     │   ├── NameUnknown      NAME_UNKNOWN        404
     │   ├── ManifestUnknown  MANIFEST_UNKNOWN    404
     │   └── BlobUnknown      BLOB_UNKNOWN        404
+    ├── PaginationNumberInvalid  PAGINATION_NUMBER_INVALID  400
     ├── RangeInvalid         RANGE_INVALID       416
     ├── TooManyRequests      TOOMANYREQUESTS     429
     └── UpstreamError        UNAVAILABLE         503
@@ -88,6 +89,12 @@ class ManifestUnknown(NotFound):
 class BlobUnknown(NotFound):
     code = "BLOB_UNKNOWN"
     default_message = "blob unknown to registry"
+
+
+class PaginationNumberInvalid(RegistryError):
+    code = "PAGINATION_NUMBER_INVALID"
+    status = 400
+    default_message = "invalid number of results requested"
 
 
 class RangeInvalid(RegistryError):

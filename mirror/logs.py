@@ -34,7 +34,9 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write() per line: print() writes the line and its newline apart, so with
+        # unbuffered output (PYTHONUNBUFFERED) the lines of --workers processes interleave.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     # aiohttp and asyncio report through the standard library; route them to stderr too.

@@ -92,12 +92,17 @@ async def registry_middleware(request: web.Request, handler: Handler) -> web.Str
         response = error_response(NotFound(f"no route for {request.path[:200]}"))
     except web.HTTPException:
         raise  # aiohttp's own answers (a body too large, say): already what they should be
-    except ConnectionError:
-        response = _client_gone(request)
     except Exception as error:  # the boundary: nothing unexpected leaves it raw
-        response = _unexpected(request, error)
+        if isinstance(error, ConnectionError) and _client_closed(request):
+            response = _client_gone(request)
+        else:
+            response = _unexpected(request, error)
     _count(request, response)
     return response
+
+
+def _client_closed(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
 
 
 def _client_gone(request: web.Request) -> web.StreamResponse:

@@ -18,7 +18,13 @@ import yarl
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from mirror.errors import BlobUnknown, RangeInvalid, RegistryError, Unsupported
+from mirror.errors import (
+    BlobUnknown,
+    PaginationNumberInvalid,
+    RangeInvalid,
+    RegistryError,
+    Unsupported,
+)
 from mirror.fills import Fill, FillState
 from mirror.mediatypes import BLOB_TYPE, parse_accept, served_manifest_type
 from mirror.reference import DOCKER_HUB, Digest, Reference, normalize_name
@@ -41,6 +47,7 @@ _UPLOADS_RE = re.compile(r".+/blobs/uploads(?:/.*)?")
 _RANGE_RE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})")
 _READ_METHODS = ("GET", "HEAD")
 _TAGS_QUERY = ("n", "last")
+_PAGE_SIZE_RE = re.compile(r"\d{1,9}")
 _LINK_RE = re.compile(r'<(?P<url>[^>]*)>\s*;[^,]*rel="?next"?')
 # Bytes per sendfile(2) call. One call for a whole blob is what FileResponse makes; calls of
 # a few MiB send a cached 1 GiB blob faster on loopback (see the README's Performance).
@@ -334,6 +341,9 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 async def tags(request: web.Request, registry: str, repository: str) -> web.Response:
     query = {key: request.query[key] for key in _TAGS_QUERY if key in request.query}
+    if "n" in query and _PAGE_SIZE_RE.fullmatch(query["n"]) is None:
+        # Refused here: the upstream would refuse it too, and that answer is no outage.
+        raise PaginationNumberInvalid(detail={"n": query["n"][:40]})
     page = await request.app[RESOLVER].tags(registry, repository, query)
     headers = {API_VERSION_HEADER: API_VERSION, NOSNIFF_HEADER: NOSNIFF}
     if page.link is not None and (link := _next_page_link(request, page.link)) is not None:

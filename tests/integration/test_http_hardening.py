@@ -282,3 +282,15 @@ async def test_a_stored_manifest_of_an_unknown_type_is_served_as_a_generic_type(
     assert headers["Content-Type"] == "application/octet-stream"
     assert headers["X-Content-Type-Options"] == NOSNIFF
     assert fake_hub.count(server="registry") == 0
+
+
+async def test_a_tag_list_page_size_that_is_not_a_number_is_refused_before_upstream(
+    fake_hub: FakeHub, mirror: RunningMirror
+) -> None:
+    fake_hub.add_image("library/app", "1.0", make_image([make_random_layer(1024, seed=107)]))
+    for n in ("-1", "abc", "9" * 30, "", "1.5"):
+        status, _, body = await mirror.get(f"/v2/app/tags/list?n={n}")
+        assert (status, error_code(body)) == (400, "PAGINATION_NUMBER_INVALID"), n
+    assert fake_hub.count(server="registry") == 0
+    status, _, body = await mirror.get("/v2/app/tags/list?n=0")
+    assert status == 200

@@ -148,3 +148,37 @@ async def test_a_flood_of_malformed_requests_and_half_closed_gets_logs_a_few_sho
     assert all(len(line) < 600 for line in noise), "\n".join(noise)
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         assert await response.read() == layer.data  # still serving
+
+
+async def test_workers_writing_one_log_never_mix_their_lines(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    # Unbuffered, as container images often run Python: each write() is a system call.
+    running = MirrorProcess(
+        tmp_path / "data", fake_hub.url, "--workers", "2", env={"PYTHONUNBUFFERED": "1"}
+    )
+    await asyncio.to_thread(running.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            gate = asyncio.Semaphore(64)
+
+            async def one(i: int) -> None:
+                async with gate, session.get(f"{running.url}/v2/x{i}/tags/list?n=z") as answer:
+                    await answer.read()
+
+            await asyncio.gather(*(one(i) for i in range(3000)))
+        await asyncio.sleep(0.3)
+    finally:
+        await asyncio.to_thread(running.stop)
+    lines = running.log().splitlines()
+    broken = [line for line in lines if not _is_json(line)]
+    assert broken == []
+    assert len(lines) >= 3000
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
