@@ -30,6 +30,7 @@ import structlog
 
 from mirror.coordination import Coordinator, Lease
 from mirror.errors import IntegrityError, RegistryError, UpstreamError
+from mirror.logs import LogThrottle
 from mirror.reference import Digest
 from mirror.store.blobs import BlobStore, Partial
 from mirror.upstream.client import UpstreamClient
@@ -133,6 +134,9 @@ class Fills:
         self._stall_timeout = stall_timeout
         self._active: dict[Digest, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # One line per kind of failure a minute: a client asking for missing blobs or an
+        # upstream outage must not flood the log.
+        self._log_throttle = LogThrottle()
         # Told how many fills are in flight whenever that changes (a metrics gauge).
         self._on_change = on_change or (lambda count: None)
 
@@ -207,9 +211,15 @@ class Fills:
                 await asyncio.shield(asyncio.to_thread(partial.discard))
             self._done(fill)
             fill._finish(error)
-            log.warning(
-                "blob_fill_failed", digest=str(fill.digest), error=str(error), written=fill.written
-            )
+            suppressed = self._log_throttle.admit((type(error), error.message))
+            if suppressed is not None:
+                log.warning(
+                    "blob_fill_failed",
+                    digest=str(fill.digest),
+                    error=str(error),
+                    written=fill.written,
+                    suppressed=suppressed,
+                )
             if not isinstance(exc, Exception):
                 raise
         finally:

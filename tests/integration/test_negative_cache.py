@@ -9,9 +9,12 @@ import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
+
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror, settings_for
 from tests.support.oci import OCI_MANIFEST, make_image, make_layer
+from tests.support.process import MirrorProcess
 
 ACCEPT = [OCI_MANIFEST]
 MISSING = "sha256:" + "c" * 64
@@ -106,3 +109,15 @@ async def test_lookups_of_names_never_seen_go_upstream_at_a_bounded_rate(
         # What is cached is never limited.
         for _ in range(10):
             assert (await mirror.get("/v2/app/manifests/0.0", accept=ACCEPT))[0] == 200
+
+
+async def test_missing_blobs_do_not_flood_the_log(fake_hub: FakeHub, tmp_path: Path) -> None:
+    fake_hub.add_image("library/app", "1.0", make_image([make_layer(b"x")]))
+    with MirrorProcess(tmp_path / "data", fake_hub.url) as mirror:
+        async with aiohttp.ClientSession() as session:
+            for number in range(30):
+                url = f"{mirror.url}/v2/app/blobs/sha256:{number:064x}"
+                async with session.get(url) as response:
+                    assert response.status == 404
+        log = mirror.log()
+    assert log.count("blob_fill_failed") <= 2
