@@ -23,7 +23,13 @@ from typing import TypeVar
 import structlog
 from cachetools import LRUCache
 
-from mirror.store.protocols import Manifest, MetadataStore, StoreUnavailable, TagRecord
+from mirror.store.protocols import (
+    Manifest,
+    MetadataStore,
+    StoreUnavailable,
+    TaggedRecord,
+    TagRecord,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -86,6 +92,9 @@ class CachedStore:
 
     async def put_missing(self, registry: str, repository: str, tag: str, ttl: float) -> None:
         await self._write(self.inner.put_missing(registry, repository, tag, ttl))
+
+    async def list_tags(self) -> list[TaggedRecord]:
+        return await self.inner.list_tags()
 
     async def ping(self) -> bool:
         return await self.inner.ping()

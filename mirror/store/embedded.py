@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mirror.store.protocols import Manifest, TagRecord
+from mirror.store.protocols import Manifest, TaggedRecord, TagRecord
 
 T = TypeVar("T")
 
@@ -108,6 +108,15 @@ class EmbeddedStore:
                 )
 
         await self._run(write)
+
+    async def list_tags(self) -> list[TaggedRecord]:
+        rows = await self._run(
+            lambda: self._db.execute(
+                "SELECT registry, repository, tag, digest, media_type, checked_at FROM tags"
+                " ORDER BY registry, repository, tag"
+            ).fetchall()
+        )
+        return [TaggedRecord(r[0], r[1], r[2], TagRecord(r[3], r[4], r[5])) for r in rows]
 
     async def ping(self) -> bool:
         try:

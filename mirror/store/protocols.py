@@ -31,6 +31,14 @@ class TagRecord:
     checked_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class TaggedRecord:
+    registry: str
+    repository: str
+    tag: str
+    record: TagRecord
+
+
 # Negative-cache keys for what is not a tag: the repository itself, a manifest digest, a blob.
 REPOSITORY_MISSING = "@repository"
 
@@ -64,6 +72,10 @@ class MetadataStore(Protocol):
 
     async def put_missing(self, registry: str, repository: str, tag: str, ttl: float) -> None:
         """Remember an upstream "not found" for ``ttl`` seconds."""
+        ...
+
+    async def list_tags(self) -> list[TaggedRecord]:
+        """Every tag the store knows, for ``mirror ls`` and the content graph."""
         ...
 
     async def ping(self) -> bool:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -46,7 +46,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from mirror.store.protocols import Manifest, StoreUnavailable, TagRecord
+from mirror.store.protocols import Manifest, StoreUnavailable, TaggedRecord, TagRecord
 
 __all__ = ["PREFIX", "RedisStore", "StoreUnavailable"]
 
@@ -149,6 +149,21 @@ class RedisStore:
                 # Already expired: Redis refuses PX 0, and the embedded store forgets it too.
                 await self._redis.delete(key)
 
+    async def list_tags(self) -> list[TaggedRecord]:
+        """SCANs the tag keys: for listing, never on the request path."""
+        found: list[TaggedRecord] = []
+        with _unavailable("list_tags"):
+            async for key in self._redis.scan_iter(match=f"{PREFIX}{{*}}:tag:*", count=1000):
+                name = _bytes(key).decode() if isinstance(key, bytes) else str(key)
+                parsed = _parse_key(name, "tag")
+                if parsed is None:
+                    continue
+                registry, repository, tag = parsed
+                record = await self.get_tag(registry, repository, tag)
+                if record is not None:
+                    found.append(TaggedRecord(registry, repository, tag, record))
+        return sorted(found, key=lambda t: (t.registry, t.repository, t.tag))
+
     async def close(self) -> None:
         with _unavailable("close"):
             await self._redis.aclose()
@@ -156,6 +171,19 @@ class RedisStore:
 
 def _key(registry: str, repository: str, kind: str, name: str) -> str:
     return f"{PREFIX}{{{_part(registry)}:{_part(repository)}}}:{kind}:{_part(name)}"
+
+
+def _parse_key(key: str, kind: str) -> tuple[str, str, str] | None:
+    """(registry, repository, name) of a key made by :func:`_key`, or None."""
+    rest = key.removeprefix(PREFIX)
+    if not rest.startswith("{") or "}" not in rest:
+        return None
+    scope, _, tail = rest[1:].partition("}")
+    registry, sep, repository = scope.partition(":")
+    marker = f":{kind}:"
+    if not sep or not tail.startswith(marker):
+        return None
+    return unquote(registry), unquote(repository), unquote(tail.removeprefix(marker))
 
 
 def _part(component: str) -> str:

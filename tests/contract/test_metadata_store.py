@@ -424,3 +424,20 @@ async def test_redis_store_resumes_when_redis_comes_back() -> None:
             assert await store.get_missing(HUB, "library/alpine", "nope") is True
         finally:
             await store.close()
+
+
+async def test_every_tag_is_listed_with_its_record(store: MetadataStore) -> None:
+    first, second = manifest(b'{"a":1}'), manifest(b'{"b":2}')
+    await store.put_tag(HUB, "library/alpine", "3.20", record(first))
+    await store.put_tag(HUB, "library/alpine", "latest", record(second, 1_718_000_001.25))
+    await store.put_tag("ghcr.io", "acme/odd:name", "v1.0_rc", record(first))
+    await store.put_missing(HUB, "library/alpine", "gone", 60)
+    listed = [(t.registry, t.repository, t.tag, t.record) for t in await store.list_tags()]
+    assert sorted(listed, key=str) == sorted(
+        [
+            (HUB, "library/alpine", "3.20", record(first)),
+            (HUB, "library/alpine", "latest", record(second, 1_718_000_001.25)),
+            ("ghcr.io", "acme/odd:name", "v1.0_rc", record(first)),
+        ],
+        key=str,
+    )
