@@ -7,14 +7,16 @@ the same engine on the data dir; each adds options of its own, which are not set
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mirror import __version__
+from mirror import __version__, commands
 from mirror.config import FLAG_KEYS, ConfigError, Settings, load
 from mirror.logs import configure
+from mirror.pins import Pin
 from mirror.server import serve_one
 from mirror.workers import run_workers
 
@@ -100,6 +102,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
     serve.add_argument("--workers", help="processes serving the port (default 1)")
     _budget_options(serve)
+    ls = commands.add_parser(
+        "ls", help="list the cached images (works while serve runs)", parents=[store]
+    )
+    ls.add_argument(
+        "pattern",
+        nargs="?",
+        help="[registry/]repository[:tag] with * wildcards, e.g. 'library/postgres:16*'",
+    )
+    ls.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
     return parser
 
 
@@ -117,6 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "serve":
         return serve(settings)
+    if args.command == "ls":
+        try:
+            pattern = Pin.parse(args.pattern) if args.pattern else None
+        except ValueError as exc:
+            print(f"mirror: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return asyncio.run(commands.ls(settings, pattern, as_json=args.json))
     return EXIT_USAGE
 
 
