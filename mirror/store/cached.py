@@ -23,6 +23,7 @@ from typing import TypeVar
 import structlog
 from cachetools import LRUCache
 
+from mirror.store.graph import ContentGraph
 from mirror.store.protocols import (
     Manifest,
     MetadataStore,
@@ -92,6 +93,10 @@ class CachedStore:
 
     async def put_missing(self, registry: str, repository: str, tag: str, ttl: float) -> None:
         await self._write(self.inner.put_missing(registry, repository, tag, ttl))
+
+    @property
+    def graph(self) -> ContentGraph:
+        return self.inner.graph
 
     async def list_tags(self) -> list[TaggedRecord]:
         return await self.inner.list_tags()

@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mirror.store import schema
+from mirror.store.graph_embedded import EmbeddedGraph
 from mirror.store.protocols import Manifest, TaggedRecord, TagRecord
 
 T = TypeVar("T")
@@ -54,6 +56,8 @@ class EmbeddedStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        schema.migrate(self._db)
+        self.graph = EmbeddedGraph(self._db, self._run)
 
     @classmethod
     async def open(cls, data_dir: Path) -> EmbeddedStore:

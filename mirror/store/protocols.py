@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from mirror.store.graph import ContentGraph
+
 
 class StoreUnavailable(Exception):
     """A shared store (Redis) did not answer, or answered with an error; the caller degrades."""
@@ -48,7 +50,11 @@ def blob_missing(digest: str) -> str:
 
 
 class MetadataStore(Protocol):
-    """Manifests by digest and tags by name, per upstream registry and repository."""
+    """Manifests by digest and tags by name, per upstream registry and repository; and the
+    content graph over them (``graph``)."""
+
+    @property
+    def graph(self) -> ContentGraph: ...
 
     async def get_manifest(
         self, registry: str, repository: str, digest: str

@@ -46,6 +46,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from mirror.store.graph_redis import RedisGraph
 from mirror.store.protocols import Manifest, StoreUnavailable, TaggedRecord, TagRecord
 
 __all__ = ["PREFIX", "RedisStore", "StoreUnavailable"]
@@ -60,6 +61,7 @@ class RedisStore:
         if client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("RedisStore needs a client with decode_responses=False")
         self._redis = client
+        self.graph = RedisGraph(client)
 
     @property
     def client(self) -> Redis:

@@ -1,0 +1,207 @@
+"""The content graph in Redis, for replicas sharing it (key schema v1, beside the store's).
+
+With R, P and D the percent-encoded registry, repository and digest (as in
+``mirror.store.redis_store``)::
+
+    mirror:v1:{R:P}:edges:D        hash   child digest -> "kind size platform" (JSON)
+    mirror:v1:{R:P}:pulls          hash   tag or manifest digest -> last pull
+    mirror:v1:{graph}:blob:D       hash   size, present (0/1), last_pulled
+    mirror:v1:{graph}:lru          zset   present blobs, scored by last pull
+    mirror:v1:{graph}:usage        hash   blobs, bytes: of the present blobs
+    mirror:v1:{graph}:holders:D    set    "R:P" of every repository referencing blob D
+
+The ``{graph}`` keys share one Redis Cluster slot, so the scripts that keep a blob's record,
+the LRU order and the usage counters in step run atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from urllib.parse import quote, unquote
+
+from redis.asyncio import Redis
+
+from mirror.manifests import References
+from mirror.store.graph import BlobEntry, ImageKey, Usage
+
+PREFIX = "mirror:v1:"
+GRAPH = f"{PREFIX}{{graph}}:"
+LRU = f"{GRAPH}lru"
+USAGE = f"{GRAPH}usage"
+
+_STORED = """
+local present = redis.call('HGET', KEYS[1], 'present')
+local old = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_pulled') or '0')
+local size, at = tonumber(ARGV[2]), tonumber(ARGV[3])
+if at > last then last = at end
+redis.call('HSET', KEYS[1], 'size', size, 'present', 1, 'last_pulled', tostring(last))
+redis.call('ZADD', KEYS[2], last, ARGV[1])
+if present == '1' then
+    redis.call('HINCRBY', KEYS[3], 'bytes', size - old)
+else
+    redis.call('HINCRBY', KEYS[3], 'blobs', 1)
+    redis.call('HINCRBY', KEYS[3], 'bytes', size)
+end
+return 1
+"""
+_REMOVED = """
+if redis.call('HGET', KEYS[1], 'present') == '1' then
+    local size = tonumber(redis.call('HGET', KEYS[1], 'size') or '0')
+    redis.call('HSET', KEYS[1], 'present', 0)
+    redis.call('ZREM', KEYS[2], ARGV[1])
+    redis.call('HINCRBY', KEYS[3], 'blobs', -1)
+    redis.call('HINCRBY', KEYS[3], 'bytes', -size)
+end
+return 1
+"""
+_PULLED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_pulled') or '0')
+local at = tonumber(ARGV[2])
+if at <= last then return 0 end
+redis.call('HSET', KEYS[1], 'last_pulled', tostring(at))
+if redis.call('HGET', KEYS[1], 'present') == '1' then
+    redis.call('ZADD', KEYS[2], at, ARGV[1])
+end
+return 1
+"""
+
+
+def _part(text: str) -> str:
+    return quote(text, safe="")
+
+
+def _repo_key(registry: str, repository: str, kind: str, name: str = "") -> str:
+    key = f"{PREFIX}{{{_part(registry)}:{_part(repository)}}}:{kind}"
+    return f"{key}:{_part(name)}" if name else key
+
+
+def _blob_key(digest: str) -> str:
+    return f"{GRAPH}blob:{_part(digest)}"
+
+
+def _holders_key(digest: str) -> str:
+    return f"{GRAPH}holders:{_part(digest)}"
+
+
+class RedisGraph:
+    def __init__(self, client: Redis) -> None:
+        self._redis = client
+        self._stored = client.register_script(_STORED)
+        self._removed = client.register_script(_REMOVED)
+        self._pulled = client.register_script(_PULLED)
+
+    async def add_manifest(
+        self, registry: str, repository: str, digest: str, refs: References
+    ) -> None:
+        edges = [
+            (child.digest, json.dumps(["manifest", child.size, child.platform]))
+            for child in refs.children
+        ]
+        edges += [(blob.digest, json.dumps(["blob", blob.size, None])) for blob in refs.blobs]
+        if not edges:
+            return
+        holder = f"{_part(registry)}:{_part(repository)}"
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hset(
+                _repo_key(registry, repository, "edges", digest),
+                # A comprehension here takes redis-py's key type from the call; dict() would not.
+                mapping={child: edge for child, edge in edges},  # noqa: C416
+            )
+            for child, _ in edges:
+                pipe.sadd(_holders_key(child), holder)
+            await pipe.execute()
+
+    async def blob_stored(self, digest: str, size: int, at: float) -> None:
+        await self._stored(keys=[_blob_key(digest), LRU, USAGE], args=[digest, size, repr(at)])
+
+    async def blobs_removed(self, digests: Sequence[str]) -> None:
+        for digest in digests:
+            await self._removed(keys=[_blob_key(digest), LRU, USAGE], args=[digest])
+
+    async def record_pulls(
+        self, blobs: Mapping[str, float], images: Mapping[ImageKey, float]
+    ) -> None:
+        for digest, at in blobs.items():
+            await self._pulled(keys=[_blob_key(digest), LRU], args=[digest, repr(at)])
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for (registry, repository, reference), at in images.items():
+                pipe.hset(_repo_key(registry, repository, "pulls"), reference, repr(at))
+            await pipe.execute()
+
+    async def oldest_blobs(
+        self, limit: int, after: tuple[float, str] | None = None
+    ) -> list[BlobEntry]:
+        since = after[0] if after is not None else "-inf"
+        # Ties at ``since`` are read again and skipped: a page is its limit plus some slack.
+        rows = await self._redis.zrangebyscore(
+            LRU, since, "+inf", start=0, num=limit + 1000, withscores=True
+        )
+        entries: list[tuple[str, float]] = []
+        for row in rows:
+            member, score = row[0], row[1]
+            digest = member.decode() if isinstance(member, bytes) else str(member)
+            if after is not None and (score, digest) <= after:
+                continue
+            entries.append((digest, float(score)))
+            if len(entries) == limit:
+                break
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for digest, _ in entries:
+                pipe.hget(_blob_key(digest), "size")
+            sizes = await pipe.execute()
+        return [
+            BlobEntry(digest, int(size or 0), score)
+            for (digest, score), size in zip(entries, sizes, strict=True)
+        ]
+
+    async def usage(self) -> Usage:
+        values = await self._redis.hmget(USAGE, ["blobs", "bytes"])
+        return Usage(int(values[0] or 0), int(values[1] or 0))
+
+    async def blobs_of(self, registry: str, repository: str, digest: str) -> dict[str, int]:
+        needed: dict[str, int] = {}
+        pending, seen = [digest], set()
+        while pending:
+            parent = pending.pop()
+            if parent in seen:
+                continue
+            seen.add(parent)
+            edges = await self._redis.hgetall(_repo_key(registry, repository, "edges", parent))
+            for raw_child, raw in edges.items():
+                child = raw_child.decode() if isinstance(raw_child, bytes) else str(raw_child)
+                kind, size, _ = json.loads(raw)
+                if kind == "manifest":
+                    pending.append(child)
+                else:
+                    needed[child] = max(needed.get(child, 0), int(size or 0))
+        return needed
+
+    async def holders(self, blob: str) -> set[tuple[str, str]]:
+        members = await self._redis.smembers(_holders_key(blob))
+        pairs = set()
+        for member in members:
+            text = member.decode() if isinstance(member, bytes) else str(member)
+            registry, _, repository = text.partition(":")
+            pairs.add((unquote(registry), unquote(repository)))
+        return pairs
+
+    async def unreferenced(self, digests: Sequence[str]) -> set[str]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for digest in digests:
+                pipe.exists(_holders_key(digest))
+            found = await pipe.execute()
+        return {digest for digest, exists in zip(digests, found, strict=True) if not exists}
+
+    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> None:
+        present = await self._redis.zrange(LRU, 0, -1)
+        gone = [
+            digest
+            for digest in (m.decode() if isinstance(m, bytes) else str(m) for m in present)
+            if digest not in on_disk
+        ]
+        await self.blobs_removed(gone)
+        for digest, (size, mtime) in on_disk.items():
+            await self.blob_stored(digest, size, mtime)

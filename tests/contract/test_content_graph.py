@@ -1,0 +1,104 @@
+"""What every content graph promises, run against each store (see conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from mirror.manifests import parse
+from mirror.store.embedded import EmbeddedStore
+from mirror.store.graph import BlobEntry, Usage
+from mirror.store.protocols import MetadataStore
+from mirror.store.schema import VERSION
+from tests.support.oci import make_image, make_index, make_layer
+
+HUB = "docker.io"
+
+
+async def test_an_index_needs_the_blobs_of_its_children(store: MetadataStore) -> None:
+    amd64 = make_image([make_layer(b"a"), make_layer(b"shared")], arch="amd64")
+    arm64 = make_image([make_layer(b"b"), make_layer(b"shared")], arch="arm64")
+    index = make_index([amd64, arm64])
+    graph = store.graph
+    await graph.add_manifest(HUB, "library/app", index.digest, parse(index.index, ""))
+    for image in (amd64, arm64):
+        await graph.add_manifest(HUB, "library/app", image.digest, parse(image.manifest, ""))
+    needed = await graph.blobs_of(HUB, "library/app", index.digest)
+    expected = {blob.digest: blob.size for image in (amd64, arm64) for blob in image.blobs}
+    assert needed == expected
+    assert await graph.blobs_of(HUB, "library/app", amd64.digest) == {
+        blob.digest: blob.size for blob in amd64.blobs
+    }
+    shared = amd64.blobs[-1].digest
+    await graph.add_manifest("ghcr.io", "acme/app", amd64.digest, parse(amd64.manifest, ""))
+    assert await graph.holders(shared) == {(HUB, "library/app"), ("ghcr.io", "acme/app")}
+    assert await graph.unreferenced([shared, "sha256:" + "0" * 64]) == {"sha256:" + "0" * 64}
+
+
+async def test_blobs_come_out_least_recently_pulled_first(store: MetadataStore) -> None:
+    graph = store.graph
+    digests = [f"sha256:{n:064x}" for n in range(5)]
+    for n, digest in enumerate(digests):
+        await graph.blob_stored(digest, 100 * (n + 1), at=1000.0 + n)
+    assert await graph.usage() == Usage(5, 1500)
+    await graph.record_pulls({digests[0]: 2000.0, digests[1]: 500.0}, {})  # never backwards
+    oldest = await graph.oldest_blobs(3)
+    assert [entry.digest for entry in oldest] == [digests[1], digests[2], digests[3]]
+    assert oldest[0] == BlobEntry(digests[1], 200, 1001.0)
+    page = await graph.oldest_blobs(10, after=(oldest[-1].last_pulled, oldest[-1].digest))
+    assert [entry.digest for entry in page] == [digests[4], digests[0]]
+    await graph.blobs_removed([digests[1], digests[1]])
+    assert await graph.usage() == Usage(4, 1300)
+    assert digests[1] not in [entry.digest for entry in await graph.oldest_blobs(10)]
+    await graph.blob_stored(digests[1], 200, at=3000.0)  # fetched again
+    assert (await graph.oldest_blobs(10))[-1].digest == digests[1]
+    assert await graph.usage() == Usage(5, 1500)
+
+
+async def test_reconcile_aligns_records_with_the_disk(store: MetadataStore) -> None:
+    graph = store.graph
+    kept, gone, found = (f"sha256:{n:064x}" for n in range(3))
+    await graph.blob_stored(kept, 10, at=1.0)
+    await graph.blob_stored(gone, 20, at=2.0)
+    await graph.reconcile({kept: (10, 1.0), found: (30, 5.0)})
+    assert await graph.usage() == Usage(2, 40)
+    assert {entry.digest for entry in await graph.oldest_blobs(10)} == {kept, found}
+
+
+async def test_image_pulls_are_recorded_in_batches(store: MetadataStore) -> None:
+    # Nothing to read back through the protocol yet but that it takes the batch.
+    await store.graph.record_pulls({}, {(HUB, "library/app", "latest"): 5.0})
+
+
+def test_an_old_data_dir_is_migrated_in_place(tmp_path: Path) -> None:
+    image = make_image([make_layer(b"old")])
+    with sqlite3.connect(tmp_path / "metadata.sqlite3") as db:
+        db.executescript(
+            "CREATE TABLE manifests (registry TEXT NOT NULL, repository TEXT NOT NULL,"
+            " digest TEXT NOT NULL, media_type TEXT NOT NULL, body BLOB NOT NULL,"
+            " PRIMARY KEY (registry, repository, digest));"
+        )
+        db.execute(
+            "INSERT INTO manifests VALUES (?, ?, ?, ?, ?)",
+            (HUB, "library/old", image.digest, json.loads(image.manifest)["mediaType"],
+             image.manifest),
+        )  # fmt: skip
+    store = EmbeddedStore(tmp_path / "metadata.sqlite3")
+    try:
+        with sqlite3.connect(tmp_path / "metadata.sqlite3") as db:
+            assert db.execute("PRAGMA user_version").fetchone() == (VERSION,)
+            edges = db.execute("SELECT child, kind FROM edges").fetchall()
+            plan = db.execute(
+                "EXPLAIN QUERY PLAN SELECT digest, size, last_pulled FROM blobs WHERE present = 1"
+                " AND (last_pulled, digest) > (?, ?) ORDER BY last_pulled, digest LIMIT ?",
+                (0.0, "", 10),
+            ).fetchall()
+    finally:
+        store._db.close()
+    assert sorted(edges) == sorted((blob.digest, "blob") for blob in image.blobs)
+    # Eviction's query walks the index: no scan of the table, no sort of its rows.
+    details = " ".join(row[-1] for row in plan)
+    assert "SEARCH blobs USING INDEX blobs_by_last_pull" in details
+    assert "SCAN" not in details
+    assert "TEMP B-TREE" not in details
