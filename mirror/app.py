@@ -42,7 +42,9 @@ def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web
 
 def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        async with open_engine(settings, metrics=app[METRICS], overrides=overrides) as engine:
+        async with open_engine(
+            settings, metrics=app[METRICS], overrides=overrides, background=True
+        ) as engine:
             app[ENGINE] = engine
             app[RESOLVER] = engine.resolver
             log.info(

@@ -24,6 +24,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import aiohttp
+import structlog
 
 from mirror.config import Settings
 from mirror.coordination import (
@@ -32,8 +33,11 @@ from mirror.coordination import (
     RedisCoordinator,
     data_dir_identity,
 )
+from mirror.eviction import INTERVAL, Budget, Evictor
 from mirror.fills import Fills
 from mirror.metrics import Metrics
+from mirror.pulls import PullRecorder
+from mirror.reference import Digest
 from mirror.resolver import Resolver
 from mirror.store.blobs import BlobStore
 from mirror.store.cached import CachedStore
@@ -45,6 +49,8 @@ from mirror.upstream.client import USER_AGENT, UpstreamClient
 from mirror.upstream.ratelimit import RateLimit
 from mirror.upstream.shared_state import FileState, RedisState, UpstreamState
 
+log = structlog.get_logger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class Overrides:
@@ -53,6 +59,7 @@ class Overrides:
     store: MetadataStore | None = None
     clock: Callable[[], float] | None = None
     probe_interval: float = 5.0
+    eviction_interval: float = INTERVAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,15 +72,26 @@ class Engine:
     fills: Fills
     upstreams: Mapping[str, UpstreamClient]
     resolver: Resolver
+    pulls: PullRecorder
+    evictor: Evictor
 
 
 @asynccontextmanager
 async def open_engine(
-    settings: Settings, *, metrics: Metrics | None = None, overrides: Overrides | None = None
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    overrides: Overrides | None = None,
+    background: bool = False,
 ) -> AsyncIterator[Engine]:
-    """Open every part on ``settings.data_dir``; close them all, in reverse, on exit."""
+    """Open every part on ``settings.data_dir``; close them all, in reverse, on exit.
+
+    ``background`` starts the work a server does besides answering: writing pull times and
+    keeping the disk budget. The offline subcommands leave it off.
+    """
     overrides = overrides or Overrides()
     metrics = metrics or Metrics()
+    clock = overrides.clock or time.time
     async with AsyncExitStack() as stack:
         blobs = await asyncio.to_thread(_open_blobs, settings)
         inner = overrides.store or await _open_store(settings)
@@ -100,11 +118,38 @@ async def open_engine(
             )
         for client in upstreams.values():
             stack.push_async_callback(client.close)
+        budget = Budget(
+            settings.max_cache_size,
+            settings.min_free_space,
+            settings.evict_unused_after,
+            settings.pins,
+        )
+        evictor = Evictor(
+            store=store,
+            blobs=blobs,
+            coordinator=coordinator,
+            budget=budget,
+            metrics=metrics,
+            data_dir=settings.data_dir,
+            clock=clock,
+            interval=overrides.eviction_interval,
+        )
+        pulls = PullRecorder(store.graph, clock=clock)
+
+        async def stored(digest: Digest, size: int) -> None:
+            try:
+                await store.graph.blob_stored(str(digest), size, clock())
+            except Exception as exc:  # the graph serves eviction and listing, not the pull
+                log.warning("graph_not_updated", digest=str(digest), error=str(exc))
+            evictor.poke()
+
         fills = Fills(
             blobs,
             coordinator,
             stall_timeout=settings.read_timeout,
             on_change=metrics.fills_in_flight.set,
+            on_stored=stored,
+            keep=budget.keeps,
         )
         stack.push_async_callback(fills.close)
         resolver = Resolver(
@@ -117,9 +162,17 @@ async def open_engine(
             max_stale=settings.max_stale,
             negative_ttl=settings.negative_ttl,
             cold_lookup_rate=settings.cold_lookup_rate,
-            clock=overrides.clock or time.time,
+            pulls=pulls,
+            clock=clock,
         )
-        yield Engine(settings, metrics, store, blobs, coordinator, fills, upstreams, resolver)
+        if background:
+            pulls.start()
+            stack.push_async_callback(pulls.close)
+            evictor.start()
+            stack.push_async_callback(evictor.close)
+        yield Engine(
+            settings, metrics, store, blobs, coordinator, fills, upstreams, resolver, pulls, evictor
+        )
 
 
 def _open_blobs(settings: Settings) -> BlobStore:

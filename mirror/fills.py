@@ -21,7 +21,7 @@ import contextlib
 import enum
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -128,6 +128,8 @@ class Fills:
         *,
         stall_timeout: float = 60.0,
         on_change: Callable[[int], None] | None = None,
+        on_stored: Callable[[Digest, int], Awaitable[None]] | None = None,
+        keep: Callable[[int], bool] = lambda size: True,
     ) -> None:
         self._blobs = blobs
         self._coordinator = coordinator
@@ -139,6 +141,10 @@ class Fills:
         self._log_throttle = LogThrottle()
         # Told how many fills are in flight whenever that changes (a metrics gauge).
         self._on_change = on_change or (lambda count: None)
+        # Told of each blob that lands on disk (the content graph), after its readers are.
+        self._on_stored = on_stored
+        # Whether a blob of this size may stay on disk (no larger than the disk budget).
+        self._keep = keep
 
     async def open(self, client: UpstreamClient, repository: str, digest: Digest) -> Fill | None:
         """The fill to read ``digest`` from, attached; None when the blob is on disk now.
@@ -203,7 +209,15 @@ class Fills:
             await asyncio.to_thread(partial.commit)
             self._done(fill)
             fill._finish()
-            log.info("blob_stored", digest=str(fill.digest), size=fill.written)
+            if not self._keep(fill.written):
+                # Larger than the whole budget: its readers finish from the open file,
+                # and nothing stays behind.
+                await asyncio.to_thread(self._blobs.path(fill.digest).unlink, missing_ok=True)
+                log.info("blob_not_kept", digest=str(fill.digest), size=fill.written)
+            else:
+                log.info("blob_stored", digest=str(fill.digest), size=fill.written)
+                if self._on_stored is not None:
+                    await self._on_stored(fill.digest, fill.written)
         except BaseException as exc:
             error = _as_registry_error(exc)
             if partial is not None:

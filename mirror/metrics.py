@@ -64,8 +64,39 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self._cache_metrics()
         for name in upstreams:
             self._upstream_known(name)
+
+    def _cache_metrics(self) -> None:
+        """The disk budget (``mirror.eviction``): written by the process that runs the
+        evictor, so across workers the most recent value is the answer."""
+        def gauge(name: str, documentation: str) -> Gauge:
+            return Gauge(
+                name, documentation, registry=self.registry, multiprocess_mode="mostrecent"
+            )
+
+        self.cache_bytes = gauge("mirror_cache_bytes", "Bytes of blobs on disk.")
+        self.cache_blobs = gauge("mirror_cache_blobs", "Blobs on disk.")
+        self.cache_budget = gauge(
+            "mirror_cache_budget_bytes", "The disk budget for blobs (NaN: none)."
+        )
+        self.pinned_bytes = gauge("mirror_pinned_bytes", "Bytes of blobs that pinned images need.")
+        self.pins_over_budget = gauge(
+            "mirror_pins_over_budget", "1 while pinned content alone exceeds the budget."
+        )
+        self.evictions = Counter(
+            "mirror_evictions",
+            "Blobs evicted, by reason: budget, free_space or unused.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.evicted_bytes = Counter(
+            "mirror_evicted_bytes", "Bytes of blobs evicted.", registry=self.registry
+        )
+        self.cache_budget.set(math.nan)
+        for reason in ("budget", "free_space", "unused"):
+            self.evictions.labels(reason)
 
     def _upstream_known(self, name: str) -> None:
         """Every upstream gauge has a sample from the start: a circuit closed, a quota not

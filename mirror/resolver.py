@@ -38,7 +38,10 @@ from mirror.errors import (
     UpstreamError,
 )
 from mirror.fills import Fill, FillHandover, Fills
+from mirror.logs import LogThrottle
+from mirror.manifests import parse
 from mirror.mediatypes import MANIFEST_TYPES, accepts, upstream_accept
+from mirror.pulls import PullRecorder
 from mirror.reference import Digest, Reference
 from mirror.singleflight import SingleFlight
 from mirror.store.blobs import BlobStore
@@ -89,6 +92,7 @@ class Resolver:
         max_stale: float | None = None,
         negative_ttl: float = 30.0,
         cold_lookup_rate: float = 0.0,
+        pulls: PullRecorder | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -101,6 +105,8 @@ class Resolver:
         self._negative_ttl = negative_ttl
         self._clock = clock
         self._manifest_flights: SingleFlight[tuple[Manifest, Outcome]] = SingleFlight()
+        self.pulls = pulls or PullRecorder(store.graph)
+        self._graph_log = LogThrottle()
         self._cold_lookups = {
             name: TokenBucket(cold_lookup_rate, max(cold_lookup_rate * 5, 1.0))
             for name in upstreams
@@ -134,6 +140,7 @@ class Resolver:
         except NameUnknown as exc:
             await self._remember_unknown(registry, repository, exc)
             raise
+        self.pulls.image(registry, repository, manifest.digest)
         if accepts(accept, manifest.media_type):
             return manifest, outcome
         # The client cannot read what the tag resolves to for everyone (an old client and a
@@ -239,9 +246,20 @@ class Resolver:
                 await self._remember_tag(registry, repository, tag, manifest)
                 return manifest, Outcome.REVALIDATED
         manifest = await client.get_manifest(repository, tag, MANIFEST_TYPES)
-        await self.store.put_manifest(registry, repository, manifest)
+        await self._store_manifest(registry, repository, manifest)
         await self._remember_tag(registry, repository, tag, manifest)
         return manifest, Outcome.MISS
+
+    async def _store_manifest(self, registry: str, repository: str, manifest: Manifest) -> None:
+        """Keep a manifest, and record in the content graph what it references."""
+        await self.store.put_manifest(registry, repository, manifest)
+        try:
+            refs = parse(manifest.body, manifest.media_type)
+            await self.store.graph.add_manifest(registry, repository, manifest.digest, refs)
+        except Exception as exc:  # the graph serves eviction and listing, never the pull
+            suppressed = self._graph_log.admit(type(exc).__name__)
+            if suppressed is not None:
+                log.warning("graph_not_updated", error=str(exc), suppressed=suppressed)
 
     async def _remember_tag(
         self, registry: str, repository: str, tag: str, manifest: Manifest
@@ -302,7 +320,7 @@ class Resolver:
     ) -> tuple[Manifest, Outcome]:
         async def fetch() -> tuple[Manifest, Outcome]:
             manifest = await client.get_manifest(repository, reference, accept)
-            await self.store.put_manifest(registry, repository, manifest)
+            await self._store_manifest(registry, repository, manifest)
             return manifest, Outcome.MISS
 
         return await self._coalesced(("get", registry, repository, reference, *accept), fetch)
@@ -319,6 +337,7 @@ class Resolver:
         for _ in range(3):
             size = self.blobs.size(digest)
             if size is not None:
+                self.pulls.blob(str(digest))
                 return CachedBlob(self.blobs.path(digest), size)
             await self._blob_not_known_missing(registry, repository, digest)
             fill = await self.fills.open(client, repository, digest)
@@ -336,6 +355,7 @@ class Resolver:
             except BaseException:
                 fill.detach()
                 raise
+            self.pulls.blob(str(digest))
             return fill
         raise UpstreamError(
             "the blob transfer could not be started", detail={"digest": str(digest)}

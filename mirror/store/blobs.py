@@ -88,6 +88,23 @@ class BlobStore:
             return False
         return True
 
+    def on_disk(self) -> dict[str, tuple[int, float]]:
+        """Every blob file: digest -> (size, modification time). Partial files are not
+        blobs. A walk of the whole directory: for reconciliation and gc, never per request."""
+        found: dict[str, tuple[int, float]] = {}
+        if not self.root.exists():
+            return found
+        for algorithm in self.root.iterdir():
+            for path in algorithm.glob("*/*"):
+                if path.name.startswith("."):
+                    continue
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+                found[f"{algorithm.name}:{path.name}"] = (stat.st_size, stat.st_mtime)
+        return found
+
     def new_partial(self, digest: Digest) -> Partial:
         final = self.path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)

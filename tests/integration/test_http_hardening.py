@@ -7,7 +7,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -102,8 +102,23 @@ async def test_an_expect_header_that_is_not_utf8_is_no_500(mirror: RunningMirror
             assert headers["content-type"].startswith("application/json"), (path, expect, body)
 
 
+class BrokenGraph:
+    """A content graph with the same bug: every call raises."""
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[None]]:
+        async def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("a bug in the graph")
+
+        return broken
+
+
 class BrokenStore:
     """A metadata store with a bug: every read raises what nothing expects."""
+
+    graph = BrokenGraph()
+
+    async def list_tags(self) -> list[object]:
+        raise RuntimeError("a bug in the store")
 
     async def get_manifest(self, registry: str, repository: str, digest: str) -> Manifest | None:
         raise RuntimeError("a bug in the store")

@@ -1,0 +1,216 @@
+"""The disk budget: least recently pulled blobs go when the cache outgrows its room.
+
+A pass runs in the background, in one process at a time across workers and replicas
+sharing the data dir (a lease), and never holds up a request:
+
+- Over ``max_cache_size``, or with less than ``min_free_space`` free on the data dir's
+  filesystem, blobs are removed oldest-pull first (from the content graph's index, never by
+  walking the disk) until usage is back under 90% of the budget and free space above the
+  floor.
+- With ``evict_unused_after``, blobs nobody pulled for that long go even under budget.
+- Blobs that a pinned image needs stay, whatever happens; when pins alone exceed the budget
+  the log and ``mirror_pins_over_budget`` say so.
+- A client reading a blob while it is removed keeps reading it: it holds the file open,
+  and removing a name does not take the data from an open file. A blob being filled is not
+  yet a blob on disk, so it is never a candidate.
+
+Manifests and tags stay (they are small); a later pull fetches only the missing blobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from mirror.coordination import Coordinator
+from mirror.logs import LogThrottle
+from mirror.metrics import Metrics
+from mirror.pins import Pin, pinned
+from mirror.reference import Digest
+from mirror.store.blobs import BlobStore
+from mirror.store.graph import BlobEntry
+from mirror.store.protocols import MetadataStore
+from mirror.units import SizeOrShare
+
+log = structlog.get_logger(__name__)
+
+LOW_WATER = 0.9
+PAGE = 500
+INTERVAL = 10.0
+LEASE = "evictor"
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    max_bytes: int | None = None
+    min_free: SizeOrShare = field(default_factory=lambda: SizeOrShare(percent=5.0))
+    unused_after: float | None = None
+    pins: tuple[Pin, ...] = ()
+
+    def keeps(self, size: int) -> bool:
+        """May a blob of ``size`` bytes stay on disk at all?"""
+        return self.max_bytes is None or size <= self.max_bytes
+
+
+@dataclass(slots=True)
+class Pass:
+    ran: bool = False
+    removed: int = 0
+    freed: int = 0
+    short: int = 0  # bytes still to free that pins kept
+
+
+class Evictor:
+    def __init__(
+        self,
+        *,
+        store: MetadataStore,
+        blobs: BlobStore,
+        coordinator: Coordinator,
+        budget: Budget,
+        metrics: Metrics,
+        data_dir: Path,
+        clock: Callable[[], float] = time.time,
+        interval: float = INTERVAL,
+    ) -> None:
+        self._store = store
+        self._blobs = blobs
+        self._coordinator = coordinator
+        self._budget = budget
+        self._metrics = metrics
+        self._data_dir = data_dir
+        self._clock = clock
+        self._interval = interval
+        self._reconciled = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._throttle = LogThrottle()
+        if budget.max_bytes is not None:
+            metrics.cache_budget.set(budget.max_bytes)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run_forever())
+
+    def poke(self) -> None:
+        """Something landed on disk: look again now rather than at the next interval."""
+        self._wake.set()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            self._wake.clear()
+            try:
+                await self.run_once()
+            except Exception as exc:  # a pass that failed is tried again at the next one
+                suppressed = self._throttle.admit(type(exc).__name__)
+                if suppressed is not None:
+                    log.warning("eviction_failed", error=str(exc), suppressed=suppressed)
+
+    async def run_once(self) -> Pass:
+        """One pass, if no other process is running one."""
+        lease = await self._coordinator.acquire(LEASE)
+        if lease is None:
+            return Pass()
+        try:
+            return await self._pass()
+        finally:
+            await lease.release()
+
+    async def _pass(self) -> Pass:
+        graph = self._store.graph
+        if not self._reconciled:
+            await graph.reconcile(await asyncio.to_thread(self._blobs.on_disk))
+            self._reconciled = True
+        result = Pass(ran=True)
+        need, reason = await self._bytes_to_free()
+        idle_before = (
+            self._clock() - self._budget.unused_after if self._budget.unused_after else None
+        )
+        if need <= 0 and idle_before is None:
+            await self._report(result)
+            return result
+        protected = await self._pinned_blobs()
+        removed: list[str] = []
+        async for entry in self._candidates(protected):
+            if need > 0:
+                why = reason
+            elif idle_before is not None and entry.last_pulled < idle_before:
+                why = "unused"
+            else:
+                break  # the rest were pulled more recently still
+            if await asyncio.to_thread(self._blobs.quarantine, Digest.parse(entry.digest)):
+                need -= entry.size
+                result.removed += 1
+                result.freed += entry.size
+                self._metrics.evictions.labels(why).inc()
+                self._metrics.evicted_bytes.inc(entry.size)
+            removed.append(entry.digest)
+        if removed:
+            await graph.blobs_removed(removed)
+            log.info("blobs_evicted", count=result.removed, bytes=result.freed)
+        result.short = max(need, 0)
+        await self._report(result)
+        return result
+
+    async def _candidates(self, protected: set[str]) -> AsyncIterator[BlobEntry]:
+        """Blobs on disk that no pin needs, least recently pulled first, a page at a time."""
+        after: tuple[float, str] | None = None
+        while page := await self._store.graph.oldest_blobs(PAGE, after):
+            for entry in page:
+                if entry.digest not in protected:
+                    yield entry
+            after = (page[-1].last_pulled, page[-1].digest)
+
+    async def _bytes_to_free(self) -> tuple[int, str]:
+        usage = await self._store.graph.usage()
+        over = 0
+        if self._budget.max_bytes is not None and usage.bytes > self._budget.max_bytes:
+            over = usage.bytes - int(self._budget.max_bytes * LOW_WATER)
+        disk = await asyncio.to_thread(shutil.disk_usage, self._data_dir)
+        floor = self._budget.min_free.of(disk.total)
+        short = int(floor / LOW_WATER) - disk.free if disk.free < floor else 0
+        if short > over:
+            return short, "free_space"
+        return over, "budget"
+
+    async def _pinned_blobs(self) -> set[str]:
+        needed: dict[str, int] = {}
+        for tagged in await self._store.list_tags() if self._budget.pins else []:
+            if pinned(self._budget.pins, tagged.registry, tagged.repository, tagged.tag):
+                needed.update(
+                    await self._store.graph.blobs_of(
+                        tagged.registry, tagged.repository, tagged.record.digest
+                    )
+                )
+        self._metrics.pinned_bytes.set(sum(needed.values()))
+        return set(needed)
+
+    async def _report(self, result: Pass) -> None:
+        usage = await self._store.graph.usage()
+        self._metrics.cache_bytes.set(usage.bytes)
+        self._metrics.cache_blobs.set(usage.blobs)
+        self._metrics.pins_over_budget.set(1 if result.short > 0 and self._budget.pins else 0)
+        if result.short > 0:
+            suppressed = self._throttle.admit("short")
+            if suppressed is not None:
+                log.warning(
+                    "budget_exceeded_by_pins",
+                    usage=usage.bytes,
+                    budget=self._budget.max_bytes,
+                    still_to_free=result.short,
+                    suppressed=suppressed,
+                )

@@ -1,0 +1,76 @@
+"""Last-pull times, gathered on the request path and written to the content graph in batches.
+
+The request path calls :meth:`PullRecorder.blob` and :meth:`PullRecorder.image`, each one
+dict assignment. Every ``interval`` seconds (and on close) the batch goes to the graph in
+one write; an image pull also refreshes the blobs that image needs, since a node that
+already holds the layers pulls only the manifest, and its image is still in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+import structlog
+
+from mirror.logs import LogThrottle
+from mirror.store.graph import ContentGraph, ImageKey
+
+log = structlog.get_logger(__name__)
+
+FLUSH_INTERVAL = 10.0
+
+
+class PullRecorder:
+    def __init__(
+        self,
+        graph: ContentGraph,
+        *,
+        interval: float = FLUSH_INTERVAL,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._graph = graph
+        self._interval = interval
+        self._clock = clock
+        self._blobs: dict[str, float] = {}
+        self._images: dict[ImageKey, float] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._throttle = LogThrottle()
+
+    def blob(self, digest: str) -> None:
+        self._blobs[digest] = self._clock()
+
+    def image(self, registry: str, repository: str, digest: str) -> None:
+        self._images[(registry, repository, digest)] = self._clock()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._flush_forever())
+
+    async def flush(self) -> None:
+        blobs, images = self._blobs, self._images
+        if not blobs and not images:
+            return
+        self._blobs, self._images = {}, {}
+        try:
+            for (registry, repository, digest), at in images.items():
+                for blob in await self._graph.blobs_of(registry, repository, digest):
+                    blobs[blob] = max(blobs.get(blob, at), at)
+            await self._graph.record_pulls(blobs, images)
+        except Exception as exc:  # the times are a hint for eviction; losing a batch is fine
+            suppressed = self._throttle.admit(type(exc).__name__)
+            if suppressed is not None:
+                log.warning("pull_times_not_recorded", error=str(exc), suppressed=suppressed)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.flush()
