@@ -124,6 +124,7 @@ async def open_engine(
             settings.evict_unused_after,
             settings.pins,
         )
+        pulls = PullRecorder(store.graph, clock=clock)
         evictor = Evictor(
             store=store,
             blobs=blobs,
@@ -133,8 +134,8 @@ async def open_engine(
             data_dir=settings.data_dir,
             clock=clock,
             interval=overrides.eviction_interval,
+            before_pass=pulls.flush,
         )
-        pulls = PullRecorder(store.graph, clock=clock)
 
         async def stored(digest: Digest, size: int) -> None:
             try:

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,8 +79,12 @@ class Evictor:
         data_dir: Path,
         clock: Callable[[], float] = time.time,
         interval: float = INTERVAL,
+        before_pass: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
+        # Writes the pull times gathered so far (PullRecorder.flush): a pass must not take
+        # a blob pulled a moment ago for an old one.
+        self._before_pass = before_pass
         self._blobs = blobs
         self._coordinator = coordinator
         self._budget = budget
@@ -132,6 +136,8 @@ class Evictor:
 
     async def _pass(self) -> Pass:
         graph = self._store.graph
+        if self._before_pass is not None:
+            await self._before_pass()
         if not self._reconciled:
             await graph.reconcile(await asyncio.to_thread(self._blobs.on_disk))
             self._reconciled = True

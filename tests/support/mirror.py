@@ -14,8 +14,10 @@ from multidict import CIMultiDict
 
 from mirror.app import Overrides, create_app
 from mirror.config import Settings, UpstreamSettings
+from mirror.engine import Engine
 from mirror.reference import DOCKER_HUB
 from mirror.routes.middleware import AccessLogger
+from mirror.routes.state import ENGINE
 from mirror.store.protocols import MetadataStore
 
 
@@ -60,8 +62,10 @@ class RunningMirror:
         clock: FakeClock | None = None,
         probe_interval: float = 5.0,
         store: MetadataStore | None = None,
+        eviction_interval: float = 10.0,
     ) -> None:
         self.settings = settings
+        self.eviction_interval = eviction_interval  # tests run passes by hand with a long one
         self.clock = clock
         self.probe_interval = probe_interval
         self.store = store  # a metadata store of the test's own instead of the embedded one
@@ -74,12 +78,20 @@ class RunningMirror:
         return str(self._server.make_url("")).rstrip("/")
 
     @property
+    def engine(self) -> Engine:
+        assert self._server is not None
+        return self._server.app[ENGINE]
+
+    @property
     def host(self) -> str:
         return self.url.removeprefix("http://")
 
     async def start(self) -> None:
         overrides = Overrides(
-            clock=self.clock, probe_interval=self.probe_interval, store=self.store
+            clock=self.clock,
+            probe_interval=self.probe_interval,
+            store=self.store,
+            eviction_interval=self.eviction_interval,
         )
         app = create_app(self.settings, overrides=overrides)
         self._server = TestServer(app, host="127.0.0.1", access_log_class=AccessLogger)

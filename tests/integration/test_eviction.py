@@ -1,0 +1,204 @@
+"""The disk budget: what eviction removes, in what order, and what it never breaks."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from mirror.pins import Pin
+from mirror.store.blobs import BlobStore
+from tests.support.fakehub import FakeHub
+from tests.support.mirror import FakeClock, RunningMirror, settings_for
+from tests.support.oci import OCI_MANIFEST, Image, make_image, make_random_layer
+from tests.support.process import MirrorProcess
+
+MIB = 1024 * 1024
+HOUR = 3600.0
+
+
+def image_of(seed: int, size: int = MIB) -> Image:
+    return make_image([make_random_layer(size, seed=seed)])
+
+
+async def pull(mirror: RunningMirror, repository: str, image: Image) -> None:
+    """What a client does: the manifest by tag, then every blob."""
+    status, _, body = await mirror.get(f"/v2/{repository}/manifests/latest", accept=[OCI_MANIFEST])
+    assert (status, body) == (200, image.manifest)
+    for blob in image.blobs:
+        status, _, body = await mirror.get(f"/v2/{repository}/blobs/{blob.digest}")
+        assert (status, body) == (200, blob.data)
+
+
+def on_disk(mirror: RunningMirror, image: Image) -> bool:
+    layer = image.blobs[-1].digest.removeprefix("sha256:")
+    return (mirror.settings.data_dir / "blobs" / "sha256" / layer[:2] / layer).exists()
+
+
+async def evict(mirror: RunningMirror) -> None:
+    """One pass of the evictor, after any pass the mirror started by itself."""
+    for _ in range(500):
+        if (await mirror.engine.evictor.run_once()).ran:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the evictor's lease was never free")
+
+
+async def test_least_recently_pulled_goes_first_and_a_pull_refreshes(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
+) -> None:
+    images = {name: image_of(seed) for seed, name in enumerate(("a", "b", "c"))}
+    for name, image in images.items():
+        fake_hub.add_image(f"library/{name}", "latest", image)
+    settings = settings_for(fake_hub.url, tmp_path / "data", max_cache_size=int(2.5 * MIB))
+    async with RunningMirror(settings, clock=clock, eviction_interval=3600) as mirror:
+        for name in ("a", "b", "a", "c"):  # a again before c: b is the least recently pulled
+            await pull(mirror, name, images[name])
+            clock.advance(60)
+        await evict(mirror)  # c landing over the budget started one already
+        assert [on_disk(mirror, images[n]) for n in "abc"] == [True, False, True]
+        usage = await mirror.engine.store.graph.usage()
+        assert usage.bytes <= 2.5 * MIB
+        cdn_before = fake_hub.count("GET", "cdn")
+        await pull(mirror, "a", images["a"])
+        await pull(mirror, "c", images["c"])
+        assert fake_hub.count("GET", "cdn") == cdn_before  # still cached
+        await pull(mirror, "b", images["b"])
+        assert fake_hub.count("GET", "cdn") == cdn_before + 1  # only its missing layer
+
+
+async def test_pinned_images_stay_whatever_their_age(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
+) -> None:
+    images = {name: image_of(seed) for seed, name in enumerate(("a", "b", "c"))}
+    for name, image in images.items():
+        fake_hub.add_image(f"library/{name}", "latest", image)
+    settings = settings_for(
+        fake_hub.url,
+        tmp_path / "data",
+        max_cache_size=int(1.5 * MIB),
+        pins=(Pin.parse("library/a"),),
+    )
+    async with RunningMirror(settings, clock=clock, eviction_interval=3600) as mirror:
+        for name, image in images.items():
+            await pull(mirror, name, image)
+            clock.advance(60)
+        await evict(mirror)
+        assert [on_disk(mirror, images[n]) for n in "abc"] == [True, False, False]
+        # Pins alone over the budget: nothing pinned goes, and the metric says so.
+        settings_small = settings_for(
+            fake_hub.url, tmp_path / "data", max_cache_size=MIB // 2, pins=settings.pins
+        )
+    async with RunningMirror(settings_small, clock=clock, eviction_interval=3600) as mirror:
+        await evict(mirror)
+        assert on_disk(mirror, images["a"])
+        _, _, page = await mirror.get("/metrics")
+        assert b"mirror_pins_over_budget 1.0" in page
+
+
+async def test_unused_blobs_expire_even_under_budget(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
+) -> None:
+    old, new = image_of(1), image_of(2)
+    fake_hub.add_image("library/old", "latest", old)
+    fake_hub.add_image("library/new", "latest", new)
+    settings = settings_for(fake_hub.url, tmp_path / "data", evict_unused_after=24 * HOUR)
+    async with RunningMirror(settings, clock=clock, eviction_interval=3600) as mirror:
+        await pull(mirror, "old", old)
+        clock.advance(20 * HOUR)
+        await pull(mirror, "new", new)
+        clock.advance(5 * HOUR)
+        await evict(mirror)
+        assert not on_disk(mirror, old)
+        assert on_disk(mirror, new)
+        _, _, page = await mirror.get("/metrics")
+        assert b'mirror_evictions_total{reason="unused"}' in page
+
+
+async def test_a_client_reading_a_blob_that_is_evicted_gets_every_byte(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
+) -> None:
+    first, second = image_of(7, size=32 * MIB), image_of(8, size=32 * MIB)
+    fake_hub.add_image("library/first", "latest", first)
+    fake_hub.add_image("library/second", "latest", second)
+    layer = first.blobs[-1]
+    settings = settings_for(fake_hub.url, tmp_path / "data", max_cache_size=40 * MIB)
+    async with RunningMirror(settings, clock=clock, eviction_interval=3600) as mirror:
+        await pull(mirror, "first", first)
+        clock.advance(60)
+        async with aiohttp.ClientSession() as session, session.get(
+            f"{mirror.url}/v2/first/blobs/{layer.digest}", read_bufsize=64 * 1024
+        ) as response:
+            start = await response.content.read(64 * 1024)  # a slow client, mid-transfer
+            await pull(mirror, "second", second)  # over the budget: first must go
+            await evict(mirror)
+            assert not on_disk(mirror, first)
+            rest = await response.content.read()
+        data = start + rest
+        assert len(data) == layer.size
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == layer.digest
+
+
+async def test_a_blob_being_filled_is_not_evicted_and_one_larger_than_the_budget_is_not_kept(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
+) -> None:
+    small, large = image_of(3, size=MIB), image_of(4, size=6 * MIB)
+    fake_hub.add_image("library/small", "latest", small)
+    fake_hub.add_image("library/large", "latest", large)
+    settings = settings_for(fake_hub.url, tmp_path / "data", max_cache_size=4 * MIB)
+    async with RunningMirror(settings, clock=clock, eviction_interval=3600) as mirror:
+        fake_hub.blob_delay_per_chunk = 0.002
+        filling = asyncio.create_task(pull(mirror, "small", small))
+        await asyncio.sleep(0.05)
+        await evict(mirror)  # mid-fill: nothing of it is a candidate
+        await filling
+        assert on_disk(mirror, small)
+        fake_hub.blob_delay_per_chunk = 0.0
+        await pull(mirror, "large", large)  # served whole...
+        assert not on_disk(mirror, large)  # ...and not kept
+        assert on_disk(mirror, small)
+
+
+async def test_a_mirror_process_stays_within_its_budget(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """The issue's walk-through: serve with a budget, pull more than it holds, look."""
+    images = [image_of(seed) for seed in range(10, 16)]  # six images of 1 MiB
+    for number, image in enumerate(images):
+        fake_hub.add_image(f"library/app{number}", "latest", image)
+    data = tmp_path / "data"
+    with MirrorProcess(data, fake_hub.url, "--max-cache-size", "3MiB") as mirror:
+        async with aiohttp.ClientSession() as session:
+            for number, image in enumerate(images):
+                await pull_from(session, mirror.url, f"app{number}", image)
+            await asyncio.sleep(0.5)  # the evictor runs in the background after each landing
+            used = sum(size for size, _ in BlobStore(data / "blobs").on_disk().values())
+            assert used <= 3 * MIB
+            upstream_before = len(fake_hub.log)
+            await pull_from(session, mirror.url, f"app{len(images) - 1}", images[-1])
+            assert len(fake_hub.log) == upstream_before  # the latest image: all cached
+        listing = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "mirror", "ls", "--data-dir", str(data), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    rows = {row["repository"]: row for row in json.loads(listing.stdout)}
+    assert len(rows) == len(images)  # manifests and tags stay when their blobs go
+    latest = rows[f"library/app{len(images) - 1}"]
+    assert latest["blobs_present"] == latest["blobs"]
+    assert rows["library/app0"]["blobs_present"] < rows["library/app0"]["blobs"]
+
+
+async def pull_from(session: aiohttp.ClientSession, url: str, name: str, image: Image) -> None:
+    async with session.get(
+        f"{url}/v2/{name}/manifests/latest", headers={"Accept": OCI_MANIFEST}
+    ) as response:
+        assert await response.read() == image.manifest
+    for blob in image.blobs:
+        async with session.get(f"{url}/v2/{name}/blobs/{blob.digest}") as response:
+            assert await response.read() == blob.data
