@@ -111,6 +111,20 @@ def _parser() -> argparse.ArgumentParser:
         help="[registry/]repository[:tag] with * wildcards, e.g. 'library/postgres:16*'",
     )
     ls.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
+    gc = commands.add_parser(
+        "gc",
+        help="remove blobs no cached image needs and leftovers of crashed downloads",
+        parents=[store],
+    )
+    gc.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
+    verify = commands.add_parser(
+        "verify", help="re-hash every cached blob and report the corrupt ones", parents=[store]
+    )
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="take corrupt blobs out of service, so the next pull fetches them again",
+    )
     return parser
 
 
@@ -123,18 +137,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         settings = load(flags, config_file=args.config)
-    except ConfigError as exc:
+        pattern = Pin.parse(args.pattern) if getattr(args, "pattern", None) else None
+    except (ConfigError, ValueError) as exc:
         print(f"mirror: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "serve":
         return serve(settings)
     if args.command == "ls":
-        try:
-            pattern = Pin.parse(args.pattern) if args.pattern else None
-        except ValueError as exc:
-            print(f"mirror: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
         return asyncio.run(commands.ls(settings, pattern, as_json=args.json))
+    if args.command == "gc":
+        return asyncio.run(commands.gc(settings, dry_run=args.dry_run))
+    if args.command == "verify":
+        return asyncio.run(commands.verify(settings, repair=args.repair))
     return EXIT_USAGE
 
 

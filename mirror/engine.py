@@ -93,7 +93,7 @@ async def open_engine(
     metrics = metrics or Metrics()
     clock = overrides.clock or time.time
     async with AsyncExitStack() as stack:
-        blobs = await asyncio.to_thread(_open_blobs, settings)
+        blobs = await asyncio.to_thread(_open_blobs, settings, sweep=background)
         inner = overrides.store or await _open_store(settings)
         store = CachedStore(
             inner, max_entries=settings.manifest_cache_size, tag_ttl=settings.tag_ttl
@@ -176,11 +176,12 @@ async def open_engine(
         )
 
 
-def _open_blobs(settings: Settings) -> BlobStore:
+def _open_blobs(settings: Settings, *, sweep: bool) -> BlobStore:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     blobs = BlobStore(settings.data_dir / "blobs")
     blobs.root.mkdir(exist_ok=True)
-    blobs.sweep()
+    if sweep:  # a server starting; the offline commands leave partial files to gc
+        blobs.sweep()
     return blobs
 
 

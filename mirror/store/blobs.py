@@ -113,16 +113,17 @@ class BlobStore:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return Partial(path=path, final=final, fd=fd)
 
-    def sweep(self) -> int:
-        """Remove partial files left by a crashed writer; returns how many."""
+    def sweep(self, *, dry_run: bool = False) -> int:
+        """Remove partial files left by a crashed writer (or only count them); how many."""
         removed = 0
         if not self.root.exists():
             return 0
         for path in self.root.glob(f"*/*/.*{PARTIAL_SUFFIX}"):
             if _orphaned(path):
-                path.unlink(missing_ok=True)
+                if not dry_run:
+                    path.unlink(missing_ok=True)
                 removed += 1
-        if removed:
+        if removed and not dry_run:
             log.info("partial_blobs_swept", count=removed)
         return removed
 

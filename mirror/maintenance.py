@@ -1,0 +1,112 @@
+"""Keeping the cache sound: ``mirror gc`` and ``mirror verify``, safe while ``serve`` runs.
+
+- gc (mark and sweep, like bandersnatch's verify): blob files that no manifest the mirror
+  holds references, and partial files of crashed writes, are removed. A blob younger than
+  ``GRACE`` is left alone: it may belong to a pull under way.
+- verify re-hashes every blob on disk, reports each corrupt one (and the repositories whose
+  images need it) and each blob the graph believes present but the disk lacks; ``repair``
+  takes corrupt blobs out of service so the next pull fetches them again.
+
+Removing a file never breaks a transfer: a reader holds it open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mirror.engine import Engine
+from mirror.reference import Digest
+from mirror.store.graph import BlobEntry
+
+GRACE = 3600.0
+_READ = 1024 * 1024
+
+
+@dataclass(slots=True)
+class GcReport:
+    blobs: list[tuple[str, int]] = field(default_factory=list)  # (digest, size) removed
+    partials: int = 0
+
+    @property
+    def freed(self) -> int:
+        return sum(size for _, size in self.blobs)
+
+
+async def gc(engine: Engine, *, dry_run: bool, now: float | None = None) -> GcReport:
+    now = time.time() if now is None else now
+    report = GcReport()
+    report.partials = await asyncio.to_thread(engine.blobs.sweep, dry_run=dry_run)
+    on_disk = await asyncio.to_thread(engine.blobs.on_disk)
+    settled = [digest for digest, (_, mtime) in on_disk.items() if now - mtime > GRACE]
+    for digest in sorted(await engine.store.graph.unreferenced(settled)):
+        size = on_disk[digest][0]
+        if dry_run or await asyncio.to_thread(engine.blobs.quarantine, Digest.parse(digest)):
+            report.blobs.append((digest, size))
+    if not dry_run and report.blobs:
+        await engine.store.graph.blobs_removed([digest for digest, _ in report.blobs])
+    return report
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    checked: int = 0
+    bytes: int = 0
+    corrupt: dict[str, set[tuple[str, str]]] = field(default_factory=dict)  # -> holders
+    missing: list[str] = field(default_factory=list)
+    repaired: int = 0
+
+
+async def verify(
+    engine: Engine,
+    *,
+    repair: bool,
+    progress: Callable[[int, int, int], None] = lambda done, total, size: None,
+) -> VerifyReport:
+    report = VerifyReport()
+    graph = engine.store.graph
+    on_disk = await asyncio.to_thread(engine.blobs.on_disk)
+    for done, (name, (size, _)) in enumerate(sorted(on_disk.items()), start=1):
+        digest = Digest.parse(name)
+        sound = await asyncio.to_thread(_hashes_to, engine.blobs.path(digest), digest)
+        if sound is not None:
+            report.checked += 1
+            report.bytes += size
+            if not sound:
+                report.corrupt[name] = await graph.holders(name)
+        progress(done, len(on_disk), report.bytes)
+    recorded = {entry.digest for entry in await _all_present(engine)}
+    report.missing = sorted(recorded - on_disk.keys())
+    if repair:
+        for name in report.corrupt:
+            if await asyncio.to_thread(engine.blobs.quarantine, Digest.parse(name)):
+                report.repaired += 1
+        gone = [*report.corrupt, *report.missing]
+        if gone:
+            await graph.blobs_removed(gone)
+    return report
+
+
+async def _all_present(engine: Engine) -> list[BlobEntry]:
+    entries: list[BlobEntry] = []
+    after: tuple[float, str] | None = None
+    while page := await engine.store.graph.oldest_blobs(1000, after):
+        entries.extend(page)
+        after = (page[-1].last_pulled, page[-1].digest)
+    return entries
+
+
+def _hashes_to(path: Path, digest: Digest) -> bool | None:
+    """Whether the file's content has ``digest``; None when it is gone (evicted meanwhile)."""
+    hasher = hashlib.new(digest.algorithm)
+    try:
+        with path.open("rb") as file:
+            while chunk := file.read(_READ):
+                hasher.update(chunk)
+    except FileNotFoundError:
+        return None
+    return hasher.hexdigest() == digest.hex

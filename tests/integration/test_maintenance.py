@@ -1,0 +1,128 @@
+"""``mirror gc`` and ``mirror verify`` on the data dir of a running mirror."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from tests.support.fakehub import FakeHub
+from tests.support.oci import OCI_MANIFEST, Image, make_image, make_random_layer
+from tests.support.process import MirrorProcess
+
+
+def mirror_command(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    return subprocess.run(
+        [sys.executable, "-m", "mirror", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+
+
+async def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(mirror_command, *args)
+
+
+async def pull(url: str, name: str, image: Image) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(
+            f"{url}/v2/{name}/manifests/latest", headers={"Accept": OCI_MANIFEST}
+        ) as response:
+            assert await response.read() == image.manifest
+        for blob in image.blobs:
+            async with session.get(f"{url}/v2/{name}/blobs/{blob.digest}") as response:
+                body = await response.read()
+                assert "sha256:" + hashlib.sha256(body).hexdigest() == blob.digest
+
+
+def blob_path(data: Path, digest: str) -> Path:
+    hex_digest = digest.removeprefix("sha256:")
+    return data / "blobs" / "sha256" / hex_digest[:2] / hex_digest
+
+
+async def test_verify_finds_a_flipped_byte_and_repair_brings_the_right_bytes_back(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    image = make_image([make_random_layer(2 * 1024 * 1024, seed=41)])
+    fake_hub.add_image("library/app", "latest", image)
+    layer = image.blobs[-1]
+    data = tmp_path / "data"
+    with MirrorProcess(data, fake_hub.url) as mirror:
+        await pull(mirror.url, "app", image)
+        sound = await run("verify", "--data-dir", str(data))
+        assert sound.returncode == 0, sound.stdout + sound.stderr
+        assert "0 corrupt" in sound.stdout
+
+        path = blob_path(data, layer.digest)
+        content = bytearray(path.read_bytes())
+        content[1000] ^= 0xFF
+        path.write_bytes(bytes(content))
+
+        found = await run("verify", "--data-dir", str(data))
+        assert found.returncode == 1
+        assert f"corrupt {layer.digest}: needed by docker.io/library/app" in found.stdout
+        assert path.exists()  # reported, not touched
+
+        repaired = await run("verify", "--repair", "--data-dir", str(data))
+        assert repaired.returncode == 1
+        assert "1 taken out of service" in repaired.stdout
+        assert not path.exists()
+
+        cdn_before = fake_hub.count("GET", "cdn")
+        await pull(mirror.url, "app", image)  # checks every digest
+        assert fake_hub.count("GET", "cdn") == cdn_before + 1
+        again = await run("verify", "--data-dir", str(data))
+        assert again.returncode == 0
+
+
+async def test_gc_removes_what_nothing_references_even_while_pulls_go_on(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    images = [make_image([make_random_layer(512 * 1024, seed=s)]) for s in range(50, 54)]
+    for number, image in enumerate(images):
+        fake_hub.add_image(f"library/app{number}", "latest", image)
+    data = tmp_path / "data"
+    with MirrorProcess(data, fake_hub.url) as mirror:
+        await pull(mirror.url, "app0", images[0])
+        stray = b"a blob no manifest mentions"
+        stray_digest = "sha256:" + hashlib.sha256(stray).hexdigest()
+        stray_path = blob_path(data, stray_digest)
+        stray_path.parent.mkdir(parents=True, exist_ok=True)
+        stray_path.write_bytes(stray)
+        old = time.time() - 2 * 3600
+        os.utime(stray_path, (old, old))
+        partial = stray_path.with_name(f".{stray_path.name}.abc123.partial")
+        partial.write_bytes(b"half a download")
+
+        dry = await run("gc", "--dry-run", "--data-dir", str(data))
+        assert dry.returncode == 0, dry.stderr
+        assert f"would remove {stray_digest}" in dry.stdout
+        assert "1 partial files" in dry.stdout
+        assert stray_path.exists()
+        assert partial.exists()
+
+        pulls = asyncio.gather(
+            *(pull(mirror.url, f"app{n}", image) for n, image in enumerate(images))
+        )
+        collected, _ = await asyncio.gather(run("gc", "--data-dir", str(data)), pulls)
+        assert collected.returncode == 0, collected.stderr
+        assert f"removed {stray_digest}" in collected.stdout
+        assert not stray_path.exists()
+        assert not partial.exists()
+        for image in images:
+            for blob in image.blobs:
+                assert blob_path(data, blob.digest).exists()
+        cdn_before = fake_hub.count("GET", "cdn")
+        for number, image in enumerate(images):
+            await pull(mirror.url, f"app{number}", image)
+        assert fake_hub.count("GET", "cdn") == cdn_before
