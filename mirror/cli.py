@@ -50,6 +50,9 @@ def _upstream_options() -> argparse.ArgumentParser:
     options.add_argument("--read-timeout", help="seconds to wait for upstream data")
     options.add_argument("--manifest-cache-size", help="manifests and tags kept in memory")
     options.add_argument(
+        "--manifest-cache-bytes", help="memory for manifests kept in memory (default 64MiB)"
+    )
+    options.add_argument(
         "--max-stale", help="seconds past its window a tag may be served while upstream fails"
     )
     options.add_argument(

@@ -62,6 +62,7 @@ class Settings:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     manifest_cache_size: int = 4096
+    manifest_cache_bytes: int = 64 * 1024 * 1024
     max_stale: float | None = None
     negative_ttl: float = 30.0
     # Upstream lookups of tags and digests never seen, per second per upstream (0: no bound).
@@ -236,6 +237,7 @@ _KEYS: dict[str, _Key] = {
     "connect_timeout": _Key(_positive),
     "read_timeout": _Key(_positive),
     "manifest_cache_size": _Key(_positive_int),
+    "manifest_cache_bytes": _Key(parse_size),
     "max_stale": _Key(_optional_seconds),
     "negative_ttl": _Key(_non_negative),
     "cold_lookup_rate": _Key(parse_rate),
@@ -346,6 +348,7 @@ def _build(values: Mapping[str, Any]) -> Settings:
         connect_timeout=values.get("connect_timeout", defaults.connect_timeout),
         read_timeout=values.get("read_timeout", defaults.read_timeout),
         manifest_cache_size=values.get("manifest_cache_size", defaults.manifest_cache_size),
+        manifest_cache_bytes=values.get("manifest_cache_bytes", defaults.manifest_cache_bytes),
         max_stale=values.get("max_stale", defaults.max_stale),
         negative_ttl=values.get("negative_ttl", defaults.negative_ttl),
         cold_lookup_rate=values.get("cold_lookup_rate", defaults.cold_lookup_rate),

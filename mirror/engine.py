@@ -96,7 +96,10 @@ async def open_engine(
         blobs = await asyncio.to_thread(_open_blobs, settings, sweep=background)
         inner = overrides.store or await _open_store(settings)
         store = CachedStore(
-            inner, max_entries=settings.manifest_cache_size, tag_ttl=settings.tag_ttl
+            inner,
+            max_entries=settings.manifest_cache_size,
+            max_bytes=settings.manifest_cache_bytes,
+            tag_ttl=settings.tag_ttl,
         )
         stack.push_async_callback(store.close)
         coordinator = await asyncio.to_thread(_coordinator, settings, inner)

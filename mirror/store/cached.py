@@ -37,6 +37,26 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 
+# What an entry costs besides its body: the key, the record, the LRU's bookkeeping.
+ENTRY_OVERHEAD = 512
+
+
+class ManifestLRU(LRUCache[tuple[str, str, str], Manifest]):
+    """Manifests kept in memory, bounded both in count and in bytes (a manifest may be up
+    to 4 MiB, so a count alone does not bound the memory)."""
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        super().__init__(max_bytes, getsizeof=lambda m: len(m.body) + ENTRY_OVERHEAD)
+        self.max_entries = max_entries
+
+    def __setitem__(self, key: tuple[str, str, str], value: Manifest) -> None:
+        if len(value.body) + ENTRY_OVERHEAD > self.maxsize:
+            return  # larger than the whole bound: served, not kept
+        while key not in self and len(self) >= self.max_entries:
+            self.popitem()
+        super().__setitem__(key, value)
+
+
 class CachedStore:
     def __init__(
         self,
@@ -44,15 +64,21 @@ class CachedStore:
         *,
         max_entries: int,
         tag_ttl: float,
+        max_bytes: int = 64 * 1024 * 1024,
         retry_interval: float = 2.0,
     ) -> None:
         self.inner = inner
         self._tag_ttl = tag_ttl
         self._retry_interval = retry_interval
-        self._manifests: LRUCache[tuple[str, str, str], Manifest] = LRUCache(max_entries)
+        self._manifests = ManifestLRU(max_entries, max_bytes)
         self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(max_entries)
         self._down_since: float | None = None
         self._probe: asyncio.Task[None] | None = None
+
+    @property
+    def manifest_bytes(self) -> int:
+        """Bytes of manifests held in memory (bounded by ``max_bytes``)."""
+        return int(self._manifests.currsize)
 
     @property
     def degraded(self) -> bool:

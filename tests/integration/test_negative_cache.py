@@ -121,3 +121,25 @@ async def test_missing_blobs_do_not_flood_the_log(fake_hub: FakeHub, tmp_path: P
                     assert response.status == 404
         log = mirror.log()
     assert log.count("blob_fill_failed") <= 2
+
+
+async def test_manifests_in_memory_are_bounded_in_bytes(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    images = [
+        make_image([make_layer(f"{n}-{layer}".encode()) for layer in range(150)])
+        for n in range(10)
+    ]  # manifests of about 25 KiB each
+    for number, image in enumerate(images):
+        fake_hub.add_image(f"library/big{number}", "latest", image)
+    bound = 64 * 1024
+    settings = settings_for(fake_hub.url, tmp_path / "data", manifest_cache_bytes=bound)
+    async with RunningMirror(settings) as mirror:
+        for round_ in range(2):
+            for number, image in enumerate(images):
+                status, _, body = await mirror.get(
+                    f"/v2/big{number}/manifests/latest", accept=ACCEPT
+                )
+                assert (status, body) == (200, image.manifest), round_
+                assert mirror.engine.store.manifest_bytes <= bound
+        assert sum(len(image.manifest) for image in images) > 3 * bound

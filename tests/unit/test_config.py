@@ -210,3 +210,8 @@ def test_kubernetes_service_link_variables_are_not_settings() -> None:
         load({}, env={**env, "MIRROR_TAG_TLL": "5"})
     with pytest.raises(ConfigError, match="MIRROR_PORT_HTTP"):
         load({}, env={"MIRROR_PORT_HTTP": "5000"})
+
+
+def test_manifest_cache_bytes_takes_units() -> None:
+    assert load({"manifest_cache_bytes": "128MiB"}, env={}).manifest_cache_bytes == 128 * 1024**2
+    assert load({}, env={}).manifest_cache_bytes == 64 * 1024**2
