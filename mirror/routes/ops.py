@@ -10,7 +10,7 @@ from aiohttp import web
 
 from mirror.metrics import CONTENT_TYPE_LATEST
 from mirror.routes.middleware import NOSNIFF, NOSNIFF_HEADER, expect_handler
-from mirror.routes.state import METRICS, RESOLVER, ROUTE
+from mirror.routes.state import ENGINE, METRICS, RESOLVER, ROUTE
 from mirror.routes.v2 import check_method
 
 _HEADERS = {NOSNIFF_HEADER: NOSNIFF}
@@ -37,7 +37,9 @@ async def readyz(request: web.Request) -> web.Response:
     resolver = request.app[RESOLVER]
     writable = await asyncio.to_thread(os.access, resolver.blobs.root, os.W_OK)
     checks = {"data_dir": "ok" if writable else "not writable"}
-    store = "ok" if await resolver.store.ping() else "degraded"
+    engine = request.app[ENGINE]
+    healthy = not engine.store.degraded and await engine.store.ping()
+    store = "ok" if healthy else "degraded"
     upstreams: dict[str, Any] = {}
     for name, client in resolver.upstreams.items():
         upstreams[name] = {

@@ -2,7 +2,9 @@
 
 SQLite gives atomic, crash-safe writes and lets several worker processes on one host
 share the file (WAL mode). Every call runs on one dedicated thread so the event loop
-never waits on the disk.
+never waits on the disk. A call that fails (a full disk, a database another process keeps
+locked past ``BUSY_TIMEOUT``) raises ``StoreUnavailable``, as a Redis outage does, so the
+caller degrades the same way: it answers from memory, and nothing already fetched is lost.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from typing import Any, TypeVar
 
 from mirror.store import schema
 from mirror.store.graph_embedded import EmbeddedGraph
-from mirror.store.protocols import Manifest, TaggedRecord, TagRecord
+from mirror.store.protocols import Manifest, StoreUnavailable, TaggedRecord, TagRecord
 
 T = TypeVar("T")
+
+# How long a call waits for another process's write lock before it counts as a failure.
+BUSY_TIMEOUT = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS manifests (
@@ -52,7 +57,7 @@ CREATE TABLE IF NOT EXISTS tags (
 class EmbeddedStore:
     def __init__(self, path: Path) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-store")
-        self._db = sqlite3.connect(path, check_same_thread=False, timeout=5.0)
+        self._db = sqlite3.connect(path, check_same_thread=False, timeout=BUSY_TIMEOUT)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
@@ -125,7 +130,7 @@ class EmbeddedStore:
     async def ping(self) -> bool:
         try:
             await self._fetchone("SELECT 1", ())
-        except sqlite3.Error:
+        except StoreUnavailable:
             return False
         return True
 
@@ -144,4 +149,7 @@ class EmbeddedStore:
         await self._run(write)
 
     async def _run(self, call: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite: {type(exc).__name__}: {exc}") from exc

@@ -143,3 +143,32 @@ async def test_manifests_in_memory_are_bounded_in_bytes(
                 assert (status, body) == (200, image.manifest), round_
                 assert mirror.engine.store.manifest_bytes <= bound
         assert sum(len(image.manifest) for image in images) > 3 * bound
+
+
+async def test_a_locked_embedded_store_degrades_like_a_redis_outage(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    image = make_image([make_layer(b"locked out")])
+    fake_hub.add_image("library/app", "1.0", image)
+    settings = settings_for(fake_hub.url, tmp_path / "data")
+    async with RunningMirror(settings) as mirror:
+        assert (await mirror.get("/v2/"))[0] == 200
+        # Another process (a worker, say) holds the write lock for longer than we wait.
+        blocker = sqlite3.connect(tmp_path / "data" / "metadata.sqlite3", timeout=0)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            status, _, body = await mirror.get("/v2/app/manifests/1.0", accept=ACCEPT)
+            assert (status, body) == (200, image.manifest)  # fetched: never lost
+            status, _, body = await mirror.get("/v2/app/manifests/1.0", accept=ACCEPT)
+            assert (status, body) == (200, image.manifest)  # and served from memory
+            status, _, body = await mirror.get("/readyz")
+            assert json.loads(body)["checks"]["store"] == "degraded"
+        finally:
+            blocker.rollback()
+            blocker.close()
+        for _ in range(50):  # the background probe finds it usable again
+            if json.loads((await mirror.get("/readyz"))[2])["checks"]["store"] == "ok":
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the store never came back")
