@@ -9,6 +9,7 @@ circuit breaker that fails fast while the upstream is unreachable.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,8 +27,16 @@ from mirror.errors import (
     ManifestUnknown,
     NameUnknown,
     NotFound,
+    RegistryError,
     TooManyRequests,
     UpstreamError,
+)
+from mirror.mediatypes import (
+    DOCKER_SCHEMA1,
+    DOCKER_SCHEMA1_SIGNED,
+    KNOWN_MANIFEST_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
 )
 from mirror.metrics import Metrics
 from mirror.reference import Digest
@@ -110,10 +119,10 @@ class UpstreamClient:
             headers=_accept(accept),
             not_found=ManifestUnknown,
         ) as response:
-            digest = response.headers.get("Docker-Content-Digest")
+            digest = _supported_digest(response.headers.get("Docker-Content-Digest"))
             if digest is None:
-                raise UpstreamError("the upstream sent no Docker-Content-Digest on HEAD")
-            return ManifestHead(digest, _media_type(response), response.content_length)
+                raise UpstreamError("the upstream sent no usable Docker-Content-Digest on HEAD")
+            return ManifestHead(str(digest), _media_type(response), response.content_length)
 
     async def get_manifest(
         self, repository: str, reference: str, accept: Sequence[str]
@@ -320,15 +329,53 @@ async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
 def _verified_manifest(
     body: bytes, media_type: str, reference: str, claimed: str | None
 ) -> Manifest:
-    expected = reference if ":" in reference else claimed
-    algorithm = expected.partition(":")[0] if expected else "sha256"
+    """The manifest as the mirror will serve it: named by the digest it computes itself,
+    with a manifest media type it knows. Nothing the upstream claims is passed on unchecked."""
+    by_digest = ":" in reference  # then already parsed: sha256 or sha512
+    expected = Digest.parse(reference) if by_digest else _supported_digest(claimed)
+    if expected is not None and Digest.of(body, expected.algorithm) != expected:
+        raise IntegrityError(
+            detail={"expected": str(expected), "actual": str(Digest.of(body, expected.algorithm))}
+        )
+    # Pulled by digest, it is kept under that digest; by tag, under the sha256 of its bytes.
+    digest = expected if by_digest and expected is not None else Digest.of(body)
+    return Manifest(body=body, media_type=_manifest_type(body, media_type), digest=str(digest))
+
+
+def _supported_digest(claimed: str | None) -> Digest | None:
+    """A ``Docker-Content-Digest`` worth checking against: one of the algorithms the mirror
+    computes (an ``md5:`` or malformed claim is ignored, never passed on)."""
+    if not claimed:
+        return None
     try:
-        digest = Digest.of(body, algorithm)
-    except ValueError as exc:
-        raise IntegrityError(detail={"digest": expected}) from exc
-    if expected is not None and str(digest) != expected:
-        raise IntegrityError(detail={"expected": expected, "actual": str(digest)})
-    return Manifest(body=body, media_type=media_type, digest=str(digest))
+        return Digest.parse(claimed.strip())
+    except RegistryError:
+        return None
+
+
+def _manifest_type(body: bytes, content_type: str) -> str:
+    """The media type to keep: the upstream's Content-Type if it names a manifest type; else
+    the document's own ``mediaType``; else (schema 1 says neither) its schema version."""
+    if content_type in KNOWN_MANIFEST_TYPES:
+        return content_type
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if isinstance(document, dict):
+        declared = document.get("mediaType")
+        if isinstance(declared, str) and declared in KNOWN_MANIFEST_TYPES:
+            return declared
+        if declared is None and document.get("schemaVersion") == 1:
+            return DOCKER_SCHEMA1_SIGNED if "signatures" in document else DOCKER_SCHEMA1
+        if declared is None and "manifests" in document:
+            return OCI_INDEX
+        if declared is None and "layers" in document:
+            return OCI_MANIFEST
+    raise UpstreamError(
+        "the upstream sent a manifest of a type the mirror does not know",
+        detail={"content_type": content_type[:100]},
+    )
 
 
 def _accept(accept: Sequence[str]) -> dict[str, str]:

@@ -121,6 +121,9 @@ class FakeHub:
         self.cdn_authorization_rejections = 0
         # The CDN sends blobs with Transfer-Encoding: chunked and no Content-Length.
         self.cdn_chunked = False
+        # A manifest's headers as an untrustworthy upstream sends them: any digest, any type.
+        self.claimed_digest: str | None = None
+        self.manifest_content_type: str | None = None
         self.log: list[LoggedRequest] = []
         self.url = self.token_url = self.cdn_url = ""
         self._signatures: dict[str, str] = {}  # CDN URL signature -> digest
@@ -396,7 +399,8 @@ class FakeHub:
             return _error(404, "MANIFEST_UNKNOWN", "manifest unknown")
         data, media_type = found
         digest = _digest(data)
-        headers = {"Docker-Content-Digest": digest, "Etag": f'"{digest}"'}
+        headers = {"Docker-Content-Digest": self.claimed_digest or digest, "Etag": f'"{digest}"'}
+        media_type = self.manifest_content_type or media_type
         # aiohttp keeps Content-Length but drops the body for HEAD.
         return web.Response(body=data, content_type=media_type, headers=headers)
 

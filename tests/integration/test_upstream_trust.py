@@ -1,0 +1,63 @@
+"""What the mirror believes of an upstream: only what it can check."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from tests.support.fakehub import FakeHub
+from tests.support.mirror import RunningMirror
+from tests.support.oci import OCI_MANIFEST, make_image, make_layer
+
+ACCEPT = [OCI_MANIFEST]
+
+
+async def test_a_digest_the_upstream_claims_is_never_passed_on(
+    fake_hub: FakeHub, mirror: RunningMirror
+) -> None:
+    image = make_image([make_layer(b"claims")])
+    fake_hub.add_image("library/app", "1.0", image)
+    fake_hub.claimed_digest = "md5:" + hashlib.md5(image.manifest).hexdigest()
+    status, headers, body = await mirror.get("/v2/app/manifests/1.0", accept=ACCEPT)
+    assert status == 200
+    assert headers["Docker-Content-Digest"] == image.digest  # computed, sha256
+    assert body == image.manifest
+    status, headers, _ = await mirror.get(f"/v2/app/manifests/{image.digest}", accept=ACCEPT)
+    assert (status, headers["Docker-Content-Digest"]) == (200, image.digest)
+
+
+async def test_a_wrong_sha256_claim_is_refused(fake_hub: FakeHub, mirror: RunningMirror) -> None:
+    image = make_image([make_layer(b"lies")])
+    fake_hub.add_image("library/app", "1.0", image)
+    fake_hub.claimed_digest = "sha256:" + "0" * 64
+    status, _, body = await mirror.get("/v2/app/manifests/1.0", accept=ACCEPT)
+    assert status == 503
+    assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_a_manifest_sent_as_html_is_kept_and_served_as_what_it_says_it_is(
+    fake_hub: FakeHub, mirror: RunningMirror
+) -> None:
+    image = make_image([make_layer(b"html")])
+    fake_hub.add_image("library/app", "1.0", image)
+    fake_hub.manifest_content_type = "text/html"
+    status, headers, body = await mirror.get("/v2/app/manifests/1.0", accept=ACCEPT)
+    assert (status, body) == (200, image.manifest)
+    assert headers["Content-Type"] == OCI_MANIFEST  # its own mediaType, never text/html
+    assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_html_that_is_no_manifest_is_refused(
+    fake_hub: FakeHub, mirror: RunningMirror
+) -> None:
+    fake_hub.add_image("library/app", "1.0", make_image([make_layer(b"x")]))
+    repo = fake_hub.repo("library/app")
+    page = b"<html><script>alert(1)</script></html>"
+    digest = "sha256:" + hashlib.sha256(page).hexdigest()
+    repo.manifests[digest] = (page, OCI_MANIFEST)
+    repo.tags["evil"] = digest
+    fake_hub.manifest_content_type = "text/html"
+    status, headers, body = await mirror.get("/v2/app/manifests/evil", accept=["*/*"])
+    assert status == 503
+    assert headers["Content-Type"].startswith("application/json")
+    assert b"<script>" not in body
