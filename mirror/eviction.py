@@ -93,6 +93,7 @@ class Evictor:
         self._clock = clock
         self._interval = interval
         self._reconciled = False
+        self._closed = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._throttle = LogThrottle()
@@ -107,15 +108,19 @@ class Evictor:
         self._wake.set()
 
     async def close(self) -> None:
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     async def _run_forever(self) -> None:
-        while True:
+        # asyncio.timeout rather than wait_for: wait_for can swallow the cancellation that
+        # close() sends when the wake-up lands at the same moment, and then never ends.
+        while not self._closed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.run_once()

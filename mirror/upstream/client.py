@@ -41,7 +41,7 @@ from mirror.mediatypes import (
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.store.protocols import Manifest
-from mirror.upstream.auth import TokenAuth, parse_challenge, pull_scope
+from mirror.upstream.auth import Challenge, TokenAuth, parse_challenge, pull_scope
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.ratelimit import RateLimit
 from mirror.upstream.shared_state import UpstreamState
@@ -99,6 +99,7 @@ class UpstreamClient:
             name, "token", status
         ).inc()
         self.ratelimit = ratelimit or RateLimit()
+        self._realm: str | None = None  # the token realm the registry's /v2/ names
         self.breaker = CircuitBreaker(
             name,
             self._ping,
@@ -281,8 +282,38 @@ class UpstreamClient:
         response.release()
         if challenge is None:
             raise NameUnknown(detail="the upstream registry refused access")
-        authorization = await self._auth.authorize(scope, challenge)
+        authorization = await self._auth.authorize(scope, await self._trusted(challenge))
         return await self._follow(method, url, headers, authorization, query)
+
+    async def _trusted(self, challenge: Challenge) -> Challenge:
+        """``challenge`` if it names the token realm of the registry's own ``/v2/``, over
+        https unless the registry itself is plain http; otherwise no credentials go there."""
+        if challenge.scheme != "bearer":
+            return challenge  # Basic: the credentials go to the registry itself
+        if self._realm is None:
+            async with self._session.get(
+                f"{self.base_url}/v2/", allow_redirects=False
+            ) as response:
+                own = parse_challenge(response.headers.get("WWW-Authenticate", ""))
+            if own is None or own.scheme != "bearer":
+                raise UpstreamError(
+                    "the upstream registry's /v2/ names no token realm",
+                    detail={"upstream": self.name},
+                )
+            self._realm = own.realm
+        realm = urlsplit(challenge.realm)
+        secure_enough = realm.scheme == "https" or (
+            realm.scheme == "http" and urlsplit(self.base_url).scheme == "http"
+        )
+        if challenge.realm != self._realm or not secure_enough:
+            log.warning(
+                "upstream_realm_refused", upstream=self.name, realm=challenge.realm[:200]
+            )
+            raise UpstreamError(
+                "the upstream named a token realm other than its own; no credentials sent",
+                detail={"upstream": self.name},
+            )
+        return challenge
 
     async def _follow(
         self,
@@ -292,16 +323,25 @@ class UpstreamClient:
         authorization: str | None,
         query: Mapping[str, str] | None,
     ) -> aiohttp.ClientResponse:
+        """The response at the end of the redirects. A 401 from a host a redirect led to (a
+        CDN) is a failure: it gets no credentials, and its challenge is never learnt."""
         origin = _origin(url)
         for _ in range(MAX_REDIRECTS + 1):
             sent = CIMultiDict(headers)
-            if authorization is not None and _origin(url) == origin:
+            at_registry = _origin(url) == origin
+            if authorization is not None and at_registry:
                 sent["Authorization"] = authorization
             response = await self._session.request(
                 method, url, headers=sent, params=query, allow_redirects=False
             )
             location = response.headers.get("Location")
             if response.status not in (301, 302, 303, 307, 308) or location is None:
+                if response.status == 401 and not at_registry:
+                    response.release()
+                    raise UpstreamError(
+                        "a host the upstream registry redirected to refused access",
+                        detail={"upstream": self.name, "host": urlsplit(url).hostname},
+                    )
                 return response
             response.release()
             url, query = urljoin(url, location), None

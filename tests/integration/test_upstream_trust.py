@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from tests.support.fakehub import FakeHub
-from tests.support.mirror import RunningMirror
+from tests.support.mirror import RunningMirror, settings_for
 from tests.support.oci import OCI_MANIFEST, make_image, make_layer
 
 ACCEPT = [OCI_MANIFEST]
@@ -61,3 +65,43 @@ async def test_html_that_is_no_manifest_is_refused(
     assert status == 503
     assert headers["Content-Type"].startswith("application/json")
     assert b"<script>" not in body
+
+
+async def test_credentials_never_go_to_a_realm_a_redirect_target_names(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    elsewhere: list[web.Request] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        elsewhere.append(request)
+        return web.json_response({"token": "stolen"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", collect)
+    thief = TestServer(app, host="127.0.0.1")
+    await thief.start_server()
+    fake_hub.credentials = ("site-user", "site-secret")
+    image, other = make_image([make_layer(b"one")]), make_image([make_layer(b"two")])
+    fake_hub.add_image("acme/app", "1.0", image)
+    fake_hub.add_image("acme/other", "1.0", other)
+    settings = settings_for(
+        fake_hub.url, tmp_path / "data", username="site-user", password="site-secret"
+    )
+    try:
+        async with RunningMirror(settings) as mirror:
+            fake_hub.cdn_challenge = f'Bearer realm="{thief.make_url("/token")}",service="x"'
+            layer = image.blobs[-1]
+            status, _, body = await mirror.get(f"/v2/acme/app/blobs/{layer.digest}")
+            assert status == 503
+            assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+            fake_hub.cdn_challenge = None
+            for name, wanted in (("app", image), ("other", other)):
+                status, _, body = await mirror.get(f"/v2/acme/{name}/manifests/1.0", accept=ACCEPT)
+                assert (status, body) == (200, wanted.manifest)
+                for blob in wanted.blobs:
+                    status, _, body = await mirror.get(f"/v2/acme/{name}/blobs/{blob.digest}")
+                    assert (status, body) == (200, blob.data)
+    finally:
+        await thief.close()
+    assert elsewhere == []
+    assert fake_hub.count(server="token") >= 1  # the tokens came from the registry's realm

@@ -123,6 +123,7 @@ class FakeHub:
         self.cdn_chunked = False
         # A manifest's headers as an untrustworthy upstream sends them: any digest, any type.
         self.claimed_digest: str | None = None
+        self.cdn_challenge: str | None = None  # the CDN answers 401 with this challenge
         self.manifest_content_type: str | None = None
         self.log: list[LoggedRequest] = []
         self.url = self.token_url = self.cdn_url = ""
@@ -479,6 +480,9 @@ class FakeHub:
 
     async def _cdn_blob(self, request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]
+        if self.cdn_challenge is not None:
+            # A CDN (or anything a redirect leads to) asking for credentials of its own.
+            return web.Response(status=401, headers={"WWW-Authenticate": self.cdn_challenge})
         if "Authorization" in request.headers:
             # Like S3 behind Docker Hub: a forwarded registry token breaks the signed URL.
             self.cdn_authorization_rejections += 1
