@@ -47,7 +47,13 @@ def _upstream_options() -> argparse.ArgumentParser:
     )
     options.add_argument("--tag-ttl", help="seconds a tag is trusted without asking upstream")
     options.add_argument("--connect-timeout", help="seconds to wait for an upstream connection")
-    options.add_argument("--read-timeout", help="seconds to wait for upstream data")
+    options.add_argument(
+        "--read-timeout", help="seconds a blob download may wait for more data (default 60)"
+    )
+    options.add_argument(
+        "--request-timeout",
+        help="seconds for a manifest, token or tag-list request to the upstream (default 10)",
+    )
     options.add_argument("--manifest-cache-size", help="manifests and tags kept in memory")
     options.add_argument(
         "--manifest-cache-bytes", help="memory for manifests kept in memory (default 64MiB)"

@@ -61,6 +61,8 @@ class Settings:
     tag_ttl: float = 300.0
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    # Manifest, token, tag-list and blob-HEAD requests, and a blob GET's headers, end by then.
+    request_timeout: float = 10.0
     manifest_cache_size: int = 4096
     manifest_cache_bytes: int = 64 * 1024 * 1024
     max_stale: float | None = None
@@ -236,6 +238,7 @@ _KEYS: dict[str, _Key] = {
     "tag_ttl": _Key(_non_negative),
     "connect_timeout": _Key(_positive),
     "read_timeout": _Key(_positive),
+    "request_timeout": _Key(_positive),
     "manifest_cache_size": _Key(_positive_int),
     "manifest_cache_bytes": _Key(parse_size),
     "max_stale": _Key(_optional_seconds),
@@ -347,6 +350,7 @@ def _build(values: Mapping[str, Any]) -> Settings:
         tag_ttl=values.get("tag_ttl", defaults.tag_ttl),
         connect_timeout=values.get("connect_timeout", defaults.connect_timeout),
         read_timeout=values.get("read_timeout", defaults.read_timeout),
+        request_timeout=values.get("request_timeout", defaults.request_timeout),
         manifest_cache_size=values.get("manifest_cache_size", defaults.manifest_cache_size),
         manifest_cache_bytes=values.get("manifest_cache_bytes", defaults.manifest_cache_bytes),
         max_stale=values.get("max_stale", defaults.max_stale),

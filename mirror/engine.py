@@ -118,6 +118,7 @@ async def open_engine(
                 ratelimit=RateLimit(reserve=settings.ratelimit_reserve, shared=shared),
                 probe_interval=overrides.probe_interval,
                 shared=shared,
+                request_timeout=settings.request_timeout,
             )
         for client in upstreams.values():
             stack.push_async_callback(client.close)

@@ -9,6 +9,8 @@ circuit breaker that fails fast while the upstream is unreachable.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -31,6 +33,7 @@ from mirror.errors import (
     TooManyRequests,
     UpstreamError,
 )
+from mirror.logs import LogThrottle
 from mirror.mediatypes import (
     DOCKER_SCHEMA1,
     DOCKER_SCHEMA1_SIGNED,
@@ -89,6 +92,7 @@ class UpstreamClient:
         breaker_threshold: int = 5,
         probe_interval: float = 5.0,
         shared: UpstreamState | None = None,
+        request_timeout: float = 10.0,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -100,6 +104,8 @@ class UpstreamClient:
         ).inc()
         self.ratelimit = ratelimit or RateLimit()
         self._realm: str | None = None  # the token realm the registry's /v2/ names
+        self._request_timeout = request_timeout
+        self._failure_log = LogThrottle()
         self.breaker = CircuitBreaker(
             name,
             self._ping,
@@ -208,23 +214,46 @@ class UpstreamClient:
             )
         url = f"{self.base_url}/v2/{repository}/{path}"
         try:
-            response = await self._authorized(
-                kind, method, url, scope=pull_scope(repository), headers=headers, query=query
-            )
+            # The answer's headers (token, redirects and all) come within the short deadline;
+            # so does the body of everything but a blob, which only has to keep flowing.
+            async with asyncio.timeout(self._request_timeout):
+                response = await self._authorized(
+                    kind, method, url, scope=pull_scope(repository), headers=headers, query=query
+                )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self.breaker.failure()
             self.metrics.upstream_requests.labels(self.name, kind, "error").inc()
-            raise UpstreamError(detail={"upstream": self.name, "error": _describe(exc)}) from exc
+            raise self._failed(kind, exc) from exc
+        body_deadline = (
+            contextlib.nullcontext()
+            if kind == "blob_get"
+            else asyncio.timeout(self._request_timeout)
+        )
         try:
-            self._observe(kind, response)
-            if response.status >= 400:
-                await self._raise_for(response, not_found)
-            yield response
+            async with body_deadline:
+                self._observe(kind, response)
+                if response.status >= 400:
+                    await self._raise_for(response, not_found)
+                yield response
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self.breaker.failure()
-            raise UpstreamError(detail={"upstream": self.name, "error": _describe(exc)}) from exc
+            raise self._failed(kind, exc) from exc
         finally:
             response.release()
+
+    def _failed(self, kind: str, exc: BaseException) -> UpstreamError:
+        """A request that got no answer: counted by the breaker, logged once a minute per
+        kind and cause, and turned into the error the client sees."""
+        self.breaker.failure()
+        cause = _describe(exc) if str(exc) else f"{type(exc).__name__} (no answer in time)"
+        suppressed = self._failure_log.admit((kind, type(exc).__name__))
+        if suppressed is not None:
+            log.warning(
+                "upstream_request_failed",
+                upstream=self.name,
+                kind=kind,
+                error=cause,
+                suppressed=suppressed,
+            )
+        return UpstreamError(detail={"upstream": self.name, "error": cause})
 
     def _observe(self, kind: str, response: aiohttp.ClientResponse) -> None:
         self.metrics.upstream_requests.labels(self.name, kind, str(response.status)).inc()
@@ -350,8 +379,10 @@ class UpstreamClient:
         raise UpstreamError("the upstream registry redirected too many times")
 
     async def _ping(self) -> bool:
-        """The circuit breaker's probe: does the upstream answer HTTP at all?"""
-        async with self._session.get(f"{self.base_url}/v2/", allow_redirects=False) as response:
+        """The circuit breaker's probe: does the upstream answer HTTP at all, in time?"""
+        async with asyncio.timeout(self._request_timeout), self._session.get(
+            f"{self.base_url}/v2/", allow_redirects=False
+        ) as response:
             return response.status < 500
 
 

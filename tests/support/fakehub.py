@@ -124,6 +124,7 @@ class FakeHub:
         # A manifest's headers as an untrustworthy upstream sends them: any digest, any type.
         self.claimed_digest: str | None = None
         self.cdn_challenge: str | None = None  # the CDN answers 401 with this challenge
+        self.token_hangs = False  # the token server takes requests and never answers
         self.manifest_content_type: str | None = None
         self.log: list[LoggedRequest] = []
         self.url = self.token_url = self.cdn_url = ""
@@ -260,6 +261,8 @@ class FakeHub:
         return app
 
     async def _token(self, request: web.Request) -> web.Response:
+        if self.token_hangs:
+            await asyncio.sleep(3600)  # accepts the request, never answers
         account = self._basic_account(request)
         if self.credentials is not None and account is None:
             return web.json_response({"details": "incorrect username or password"}, status=401)
