@@ -43,6 +43,7 @@ class CircuitBreaker:
         self._on_change = on_change
         self._failures = 0
         self._prober: asyncio.Task[None] | None = None
+        self._check: asyncio.Task[None] | None = None
         self._shared = shared or LocalState()
         self._clock = clock
         self._open_elsewhere_until = 0.0
@@ -58,6 +59,23 @@ class CircuitBreaker:
         if self._prober is None:
             shared = await self._shared.read()
             self._open_elsewhere_until = shared.get("open_until", 0.0)
+
+    def suspect(self) -> None:
+        """A 5xx: maybe the upstream is unwell, maybe only that request upset it. Ask its
+        ``/v2/`` (one question at a time) and count a failure only if that fails too, so a
+        client sending names the upstream chokes on cannot open the circuit for everyone."""
+        if self._prober is None and (self._check is None or self._check.done()):
+            self._check = asyncio.create_task(self._verdict())
+
+    async def _verdict(self) -> None:
+        try:
+            well = await self._probe()
+        except Exception:
+            well = False
+        if well:
+            self.success()
+        else:
+            self.failure()
 
     def success(self) -> None:
         self._failures = 0
@@ -91,6 +109,10 @@ class CircuitBreaker:
             self._on_change(is_open)
 
     async def close(self) -> None:
+        if self._check is not None:
+            self._check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._check
         if self._prober is not None:
             self._prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -55,7 +55,7 @@ USER_AGENT = f"mirror/{__version__} (registry pull-through cache)"
 MAX_REDIRECTS = 5
 # The distribution spec lets registries refuse manifests over 4 MiB; we refuse to cache them.
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
-# Upstream answers that mean "the upstream is unwell", counted by the circuit breaker.
+# Upstream answers that may mean "the upstream is unwell": the breaker checks /v2/ to know.
 _UNWELL = frozenset({500, 502, 503, 504})
 
 
@@ -258,7 +258,7 @@ class UpstreamClient:
     def _observe(self, kind: str, response: aiohttp.ClientResponse) -> None:
         self.metrics.upstream_requests.labels(self.name, kind, str(response.status)).inc()
         if response.status in _UNWELL:
-            self.breaker.failure()
+            self.breaker.suspect()
         else:
             self.breaker.success()
         if kind.startswith("manifest"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from pathlib import Path
@@ -105,3 +106,20 @@ async def test_credentials_never_go_to_a_realm_a_redirect_target_names(
         await thief.close()
     assert elsewhere == []
     assert fake_hub.count(server="token") >= 1  # the tokens came from the registry's realm
+
+
+async def test_names_the_upstream_chokes_on_do_not_open_the_circuit(
+    fake_hub: FakeHub, mirror: RunningMirror
+) -> None:
+    fake_hub.fail_names = "choke"
+    for number in range(20):
+        status, _, _ = await mirror.get(f"/v2/choke{number}/manifests/1.0", accept=ACCEPT)
+        assert status == 503
+    await asyncio.sleep(0.1)  # the breaker's /v2/ checks
+    images = [make_image([make_layer(f"legit {n}".encode())]) for n in range(10)]
+    for number, image in enumerate(images):
+        fake_hub.add_image(f"library/legit{number}", "1.0", image)
+        status, _, body = await mirror.get(f"/v2/legit{number}/manifests/1.0", accept=ACCEPT)
+        assert (status, body) == (200, image.manifest)
+    _, _, page = await mirror.get("/metrics")
+    assert b'mirror_upstream_circuit_open{upstream="docker.io"} 0.0' in page

@@ -124,6 +124,7 @@ class FakeHub:
         # A manifest's headers as an untrustworthy upstream sends them: any digest, any type.
         self.claimed_digest: str | None = None
         self.cdn_challenge: str | None = None  # the CDN answers 401 with this challenge
+        self.fail_names: str | None = None  # 500 for paths with this in them, all else fine
         self.token_hangs = False  # the token server takes requests and never answers
         self.manifest_content_type: str | None = None
         self.log: list[LoggedRequest] = []
@@ -325,6 +326,8 @@ class FakeHub:
     async def _registry_faults(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.down:
             response: web.StreamResponse = _error(503, "UNAVAILABLE", "service unavailable")
+        elif self.fail_names is not None and self.fail_names in request.path:
+            response = _error(500, "UNKNOWN", "a name this registry chokes on")
         elif self.status_override is not None:
             response = _error(self.status_override, "UNKNOWN", "injected failure")
             if self.status_override == 429:
