@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import structlog
+from cachetools import LRUCache
 
 from mirror.errors import UpstreamError
 
@@ -27,6 +28,8 @@ _PARAM_RE = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|(
 DEFAULT_TOKEN_TTL = 60.0
 # Renew a little before expiry so a token does not run out between check and use.
 EXPIRY_MARGIN = 10.0
+# Tokens kept, one per repository scope.
+MAX_TOKENS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +68,8 @@ class TokenAuth:
         self._session = session
         self._basic = _basic(username, password)
         self._challenge: Challenge | None = None
-        self._tokens: dict[str, tuple[str, float]] = {}
+        # Scopes are repository names a client chose: bounded, least recently used first out.
+        self._tokens: LRUCache[str, tuple[str, float]] = LRUCache(MAX_TOKENS)
         self._pending: dict[str, asyncio.Future[str]] = {}
         # Told the status of every token request ("error" when none came back): for metrics.
         self.on_token_response: Callable[[str], None] = lambda status: None
@@ -81,9 +85,16 @@ class TokenAuth:
         if self._challenge.scheme == "basic":
             return self._basic
         cached = self._tokens.get(scope)
-        if cached is not None and cached[1] > time.monotonic():
-            return f"Bearer {cached[0]}"
-        return None
+        if cached is None:
+            return None
+        if cached[1] <= time.monotonic():
+            del self._tokens[scope]  # expired: no use keeping it
+            return None
+        return f"Bearer {cached[0]}"
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self._tokens)
 
     @property
     def knows_challenge(self) -> bool:

@@ -115,6 +115,11 @@ class UpstreamClient:
             shared=shared,
         )
 
+    @property
+    def cached_tokens(self) -> int:
+        """Bearer tokens held for this upstream (bounded)."""
+        return self._auth.cached_tokens
+
     async def head_manifest(
         self, repository: str, reference: str, accept: Sequence[str]
     ) -> ManifestHead:
@@ -273,6 +278,8 @@ class UpstreamClient:
     ) -> NoReturn:
         status = response.status
         if status == 404:
+            if await _error_code(response) == "NAME_UNKNOWN":
+                raise NameUnknown(detail="the upstream registry does not know this repository")
             raise not_found()
         if status in (401, 403):
             raise NameUnknown(detail="the upstream registry refused access to this repository")
@@ -411,6 +418,16 @@ def _verified_manifest(
     # Pulled by digest, it is kept under that digest; by tag, under the sha256 of its bytes.
     digest = expected if by_digest and expected is not None else Digest.of(body)
     return Manifest(body=body, media_type=_manifest_type(body, media_type), digest=str(digest))
+
+
+async def _error_code(response: aiohttp.ClientResponse) -> str | None:
+    """The first error code of a registry's JSON error body, if it sent one."""
+    try:
+        body = json.loads(await _read_limited(response, 64 * 1024))
+        code = body["errors"][0]["code"]
+    except (ValueError, KeyError, IndexError, TypeError, UpstreamError, aiohttp.ClientError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 def _supported_digest(claimed: str | None) -> Digest | None:

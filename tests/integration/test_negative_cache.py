@@ -173,3 +173,17 @@ async def test_a_locked_embedded_store_degrades_like_a_redis_outage(
             await asyncio.sleep(0.1)
         else:
             raise AssertionError("the store never came back")
+
+
+async def test_tokens_for_made_up_names_are_bounded(fake_hub: FakeHub, tmp_path: Path) -> None:
+    fake_hub.deny_unknown_repos = False  # tokens for anything; NAME_UNKNOWN for the unknown
+    settings = settings_for(fake_hub.url, tmp_path / "data", cold_lookup_rate=0.0)
+    async with RunningMirror(settings) as mirror:
+        for number in range(1100):
+            status, _, body = await mirror.get(f"/v2/nobody/x{number}/manifests/latest")
+            assert (status, code(body)) == (404, "NAME_UNKNOWN")
+        assert mirror.engine.upstreams["docker.io"].cached_tokens <= 1024
+        fake_hub.clear_log()
+        status, _, _ = await mirror.get("/v2/nobody/x7/manifests/latest")
+        assert status == 404
+        assert fake_hub.log == []  # a repository the upstream does not know: remembered
