@@ -39,7 +39,7 @@ from mirror.errors import (
 )
 from mirror.fills import Fill, FillHandover, Fills
 from mirror.logs import LogThrottle
-from mirror.manifests import parse
+from mirror.manifests import ManifestParseError, parse
 from mirror.mediatypes import MANIFEST_TYPES, accepts, upstream_accept
 from mirror.pulls import PullRecorder
 from mirror.reference import Digest, Reference
@@ -61,6 +61,8 @@ log = structlog.get_logger(__name__)
 # How long a process waits for another one resolving the same tag, and how often it looks.
 HOLDER_WAIT = 10.0
 HOLDER_POLL = 0.05
+# What a registry gives a client that cannot read a multi-platform index.
+DEFAULT_PLATFORM = "linux/amd64"
 # Tag-list pages kept in memory (each up to MAX_MANIFEST_SIZE, usually a few KiB).
 TAG_PAGES = 256
 
@@ -141,12 +143,35 @@ class Resolver:
             await self._remember_unknown(registry, repository, exc)
             raise
         self.pulls.image(registry, repository, manifest.digest)
-        if accepts(accept, manifest.media_type):
-            return manifest, outcome
+        if accepts(accept, manifest.media_type) or reference.digest is not None:
+            return manifest, outcome  # a digest names these bytes, whatever the Accept
         # The client cannot read what the tag resolves to for everyone (an old client and a
-        # multi-platform index): ask upstream what it would give this client.
+        # multi-platform index): give it what Docker Hub gives it, the index's linux/amd64
+        # manifest, held by digest; ask upstream only when the index has none it can read.
+        chosen = await self._default_platform(client, registry, repository, manifest, accept)
+        if chosen is not None:
+            return chosen, outcome
         wanted = upstream_accept(accept)
         return await self._fetch(client, registry, repository, str(reference), wanted)
+
+    async def _default_platform(
+        self,
+        client: UpstreamClient,
+        registry: str,
+        repository: str,
+        index: Manifest,
+        accept: Sequence[str],
+    ) -> Manifest | None:
+        try:
+            refs = parse(index.body, index.media_type)
+        except ManifestParseError:
+            return None
+        for child in refs.children:
+            if child.platform == DEFAULT_PLATFORM and accepts(tuple(accept), child.media_type):
+                digest = Digest.parse(child.digest)
+                manifest, _ = await self._by_digest(client, registry, repository, digest, accept)
+                return manifest
+        return None
 
     async def _by_tag(
         self, client: UpstreamClient, registry: str, repository: str, tag: str
