@@ -202,3 +202,20 @@ async def pull_from(session: aiohttp.ClientSession, url: str, name: str, image: 
     for blob in image.blobs:
         async with session.get(f"{url}/v2/{name}/blobs/{blob.digest}") as response:
             assert await response.read() == blob.data
+
+
+async def test_pull_times_survive_a_restart(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
+) -> None:
+    image = image_of(21)
+    fake_hub.add_image("library/app", "latest", image)
+    settings = settings_for(fake_hub.url, tmp_path / "data")
+    async with RunningMirror(settings, clock=clock, eviction_interval=3600) as mirror:
+        await pull(mirror, "app", image)
+        clock.advance(600)
+        await pull(mirror, "app", image)  # recorded in memory; written on the way down
+        pulled_at = clock.now
+        await mirror.restart()
+        entries = await mirror.engine.store.graph.oldest_blobs(10)
+    assert {entry.digest for entry in entries} == {blob.digest for blob in image.blobs}
+    assert all(entry.last_pulled == pulled_at for entry in entries)
