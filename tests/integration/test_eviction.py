@@ -13,10 +13,12 @@ import aiohttp
 
 from mirror.pins import Pin
 from mirror.store.blobs import BlobStore
+from tests.support.binaries import require_binary
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import FakeClock, RunningMirror, settings_for
 from tests.support.oci import OCI_MANIFEST, Image, make_image, make_random_layer
 from tests.support.process import MirrorProcess
+from tests.support.redis_server import RedisServer
 
 MIB = 1024 * 1024
 HOUR = 3600.0
@@ -219,3 +221,43 @@ async def test_pull_times_survive_a_restart(
         entries = await mirror.engine.store.graph.oldest_blobs(10)
     assert {entry.digest for entry in entries} == {blob.digest for blob in image.blobs}
     assert all(entry.last_pulled == pulled_at for entry in entries)
+
+
+async def test_workers_and_replicas_on_one_data_dir_keep_one_budget(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    """Two replicas sharing Redis and a data dir, each with two workers: one evictor at a
+    time (a lease), so the budget holds and nothing is evicted twice."""
+    redis = RedisServer(require_binary("redis-server"))
+    images = [image_of(seed) for seed in range(30, 38)]  # eight images of 1 MiB
+    for number, image in enumerate(images):
+        fake_hub.add_image(f"library/app{number}", "latest", image)
+    data = tmp_path / "shared"
+    with redis:
+        options = ("--max-cache-size", "3MiB", "--workers", "2", "--redis-url", redis.url())
+        pair = [MirrorProcess(data, fake_hub.url, *options, name=n) for n in ("a", "b")]
+        for process in pair:
+            await asyncio.to_thread(process.start)
+        try:
+            async with aiohttp.ClientSession() as session:
+                for number, image in enumerate(images):
+                    url = pair[number % 2].url
+                    await pull_from(session, url, f"app{number}", image)
+                await asyncio.sleep(1.0)
+                used = sum(size for size, _ in BlobStore(data / "blobs").on_disk().values())
+                last = len(images) - 1
+                await pull_from(session, pair[0].url, f"app{last}", images[last])
+        finally:
+            for process in pair:
+                await asyncio.to_thread(process.stop)
+        logs = [process.log() for process in pair]
+    assert used <= 3 * MIB
+    evicted = [
+        json.loads(line)["count"]
+        for log in logs
+        for line in log.splitlines()
+        if '"blobs_evicted"' in line
+    ]
+    stored = sum(log.count('"blob_stored"') for log in logs)
+    remaining = len(BlobStore(data / "blobs").on_disk())
+    assert stored - sum(evicted) == remaining  # every removal counted once, by one evictor
