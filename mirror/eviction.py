@@ -80,6 +80,7 @@ class Evictor:
         clock: Callable[[], float] = time.time,
         interval: float = INTERVAL,
         before_pass: Callable[[], Awaitable[None]] | None = None,
+        reconciled: bool = False,
     ) -> None:
         self._store = store
         # Writes the pull times gathered so far (PullRecorder.flush): a pass must not take
@@ -92,7 +93,9 @@ class Evictor:
         self._data_dir = data_dir
         self._clock = clock
         self._interval = interval
-        self._reconciled = False
+        # The first pass after start aligns the graph with the disk (a walk of the blob
+        # directory); ``reconciled`` says it is done already.
+        self._reconciled = reconciled
         self._closed = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
