@@ -33,6 +33,7 @@ class ImageRow:
     blobs_present: int
     manifests_missing: int  # an index's children the mirror does not hold
     checked_at: float  # when the upstream last confirmed the tag
+    last_pulled: float | None  # when a client last pulled it (None: not since recording began)
     pinned: bool
 
 
@@ -80,6 +81,9 @@ async def _row(engine: Engine, tagged: TaggedRecord) -> ImageRow:
         blobs_present=present,
         manifests_missing=missing,
         checked_at=record.checked_at,
+        last_pulled=(
+            await engine.store.graph.last_pulls(registry, repository)
+        ).get(record.digest),
         pinned=pinned(engine.settings.pins, registry, repository, tagged.tag),
     )
 
@@ -90,7 +94,7 @@ def as_json(rows: Sequence[ImageRow]) -> str:
 
 def as_table(rows: Sequence[ImageRow], now: float | None = None) -> str:
     now = time.time() if now is None else now
-    header = ("IMAGE", "DIGEST", "PLATFORMS", "SIZE", "BLOBS", "CHECKED", "PINNED")
+    header = ("IMAGE", "DIGEST", "PLATFORMS", "SIZE", "BLOBS", "PULLED", "CHECKED", "PINNED")
     lines = [header]
     for row in rows:
         lines.append(
@@ -101,6 +105,7 @@ def as_table(rows: Sequence[ImageRow], now: float | None = None) -> str:
                 human_size(row.size),
                 f"{row.blobs_present}/{row.blobs}"
                 + (f" (+{row.manifests_missing} manifests)" if row.manifests_missing else ""),
+                "-" if row.last_pulled is None else f"{human_age(now - row.last_pulled)} ago",
                 f"{human_age(now - row.checked_at)} ago",
                 "yes" if row.pinned else "",
             )

@@ -61,6 +61,10 @@ class ContentGraph(Protocol):
         """Last-pull times, a batch at once; a time never moves backwards."""
         ...
 
+    async def last_pulls(self, registry: str, repository: str) -> dict[str, float]:
+        """When each manifest of the repository was last pulled: digest -> time."""
+        ...
+
     async def oldest_blobs(
         self, limit: int, after: tuple[float, str] | None = None
     ) -> list[BlobEntry]:

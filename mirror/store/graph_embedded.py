@@ -71,6 +71,15 @@ class EmbeddedGraph:
 
         await self._write(write)
 
+    async def last_pulls(self, registry: str, repository: str) -> dict[str, float]:
+        rows = await self._run(
+            lambda: self._db.execute(
+                "SELECT reference, last_pulled FROM pulls WHERE registry = ? AND repository = ?",
+                (registry, repository),
+            ).fetchall()
+        )
+        return dict(rows)
+
     async def oldest_blobs(
         self, limit: int, after: tuple[float, str] | None = None
     ) -> list[BlobEntry]:

@@ -69,6 +69,13 @@ return 1
 """
 
 
+_LATER = """
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > old then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+"""
+
+
 def _part(text: str) -> str:
     return quote(text, safe="")
 
@@ -128,8 +135,16 @@ class RedisGraph:
             await self._pulled(keys=[_blob_key(digest), LRU], args=[digest, repr(at)])
         async with self._redis.pipeline(transaction=False) as pipe:
             for (registry, repository, reference), at in images.items():
-                pipe.hset(_repo_key(registry, repository, "pulls"), reference, repr(at))
+                # Newer than what another replica wrote? Then ours; HSET alone could go back.
+                pipe.eval(_LATER, 1, _repo_key(registry, repository, "pulls"), reference, repr(at))
             await pipe.execute()
+
+    async def last_pulls(self, registry: str, repository: str) -> dict[str, float]:
+        raw = await self._redis.hgetall(_repo_key(registry, repository, "pulls"))
+        return {
+            (key.decode() if isinstance(key, bytes) else str(key)): float(value)
+            for key, value in raw.items()
+        }
 
     async def oldest_blobs(
         self, limit: int, after: tuple[float, str] | None = None

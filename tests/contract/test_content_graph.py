@@ -67,8 +67,12 @@ async def test_reconcile_aligns_records_with_the_disk(store: MetadataStore) -> N
 
 
 async def test_image_pulls_are_recorded_in_batches(store: MetadataStore) -> None:
-    # Nothing to read back through the protocol yet but that it takes the batch.
-    await store.graph.record_pulls({}, {(HUB, "library/app", "latest"): 5.0})
+    digest, other = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    await store.graph.record_pulls({}, {(HUB, "library/app", digest): 5.0})
+    await store.graph.record_pulls({}, {(HUB, "library/app", digest): 3.0})  # never back
+    await store.graph.record_pulls({}, {(HUB, "library/app", other): 7.5})
+    assert await store.graph.last_pulls(HUB, "library/app") == {digest: 5.0, other: 7.5}
+    assert await store.graph.last_pulls(HUB, "library/other") == {}
 
 
 def test_an_old_data_dir_is_migrated_in_place(tmp_path: Path) -> None:

@@ -62,6 +62,7 @@ async def test_ls_lists_tags_platforms_sizes_and_blobs_on_disk(
     app, multi = rows["library/app:1.0"], rows["library/multi:latest"]
     assert (app["registry"], app["digest"]) == ("docker.io", single.digest)
     assert (app["blobs"], app["blobs_present"]) == (3, 3)  # config and two layers
+    assert "last_pulled" in app  # written in batches: set within ten seconds of a pull
     assert app["size"] == sum(blob.size for blob in single.blobs)
     assert multi["digest"] == index.digest
     assert multi["platforms"] == ["linux/amd64", "linux/arm64"]
