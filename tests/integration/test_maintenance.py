@@ -85,7 +85,7 @@ async def test_verify_finds_a_flipped_byte_and_repair_brings_the_right_bytes_bac
         assert again.returncode == 0
 
 
-async def test_gc_removes_what_nothing_references_even_while_pulls_go_on(
+async def test_gc_and_verify_while_pulls_go_on(
     fake_hub: FakeHub, tmp_path: Path
 ) -> None:
     images = [make_image([make_random_layer(512 * 1024, seed=s)]) for s in range(50, 54)]
@@ -114,8 +114,11 @@ async def test_gc_removes_what_nothing_references_even_while_pulls_go_on(
         pulls = asyncio.gather(
             *(pull(mirror.url, f"app{n}", image) for n, image in enumerate(images))
         )
-        collected, _ = await asyncio.gather(run("gc", "--data-dir", str(data)), pulls)
+        collected, verified, _ = await asyncio.gather(
+            run("gc", "--data-dir", str(data)), run("verify", "--data-dir", str(data)), pulls
+        )
         assert collected.returncode == 0, collected.stderr
+        assert verified.returncode == 0, verified.stdout + verified.stderr  # nothing corrupt
         assert f"removed {stray_digest}" in collected.stdout
         assert not stray_path.exists()
         assert not partial.exists()
