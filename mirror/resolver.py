@@ -315,10 +315,7 @@ class Resolver:
 
     async def _may_ask_upstream(self, registry: str, repository: str, *, cold: bool) -> None:
         """Refuse what the negative cache or the cold-lookup rate says not to send upstream."""
-        if await self.store.get_missing(registry, repository, REPOSITORY_MISSING):
-            raise NameUnknown(
-                detail={"repository": repository, "cached": "the upstream does not serve it"}
-            )
+        await self._refuse_unknown_repository(registry, repository)
         if cold:
             wait = self._cold_lookups[registry].take()
             if wait > 0:
@@ -327,6 +324,13 @@ class Resolver:
                     detail={"upstream": registry},
                     headers={"Retry-After": str(max(int(wait + 0.999), 1))},
                 )
+
+    async def _refuse_unknown_repository(self, registry: str, repository: str) -> None:
+        """The negative answer for a whole repository, while it lasts."""
+        if await self.store.get_missing(registry, repository, REPOSITORY_MISSING):
+            raise NameUnknown(
+                detail={"repository": repository, "cached": "the upstream does not serve it"}
+            )
 
     async def _remember_unknown(self, registry: str, repository: str, exc: NameUnknown) -> None:
         cached = isinstance(exc.detail, dict) and "cached" in exc.detail
@@ -400,10 +404,7 @@ class Resolver:
             raise
 
     async def _blob_not_known_missing(self, registry: str, repository: str, digest: Digest) -> None:
-        if await self.store.get_missing(registry, repository, REPOSITORY_MISSING):
-            raise NameUnknown(
-                detail={"repository": repository, "cached": "the upstream does not serve it"}
-            )
+        await self._refuse_unknown_repository(registry, repository)
         if await self.store.get_missing(registry, repository, blob_missing(str(digest))):
             raise BlobUnknown(detail={"digest": str(digest), "cached": "upstream answered 404"})
 

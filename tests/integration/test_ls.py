@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 
 from tests.support.fakehub import FakeHub
 from tests.support.oci import OCI_INDEX, OCI_MANIFEST, make_image, make_index, make_layer
-from tests.support.process import MirrorProcess
-
-
-def run_ls(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-    return subprocess.run(
-        [sys.executable, "-m", "mirror", "ls", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+from tests.support.process import MirrorProcess, run_mirror
 
 
 async def pull(url: str, path: str, accept: str) -> bytes:
@@ -53,9 +38,10 @@ async def test_ls_lists_tags_platforms_sizes_and_blobs_on_disk(
         await pull(mirror.url, "/v2/multi/manifests/latest", OCI_INDEX)
         await pull(mirror.url, f"/v2/multi/manifests/{amd64.digest}", OCI_MANIFEST)
 
-        listing = await asyncio.to_thread(run_ls, "--data-dir", str(data), "--json")
-        table = await asyncio.to_thread(run_ls, "--data-dir", str(data))
-        only_app = await asyncio.to_thread(run_ls, "--data-dir", str(data), "app:*", "--json")
+        ls = ("ls", "--data-dir", str(data))
+        listing = await asyncio.to_thread(run_mirror, *ls, "--json")
+        table = await asyncio.to_thread(run_mirror, *ls)
+        only_app = await asyncio.to_thread(run_mirror, *ls, "app:*", "--json")
 
     assert listing.returncode == 0, listing.stderr
     rows = {f"{r['repository']}:{r['tag']}": r for r in json.loads(listing.stdout)}
@@ -75,7 +61,7 @@ async def test_ls_lists_tags_platforms_sizes_and_blobs_on_disk(
 
 
 def test_ls_on_a_data_dir_that_is_not_there_says_so(tmp_path: Path) -> None:
-    result = run_ls("--data-dir", str(tmp_path / "nothing"))
+    result = run_mirror("ls", "--data-dir", str(tmp_path / "nothing"))
     assert result.returncode == 1
     assert "no mirror data" in result.stderr
     assert not (tmp_path / "nothing").exists()

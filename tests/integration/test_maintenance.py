@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,23 +13,11 @@ import aiohttp
 
 from tests.support.fakehub import FakeHub
 from tests.support.oci import OCI_MANIFEST, Image, make_image, make_random_layer
-from tests.support.process import MirrorProcess
-
-
-def mirror_command(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-    return subprocess.run(
-        [sys.executable, "-m", "mirror", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
+from tests.support.process import MirrorProcess, run_mirror
 
 
 async def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(mirror_command, *args)
+    return await asyncio.to_thread(run_mirror, *args)
 
 
 async def pull(url: str, name: str, image: Image) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import aiohttp
 
 from tests.support.fakehub import FakeHub
 from tests.support.oci import make_image, make_layer
-from tests.support.process import MirrorProcess
+from tests.support.process import MirrorProcess, run_mirror
 from tests.support.realregistry import free_port
 
 
@@ -38,25 +36,16 @@ async def test_starts_with_kubernetes_service_link_variables(
         assert await status_of(f"{mirror.url}/healthz") == 200
 
 
-def run_serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
-    return subprocess.run(
-        [sys.executable, "-m", "mirror", "serve", "--log-format", "json", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
-
-
 async def test_workers_on_a_port_in_use_exit_1_with_one_line(
     fake_hub: FakeHub, tmp_path: Path
 ) -> None:
     with MirrorProcess(tmp_path / "first", fake_hub.url, "--workers", "2") as first:
         started = time.monotonic()
         second = await asyncio.to_thread(
-            run_serve,
+            run_mirror,
+            "serve",
+            "--log-format",
+            "json",
             "--workers", "2",
             "--listen", first.host,
             "--data-dir", str(tmp_path / "second"),
@@ -76,7 +65,10 @@ async def test_supervisor_gives_up_when_workers_keep_dying(
     data = tmp_path / "data"
     (data / "metadata.sqlite3").mkdir(parents=True)  # every worker fails to open its store
     result = await asyncio.to_thread(
-        run_serve,
+        run_mirror,
+        "serve",
+        "--log-format",
+        "json",
         "--workers", "2",
         "--listen", f"127.0.0.1:{free_port()}",
         "--data-dir", str(data),

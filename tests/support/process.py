@@ -19,6 +19,19 @@ from tests.support.realregistry import free_port
 START_TIMEOUT = 20.0
 
 
+def run_mirror(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m mirror ARGS`` to completion, without the caller's MIRROR_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    return subprocess.run(
+        [sys.executable, "-m", "mirror", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+
+
 class MirrorProcess:
     """``python -m mirror serve`` on a free loopback port, stopped by its PID."""
 
