@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from mirror import __version__, commands
 from mirror.config import FLAG_KEYS, ConfigError, Settings, load
 from mirror.logs import configure
 from mirror.pins import Pin
+from mirror.seed import DEFAULT_JOBS, read_list
 from mirror.server import serve_one
 from mirror.workers import run_workers
 
@@ -100,6 +101,43 @@ def _budget_options(command: argparse.ArgumentParser) -> None:
     )
 
 
+def _seed_command(
+    commands: Any, store: argparse.ArgumentParser, upstream: argparse.ArgumentParser
+) -> None:
+    seed = commands.add_parser(
+        "seed",
+        help="pull images into the data dir ahead of need (safe while serve runs)",
+        parents=[store, upstream],
+    )
+    seed.add_argument(
+        "references",
+        nargs="*",
+        metavar="REF",
+        help="images as docker pull takes them: alpine:3.20, ghcr.io/acme/tool:1.0, name@sha256:…",
+    )
+    seed.add_argument(
+        "--file", type=Path, metavar="LIST", help="more references, one per line; # comments"
+    )
+    seed.add_argument(
+        "--platform",
+        action="append",
+        dest="platforms",
+        default=[],
+        metavar="OS/ARCH",
+        help="only these platforms of a multi-platform image (repeatable; default all)",
+    )
+    seed.add_argument(
+        "--jobs",
+        type=int,
+        default=DEFAULT_JOBS,
+        metavar="N",
+        help=f"blobs fetched in parallel (default {DEFAULT_JOBS})",
+    )
+    seed.add_argument(
+        "--no-pin", action="store_true", help="let eviction remove them like any pulled image"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mirror {__version__}")
@@ -110,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
     serve.add_argument("--workers", help="processes serving the port (default 1)")
+    serve.add_argument(
+        "--offline",
+        action="store_const",
+        const=True,
+        help="air-gapped: never contact an upstream; serve what is held or imported",
+    )
     _budget_options(serve)
     ls = commands.add_parser(
         "ls", help="list the cached images (works while serve runs)", parents=[store]
@@ -129,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     verify = commands.add_parser(
         "verify", help="re-hash every cached blob and report the corrupt ones", parents=[store]
     )
+    _seed_command(commands, store, upstream)
     verify.add_argument(
         "--repair",
         action="store_true",
@@ -154,11 +199,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(settings)
     if args.command == "ls":
         return asyncio.run(commands.ls(settings, pattern, as_json=args.json))
-    if args.command == "gc":
-        return asyncio.run(commands.gc(settings, dry_run=args.dry_run))
-    if args.command == "verify":
-        return asyncio.run(commands.verify(settings, repair=args.repair))
-    return EXIT_USAGE
+    return _COMMANDS[args.command](settings, args)
+
+
+def _gc(settings: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(commands.gc(settings, dry_run=args.dry_run))
+
+
+def _verify(settings: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(commands.verify(settings, repair=args.repair))
+
+
+def _seed(settings: Settings, args: argparse.Namespace) -> int:
+    references = list(args.references)
+    try:
+        if args.file is not None:
+            references += read_list(args.file)
+    except OSError as exc:
+        print(f"mirror: error: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    if not references:
+        print("mirror: error: seed needs image references (REF ... or --file)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.jobs < 1:
+        print("mirror: error: --jobs must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    return asyncio.run(
+        commands.seed_images(
+            settings,
+            references,
+            platforms=args.platforms,
+            jobs=args.jobs,
+            pin=not args.no_pin,
+        )
+    )
 
 
 def serve(settings: Settings) -> int:
@@ -172,6 +246,13 @@ def serve(settings: Settings) -> int:
         print(f"mirror: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
+
+
+_COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "gc": _gc,
+    "verify": _verify,
+    "seed": _seed,
+}
 
 
 if __name__ == "__main__":

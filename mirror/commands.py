@@ -3,15 +3,19 @@ returns an exit code. Printing is here; the work is in the modules they call."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from mirror import inventory, maintenance
 from mirror.config import Settings
 from mirror.engine import open_engine
+from mirror.inventory import human_size
 from mirror.logs import configure
 from mirror.pins import Pin
+from mirror.progress import Board, amount
+from mirror.seed import Seeded, seed
 
 
 def _no_data(settings: Settings) -> bool:
@@ -90,3 +94,108 @@ def _progress_line() -> Callable[[int, int, int], None]:
         print(line, end="", file=sys.stderr, flush=True)
 
     return show
+
+
+async def seed_images(
+    settings: Settings,
+    references: Sequence[str],
+    *,
+    platforms: Sequence[str],
+    jobs: int,
+    pin: bool,
+) -> int:
+    configure("warning", settings.log_format)
+    # The operator names these images: the bound on lookups of unknown names is for clients.
+    settings = dataclasses.replace(settings, cold_lookup_rate=0.0)
+    display: _SeedDisplay = _SeedBars(len(references)) if sys.stderr.isatty() else _SeedLines()
+    async with open_engine(settings) as engine:
+        results = await seed(
+            engine, references, platforms=platforms, jobs=jobs, pin=pin, progress=display
+        )
+    display.close()
+    failed = [r for r in results if not r.ok]
+    fetched = sum(r.fetched for r in results)
+    print(
+        f"seeded {len(results) - len(failed)} of {len(results)} images,"
+        f" {human_size(fetched)} fetched"
+        + (" (pinned)" if pin and len(failed) < len(results) else "")
+    )
+    for result in failed:
+        print(f"failed {result.reference}: {result.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _seed_line(result: Seeded) -> str:
+    if not result.ok:
+        return f"{result.reference}  FAILED  {result.error}"
+    return (
+        f"{result.reference}  {result.digest}  {human_size(result.size)}"
+        f"  fetched {human_size(result.fetched)}"
+    )
+
+
+class _SeedDisplay:
+    def image_started(self, seeded: Seeded) -> None:
+        return None
+
+    def bytes_known(self, seeded: Seeded, size: int) -> None:
+        return None
+
+    def bytes_done(self, seeded: Seeded, size: int) -> None:
+        return None
+
+    def image_done(self, seeded: Seeded) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class _SeedLines(_SeedDisplay):
+    """Off a terminal: one line per image as it finishes (reference, digest, size, fetched)."""
+
+    def image_done(self, seeded: Seeded) -> None:
+        print(_seed_line(seeded), flush=True)
+
+
+class _SeedBars(_SeedDisplay):
+    """On a terminal: bytes and images overall, and a bar per image in flight."""
+
+    def __init__(self, images: int) -> None:
+        self._board = Board()
+        self._images = images
+        self._finished = 0
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(seeded) -> (done, total)
+
+    def image_started(self, seeded: Seeded) -> None:
+        self._sizes[id(seeded)] = (0, 0)
+        self._draw(seeded)
+
+    def bytes_known(self, seeded: Seeded, size: int) -> None:
+        done, _ = self._sizes[id(seeded)]
+        self._sizes[id(seeded)] = (done, size)
+        self._draw(seeded)
+
+    def bytes_done(self, seeded: Seeded, size: int) -> None:
+        done, total = self._sizes[id(seeded)]
+        self._sizes[id(seeded)] = (done + size, total)
+        self._draw(seeded)
+
+    def image_done(self, seeded: Seeded) -> None:
+        self._finished += 1
+        self._board.drop(seeded.reference)
+        self._board.print(_seed_line(seeded))
+        self._draw(None)
+
+    def close(self) -> None:
+        self._board.close()
+
+    def _draw(self, seeded: Seeded | None) -> None:
+        if seeded is not None:
+            done, total = self._sizes[id(seeded)]
+            self._board.item(seeded.reference, done, total)
+        done = sum(d for d, _ in self._sizes.values())
+        total = sum(t for _, t in self._sizes.values())
+        self._board.overall(
+            f"seeding: {self._finished}/{self._images} images  {amount(done, total)}"
+        )

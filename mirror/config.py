@@ -78,6 +78,8 @@ class Settings:
     min_free_space: SizeOrShare = field(default_factory=lambda: SizeOrShare(percent=5.0))
     evict_unused_after: float | None = None
     pins: tuple[Pin, ...] = ()
+    # Air-gapped: no upstream is ever contacted; what is held is served whatever its age.
+    offline: bool = False
 
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
@@ -157,6 +159,17 @@ def _choice(*choices: str) -> Callable[[Any], str]:
         return text
 
     return parse
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
 
 
 def _optional_str(value: Any) -> str | None:
@@ -252,6 +265,7 @@ _KEYS: dict[str, _Key] = {
     "min_free_space": _Key(parse_size_or_percent),
     "evict_unused_after": _Key(_optional_duration),
     "pins": _Key(_pins),
+    "offline": _Key(_bool),
 }
 FLAG_KEYS = tuple(key for key, spec in _KEYS.items() if spec.flag)
 
@@ -364,6 +378,7 @@ def _build(values: Mapping[str, Any]) -> Settings:
         min_free_space=values.get("min_free_space", defaults.min_free_space),
         evict_unused_after=values.get("evict_unused_after", defaults.evict_unused_after),
         pins=values.get("pins", defaults.pins),
+        offline=values.get("offline", defaults.offline),
     )
 
 

@@ -11,13 +11,15 @@ Tests and embedding programs swap collaborators through :class:`Overrides`.
     ├── blobs        blob files on disk by digest
     ├── coordinator  leases across workers (flock) and replicas (Redis)
     ├── fills        blob downloads shared by their readers
-    ├── upstreams    one client per upstream registry (token auth, quota, circuit breaker)
+    ├── upstreams    one client per upstream registry (token auth, quota, circuit breaker),
+    │                or the offline stand-in that contacts nothing (``serve --offline``)
     └── resolver     the pull-through policy over all of the above
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -46,6 +48,8 @@ from mirror.store.protocols import MetadataStore
 from mirror.store.redis_store import RedisStore
 from mirror.upstream.auth import TokenAuth
 from mirror.upstream.client import USER_AGENT, UpstreamClient
+from mirror.upstream.offline import OfflineUpstream
+from mirror.upstream.protocol import Upstream
 from mirror.upstream.ratelimit import RateLimit
 from mirror.upstream.shared_state import FileState, RedisState, UpstreamState
 
@@ -70,7 +74,7 @@ class Engine:
     blobs: BlobStore
     coordinator: Coordinator
     fills: Fills
-    upstreams: Mapping[str, UpstreamClient]
+    upstreams: Mapping[str, Upstream]
     resolver: Resolver
     pulls: PullRecorder
     evictor: Evictor
@@ -104,24 +108,9 @@ async def open_engine(
         stack.push_async_callback(store.close)
         coordinator = await asyncio.to_thread(_coordinator, settings, inner)
         stack.push_async_callback(coordinator.close)
-        session = _upstream_session(settings)
-        stack.push_async_callback(session.close)
-        upstreams = {}
-        for name, upstream in settings.upstreams.items():
-            shared = _shared_state(settings, coordinator, name)
-            upstreams[name] = UpstreamClient(
-                name,
-                upstream.url,
-                session,
-                TokenAuth(session, username=upstream.username, password=upstream.password),
-                metrics=metrics,
-                ratelimit=RateLimit(reserve=settings.ratelimit_reserve, shared=shared),
-                probe_interval=overrides.probe_interval,
-                shared=shared,
-                request_timeout=settings.request_timeout,
-            )
-        for client in upstreams.values():
-            stack.push_async_callback(client.close)
+        upstreams = await stack.enter_async_context(
+            _upstreams(settings, metrics, coordinator, overrides)
+        )
         budget = Budget(
             settings.max_cache_size,
             settings.min_free_space,
@@ -163,10 +152,12 @@ async def open_engine(
             fills=fills,
             upstreams=upstreams,
             coordinator=coordinator,
-            tag_ttl=settings.tag_ttl,
+            # Offline, nothing can revalidate a tag and no lookup costs anything: what is
+            # held is current, whatever its age.
+            tag_ttl=math.inf if settings.offline else settings.tag_ttl,
             max_stale=settings.max_stale,
             negative_ttl=settings.negative_ttl,
-            cold_lookup_rate=settings.cold_lookup_rate,
+            cold_lookup_rate=0.0 if settings.offline else settings.cold_lookup_rate,
             pulls=pulls,
             clock=clock,
         )
@@ -178,6 +169,38 @@ async def open_engine(
         yield Engine(
             settings, metrics, store, blobs, coordinator, fills, upstreams, resolver, pulls, evictor
         )
+
+
+@asynccontextmanager
+async def _upstreams(
+    settings: Settings, metrics: Metrics, coordinator: Coordinator, overrides: Overrides
+) -> AsyncIterator[dict[str, Upstream]]:
+    """One client per upstream registry, sharing one HTTP session; or, offline, the
+    client that never connects anywhere."""
+    if settings.offline:
+        metrics.offline.set(1)
+        yield {name: OfflineUpstream(name) for name in settings.upstreams}
+        return
+    async with AsyncExitStack() as stack:
+        session = _upstream_session(settings)
+        stack.push_async_callback(session.close)
+        upstreams: dict[str, Upstream] = {}
+        for name, upstream in settings.upstreams.items():
+            shared = _shared_state(settings, coordinator, name)
+            client = UpstreamClient(
+                name,
+                upstream.url,
+                session,
+                TokenAuth(session, username=upstream.username, password=upstream.password),
+                metrics=metrics,
+                ratelimit=RateLimit(reserve=settings.ratelimit_reserve, shared=shared),
+                probe_interval=overrides.probe_interval,
+                shared=shared,
+                request_timeout=settings.request_timeout,
+            )
+            stack.push_async_callback(client.close)
+            upstreams[name] = client
+        yield upstreams
 
 
 def _open_blobs(settings: Settings, *, sweep: bool) -> BlobStore:

@@ -17,7 +17,14 @@ upstream status codes, and it translates them into this tree:
     ├── RangeInvalid         RANGE_INVALID       416
     ├── TooManyRequests      TOOMANYREQUESTS     429
     └── UpstreamError        UNAVAILABLE         503
-        └── IntegrityError   (upstream sent bytes that do not match their digest)
+        ├── IntegrityError   (upstream sent bytes that do not match their digest)
+        └── Offline          (``serve --offline``: there is no upstream)   404
+            ├── NameOffline      NAME_UNKNOWN
+            ├── ManifestOffline  MANIFEST_UNKNOWN
+            └── BlobOffline      BLOB_UNKNOWN
+
+An ``Offline`` error is an upstream failure to the resolver, which then serves what it holds
+as it does when an upstream is down, and a plain "not found" to the client.
 """
 
 from __future__ import annotations
@@ -117,3 +124,23 @@ class UpstreamError(RegistryError):
 
 class IntegrityError(UpstreamError):
     default_message = "the upstream registry sent content that does not match its digest"
+
+
+class Offline(UpstreamError):
+    status = 404
+    default_message = "the mirror is offline and does not hold this"
+
+
+class NameOffline(Offline):
+    code = "NAME_UNKNOWN"
+    default_message = "repository not known: the mirror is offline and holds no tags for it"
+
+
+class ManifestOffline(Offline):
+    code = "MANIFEST_UNKNOWN"
+    default_message = "manifest unknown: the mirror is offline and does not hold it"
+
+
+class BlobOffline(Offline):
+    code = "BLOB_UNKNOWN"
+    default_message = "blob unknown: the mirror is offline and does not hold it"

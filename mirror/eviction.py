@@ -32,7 +32,7 @@ import structlog
 from mirror.coordination import Coordinator
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
-from mirror.pins import Pin, pinned
+from mirror.pins import Pin, pinned, with_stored
 from mirror.reference import Digest
 from mirror.store.blobs import BlobStore
 from mirror.store.graph import BlobEntry
@@ -100,6 +100,7 @@ class Evictor:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._throttle = LogThrottle()
+        self._pinning = False  # did the last pass find any pin?
         if budget.max_bytes is not None:
             metrics.cache_budget.set(budget.max_bytes)
 
@@ -202,13 +203,19 @@ class Evictor:
         return over, "budget"
 
     async def _pinned_blobs(self) -> set[str]:
+        graph = self._store.graph
+        pins = with_stored(self._budget.pins, await self._store.pins())
+        self._pinning = bool(pins)
         needed: dict[str, int] = {}
-        for tagged in await self._store.list_tags() if self._budget.pins else []:
-            if pinned(self._budget.pins, tagged.registry, tagged.repository, tagged.tag):
+        for pin in pins:
+            name = pin.pattern
+            if name.digest is not None:  # one manifest, named exactly
+                needed.update(await graph.blobs_of(name.registry, name.repository, name.digest))
+        by_tag = [pin for pin in pins if pin.pattern.digest is None]
+        for tagged in await self._store.list_tags() if by_tag else []:
+            if pinned(by_tag, tagged.registry, tagged.repository, tagged.tag):
                 needed.update(
-                    await self._store.graph.blobs_of(
-                        tagged.registry, tagged.repository, tagged.record.digest
-                    )
+                    await graph.blobs_of(tagged.registry, tagged.repository, tagged.record.digest)
                 )
         self._metrics.pinned_bytes.set(sum(needed.values()))
         return set(needed)
@@ -217,7 +224,7 @@ class Evictor:
         usage = await self._store.graph.usage()
         self._metrics.cache_bytes.set(usage.bytes)
         self._metrics.cache_blobs.set(usage.blobs)
-        self._metrics.pins_over_budget.set(1 if result.short > 0 and self._budget.pins else 0)
+        self._metrics.pins_over_budget.set(1 if result.short > 0 and self._pinning else 0)
         if result.short > 0:
             suppressed = self._throttle.admit("short")
             if suppressed is not None:

@@ -33,7 +33,7 @@ from mirror.errors import IntegrityError, RegistryError, UpstreamError
 from mirror.logs import LogThrottle
 from mirror.reference import Digest
 from mirror.store.blobs import BlobStore, Partial
-from mirror.upstream.client import UpstreamClient
+from mirror.upstream.protocol import Upstream
 
 log = structlog.get_logger(__name__)
 
@@ -146,7 +146,7 @@ class Fills:
         # Whether a blob of this size may stay on disk (no larger than the disk budget).
         self._keep = keep
 
-    async def open(self, client: UpstreamClient, repository: str, digest: Digest) -> Fill | None:
+    async def open(self, client: Upstream, repository: str, digest: Digest) -> Fill | None:
         """The fill to read ``digest`` from, attached; None when the blob is on disk now.
 
         The caller must ``detach()`` the fill when done with it. Nothing here waits while
@@ -164,7 +164,7 @@ class Fills:
         fill.attach()
         return fill
 
-    async def _start(self, fill: Fill, client: UpstreamClient, repository: str) -> None:
+    async def _start(self, fill: Fill, client: Upstream, repository: str) -> None:
         """Fill the blob under its lease, or follow whoever holds the lease."""
         key = f"blob:{fill.digest}"
         try:
@@ -196,7 +196,7 @@ class Fills:
         self._on_change(len(self._active))
 
     async def _fill(
-        self, fill: Fill, client: UpstreamClient, repository: str, lease: Lease
+        self, fill: Fill, client: Upstream, repository: str, lease: Lease
     ) -> None:
         partial: Partial | None = None
         try:

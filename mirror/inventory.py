@@ -15,16 +15,33 @@ from dataclasses import asdict, dataclass
 
 from mirror.engine import Engine
 from mirror.manifests import ManifestParseError, parse
-from mirror.pins import Pin, pinned
+from mirror.pins import Pin, pinned, with_stored
 from mirror.reference import Digest
-from mirror.store.protocols import TaggedRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """An image the mirror holds: a tag, or a manifest a pin names by digest."""
+
+    registry: str
+    repository: str
+    tag: str | None
+    digest: str
+    media_type: str
+    checked_at: float | None  # when the upstream last confirmed the tag
+
+    @property
+    def reference(self) -> str:
+        """The full reference: docker.io/library/alpine:3.20, or name@sha256:…"""
+        suffix = f":{self.tag}" if self.tag is not None else f"@{self.digest}"
+        return f"{self.registry}/{self.repository}{suffix}"
 
 
 @dataclass(frozen=True, slots=True)
 class ImageRow:
     registry: str
     repository: str
-    tag: str
+    tag: str | None  # None: an image pinned by digest
     digest: str
     media_type: str
     platforms: list[str]
@@ -32,25 +49,56 @@ class ImageRow:
     blobs: int
     blobs_present: int
     manifests_missing: int  # an index's children the mirror does not hold
-    checked_at: float  # when the upstream last confirmed the tag
+    checked_at: float | None  # when the upstream last confirmed the tag
     last_pulled: float | None  # when a client last pulled it (None: not since recording began)
     pinned: bool
 
 
+async def images(engine: Engine, patterns: Sequence[Pin] = ()) -> list[Image]:
+    """The tagged images, and the manifests pinned by digest, matching any of ``patterns``
+    (all of them without one)."""
+    found = [
+        Image(t.registry, t.repository, t.tag, t.record.digest, t.record.media_type,
+              t.record.checked_at)
+        for t in await engine.store.list_tags()
+    ]
+    for pin in await current_pins(engine):
+        name = pin.pattern
+        if name.digest is None or "*" in name.registry + name.repository:
+            continue
+        manifest = await engine.store.get_manifest(name.registry, name.repository, name.digest)
+        if manifest is not None:
+            found.append(
+                Image(name.registry, name.repository, None, name.digest, manifest.media_type, None)
+            )
+    return [
+        image
+        for image in found
+        if not patterns
+        or any(p.matches(image.registry, image.repository, image.tag, image.digest)
+               for p in patterns)
+    ]
+
+
+async def current_pins(engine: Engine) -> tuple[Pin, ...]:
+    """The configured pins and those ``seed`` and ``import`` stored."""
+    return with_stored(engine.settings.pins, await engine.store.pins())
+
+
 async def list_images(engine: Engine, pattern: Pin | None = None) -> list[ImageRow]:
-    rows = []
-    for tagged in await engine.store.list_tags():
-        if pattern is None or pattern.matches(tagged.registry, tagged.repository, tagged.tag):
-            rows.append(await _row(engine, tagged))
-    return rows
+    pins = await current_pins(engine)
+    return [
+        await _row(engine, image, pins)
+        for image in await images(engine, () if pattern is None else (pattern,))
+    ]
 
 
-async def _row(engine: Engine, tagged: TaggedRecord) -> ImageRow:
-    registry, repository, record = tagged.registry, tagged.repository, tagged.record
+async def _row(engine: Engine, image: Image, pins: Sequence[Pin]) -> ImageRow:
+    registry, repository = image.registry, image.repository
     blobs: dict[str, int | None] = {}
     platforms: list[str] = []
     missing = 0
-    pending = [record.digest]
+    pending = [image.digest]
     while pending:
         digest = pending.pop()
         manifest = await engine.store.get_manifest(registry, repository, digest)
@@ -72,19 +120,17 @@ async def _row(engine: Engine, tagged: TaggedRecord) -> ImageRow:
     return ImageRow(
         registry=registry,
         repository=repository,
-        tag=tagged.tag,
-        digest=record.digest,
-        media_type=record.media_type,
+        tag=image.tag,
+        digest=image.digest,
+        media_type=image.media_type,
         platforms=sorted(platforms),
         size=sum(size for size in blobs.values() if size is not None),
         blobs=len(blobs),
         blobs_present=present,
         manifests_missing=missing,
-        checked_at=record.checked_at,
-        last_pulled=(
-            await engine.store.graph.last_pulls(registry, repository)
-        ).get(record.digest),
-        pinned=pinned(engine.settings.pins, registry, repository, tagged.tag),
+        checked_at=image.checked_at,
+        last_pulled=(await engine.store.graph.last_pulls(registry, repository)).get(image.digest),
+        pinned=pinned(pins, registry, repository, image.tag, image.digest),
     )
 
 
@@ -99,14 +145,15 @@ def as_table(rows: Sequence[ImageRow], now: float | None = None) -> str:
     for row in rows:
         lines.append(
             (
-                f"{row.registry}/{row.repository}:{row.tag}",
+                f"{row.registry}/{row.repository}"
+                + (f":{row.tag}" if row.tag is not None else f"@{row.digest[:19]}"),
                 row.digest.partition(":")[2][:12],
                 ",".join(row.platforms) or "-",
                 human_size(row.size),
                 f"{row.blobs_present}/{row.blobs}"
                 + (f" (+{row.manifests_missing} manifests)" if row.manifests_missing else ""),
                 "-" if row.last_pulled is None else f"{human_age(now - row.last_pulled)} ago",
-                f"{human_age(now - row.checked_at)} ago",
+                "-" if row.checked_at is None else f"{human_age(now - row.checked_at)} ago",
                 "yes" if row.pinned else "",
             )
         )

@@ -64,6 +64,13 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self.offline = Gauge(
+            "mirror_offline",
+            "1 when the mirror runs offline (serve --offline): no upstream is ever contacted.",
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        self.offline.set(0)
         self._cache_metrics()
         for name in upstreams:
             self._upstream_known(name)

@@ -11,6 +11,7 @@ Pure code: no I/O.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -75,20 +76,39 @@ class Pin:
     def parse(cls, text: str) -> Pin:
         return cls(split_image(text), text.strip())
 
-    def matches(self, registry: str, repository: str, tag: str | None) -> bool:
+    def matches(
+        self, registry: str, repository: str, tag: str | None, digest: str | None = None
+    ) -> bool:
         """Does this pin cover ``repository`` on ``registry`` (tagged ``tag``, if any)?
 
         A pin without a tag covers every manifest of the repository, tagged or not; a pin
-        with one covers the tags it matches.
+        with one covers the tags it matches; a pin with a digest (``seed name@sha256:…``)
+        covers that manifest.
         """
         if not fnmatchcase(registry, self.pattern.registry):
             return False
         if not fnmatchcase(repository, self.pattern.repository):
             return False
+        if self.pattern.digest is not None:
+            return digest == self.pattern.digest
         if self.pattern.tag is None:
             return True
         return tag is not None and fnmatchcase(tag, self.pattern.tag)
 
 
-def pinned(pins: tuple[Pin, ...], registry: str, repository: str, tag: str | None) -> bool:
-    return any(pin.matches(registry, repository, tag) for pin in pins)
+def pinned(
+    pins: Sequence[Pin], registry: str, repository: str, tag: str | None, digest: str | None = None
+) -> bool:
+    return any(pin.matches(registry, repository, tag, digest) for pin in pins)
+
+
+def with_stored(configured: Sequence[Pin], stored: Sequence[str]) -> tuple[Pin, ...]:
+    """The configured pins and those ``seed`` and ``import`` stored (skipping any that no
+    longer parse, rather than failing every reader of pins)."""
+    pins = list(configured)
+    for text in stored:
+        try:
+            pins.append(Pin.parse(text))
+        except ValueError:
+            continue
+    return tuple(pins)

@@ -13,17 +13,20 @@
 - Lookups the cache cannot answer at all (a tag or digest never seen) go upstream at a
   bounded rate per upstream (``cold_lookup_rate``), so a client inventing names cannot
   spend the pull quota as fast as it can send requests.
-- Tag lists are served from memory for ``tag_ttl`` seconds.
+- Tag lists are served from memory for ``tag_ttl`` seconds; when the upstream cannot answer
+  (down, out of quota, or none at all: ``serve --offline``), from the tags the mirror holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
 import structlog
 from cachetools import TTLCache
@@ -52,7 +55,7 @@ from mirror.store.protocols import (
     TagRecord,
     blob_missing,
 )
-from mirror.upstream.client import TagsPage, UpstreamClient
+from mirror.upstream.protocol import TagsPage, Upstream
 from mirror.upstream.ratelimit import TokenBucket
 
 log = structlog.get_logger(__name__)
@@ -88,7 +91,7 @@ class Resolver:
         store: MetadataStore,
         blobs: BlobStore,
         fills: Fills,
-        upstreams: Mapping[str, UpstreamClient],
+        upstreams: Mapping[str, Upstream],
         coordinator: Coordinator,
         tag_ttl: float,
         max_stale: float | None = None,
@@ -117,7 +120,7 @@ class Resolver:
             TAG_PAGES, ttl=max(tag_ttl, 1e-9), timer=clock
         )
 
-    def upstream(self, registry: str) -> UpstreamClient:
+    def upstream(self, registry: str) -> Upstream:
         try:
             return self.upstreams[registry]
         except KeyError:
@@ -156,7 +159,7 @@ class Resolver:
 
     async def _default_platform(
         self,
-        client: UpstreamClient,
+        client: Upstream,
         registry: str,
         repository: str,
         index: Manifest,
@@ -174,7 +177,7 @@ class Resolver:
         return None
 
     async def _by_tag(
-        self, client: UpstreamClient, registry: str, repository: str, tag: str
+        self, client: Upstream, registry: str, repository: str, tag: str
     ) -> tuple[Manifest, Outcome]:
         record = await self.store.get_tag(registry, repository, tag)
         if record is not None and self._clock() - record.checked_at < self._tag_ttl:
@@ -219,7 +222,7 @@ class Resolver:
 
     async def _refresh_tag_once(
         self,
-        client: UpstreamClient,
+        client: Upstream,
         registry: str,
         repository: str,
         tag: str,
@@ -258,7 +261,7 @@ class Resolver:
 
     async def _refresh_tag(
         self,
-        client: UpstreamClient,
+        client: Upstream,
         registry: str,
         repository: str,
         tag: str,
@@ -294,7 +297,7 @@ class Resolver:
 
     async def _by_digest(
         self,
-        client: UpstreamClient,
+        client: Upstream,
         registry: str,
         repository: str,
         digest: Digest,
@@ -341,7 +344,7 @@ class Resolver:
 
     async def _fetch(
         self,
-        client: UpstreamClient,
+        client: Upstream,
         registry: str,
         repository: str,
         reference: str,
@@ -430,6 +433,31 @@ class Resolver:
         except NameUnknown as exc:
             await self._remember_unknown(registry, repository, exc)
             raise
+        except (UpstreamError, TooManyRequests):
+            known = await self._known_tags(registry, repository, query)
+            if known is None:
+                raise
+            return known
         if self._tag_ttl > 0:
             self._tag_pages[key] = page
         return page
+
+    async def _known_tags(
+        self, registry: str, repository: str, query: Mapping[str, str]
+    ) -> TagsPage | None:
+        """The tags the mirror holds for a repository, paged as the spec pages them: for a
+        mirror that is offline or whose upstream is down. None when it holds none."""
+        tags = [t.tag for t in await self.store.list_tags(registry, repository)]
+        if not tags:
+            return None
+        tags.sort()
+        if "last" in query:
+            tags = [tag for tag in tags if tag > query["last"]]
+        link = None
+        if "n" in query:
+            size = int(query["n"])
+            if len(tags) > size:
+                link = f"<?{urlencode({'n': size, 'last': tags[size - 1]})}>; rel=\"next\""
+            tags = tags[:size]
+        body = json.dumps({"name": repository, "tags": tags}).encode()
+        return TagsPage(body, "application/json", link)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
@@ -42,15 +43,15 @@ async def readyz(request: web.Request) -> web.Response:
     store = "ok" if healthy else "degraded"
     upstreams: dict[str, Any] = {}
     for name, client in resolver.upstreams.items():
-        upstreams[name] = {
-            # Nothing is claimed of an upstream nothing has asked yet.
-            "reachable": not client.breaker.open if client.breaker.contacted else "unknown",
-            "ratelimit_remaining": client.ratelimit.remaining,
-            "retry_after": round(client.ratelimit.retry_after(), 1),
-        }
+        upstreams[name] = asdict(client.health())
     ready = all(value == "ok" for value in checks.values())
     status = "not ready" if not ready else "ready" if store == "ok" else "degraded"
-    body = {"status": status, "checks": {**checks, "store": store}, "upstreams": upstreams}
+    body = {
+        "status": status,
+        "offline": engine.settings.offline,
+        "checks": {**checks, "store": store},
+        "upstreams": upstreams,
+    }
     return web.json_response(body, status=200 if ready else 503, headers=_HEADERS)
 
 

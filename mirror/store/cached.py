@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 import structlog
@@ -124,8 +124,19 @@ class CachedStore:
     def graph(self) -> ContentGraph:
         return self.inner.graph
 
-    async def list_tags(self) -> list[TaggedRecord]:
-        return await self.inner.list_tags()
+    async def list_tags(
+        self, registry: str | None = None, repository: str | None = None
+    ) -> list[TaggedRecord]:
+        return await self.inner.list_tags(registry, repository)
+
+    async def pins(self) -> list[str]:
+        return await self.inner.pins()
+
+    async def add_pins(self, references: Sequence[str]) -> None:
+        await self.inner.add_pins(references)
+
+    async def remove_pins(self, references: Sequence[str]) -> int:
+        return await self.inner.remove_pins(references)
 
     async def ping(self) -> bool:
         return await self.inner.ping()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -118,14 +119,47 @@ class EmbeddedStore:
 
         await self._run(write)
 
-    async def list_tags(self) -> list[TaggedRecord]:
+    async def list_tags(
+        self, registry: str | None = None, repository: str | None = None
+    ) -> list[TaggedRecord]:
+        where, params = "", tuple[str, ...]()
+        if registry is not None and repository is not None:
+            where, params = " WHERE registry = ? AND repository = ?", (registry, repository)
         rows = await self._run(
             lambda: self._db.execute(
                 "SELECT registry, repository, tag, digest, media_type, checked_at FROM tags"
-                " ORDER BY registry, repository, tag"
+                f"{where} ORDER BY registry, repository, tag",
+                params,
             ).fetchall()
         )
         return [TaggedRecord(r[0], r[1], r[2], TagRecord(r[3], r[4], r[5])) for r in rows]
+
+    async def pins(self) -> list[str]:
+        rows = await self._run(
+            lambda: self._db.execute("SELECT reference FROM pins ORDER BY reference").fetchall()
+        )
+        return [row[0] for row in rows]
+
+    async def add_pins(self, references: Sequence[str]) -> None:
+        now = time.time()
+
+        def write() -> None:
+            with self._db:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO pins VALUES (?, ?)", [(r, now) for r in references]
+                )
+
+        await self._run(write)
+
+    async def remove_pins(self, references: Sequence[str]) -> int:
+        def write() -> int:
+            with self._db:
+                return sum(
+                    self._db.execute("DELETE FROM pins WHERE reference = ?", (r,)).rowcount
+                    for r in references
+                )
+
+        return int(await self._run(write))
 
     async def ping(self) -> bool:
         try:

@@ -7,6 +7,7 @@ so that metadata of different upstreams never mixes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -80,8 +81,21 @@ class MetadataStore(Protocol):
         """Remember an upstream "not found" for ``ttl`` seconds."""
         ...
 
-    async def list_tags(self) -> list[TaggedRecord]:
-        """Every tag the store knows, for ``mirror ls`` and the content graph."""
+    async def list_tags(
+        self, registry: str | None = None, repository: str | None = None
+    ) -> list[TaggedRecord]:
+        """Every tag the store knows (of one repository, given both names), sorted: for
+        ``mirror ls``, pins, export, and tag lists served without an upstream."""
+        ...
+
+    async def pins(self) -> list[str]:
+        """The images ``seed`` and ``import`` pinned (the configured pins are settings)."""
+        ...
+
+    async def add_pins(self, references: Sequence[str]) -> None: ...
+
+    async def remove_pins(self, references: Sequence[str]) -> int:
+        """Unpin; how many of ``references`` were pinned."""
         ...
 
     async def ping(self) -> bool:

@@ -13,6 +13,7 @@ repository, digest and tag::
     mirror:v1:{R:P}:manifest:D   hash  media_type, body (raw bytes)      no expiry
     mirror:v1:{R:P}:tag:T        hash  digest, media_type, checked_at    no expiry
     mirror:v1:{R:P}:missing:T    string "1"                              expires after the ttl
+    mirror:v1:pins               set   the images seed and import pinned
 
 ``{R:P}`` is the Redis Cluster hash tag: all keys of one repository live in one slot, so the
 tag, its manifest and its negative entry can be used together (MULTI, Lua) on a cluster,
@@ -36,7 +37,7 @@ when Redis comes back, the store works again without being reopened.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import quote, unquote
 
@@ -52,6 +53,7 @@ from mirror.store.protocols import Manifest, StoreUnavailable, TaggedRecord, Tag
 __all__ = ["PREFIX", "RedisStore", "StoreUnavailable"]
 
 PREFIX = "mirror:v1:"
+PINS = f"{PREFIX}pins"
 
 
 class RedisStore:
@@ -151,11 +153,18 @@ class RedisStore:
                 # Already expired: Redis refuses PX 0, and the embedded store forgets it too.
                 await self._redis.delete(key)
 
-    async def list_tags(self) -> list[TaggedRecord]:
-        """SCANs the tag keys: for listing, never on the request path."""
+    async def list_tags(
+        self, registry: str | None = None, repository: str | None = None
+    ) -> list[TaggedRecord]:
+        """SCANs the tag keys: for listing, never on the request path. (Encoded names hold
+        no glob character, so one repository's keys are matched exactly.)"""
+        scope = "*"
+        if registry is not None and repository is not None:
+            scope = f"{_part(registry)}:{_part(repository)}"
         found: list[TaggedRecord] = []
         with _unavailable("list_tags"):
-            async for key in self._redis.scan_iter(match=f"{PREFIX}{{*}}:tag:*", count=1000):
+            pattern = f"{PREFIX}{{{scope}}}:tag:*"
+            async for key in self._redis.scan_iter(match=pattern, count=1000):
                 name = _bytes(key).decode() if isinstance(key, bytes) else str(key)
                 parsed = _parse_key(name, "tag")
                 if parsed is None:
@@ -165,6 +174,22 @@ class RedisStore:
                 if record is not None:
                     found.append(TaggedRecord(registry, repository, tag, record))
         return sorted(found, key=lambda t: (t.registry, t.repository, t.tag))
+
+    async def pins(self) -> list[str]:
+        with _unavailable("pins"):
+            members = await self._redis.smembers(PINS)
+        return sorted(_bytes(m).decode() for m in members)
+
+    async def add_pins(self, references: Sequence[str]) -> None:
+        if references:
+            with _unavailable("add_pins"):
+                await self._redis.sadd(PINS, *references)
+
+    async def remove_pins(self, references: Sequence[str]) -> int:
+        if not references:
+            return 0
+        with _unavailable("remove_pins"):
+            return int(await self._redis.srem(PINS, *references))
 
     async def close(self) -> None:
         with _unavailable("close"):

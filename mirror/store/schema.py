@@ -9,6 +9,7 @@ older mirror is upgraded in place (and a crash mid-upgrade leaves the old versio
   size, presence and last pull, and the last pull of each image. Edges are backfilled
   from the manifests already held; blobs on disk are registered by the first
   reconciliation (``ContentGraph.reconcile``), which needs the blob directory.
+- v2: pins: the images ``seed`` and ``import`` keep from eviction.
 """
 
 from __future__ import annotations
@@ -77,7 +78,13 @@ def edge_rows(registry: str, repository: str, digest: str, refs: References) -> 
     return rows
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+def _v2(db: sqlite3.Connection) -> None:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS pins (reference TEXT PRIMARY KEY, added_at REAL NOT NULL)"
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
 VERSION = len(MIGRATIONS)
 
 

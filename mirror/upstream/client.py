@@ -14,7 +14,6 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import NoReturn
 from urllib.parse import urljoin, urlsplit
 
@@ -46,6 +45,7 @@ from mirror.reference import Digest
 from mirror.store.protocols import Manifest
 from mirror.upstream.auth import Challenge, TokenAuth, parse_challenge, pull_scope
 from mirror.upstream.breaker import CircuitBreaker
+from mirror.upstream.protocol import BlobResponse, Health, ManifestHead, TagsPage
 from mirror.upstream.ratelimit import RateLimit
 from mirror.upstream.shared_state import UpstreamState
 
@@ -57,26 +57,6 @@ MAX_REDIRECTS = 5
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 # Upstream answers that may mean "the upstream is unwell": the breaker checks /v2/ to know.
 _UNWELL = frozenset({500, 502, 503, 504})
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestHead:
-    digest: str
-    media_type: str
-    size: int | None
-
-
-@dataclass(slots=True)
-class BlobResponse:
-    size: int | None
-    content: aiohttp.StreamReader
-
-
-@dataclass(frozen=True, slots=True)
-class TagsPage:
-    body: bytes
-    content_type: str
-    link: str | None
 
 
 class UpstreamClient:
@@ -178,6 +158,14 @@ class UpstreamClient:
             body = await _read_limited(response, MAX_MANIFEST_SIZE)
             content_type = _media_type(response) or "application/json"
             return TagsPage(body, content_type, response.headers.get("Link"))
+
+    def health(self) -> Health:
+        return Health(
+            # Nothing is claimed of an upstream nothing has asked yet.
+            reachable=not self.breaker.open if self.breaker.contacted else "unknown",
+            ratelimit_remaining=self.ratelimit.remaining,
+            retry_after=round(self.ratelimit.retry_after(), 1),
+        )
 
     async def close(self) -> None:
         await self.breaker.close()

@@ -441,3 +441,33 @@ async def test_every_tag_is_listed_with_its_record(store: MetadataStore) -> None
         ],
         key=str,
     )
+
+
+async def test_tags_of_one_repository_are_listed_alone(store: MetadataStore) -> None:
+    first = manifest(b'{"a":1}')
+    await store.put_tag(HUB, "library/alpine", "3.20", record(first))
+    await store.put_tag(HUB, "library/alpine", "edge", record(first))
+    await store.put_tag(HUB, "library/alpine2", "x", record(first))
+    await store.put_tag("ghcr.io", "library/alpine", "y", record(first))
+    await store.put_tag(HUB, "a*b", "z", record(first))  # a glob character in a name
+    listed = await store.list_tags(HUB, "library/alpine")
+    assert [(t.registry, t.repository, t.tag) for t in listed] == [
+        (HUB, "library/alpine", "3.20"),
+        (HUB, "library/alpine", "edge"),
+    ]
+    assert [t.tag for t in await store.list_tags(HUB, "a*b")] == ["z"]
+    assert await store.list_tags(HUB, "nothing/here") == []
+
+
+async def test_pins_are_added_listed_and_removed(store: MetadataStore) -> None:
+    assert await store.pins() == []
+    await store.add_pins(["docker.io/library/alpine:3.20", "ghcr.io/acme/tool@sha256:" + "a" * 64])
+    await store.add_pins(["docker.io/library/alpine:3.20"])  # again: still one pin
+    assert await store.pins() == [
+        "docker.io/library/alpine:3.20",
+        "ghcr.io/acme/tool@sha256:" + "a" * 64,
+    ]
+    assert await store.remove_pins(["docker.io/library/alpine:3.20", "not/pinned"]) == 1
+    assert await store.pins() == ["ghcr.io/acme/tool@sha256:" + "a" * 64]
+    await store.add_pins([])
+    assert await store.remove_pins([]) == 0

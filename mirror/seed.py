@@ -1,0 +1,228 @@
+"""``mirror seed``: pull a list of images into the data dir ahead of need.
+
+Each image goes through the resolver exactly as a client's pull would: the same store, the
+same single-flight and leases, so seeding while ``serve`` runs on the data dir fetches
+nothing twice. A reference is completed as ``docker pull`` completes it
+(:func:`mirror.pins.split_image`); an index brings every platform unless ``platforms``
+narrows it. Blobs of all images share ``jobs`` parallel transfers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from mirror.engine import Engine
+from mirror.errors import RegistryError
+from mirror.fills import Fill, FillState
+from mirror.manifests import ManifestParseError, parse
+from mirror.mediatypes import MANIFEST_TYPES
+from mirror.pins import ImageName, split_image
+from mirror.reference import Digest, Reference, normalize_name
+from mirror.store.protocols import Manifest
+
+DEFAULT_JOBS = 4
+
+
+class SeedError(Exception):
+    """Why one image could not be seeded: one line for the user."""
+
+
+@dataclass(slots=True)
+class Seeded:
+    reference: str  # as the user wrote it
+    name: ImageName | None = None  # completed, with the digest it resolved to
+    digest: str | None = None
+    size: int = 0  # bytes of the manifests and blobs it needs
+    fetched: int = 0  # of which newly fetched from upstream
+    blobs: int = 0
+    error: str | None = None
+    platforms: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Progress(Protocol):
+    """What a display needs to follow a seed: sizes become known as manifests arrive."""
+
+    def image_started(self, seeded: Seeded) -> None: ...
+
+    def bytes_known(self, seeded: Seeded, size: int) -> None: ...
+
+    def bytes_done(self, seeded: Seeded, size: int) -> None: ...
+
+    def image_done(self, seeded: Seeded) -> None: ...
+
+
+def read_list(path: Path) -> list[str]:
+    """References from a text file: one per line, ``#`` starts a comment."""
+    references = []
+    for line in path.read_text().splitlines():
+        text = line.split("#", 1)[0].strip()
+        if text:
+            references.append(text)
+    return references
+
+
+async def seed(
+    engine: Engine,
+    references: Sequence[str],
+    *,
+    platforms: Sequence[str] = (),
+    jobs: int = DEFAULT_JOBS,
+    pin: bool = True,
+    progress: Progress,
+) -> list[Seeded]:
+    transfers = asyncio.Semaphore(jobs)
+    images = asyncio.Semaphore(jobs)
+    seeder = _Seeder(engine, tuple(platforms), transfers, progress)
+
+    async def one(reference: str) -> Seeded:
+        async with images:
+            seeded = await seeder.image(reference)
+        if seeded.ok and pin and seeded.name is not None:
+            await engine.store.add_pins([str(seeded.name)])
+        progress.image_done(seeded)
+        return seeded
+
+    return list(await asyncio.gather(*(one(reference) for reference in references)))
+
+
+class _Seeder:
+    def __init__(
+        self,
+        engine: Engine,
+        platforms: tuple[str, ...],
+        transfers: asyncio.Semaphore,
+        progress: Progress,
+    ) -> None:
+        self._engine = engine
+        self._resolver = engine.resolver
+        self._platforms = platforms
+        self._transfers = transfers
+        self._progress = progress
+
+    async def image(self, reference: str) -> Seeded:
+        seeded = Seeded(reference)
+        self._progress.image_started(seeded)
+        try:
+            await self._seed(seeded)
+        except SeedError as exc:
+            seeded.error = str(exc)
+        except RegistryError as exc:
+            seeded.error = f"{exc.code}: {exc.message}"
+        return seeded
+
+    async def _seed(self, seeded: Seeded) -> None:
+        name = _complete(seeded.reference)
+        if name.registry not in self._engine.upstreams:
+            raise SeedError(
+                f"registry {name.registry} is not mirrored here"
+                f" (add --upstream {name.registry}=https://{name.registry})"
+            )
+        top = await self._manifest(name, name.digest or name.tag or "latest")
+        seeded.digest = top.digest
+        seeded.name = ImageName(name.registry, name.repository, name.tag, name.digest)
+        manifests, blobs = await self._walk(name, top, seeded)
+        seeded.size = sum(len(m.body) for m in manifests) + sum(blobs.values())
+        seeded.blobs = len(blobs)
+        self._progress.bytes_known(seeded, seeded.size)
+        self._progress.bytes_done(seeded, sum(len(m.body) for m in manifests))
+        await asyncio.gather(
+            *(self._blob(name, digest, size, seeded) for digest, size in blobs.items())
+        )
+
+    async def _walk(
+        self, name: ImageName, top: Manifest, seeded: Seeded
+    ) -> tuple[list[Manifest], dict[str, int]]:
+        """The manifests and the blobs (digest -> size) the image needs."""
+        try:
+            refs = parse(top.body, top.media_type)
+        except ManifestParseError as exc:
+            raise SeedError(f"cannot read the manifest {top.digest}: {exc}") from None
+        if not refs.is_index:
+            return [top], {blob.digest: blob.size or 0 for blob in refs.blobs}
+        children = [
+            child
+            for child in refs.children
+            if not self._platforms or child.platform in self._platforms
+        ]
+        if not children:
+            offered = ", ".join(sorted({c.platform or "unknown" for c in refs.children}))
+            wanted = ", ".join(self._platforms)
+            raise SeedError(f"no manifest for {wanted} in the index (it has {offered})")
+        manifests, blobs = [top], {}
+        for child in children:
+            manifest = await self._manifest(name, child.digest)
+            seeded.platforms.append(child.platform or "unknown")
+            more, child_blobs = await self._walk(name, manifest, seeded)
+            manifests += more
+            blobs.update(child_blobs)
+        return manifests, blobs
+
+    async def _manifest(self, name: ImageName, reference: str) -> Manifest:
+        manifest, _ = await self._resolver.manifest(
+            name.registry, name.repository, Reference.parse(reference), MANIFEST_TYPES
+        )
+        return manifest
+
+    async def _blob(self, name: ImageName, digest: str, size: int, seeded: Seeded) -> None:
+        parsed = Digest.parse(digest)
+        async with self._transfers:
+            if self._engine.blobs.size(parsed) is not None:
+                self._progress.bytes_done(seeded, size)
+                return
+            got = await self._resolver.blob(name.registry, name.repository, parsed)
+            if not isinstance(got, Fill):  # it landed meanwhile
+                self._progress.bytes_done(seeded, size)
+                return
+            try:
+                await _until_done(got, lambda n: self._progress.bytes_done(seeded, n))
+            finally:
+                got.detach()
+            seeded.fetched += got.written
+
+
+async def _until_done(fill: Fill, advanced: Callable[[int], None]) -> None:
+    reported = 0
+    while fill.state is FillState.RUNNING:
+        await fill.changed()
+        if fill.written > reported:
+            advanced(fill.written - reported)
+            reported = fill.written
+    if fill.state is FillState.FAILED:
+        assert fill.error is not None
+        raise fill.error
+
+
+def _complete(reference: str) -> ImageName:
+    """A reference as ``docker pull`` reads it, checked against the registry's grammar."""
+    try:
+        name = split_image(reference)
+    except ValueError as exc:
+        raise SeedError(str(exc)) from None
+    if any(c in reference for c in "*?["):
+        raise SeedError(f"{reference!r} is a pattern; seed takes image references")
+    repository = normalize_name(name.repository, name.registry)
+    tag = name.tag if name.digest is not None or name.tag is not None else "latest"
+    if tag is not None:
+        Reference.parse(tag)
+    if name.digest is not None:
+        Reference.parse(name.digest)
+        tag = None  # a digest names the bytes; the tag beside it is only a label (as docker)
+    return ImageName(name.registry, repository, tag, name.digest)
+
+
+def summary(results: Iterable[Seeded]) -> tuple[int, int, int]:
+    """(images seeded, images failed, bytes newly fetched)."""
+    done = list(results)
+    return (
+        sum(r.ok for r in done),
+        sum(not r.ok for r in done),
+        sum(r.fetched for r in done),
+    )
