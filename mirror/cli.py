@@ -138,6 +138,43 @@ def _seed_command(
     )
 
 
+def _bundle_commands(commands: Any, store: argparse.ArgumentParser) -> None:
+    export = commands.add_parser(
+        "export",
+        help="write cached images to an OCI layout tar for an air-gapped site",
+        parents=[store],
+    )
+    export.add_argument(
+        "patterns",
+        nargs="*",
+        metavar="PATTERN",
+        help="[registry/]repository[:tag] with * wildcards (default: every image)",
+    )
+    export.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the bundle: FILE.tar, or FILE.tar.zst compressed; FILE.sha256 is written beside",
+    )
+    export.add_argument(
+        "--since",
+        type=Path,
+        metavar="OLD_BUNDLE",
+        help="a delta: only the blobs OLD_BUNDLE's images did not already need",
+    )
+    load = commands.add_parser(
+        "import",
+        help="load bundles or OCI layouts (tar, tar.zst, directory); safe while serve runs",
+        parents=[store],
+    )
+    load.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    load.add_argument(
+        "--no-pin", action="store_true", help="let eviction remove them like any pulled image"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mirror {__version__}")
@@ -174,6 +211,7 @@ def _parser() -> argparse.ArgumentParser:
         "verify", help="re-hash every cached blob and report the corrupt ones", parents=[store]
     )
     _seed_command(commands, store, upstream)
+    _bundle_commands(commands, store)
     verify.add_argument(
         "--repair",
         action="store_true",
@@ -248,10 +286,31 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+def _export(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        patterns = [Pin.parse(text) for text in args.patterns]
+    except ValueError as exc:
+        print(f"mirror: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return asyncio.run(
+        commands.export_bundle(settings, args.output, patterns, since=args.since)
+    )
+
+
+def _import(settings: Settings, args: argparse.Namespace) -> int:
+    for path in args.files:
+        if not path.exists():
+            print(f"mirror: error: {path}: no such file or directory", file=sys.stderr)
+            return EXIT_USAGE
+    return asyncio.run(commands.import_bundles(settings, args.files, pin=not args.no_pin))
+
+
 _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "gc": _gc,
     "verify": _verify,
     "seed": _seed,
+    "export": _export,
+    "import": _import,
 }
 
 

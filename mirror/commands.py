@@ -7,11 +7,13 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from mirror import inventory, maintenance
+from mirror import bundle, inventory, maintenance
 from mirror.config import Settings
 from mirror.engine import open_engine
 from mirror.inventory import human_size
+from mirror.layout import LayoutError
 from mirror.logs import configure
 from mirror.pins import Pin
 from mirror.progress import Board, amount
@@ -199,3 +201,104 @@ class _SeedBars(_SeedDisplay):
         self._board.overall(
             f"seeding: {self._finished}/{self._images} images  {amount(done, total)}"
         )
+
+
+def _byte_bar(verb: str) -> tuple[Callable[[int], None], Callable[[int], None], Board | None]:
+    """(set the total, count bytes done, the board) for a progress bar on a terminal."""
+    if not sys.stderr.isatty():
+        return (lambda size: None), (lambda size: None), None
+    board = Board()
+    state = [0, 0]
+
+    def total(size: int) -> None:
+        state[1] = size
+        board.overall(f"{verb} {amount(state[0], state[1])}")
+
+    def done(size: int) -> None:
+        state[0] += size
+        board.item(verb, state[0], state[1])
+
+    return total, done, board
+
+
+async def export_bundle(
+    settings: Settings, output: Path, patterns: Sequence[Pin], *, since: Path | None
+) -> int:
+    if _no_data(settings):
+        return 1
+    total, done, board = _byte_bar("exporting")
+    # Nothing here talks to an upstream.
+    async with open_engine(dataclasses.replace(settings, offline=True)) as engine:
+        try:
+            report = await bundle.export(
+                engine, output, patterns, since=since, total=total, progress=done
+            )
+        except (LayoutError, OSError) as exc:
+            if board is not None:
+                board.close()
+            print(f"mirror: error: {exc}", file=sys.stderr)
+            return 1
+    if board is not None:
+        board.close()
+    for content in report.exported:
+        size = sum(content.blobs.values())
+        print(f"exported {content.reference}  {content.top.digest}  {human_size(size)}")
+        if content.absent_children:
+            print(
+                f"note {content.reference}: not held, not exported: "
+                + ", ".join(content.absent_children)
+            )
+    for reference, why in report.skipped:
+        print(f"skipped {reference}: {why}", file=sys.stderr)
+    delta = f", {report.held_before} left out (in {since})" if since is not None else ""
+    print(
+        f"wrote {output}: {len(report.exported)} images, {report.blobs} blobs"
+        f" ({human_size(report.bytes)}){delta}; sha256 {report.sha256}"
+    )
+    if not report.exported:
+        print("mirror: error: no cached image to export", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def import_bundles(settings: Settings, paths: Sequence[Path], *, pin: bool) -> int:
+    configure("warning", settings.log_format)
+    failures = 0
+    async with open_engine(dataclasses.replace(settings, offline=True)) as engine:
+        for path in paths:
+            total, done, board = _byte_bar(f"importing {path.name}")
+            try:
+                report = await bundle.import_layout(
+                    engine, path, pin=pin, total=total, progress=done
+                )
+            except (LayoutError, OSError) as exc:
+                if board is not None:
+                    board.close()
+                print(f"mirror: error: {exc}", file=sys.stderr)
+                failures += 1
+                continue
+            if board is not None:
+                board.close()
+            failures += _print_import(path, report)
+    return 1 if failures else 0
+
+
+def _print_import(path: Path, report: bundle.ImportReport) -> int:
+    failed = 0
+    for image in report.images:
+        if image.ok:
+            print(
+                f"imported {image.reference}  {image.digest}"
+                f"  {image.blobs} blobs ({human_size(image.size)})"
+            )
+        else:
+            failed += 1
+            print(f"failed {image.reference}: {image.error}", file=sys.stderr)
+        for note in image.notes:
+            print(f"note {image.reference}: {note}")
+    print(
+        f"{path}: imported {len(report.images) - failed} of {len(report.images)} images;"
+        f" {report.written} blobs copied in ({human_size(report.bytes)}),"
+        f" {report.present} already held"
+    )
+    return failed

@@ -1,0 +1,238 @@
+"""OCI image layouts on disk: read from a directory, a tar or a zstd-compressed tar, and
+written as a tar (optionally zstd-compressed) in constant memory.
+
+    oci-layout              {"imageLayoutVersion": "1.0.0"}
+    index.json              an image index: one descriptor per image, named by annotations
+    blobs/<alg>/<hex>       manifests, configs and layers, by digest
+
+Blocking file I/O throughout: the callers run it on a thread. Nothing here trusts a member's
+name beyond ``blobs/<alg>/<hex>`` with a digest that parses, and nothing is extracted by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+import zstandard
+
+from mirror.reference import Digest
+
+CHUNK = 1024 * 1024
+LAYOUT_FILE = "oci-layout"
+INDEX_FILE = "index.json"
+LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
+ZSTD_SUFFIX = ".zst"
+ZSTD_LEVEL = 3
+# Names other tools read: skopeo and podman the first, containerd's ctr import the second.
+REF_NAME = "org.opencontainers.image.ref.name"
+CONTAINERD_NAME = "io.containerd.image.name"
+
+
+class LayoutError(Exception):
+    """The file is not an OCI image layout this mirror can read: one line for the user."""
+
+
+@dataclass(slots=True)
+class Member:
+    """One file of a layout, read once, in order."""
+
+    name: str  # normalised: "index.json", "blobs/sha256/<hex>", ...
+    size: int
+    content: IO[bytes]
+
+    @property
+    def digest(self) -> Digest | None:
+        """The digest a ``blobs/<alg>/<hex>`` member claims to be; None for anything else."""
+        parts = self.name.split("/")
+        if len(parts) != 3 or parts[0] != "blobs":
+            return None
+        try:
+            return Digest.parse(f"{parts[1]}:{parts[2]}")
+        except Exception:
+            return None
+
+
+def members(path: Path) -> Iterator[Member]:
+    """Every regular file of the layout at ``path``, in the order it is stored."""
+    if path.is_dir():
+        yield from _directory_members(path)
+        return
+    try:
+        with path.open("rb") as raw:
+            if path.name.endswith(ZSTD_SUFFIX) or _zstd_magic(raw):
+                reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK)
+                with tarfile.open(fileobj=reader, mode="r|") as tar:
+                    yield from _tar_members(tar)
+            else:
+                with tarfile.open(fileobj=raw, mode="r:") as tar:
+                    yield from _tar_members(tar)
+    except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
+        raise LayoutError(f"{path}: not a readable tar: {exc}") from None
+
+
+def _zstd_magic(raw: BinaryIO) -> bool:
+    head = raw.read(4)
+    raw.seek(0)
+    return head == b"\x28\xb5\x2f\xfd"
+
+
+def _normalise(name: str) -> str:
+    return name.removeprefix("./").lstrip("/")
+
+
+def _tar_members(tar: tarfile.TarFile) -> Iterator[Member]:
+    for info in tar:
+        if not info.isreg():
+            continue
+        content = tar.extractfile(info)
+        if content is not None:
+            yield Member(_normalise(info.name), info.size, content)
+
+
+def _directory_members(root: Path) -> Iterator[Member]:
+    names = [LAYOUT_FILE, INDEX_FILE]
+    blobs = root / "blobs"
+    if blobs.is_dir():
+        names += [
+            f"blobs/{algorithm.name}/{blob.name}"
+            for algorithm in sorted(blobs.iterdir())
+            if algorithm.is_dir()
+            for blob in sorted(algorithm.iterdir())
+        ]
+    for name in names:
+        path = root / name
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(info.st_mode):
+            with path.open("rb") as content:
+                yield Member(name, info.st_size, content)
+
+
+def read_all(member: Member, limit: int) -> bytes | None:
+    """The member's bytes, or None when it holds more than ``limit``."""
+    if member.size > limit:
+        return None
+    return member.content.read(limit + 1)
+
+
+def copy_verified(
+    member: Member,
+    digest: Digest,
+    write: Callable[[bytes], None],
+    progress: Callable[[int], None],
+) -> bool:
+    """Copy the member through ``write``; whether its bytes hash to ``digest``."""
+    hasher = digest.hasher()
+    while chunk := member.content.read(CHUNK):
+        hasher.update(chunk)
+        write(chunk)
+        progress(len(chunk))
+    return hasher.hexdigest() == digest.hex
+
+
+class TarWriter:
+    """A tar archive written front to back (zstd-compressed for a ``.zst`` name), hashed as
+    it goes; it appears at its name only once complete."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._partial = path.with_name(f".{path.name}.partial")
+        self._file = self._partial.open("wb")
+        self._hash = hashlib.sha256()
+        self._compressor: Any = None
+        self._out: Callable[[bytes], Any] = self._file.write
+        if path.name.endswith(ZSTD_SUFFIX):
+            hashing: Any = _Hashing(self._file, self._hash)
+            self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(
+                hashing, closefd=False
+            )
+            self._out = self._compressor.write
+        self._written = 0
+        self._mtime = int(time.time())
+
+    def directory(self, name: str) -> None:
+        info = self._info(name.rstrip("/") + "/", 0)
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        self._write(info.tobuf(format=tarfile.PAX_FORMAT))
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        self._write(self._info(name, len(data)).tobuf(format=tarfile.PAX_FORMAT))
+        self._write(data)
+        self._pad(len(data))
+
+    def add_file(self, name: str, source: Path, size: int, progress: Callable[[int], None]) -> None:
+        """Copy a file of ``size`` bytes (it must not change meanwhile: blobs never do)."""
+        self._write(self._info(name, size).tobuf(format=tarfile.PAX_FORMAT))
+        left = size
+        with source.open("rb", buffering=0) as blob:
+            while left > 0:
+                chunk = blob.read(min(CHUNK, left))
+                if not chunk:
+                    raise OSError(f"{source} is shorter than its {size} bytes")
+                self._write(chunk)
+                left -= len(chunk)
+                progress(len(chunk))
+        self._pad(size)
+
+    def close(self) -> str:
+        """Finish the archive, make it visible; the sha256 of the file."""
+        self._write(b"\0" * (2 * tarfile.BLOCKSIZE))
+        tail = self._written % tarfile.RECORDSIZE
+        if tail:
+            self._write(b"\0" * (tarfile.RECORDSIZE - tail))
+        if self._compressor is not None:
+            self._compressor.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.rename(self._partial, self.path)
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        self._file.close()
+        self._partial.unlink(missing_ok=True)
+
+    def _info(self, name: str, size: int) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o644, self._mtime
+        return info
+
+    def _write(self, data: bytes) -> None:
+        self._out(data)
+        if self._compressor is None:
+            self._hash.update(data)
+        self._written += len(data)
+
+    def _pad(self, size: int) -> None:
+        tail = size % tarfile.BLOCKSIZE
+        if tail:
+            self._write(b"\0" * (tarfile.BLOCKSIZE - tail))
+
+
+class _Hashing(io.RawIOBase):
+    """The compressed stream on its way to the file, hashed as it passes."""
+
+    def __init__(self, file: BinaryIO, hasher: Any) -> None:
+        self._file = file
+        self._hasher = hasher
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._hasher.update(data)
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
