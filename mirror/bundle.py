@@ -42,7 +42,13 @@ from mirror.layout import (
     read_all,
 )
 from mirror.manifests import ManifestParseError, References, parse
-from mirror.mediatypes import KNOWN_MANIFEST_TYPES, OCI_INDEX
+from mirror.mediatypes import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    KNOWN_MANIFEST_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
 from mirror.pins import ImageName, Pin, split_image
 from mirror.reference import Digest, Reference, normalize_name
 from mirror.store.protocols import Manifest, TagRecord
@@ -140,12 +146,20 @@ def _references(manifest: Manifest) -> References:
         return References(manifest.media_type, (), ())
 
 
+# skopeo (containers/image) finds an image in a layout only under an OCI type, and ignores
+# entries of any other; Docker schema2 manifests and lists have the same structure as their
+# OCI counterparts, so their entries carry the OCI type. The bytes, and so the digests, stay
+# as they are, and import reads the type a manifest declares in itself.
+_ENTRY_TYPE = {DOCKER_MANIFEST: OCI_MANIFEST, DOCKER_LIST: OCI_INDEX}
+
+
 def _index_document(contents: Iterable[ImageContent]) -> bytes:
     entries = []
     for content in contents:
+        media_type = content.top.media_type
         entries.append(
             {
-                "mediaType": content.top.media_type,
+                "mediaType": _ENTRY_TYPE.get(media_type, media_type),
                 "digest": content.top.digest,
                 "size": len(content.top.body),
                 "annotations": {REF_NAME: content.reference, CONTAINERD_NAME: content.reference},
@@ -314,7 +328,7 @@ def _media_type(body: bytes, fallback: str) -> str:
         return declared
     if fallback in KNOWN_MANIFEST_TYPES:
         return fallback
-    return OCI_INDEX if b'"manifests"' in body else "application/vnd.oci.image.manifest.v1+json"
+    return OCI_INDEX if b'"manifests"' in body else OCI_MANIFEST
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ from tests.support.oci import OCI_INDEX, OCI_MANIFEST, make_image, make_index, m
 ACCEPT = [OCI_INDEX, OCI_MANIFEST]
 
 
-async def test_offline_serves_what_it_holds_forever_and_says_offline_for_the_rest(
+async def test_offline_serves_what_it_holds_forever_and_says_offline_for_the_rest(  # noqa: PLR0915
     fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
 ) -> None:
     image = make_image([make_layer(b"held layer")])

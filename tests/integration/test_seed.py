@@ -48,7 +48,8 @@ async def test_seed_fetches_every_platform_pins_and_reports_each_image(
 
     pins = await asyncio.to_thread(run_mirror, "ls", "--data-dir", str(data), "--json")
     assert pins.returncode == 0, pins.stderr
-    assert '"pinned": true' in pins.stdout and '"pinned": false' not in pins.stdout
+    assert '"pinned": true' in pins.stdout
+    assert '"pinned": false' not in pins.stdout
 
     fake_hub.clear_log()
     again = await asyncio.to_thread(
