@@ -36,6 +36,7 @@ from mirror.layout import (
     LAYOUT_VERSION,
     REF_NAME,
     LayoutError,
+    Member,
     TarWriter,
     copy_verified,
     members,
@@ -269,28 +270,51 @@ class ImportReport:
 
 
 def _read_plan(path: Path) -> _Plan:
-    """First pass: the index, and every small member hashed (manifests kept)."""
+    """First pass: the index, and the manifests its images reach (every small member is
+    hashed on the way). It ends as soon as it has them all: for a bundle this mirror wrote,
+    whose manifests come first, that is at the first layer."""
     plan = _Plan()
     index: bytes | None = None
+    wanted: set[str] = set()  # manifests reachable from the index, not yet found
     for member in members(path):
         if member.name == INDEX_FILE:
             index = read_all(member, MAX_MANIFEST_SIZE)
-            continue
-        digest = member.digest
-        if digest is None:
-            continue
-        plan.members[str(digest)] = member.size
-        body = read_all(member, MAX_MANIFEST_SIZE)
-        if body is None:
-            continue
-        if Digest.of(body, digest.algorithm) != digest:
-            plan.corrupt.add(str(digest))
-        elif _looks_like_manifest(body):
-            plan.manifests[str(digest)] = body
+            if index is None:
+                raise LayoutError(f"{path}: index.json is larger than 4 MiB")
+            plan.entries = _entries(index, path)
+            wanted = {e.digest for e in plan.entries} - set(plan.manifests)
+            for body in list(plan.manifests.values()):
+                wanted |= _children(body) - set(plan.manifests)
+        else:
+            _plan_member(plan, member)
+            digest = str(member.digest)
+            if digest in plan.manifests:
+                wanted.discard(digest)
+                wanted |= _children(plan.manifests[digest]) - set(plan.manifests)
+        if index is not None and not wanted:
+            break
     if index is None:
         raise LayoutError(f"{path}: no index.json: not an OCI image layout")
-    plan.entries = _entries(index, path)
     return plan
+
+
+def _plan_member(plan: _Plan, member: Member) -> None:
+    digest = member.digest
+    if digest is None:
+        return
+    plan.members[str(digest)] = member.size
+    body = read_all(member, MAX_MANIFEST_SIZE)
+    if body is None:
+        return
+    if Digest.of(body, digest.algorithm) != digest:
+        plan.corrupt.add(str(digest))
+    elif _looks_like_manifest(body):
+        plan.manifests[str(digest)] = body
+
+
+def _children(body: bytes) -> set[str]:
+    refs = _references(Manifest(body, _media_type(body, ""), ""))
+    return {child.digest for child in refs.children}
 
 
 def _entries(index: bytes, path: Path) -> list[Entry]:
@@ -471,6 +495,8 @@ def _copy_blobs(
     written: dict[str, int] = {}
     failed: dict[str, str] = {}
     for member in members(path):
+        if len(written) + len(failed) == len(wanted):
+            break  # everything wanted is done: the rest of the file is not read
         digest = member.digest
         if digest is None or str(digest) not in wanted or str(digest) in written:
             continue
@@ -482,7 +508,8 @@ def _copy_blobs(
             continue
         partial = engine.blobs.new_partial(digest)
         try:
-            if copy_verified(member, digest, partial.write, progress):
+            if copy_verified(member, digest, partial.fd, progress):
+                partial.written = member.size
                 partial.commit()
                 written[str(digest)] = member.size
             else:

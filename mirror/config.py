@@ -136,6 +136,8 @@ def _optional_size(value: Any) -> int | None:
 
 
 def _optional_duration(value: Any) -> float | None:
+    if value is False:  # YAML reads a bare `off` as false
+        return None
     return None if value in (None, "", "none", "off") else parse_duration(value)
 
 

@@ -11,13 +11,16 @@ name beyond ``blobs/<alg>/<hex>`` with a digest that parses, and nothing is extr
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import stat
 import tarfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -32,6 +35,11 @@ INDEX_FILE = "index.json"
 LAYOUT_VERSION = b'{"imageLayoutVersion":"1.0.0"}'
 ZSTD_SUFFIX = ".zst"
 ZSTD_LEVEL = 3
+ZSTD_THREADS = -1  # one compression thread per core: layers are mostly compressed already
+HASH_QUEUE = 8  # chunks handed to the hashing thread and not yet hashed
+KERNEL_CHUNK = 8 * 1024 * 1024
+# copy_file_range refused: another filesystem (older kernels), or one that cannot.
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 # Names other tools read: skopeo and podman the first, containerd's ctr import the second.
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
@@ -48,6 +56,10 @@ class Member:
     name: str  # normalised: "index.json", "blobs/sha256/<hex>", ...
     size: int
     content: IO[bytes]
+    # Where the bytes lie in a file, when they lie whole in one (a plain tar, a directory):
+    # the copy can then be the kernel's.
+    fd: int | None = None
+    offset: int = 0
 
     @property
     def digest(self) -> Digest | None:
@@ -74,7 +86,7 @@ def members(path: Path) -> Iterator[Member]:
                     yield from _tar_members(tar)
             else:
                 with tarfile.open(fileobj=raw, mode="r:") as tar:
-                    yield from _tar_members(tar)
+                    yield from _tar_members(tar, raw.fileno())
     except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
         raise LayoutError(f"{path}: not a readable tar: {exc}") from None
 
@@ -89,13 +101,13 @@ def _normalise(name: str) -> str:
     return name.removeprefix("./").lstrip("/")
 
 
-def _tar_members(tar: tarfile.TarFile) -> Iterator[Member]:
+def _tar_members(tar: tarfile.TarFile, fd: int | None = None) -> Iterator[Member]:
     for info in tar:
-        if not info.isreg():
+        if not info.isreg() or info.sparse is not None:
             continue
         content = tar.extractfile(info)
         if content is not None:
-            yield Member(_normalise(info.name), info.size, content)
+            yield Member(_normalise(info.name), info.size, content, fd, info.offset_data)
 
 
 def _directory_members(root: Path) -> Iterator[Member]:
@@ -116,7 +128,7 @@ def _directory_members(root: Path) -> Iterator[Member]:
             continue
         if stat.S_ISREG(info.st_mode):
             with path.open("rb") as content:
-                yield Member(name, info.st_size, content)
+                yield Member(name, info.st_size, content, content.fileno(), 0)
 
 
 def read_all(member: Member, limit: int) -> bytes | None:
@@ -126,19 +138,113 @@ def read_all(member: Member, limit: int) -> bytes | None:
     return member.content.read(limit + 1)
 
 
+class BackgroundHash:
+    """A hash computed on a thread of its own while the caller moves the bytes: hashlib
+    lets go of the GIL on large buffers, so hashing and the disk overlap on two cores."""
+
+    def __init__(self, algorithm: str = "sha256") -> None:
+        self._hasher = hashlib.new(algorithm)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
+        self._pending: deque[Future[None]] = deque()
+
+    def update(self, chunk: bytes) -> None:
+        self._submit(self._hasher.update, chunk)
+
+    def update_from(self, fd: int, offset: int, size: int) -> None:
+        """Hash ``size`` bytes of a file from ``offset``, read on the hashing thread (from
+        a descriptor of its own: the caller may close ``fd`` at once)."""
+        self._submit(self._read_range, os.dup(fd), offset, size)
+
+    def _read_range(self, fd: int, offset: int, size: int) -> None:
+        try:
+            end = offset + size
+            while offset < end:
+                chunk = os.pread(fd, min(CHUNK, end - offset), offset)
+                if not chunk:
+                    raise OSError("the file is shorter than expected")
+                self._hasher.update(chunk)
+                offset += len(chunk)
+        finally:
+            os.close(fd)
+
+    def _submit(self, work: Callable[..., None], *args: Any) -> None:
+        if len(self._pending) >= HASH_QUEUE:
+            self._pending.popleft().result()
+        self._pending.append(self._thread.submit(work, *args))
+
+    def hexdigest(self) -> str:
+        while self._pending:
+            self._pending.popleft().result()
+        self._thread.shutdown()
+        return self._hasher.hexdigest()
+
+    def close(self) -> None:
+        self._thread.shutdown(cancel_futures=True)
+
+
 def copy_verified(
-    member: Member,
-    digest: Digest,
-    write: Callable[[bytes], None],
-    progress: Callable[[int], None],
+    member: Member, digest: Digest, target: int, progress: Callable[[int], None]
 ) -> bool:
-    """Copy the member through ``write``; whether its bytes hash to ``digest``."""
-    hasher = digest.hasher()
-    while chunk := member.content.read(CHUNK):
-        hasher.update(chunk)
-        write(chunk)
+    """Copy the member to the file ``target`` (at its position); whether its bytes hash to
+    ``digest``. The bytes are hashed on a thread of their own as they are copied."""
+    hasher = BackgroundHash(digest.algorithm)
+    try:
+        if member.fd is not None:
+            # The hashing thread reads the bytes as the kernel copies them.
+            hasher.update_from(member.fd, member.offset, member.size)
+            copy_range(member.fd, member.offset, target, member.size, progress)
+        else:
+            while chunk := member.content.read(CHUNK):
+                hasher.update(chunk)
+                write_all(target, chunk)
+                progress(len(chunk))
+        return hasher.hexdigest() == digest.hex
+    finally:
+        hasher.close()
+
+
+def copy_range(
+    source: int, offset: int, target: int, size: int, progress: Callable[[int], None]
+) -> None:
+    """``size`` bytes from ``offset`` of ``source`` to ``target`` at its position."""
+    if kernel_copy(source, offset, target, size, progress):
+        return
+    end = offset + size
+    while offset < end:
+        chunk = os.pread(source, min(CHUNK, end - offset), offset)
+        if not chunk:
+            raise OSError(f"the source ended {end - offset} bytes early")
+        write_all(target, chunk)
+        offset += len(chunk)
         progress(len(chunk))
-    return hasher.hexdigest() == digest.hex
+
+
+def kernel_copy(
+    source: int, offset: int, target: int, size: int, progress: Callable[[int], None]
+) -> bool:
+    """``size`` bytes from ``offset`` of ``source`` to ``target`` at its position, copied by
+    the kernel (copy_file_range); False, with nothing copied, where it cannot."""
+    done = 0
+    while done < size:
+        try:
+            copied = os.copy_file_range(
+                source, target, min(KERNEL_CHUNK, size - done), offset + done
+            )
+        except OSError as exc:
+            if done == 0 and exc.errno in _NO_KERNEL_COPY:
+                return False
+            raise
+        if copied == 0:
+            raise OSError(f"the source ended {size - done} bytes early")
+        done += copied
+        progress(copied)
+    return True
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class TarWriter:
@@ -148,15 +254,14 @@ class TarWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._partial = path.with_name(f".{path.name}.partial")
-        self._file = self._partial.open("wb")
-        self._hash = hashlib.sha256()
+        self._file = self._partial.open("wb", buffering=0)
+        self._hash = BackgroundHash()
         self._compressor: Any = None
-        self._out: Callable[[bytes], Any] = self._file.write
+        self._out: Callable[[bytes], Any] = self._write_raw
         if path.name.endswith(ZSTD_SUFFIX):
             hashing: Any = _Hashing(self._file, self._hash)
-            self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(
-                hashing, closefd=False
-            )
+            compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=ZSTD_THREADS)
+            self._compressor = compressor.stream_writer(hashing, closefd=False)
             self._out = self._compressor.write
         self._written = 0
         self._mtime = int(time.time())
@@ -176,6 +281,12 @@ class TarWriter:
         self._write(self._info(name, size).tobuf(format=tarfile.PAX_FORMAT))
         left = size
         with source.open("rb", buffering=0) as blob:
+            if self._compressor is None:
+                # The hashing thread reads the blob as the kernel copies it.
+                self._hash.update_from(blob.fileno(), 0, size)
+                copy_range(blob.fileno(), 0, self._file.fileno(), size, progress)
+                self._written += size
+                left = 0
             while left > 0:
                 chunk = blob.read(min(CHUNK, left))
                 if not chunk:
@@ -193,13 +304,13 @@ class TarWriter:
             self._write(b"\0" * (tarfile.RECORDSIZE - tail))
         if self._compressor is not None:
             self._compressor.close()
-        self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         os.rename(self._partial, self.path)
         return self._hash.hexdigest()
 
     def abort(self) -> None:
+        self._hash.close()
         self._file.close()
         self._partial.unlink(missing_ok=True)
 
@@ -207,6 +318,9 @@ class TarWriter:
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = size, 0o644, self._mtime
         return info
+
+    def _write_raw(self, data: bytes) -> None:
+        write_all(self._file.fileno(), data)
 
     def _write(self, data: bytes) -> None:
         self._out(data)
@@ -223,7 +337,7 @@ class TarWriter:
 class _Hashing(io.RawIOBase):
     """The compressed stream on its way to the file, hashed as it passes."""
 
-    def __init__(self, file: BinaryIO, hasher: Any) -> None:
+    def __init__(self, file: BinaryIO, hasher: BackgroundHash) -> None:
         self._file = file
         self._hasher = hasher
 
@@ -231,8 +345,9 @@ class _Hashing(io.RawIOBase):
         return True
 
     def write(self, data: Any) -> int:
-        self._hasher.update(data)
-        return self._file.write(data)
+        chunk = bytes(data)  # the compressor reuses its buffer once this returns
+        self._hasher.update(chunk)
+        return self._file.write(chunk)
 
     def flush(self) -> None:
         self._file.flush()
