@@ -173,6 +173,10 @@ def _bundle_commands(commands: Any, store: argparse.ArgumentParser) -> None:
     load.add_argument(
         "--no-pin", action="store_true", help="let eviction remove them like any pulled image"
     )
+    unpin = commands.add_parser(
+        "unpin", help="let eviction remove images that seed or import pinned", parents=[store]
+    )
+    unpin.add_argument("references", nargs="+", metavar="REF", help="as seed was given them")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -305,7 +309,16 @@ def _import(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(commands.import_bundles(settings, args.files, pin=not args.no_pin))
 
 
+def _unpin(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(commands.unpin(settings, args.references))
+    except ValueError as exc:
+        print(f"mirror: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "unpin": _unpin,
     "gc": _gc,
     "verify": _verify,
     "seed": _seed,

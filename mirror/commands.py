@@ -15,8 +15,8 @@ from mirror.engine import open_engine
 from mirror.inventory import human_size
 from mirror.layout import LayoutError
 from mirror.logs import configure
-from mirror.pins import Pin
-from mirror.progress import Board, amount
+from mirror.pins import Pin, split_image
+from mirror.progress import Board, amount, bar
 from mirror.seed import Seeded, seed
 
 
@@ -210,13 +210,16 @@ def _byte_bar(verb: str) -> tuple[Callable[[int], None], Callable[[int], None], 
     board = Board()
     state = [0, 0]
 
+    def show() -> None:
+        board.overall(f"{verb} {bar(state[0], state[1])} {amount(state[0], state[1])}")
+
     def total(size: int) -> None:
         state[1] = size
-        board.overall(f"{verb} {amount(state[0], state[1])}")
+        show()
 
     def done(size: int) -> None:
         state[0] += size
-        board.item(verb, state[0], state[1])
+        show()
 
     return total, done, board
 
@@ -302,3 +305,23 @@ def _print_import(path: Path, report: bundle.ImportReport) -> int:
         f" {report.present} already held"
     )
     return failed
+
+
+async def unpin(settings: Settings, references: Sequence[str]) -> int:
+    """Take pins that ``seed`` and ``import`` stored off images (``docker pull`` names)."""
+    if _no_data(settings):
+        return 1
+    missing = 0
+    async with open_engine(dataclasses.replace(settings, offline=True)) as engine:
+        stored = set(await engine.store.pins())
+        for reference in references:
+            name = str(split_image(reference))
+            if name in stored and await engine.store.remove_pins([name]):
+                print(f"unpinned {name}")
+            elif any(pin.text == reference for pin in settings.pins):
+                print(f"{reference} is pinned by the configuration (pins)", file=sys.stderr)
+                missing += 1
+            else:
+                print(f"{name} is not pinned", file=sys.stderr)
+                missing += 1
+    return 1 if missing else 0

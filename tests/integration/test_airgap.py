@@ -343,3 +343,31 @@ async def test_ctr_imports_the_bundle_and_pulls_through_the_offline_mirror(
         for reference in images:
             await asyncio.to_thread(containerd.remove_image, f"docker.io/{reference}")
     shutil.rmtree(offline, ignore_errors=True)
+
+
+async def test_what_is_not_a_layout_gets_one_clear_line(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(os.urandom(5000))
+    no_index = tmp_path / "no-index"
+    (no_index / "blobs" / "sha256").mkdir(parents=True)
+    bad_index = tmp_path / "bad-index"
+    bad_index.mkdir()
+    (bad_index / "index.json").write_text('{"manifests": "nope"}')
+    unnamed = tmp_path / "unnamed"
+    unnamed.mkdir()
+    (unnamed / "index.json").write_text(
+        '{"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest'
+        '.v1+json", "digest": "sha256:' + "a" * 64 + '", "size": 10}]}'
+    )
+    data = tmp_path / "data"
+    for layout, message in (
+        (garbage, "not a readable tar"),
+        (no_index, "no index.json: not an OCI image layout"),
+        (bad_index, "index.json is not an image index"),
+        (unnamed, "no image name: annotate the index entry"),
+        (tmp_path / "absent.tar", "no such file or directory"),
+    ):
+        done = await load(data, layout)
+        assert done.returncode in (1, 2), layout
+        assert message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr

@@ -51,6 +51,15 @@ async def test_seed_fetches_every_platform_pins_and_reports_each_image(
     assert '"pinned": true' in pins.stdout
     assert '"pinned": false' not in pins.stdout
 
+    unpinned = await asyncio.to_thread(
+        run_mirror, "unpin", "--data-dir", str(data), "app:1.0", "app:2.0"
+    )
+    assert unpinned.returncode == 1
+    assert "unpinned docker.io/library/app:1.0" in unpinned.stdout
+    assert "docker.io/library/app:2.0 is not pinned" in unpinned.stderr
+    listed = await asyncio.to_thread(run_mirror, "ls", "--data-dir", str(data), "app", "--json")
+    assert '"pinned": false' in listed.stdout
+
     fake_hub.clear_log()
     again = await asyncio.to_thread(
         run_mirror, "seed", "--data-dir", str(data), "--upstream", fake_hub.url, "app:1.0"
