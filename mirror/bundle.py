@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,23 +120,44 @@ async def export(
 async def _held_content(engine: Engine, image: Image) -> ImageContent:
     top = await engine.store.get_manifest(image.registry, image.repository, image.digest)
     assert top is not None, "images() lists only manifests the store holds"
-    content = ImageContent(image.reference, top)
+
+    async def held(digest: str, media_type: str) -> Manifest | None:
+        return await engine.store.get_manifest(image.registry, image.repository, digest)
+
+    def size(digest: str) -> int:
+        return engine.blobs.size(Digest.parse(digest)) or 0
+
+    return await _content(image.reference, top, held, size)
+
+
+class _Unusable(Exception):
+    """Why an image cannot be imported: one line."""
+
+
+async def _content(
+    reference: str,
+    top: Manifest,
+    lookup: Callable[[str, str], Awaitable[Manifest | None]],
+    blob_size: Callable[[str], int],
+) -> ImageContent:
+    """Everything an image needs, walked from its top manifest: the child manifests that
+    ``lookup`` finds (the others are noted as absent) and every blob with its size."""
+    content = ImageContent(reference, top)
     pending = [top]
     while pending:
         manifest = pending.pop()
         content.manifests[manifest.digest] = manifest
         refs = _references(manifest)
         for child in refs.children:
-            held = await engine.store.get_manifest(image.registry, image.repository, child.digest)
-            if held is None:
+            found = await lookup(child.digest, child.media_type)
+            if found is None:
                 content.absent_children.append(child.platform or child.digest)
-            elif held.digest not in content.manifests:
-                pending.append(held)
+            elif found.digest not in content.manifests:
+                pending.append(found)
         for blob in refs.blobs:
-            size = blob.size if blob.size is not None else engine.blobs.size(
-                Digest.parse(blob.digest)
+            content.blobs[blob.digest] = blob.size if blob.size is not None else blob_size(
+                blob.digest
             )
-            content.blobs[blob.digest] = size or 0
     return content
 
 
@@ -428,29 +449,25 @@ async def _candidate(engine: Engine, plan: _Plan, entry: Entry) -> _Candidate:
         ImageName(name.registry, name.repository, None, entry.digest)
     )
     candidate.result.reference = reference
-    top = await _manifest(engine, plan, name, entry.digest, entry.media_type)
-    if isinstance(top, str):
-        candidate.result.error = top
-        return candidate
-    content = ImageContent(reference, top)
-    pending = [top]
-    while pending:
-        manifest = pending.pop()
-        content.manifests[manifest.digest] = manifest
-        refs = _references(manifest)
-        for child in refs.children:
-            found = await _manifest(engine, plan, name, child.digest, child.media_type)
-            if isinstance(found, str):
-                if child.digest in plan.corrupt:
-                    candidate.result.error = found
-                    return candidate
-                content.absent_children.append(child.platform or child.digest)
-            elif found.digest not in content.manifests:
-                pending.append(found)
-        for blob in refs.blobs:
-            content.blobs[blob.digest] = (
-                blob.size if blob.size is not None else plan.members.get(blob.digest, 0)
+
+    async def find(digest: str, media_type: str) -> Manifest | None:
+        found = await _manifest(engine, plan, name, digest, media_type)
+        if found is None and digest in plan.corrupt:
+            raise _Unusable(f"manifest {digest}: corrupt in the bundle")
+        return found
+
+    try:
+        top = await find(entry.digest, entry.media_type)
+        if top is None:
+            raise _Unusable(
+                f"manifest {entry.digest}: not in the bundle and not held by the mirror"
             )
+        content = await _content(
+            reference, top, find, lambda digest: plan.members.get(digest, 0)
+        )
+    except _Unusable as exc:
+        candidate.result.error = str(exc)
+        return candidate
     if content.absent_children:
         candidate.result.notes.append(
             "not in the bundle, not imported: " + ", ".join(content.absent_children)
@@ -461,17 +478,12 @@ async def _candidate(engine: Engine, plan: _Plan, entry: Entry) -> _Candidate:
 
 async def _manifest(
     engine: Engine, plan: _Plan, name: ImageName, digest: str, media_type: str
-) -> Manifest | str:
-    """A manifest from the bundle, or one the mirror already holds; else why not."""
+) -> Manifest | None:
+    """A manifest from the bundle, or one the mirror already holds."""
     body = plan.manifests.get(digest)
     if body is not None:
         return Manifest(body, _media_type(body, media_type), digest)
-    held = await engine.store.get_manifest(name.registry, name.repository, digest)
-    if held is not None:
-        return held
-    if digest in plan.corrupt:
-        return f"manifest {digest}: corrupt in the bundle"
-    return f"manifest {digest}: not in the bundle and not held by the mirror"
+    return await engine.store.get_manifest(name.registry, name.repository, digest)
 
 
 def _image_name(text: str) -> ImageName:
