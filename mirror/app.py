@@ -11,13 +11,23 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from mirror.clients import FailedLogins, Htpasswd
 from mirror.config import Settings
 from mirror.engine import Overrides, open_engine
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
 from mirror.routes import ops, v2
+from mirror.routes.access import access_middleware
 from mirror.routes.middleware import add_fallback_route, registry_middleware, server_logger
-from mirror.routes.state import ENGINE, LOG_THROTTLE, METRICS, RESOLVER, SETTINGS
+from mirror.routes.state import (
+    ENGINE,
+    FAILED_LOGINS,
+    HTPASSWD,
+    LOG_THROTTLE,
+    METRICS,
+    RESOLVER,
+    SETTINGS,
+)
 
 __all__ = ["Overrides", "create_app"]
 
@@ -27,12 +37,15 @@ log = structlog.get_logger(__name__)
 def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web.Application:
     throttle = LogThrottle()
     app = web.Application(
-        middlewares=[registry_middleware],
+        middlewares=[registry_middleware, access_middleware],
         handler_args={"max_field_size": 16384, "logger": server_logger(throttle)},
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics(upstreams=tuple(settings.upstreams))
     app[LOG_THROTTLE] = throttle
+    if settings.auth is not None:
+        app[HTPASSWD] = Htpasswd(settings.auth.htpasswd)
+    app[FAILED_LOGINS] = FailedLogins()
     app.cleanup_ctx.append(_lifecycle(settings, overrides or Overrides()))
     v2.add_routes(app)
     ops.add_routes(app)

@@ -18,7 +18,8 @@ from mirror.config import FLAG_KEYS, ConfigError, Settings, load
 from mirror.logs import configure
 from mirror.pins import Pin
 from mirror.seed import DEFAULT_JOBS, read_list
-from mirror.server import serve_one
+from mirror.server import serve_one, server_tls
+from mirror.tls import CertificateError
 from mirror.workers import run_workers
 
 EXIT_USAGE = 2
@@ -189,6 +190,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
     serve.add_argument("--workers", help="processes serving the port (default 1)")
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
+    serve.add_argument("--tls-key", metavar="FILE", help="... and this private key (PEM)")
+    serve.add_argument(
+        "--client-miss-limit",
+        metavar="RATE",
+        help="upstream manifest fetches one client address may cause (60/min, 5/s; default off)",
+    )
     serve.add_argument(
         "--offline",
         action="store_const",
@@ -279,6 +287,11 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
 
 def serve(settings: Settings) -> int:
     configure(settings.log_level, settings.log_format)
+    try:
+        server_tls(settings)  # a certificate that cannot serve stops here, in one line
+    except CertificateError as exc:
+        print(f"mirror: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         if settings.workers > 1:
             return run_workers(settings, settings.workers)

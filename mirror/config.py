@@ -11,7 +11,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,6 +47,33 @@ class UpstreamSettings:
     url: str
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    # Trusted besides the system CAs, for the registry, its token realm and its CDN.
+    ca_file: Path | None = None
+    insecure: bool = False  # no certificate check at all (labs); logged loudly at start
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Client logins: HTTP Basic against an htpasswd file of bcrypt entries."""
+
+    htpasswd: Path
+    metrics: bool = False  # /metrics behind the same logins
+    realm: str = "mirror"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRules:
+    """Which repositories may be pulled: ``registry/repository`` patterns with ``*``."""
+
+    allow: tuple[Pin, ...] = ()  # empty: every repository not denied
+    deny: tuple[Pin, ...] = ()
+
+    def permits(self, registry: str, repository: str) -> bool:
+        if any(pin.matches(registry, repository, None) for pin in self.deny):
+            return False
+        return not self.allow or any(
+            pin.matches(registry, repository, None) for pin in self.allow
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +107,14 @@ class Settings:
     pins: tuple[Pin, ...] = ()
     # Air-gapped: no upstream is ever contacted; what is held is served whatever its age.
     offline: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    auth: AuthSettings | None = None
+    repositories: AccessRules = field(default_factory=AccessRules)
+    # Cache misses costing an upstream manifest GET, per client address a second (0: off).
+    client_miss_limit: float = 0.0
+    # Blob transfers one client address may have under way at once.
+    client_max_transfers: int = 64
 
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
@@ -214,17 +249,80 @@ def _upstreams(value: Any) -> dict[str, UpstreamSettings]:
     result: dict[str, UpstreamSettings] = {}
     for name, entry in value.items():
         fields = entry if isinstance(entry, dict) else {"url": entry}
-        unknown = set(fields) - {"url", "username", "password"}
+        unknown = set(fields) - {
+            "url", "username", "password", "password_file", "ca_file", "insecure"
+        }
         if unknown:
             raise ValueError(f"unknown key {sorted(unknown)[0]!r} under {name!r}")
         registry = _registry(str(name))
-        result[registry] = _upstream_settings(
+        password = _optional_str(fields.get("password"))
+        if fields.get("password_file") is not None:
+            if password is not None:
+                raise ValueError(f"password and password_file under {name!r}: give one")
+            password = read_secret(fields["password_file"])
+        settings = _upstream_settings(
             registry,
-            _url(fields.get("url")),
+            _url(fields.get("url", DEFAULT_UPSTREAM if registry == DOCKER_HUB else None)),
             _optional_str(fields.get("username")),
-            _optional_str(fields.get("password")),
+            password,
+        )
+        result[registry] = replace(
+            settings,
+            ca_file=_readable_file(fields["ca_file"]) if fields.get("ca_file") else None,
+            insecure=_bool(fields.get("insecure", False)),
         )
     return result
+
+
+def read_secret(value: Any) -> str:
+    """A password kept in a file (a mounted Kubernetes Secret): its content, stripped."""
+    path = Path(str(value))
+    try:
+        secret = path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if not secret:
+        raise ValueError(f"{path} is empty")
+    return secret
+
+
+def _readable_file(value: Any) -> Path:
+    path = Path(str(value))
+    if not path.is_file():
+        raise ValueError(f"{path} is not a readable file")
+    return path
+
+
+def _optional_file(value: Any) -> Path | None:
+    return None if value in (None, "") else _readable_file(value)
+
+
+def _auth(value: Any) -> AuthSettings | None:
+    if value in (None, False, ""):
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping such as {htpasswd: /etc/mirror/htpasswd}")
+    unknown = set(value) - {"htpasswd", "metrics", "realm"}
+    if unknown:
+        raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+    if not value.get("htpasswd"):
+        raise ValueError("htpasswd: the password file is required")
+    return AuthSettings(
+        _readable_file(value["htpasswd"]),
+        metrics=_bool(value.get("metrics", False)),
+        realm=str(value.get("realm", "mirror")).replace('"', ""),
+    )
+
+
+def _access_rules(value: Any) -> AccessRules:
+    if value in (None, ""):
+        return AccessRules()
+    if not isinstance(value, dict):
+        raise ValueError("expected {allow: [PATTERN ...], deny: [PATTERN ...]}")
+    unknown = set(value) - {"allow", "deny"}
+    if unknown:
+        raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+    return AccessRules(_pins(value.get("allow") or ()), _pins(value.get("deny") or ()))
 
 
 def _upstream_settings(
@@ -268,6 +366,13 @@ _KEYS: dict[str, _Key] = {
     "evict_unused_after": _Key(_optional_duration),
     "pins": _Key(_pins),
     "offline": _Key(_bool),
+    "tls_cert": _Key(_optional_file),
+    "tls_key": _Key(_optional_file),
+    "auth": _Key(_auth, flag=False, env=False),
+    "repositories": _Key(_access_rules, flag=False, env=False),
+    "upstream_password_file": _Key(read_secret, flag=False),
+    "client_miss_limit": _Key(parse_rate),
+    "client_max_transfers": _Key(_positive_int),
 }
 FLAG_KEYS = tuple(key for key, spec in _KEYS.items() if spec.flag)
 
@@ -348,14 +453,21 @@ def _build(values: Mapping[str, Any]) -> Settings:
     upstreams.update(values.get("upstreams", {}))
     for registry, url in values.get("upstream", {}).items():
         known = upstreams.get(registry)
-        upstreams[registry] = UpstreamSettings(
-            registry, url, known.username if known else None, known.password if known else None
+        upstreams[registry] = (
+            replace(known, url=url) if known is not None else UpstreamSettings(registry, url)
         )
-    if "upstream_username" in values or "upstream_password" in values:
+    if "upstream_password" in values and "upstream_password_file" in values:
+        raise ConfigError("upstream_password and upstream_password_file: give one")
+    password = values.get("upstream_password", values.get("upstream_password_file"))
+    if "upstream_username" in values or password is not None:
         hub = upstreams[DOCKER_HUB]
-        upstreams[DOCKER_HUB] = _upstream_settings(
-            DOCKER_HUB, hub.url, values.get("upstream_username"), values.get("upstream_password")
+        upstreams[DOCKER_HUB] = replace(
+            _upstream_settings(DOCKER_HUB, hub.url, values.get("upstream_username"), password),
+            ca_file=hub.ca_file,
+            insecure=hub.insecure,
         )
+    if ("tls_cert" in values) != ("tls_key" in values):
+        raise ConfigError("tls_cert and tls_key must be given together")
     host, port = values.get("listen", (defaults.listen_host, defaults.listen_port))
     return Settings(
         listen_host=host,
@@ -381,6 +493,12 @@ def _build(values: Mapping[str, Any]) -> Settings:
         evict_unused_after=values.get("evict_unused_after", defaults.evict_unused_after),
         pins=values.get("pins", defaults.pins),
         offline=values.get("offline", defaults.offline),
+        tls_cert=values.get("tls_cert"),
+        tls_key=values.get("tls_key"),
+        auth=values.get("auth"),
+        repositories=values.get("repositories", defaults.repositories),
+        client_miss_limit=values.get("client_miss_limit", defaults.client_miss_limit),
+        client_max_transfers=values.get("client_max_transfers", defaults.client_max_transfers),
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 
-from mirror.config import Settings
+from mirror.clients import PerClient
+from mirror.config import Settings, UpstreamSettings
 from mirror.coordination import (
     Coordinator,
     LocalCoordinator,
@@ -158,6 +160,10 @@ async def open_engine(
             max_stale=settings.max_stale,
             negative_ttl=settings.negative_ttl,
             cold_lookup_rate=0.0 if settings.offline else settings.cold_lookup_rate,
+            clients=PerClient(
+                max_transfers=settings.client_max_transfers,
+                miss_rate=settings.client_miss_limit,
+            ),
             pulls=pulls,
             clock=clock,
         )
@@ -182,10 +188,11 @@ async def _upstreams(
         yield {name: OfflineUpstream(name) for name in settings.upstreams}
         return
     async with AsyncExitStack() as stack:
-        session = _upstream_session(settings)
-        stack.push_async_callback(session.close)
         upstreams: dict[str, Upstream] = {}
         for name, upstream in settings.upstreams.items():
+            # A session each: the registry, its token realm and its CDN share its trust.
+            session = _upstream_session(settings, upstream)
+            stack.push_async_callback(session.close)
             shared = _shared_state(settings, coordinator, name)
             client = UpstreamClient(
                 name,
@@ -234,14 +241,33 @@ def _coordinator(settings: Settings, store: MetadataStore) -> Coordinator:
     return local
 
 
-def _upstream_session(settings: Settings) -> aiohttp.ClientSession:
+def _upstream_session(settings: Settings, upstream: UpstreamSettings) -> aiohttp.ClientSession:
     timeout = aiohttp.ClientTimeout(
         total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
     )
     return aiohttp.ClientSession(
         timeout=timeout,
+        connector=aiohttp.TCPConnector(ssl=upstream_tls(upstream)),
         # Blobs must reach the disk byte for byte, so nothing is decoded on the way.
         headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
         auto_decompress=False,
+        # HTTPS_PROXY, HTTP_PROXY and NO_PROXY: the egress proxy most sites have.
         trust_env=True,
     )
+
+
+def upstream_tls(upstream: UpstreamSettings) -> ssl.SSLContext | bool:
+    """How an upstream's certificates are checked: the system CAs, plus its ``ca_file``;
+    or, with ``insecure``, not at all."""
+    if upstream.insecure:
+        log.warning(
+            "upstream_tls_unverified",
+            upstream=upstream.registry,
+            hint="insecure: true; anyone on the path can impersonate this registry",
+        )
+        return False
+    if upstream.ca_file is None:
+        return True
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=str(upstream.ca_file))
+    return context

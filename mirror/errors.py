@@ -15,6 +15,8 @@ upstream status codes, and it translates them into this tree:
     │   └── BlobUnknown      BLOB_UNKNOWN        404
     ├── PaginationNumberInvalid  PAGINATION_NUMBER_INVALID  400
     ├── RangeInvalid         RANGE_INVALID       416
+    ├── Unauthorized         UNAUTHORIZED        401
+    ├── Denied               DENIED              403
     ├── TooManyRequests      TOOMANYREQUESTS     429
     └── UpstreamError        UNAVAILABLE         503
         ├── IntegrityError   (upstream sent bytes that do not match their digest)
@@ -108,6 +110,18 @@ class RangeInvalid(RegistryError):
     code = "RANGE_INVALID"
     status = 416
     default_message = "requested range not satisfiable"
+
+
+class Unauthorized(RegistryError):
+    code = "UNAUTHORIZED"
+    status = 401
+    default_message = "authentication required"
+
+
+class Denied(RegistryError):
+    code = "DENIED"
+    status = 403
+    default_message = "requested access to the resource is denied"
 
 
 class TooManyRequests(RegistryError):

@@ -29,8 +29,9 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import structlog
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
+from mirror.clients import CLIENT, PerClient
 from mirror.coordination import Coordinator
 from mirror.errors import (
     BlobUnknown,
@@ -48,10 +49,10 @@ from mirror.pulls import PullRecorder
 from mirror.reference import Digest, Reference
 from mirror.singleflight import SingleFlight
 from mirror.store.blobs import BlobStore
+from mirror.store.cached import CachedStore
 from mirror.store.protocols import (
     REPOSITORY_MISSING,
     Manifest,
-    MetadataStore,
     TagRecord,
     blob_missing,
 )
@@ -68,6 +69,7 @@ HOLDER_POLL = 0.05
 DEFAULT_PLATFORM = "linux/amd64"
 # Tag-list pages kept in memory (each up to MAX_MANIFEST_SIZE, usually a few KiB).
 TAG_PAGES = 256
+BLOB_GRANTS = 65536
 
 
 class Outcome(enum.Enum):
@@ -88,7 +90,7 @@ class Resolver:
     def __init__(
         self,
         *,
-        store: MetadataStore,
+        store: CachedStore,
         blobs: BlobStore,
         fills: Fills,
         upstreams: Mapping[str, Upstream],
@@ -98,6 +100,7 @@ class Resolver:
         negative_ttl: float = 30.0,
         cold_lookup_rate: float = 0.0,
         pulls: PullRecorder | None = None,
+        clients: PerClient | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -119,6 +122,11 @@ class Resolver:
         self._tag_pages: TTLCache[tuple[str, ...], TagsPage] = TTLCache(
             TAG_PAGES, ttl=max(tag_ttl, 1e-9), timer=clock
         )
+        # What each client address may hold and spend (the web face sets CLIENT).
+        self.clients = clients or PerClient(max_transfers=1 << 30, miss_rate=0.0)
+        # (registry, repository, blob) found allowed: a manifest there references the blob,
+        # or the upstream said the repository has it.
+        self._blob_grants: LRUCache[tuple[str, str, str], bool] = LRUCache(BLOB_GRANTS)
 
     def upstream(self, registry: str) -> Upstream:
         try:
@@ -273,6 +281,7 @@ class Resolver:
             if manifest is not None:
                 await self._remember_tag(registry, repository, tag, manifest)
                 return manifest, Outcome.REVALIDATED
+        self._charge_miss()
         manifest = await client.get_manifest(repository, tag, MANIFEST_TYPES)
         await self._store_manifest(registry, repository, manifest)
         await self._remember_tag(registry, repository, tag, manifest)
@@ -351,11 +360,24 @@ class Resolver:
         accept: Sequence[str],
     ) -> tuple[Manifest, Outcome]:
         async def fetch() -> tuple[Manifest, Outcome]:
+            self._charge_miss()
             manifest = await client.get_manifest(repository, reference, accept)
             await self._store_manifest(registry, repository, manifest)
             return manifest, Outcome.MISS
 
         return await self._coalesced(("get", registry, repository, reference, *accept), fetch)
+
+    def _charge_miss(self) -> None:
+        """A manifest GET upstream is about to be spent for the client being served: refused
+        when that client is over ``client_miss_limit`` (other clients are not)."""
+        address = CLIENT.get()
+        wait = self.clients.miss(address)
+        if wait > 0:
+            raise TooManyRequests(
+                "this client has caused too many upstream fetches; retry later",
+                detail={"client": address},
+                headers={"Retry-After": str(max(int(wait + 0.999), 1))},
+            )
 
     async def _coalesced(
         self, key: tuple[str, ...], work: Callable[[], Awaitable[tuple[Manifest, Outcome]]]
@@ -366,6 +388,7 @@ class Resolver:
     async def blob(self, registry: str, repository: str, digest: Digest) -> CachedBlob | Fill:
         """A cached blob, or the running fill for it (the caller is attached as a reader)."""
         client = self.upstream(registry)
+        await self._may_read(client, registry, repository, digest)
         for _ in range(3):
             size = self.blobs.size(digest)
             if size is not None:
@@ -396,6 +419,7 @@ class Resolver:
     async def blob_size(self, registry: str, repository: str, digest: Digest) -> int | None:
         """For HEAD: the size of a blob, from disk or upstream, without downloading it."""
         client = self.upstream(registry)
+        await self._may_read(client, registry, repository, digest)
         size = self.blobs.size(digest)
         if size is not None:
             return size
@@ -405,6 +429,26 @@ class Resolver:
         except NotFound as exc:
             await self._remember_missing_blob(registry, repository, digest, exc)
             raise
+
+    async def _may_read(
+        self, client: Upstream, registry: str, repository: str, digest: Digest
+    ) -> None:
+        """A blob is served for a repository only when a manifest the mirror holds there
+        references it, or the upstream says (to a HEAD with that repository's own token
+        scope) that the repository has it: no name, allowed or guessed, reads another
+        repository's blobs. A pull fetches its manifest first, so it never pays the HEAD."""
+        key = (registry, repository, str(digest))
+        if key in self._blob_grants:
+            return
+        holders = await self.store.holders(str(digest))  # None: the store is down
+        if holders is None or (registry, repository) not in holders:
+            await self._blob_not_known_missing(registry, repository, digest)
+            try:
+                await client.head_blob(repository, digest)
+            except NotFound as exc:
+                await self._remember_missing_blob(registry, repository, digest, exc)
+                raise
+        self._blob_grants[key] = True
 
     async def _blob_not_known_missing(self, registry: str, repository: str, digest: Digest) -> None:
         await self._refuse_unknown_repository(registry, repository)

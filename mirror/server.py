@@ -25,6 +25,7 @@ from mirror.app import create_app
 from mirror.config import Settings
 from mirror.logs import LogThrottle, configure
 from mirror.routes.middleware import AccessLogger
+from mirror.tls import ServerTLS
 
 log = structlog.get_logger(__name__)
 
@@ -71,23 +72,37 @@ async def _serve(
         handle_signals=False,
     )
     await runner.setup()
+    tls = server_tls(settings)
+    context = tls.context if tls is not None else None
     try:
         site: web.BaseSite = (
-            web.SockSite(runner, sock)
+            web.SockSite(runner, sock, ssl_context=context)
             if sock is not None
-            else web.TCPSite(runner, settings.listen_host, settings.listen_port)
+            else web.TCPSite(
+                runner, settings.listen_host, settings.listen_port, ssl_context=context
+            )
         )
         await site.start()
-        log.info("listening", address=site.name, fd_limit=limit)
+        log.info("listening", address=site.name, fd_limit=limit, tls=tls is not None)
         stop = asyncio.Event()
         for signum in stop_signals:
             loop.add_signal_handler(signum, stop.set)
         assert runner.server is not None
-        shedder = asyncio.create_task(_shed_idle(runner.server, limit))
+        tasks = [asyncio.create_task(_shed_idle(runner.server, limit))]
+        if tls is not None:
+            tasks.append(asyncio.create_task(tls.watch()))
         await stop.wait()
-        shedder.cancel()
+        for task in tasks:
+            task.cancel()
     finally:
         await runner.cleanup()
+
+
+def server_tls(settings: Settings) -> ServerTLS | None:
+    """The TLS the settings ask for; raises CertificateError when it cannot be had."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    return ServerTLS(settings.tls_cert, settings.tls_key)
 
 
 async def _shed_idle(server: web.Server, fd_limit: int) -> None:

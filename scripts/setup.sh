@@ -1,13 +1,13 @@
 # Sourced by scripts/test and scripts/bench: what both need on a fresh machine.
 # As root on Debian, the system packages the tests and benchmarks drive (a real registry,
-# skopeo, Redis, the container clients, nginx, wrk) are installed with apt-get; the package
+# skopeo, Redis, the container clients, nginx, wrk, a forward proxy, htpasswd) are installed with apt-get; the package
 # itself goes into .venv with its test dependencies.
 
-system_packages=(docker-registry skopeo redis-server nginx wrk curl containerd runc podman docker.io uidmap)
+system_packages=(docker-registry skopeo redis-server nginx wrk curl containerd runc podman docker.io uidmap tinyproxy apache2-utils)
 
 install_system_packages() {
     local missing=() binary
-    for binary in docker-registry skopeo redis-server nginx wrk curl containerd runc podman dockerd newuidmap; do
+    for binary in docker-registry skopeo redis-server nginx wrk curl containerd runc podman dockerd newuidmap tinyproxy htpasswd; do
         command -v "$binary" >/dev/null 2>&1 || missing+=("$binary")
     done
     [ "${#missing[@]}" -eq 0 ] && return 0

@@ -25,6 +25,7 @@ from mirror.routes.state import (
     REGISTRY,
     REQUEST_ID,
     ROUTE,
+    USER,
 )
 
 log = structlog.get_logger("mirror.access")
@@ -164,6 +165,7 @@ class AccessLogger(AbstractAccessLogger):
             # Client input, cut short: a header of 8 KiB must not become a log line of 8 KiB.
             ns=_clip(request.get(REGISTRY)),
             client=request.remote,
+            user=request.get(USER),
             user_agent=_clip(request.headers.get("User-Agent")),
         )
 

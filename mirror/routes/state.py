@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from mirror.clients import FailedLogins, Htpasswd
 from mirror.config import Settings
 from mirror.engine import Engine
 from mirror.logs import LogThrottle
@@ -18,6 +19,10 @@ RESOLVER = web.AppKey("resolver", Resolver)
 # Lines the request path logs for events a client or a broken part can repeat endlessly.
 LOG_THROTTLE = web.AppKey("log_throttle", LogThrottle)
 
+# Logins (absent: anonymous pulls) and failed logins per address.
+HTPASSWD = web.AppKey("htpasswd", Htpasswd)  # absent without ``auth``
+FAILED_LOGINS = web.AppKey("failed_logins", FailedLogins)
+
 # Per request: which API route it hit, the cache outcome, body bytes a handler streamed.
 ROUTE = web.RequestKey("route", str)
 CACHE_OUTCOME = web.RequestKey("cache_outcome", str)
@@ -25,3 +30,5 @@ BYTES_SENT = web.RequestKey("bytes_sent", int)
 REQUEST_ID = web.RequestKey("request_id", str)
 # The upstream registry an API request is for (its ``ns``), for the access log.
 REGISTRY = web.RequestKey("registry", str)
+# The user a request logged in as (only the name: never the password).
+USER = web.RequestKey("user", str)

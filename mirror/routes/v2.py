@@ -20,9 +20,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from mirror.errors import (
     BlobUnknown,
+    Denied,
     PaginationNumberInvalid,
     RangeInvalid,
     RegistryError,
+    TooManyRequests,
     Unsupported,
 )
 from mirror.fills import Fill, FillState
@@ -36,7 +38,14 @@ from mirror.routes.middleware import (
     NOSNIFF_HEADER,
     expect_handler,
 )
-from mirror.routes.state import BYTES_SENT, CACHE_OUTCOME, REGISTRY, RESOLVER, ROUTE
+from mirror.routes.state import (
+    BYTES_SENT,
+    CACHE_OUTCOME,
+    REGISTRY,
+    RESOLVER,
+    ROUTE,
+    SETTINGS,
+)
 from mirror.store.protocols import Manifest
 
 log = structlog.get_logger(__name__)
@@ -77,6 +86,11 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     request[REGISTRY] = registry
     route, repository, reference = _parse_path(path, registry)
     request[ROUTE] = route
+    if not request.app[SETTINGS].repositories.permits(registry, repository):
+        raise Denied(
+            "this mirror does not serve that repository",
+            detail={"repository": f"{registry}/{repository}"},
+        )
     if isinstance(reference, Reference):
         return await manifest(request, registry, repository, reference)
     if isinstance(reference, Digest):
@@ -156,6 +170,26 @@ async def blob(
         if size is not None:
             response.headers["Content-Length"] = str(size)
         return response
+    per_client = request.app[RESOLVER].clients
+    if not per_client.start_transfer(request.remote):
+        raise TooManyRequests(
+            "too many blob transfers from this address at once",
+            headers={"Retry-After": "1"},
+        )
+    try:
+        return await _blob_body(request, registry, repository, digest, headers)
+    finally:
+        per_client.end_transfer(request.remote)
+
+
+async def _blob_body(
+    request: web.Request,
+    registry: str,
+    repository: str,
+    digest: Digest,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    resolver = request.app[RESOLVER]
     for _ in range(2):
         source = await resolver.blob(registry, repository, digest)
         if not isinstance(source, CachedBlob):

@@ -124,6 +124,11 @@ class CachedStore:
     def graph(self) -> ContentGraph:
         return self.inner.graph
 
+    async def holders(self, blob: str) -> set[tuple[str, str]] | None:
+        """The content graph's holders of a blob, for the request path: None while the
+        store is down (nobody waits on it then)."""
+        return await self._read(self.inner.graph.holders(blob))
+
     async def list_tags(
         self, registry: str | None = None, repository: str | None = None
     ) -> list[TaggedRecord]:

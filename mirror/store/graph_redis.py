@@ -21,9 +21,11 @@ from collections.abc import Mapping, Sequence
 from urllib.parse import quote, unquote
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from mirror.manifests import References
 from mirror.store.graph import BlobEntry, ImageKey, Usage
+from mirror.store.protocols import StoreUnavailable
 
 PREFIX = "mirror:v1:"
 GRAPH = f"{PREFIX}{{graph}}:"
@@ -195,7 +197,10 @@ class RedisGraph:
         return needed
 
     async def holders(self, blob: str) -> set[tuple[str, str]]:
-        members = await self._redis.smembers(_holders_key(blob))
+        try:
+            members = await self._redis.smembers(_holders_key(blob))
+        except RedisError as error:  # asked on the request path: the caller degrades
+            raise StoreUnavailable(f"redis holders: {type(error).__name__}: {error}") from error
         pairs = set()
         for member in members:
             text = member.decode() if isinstance(member, bytes) else str(member)

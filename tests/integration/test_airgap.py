@@ -270,7 +270,7 @@ async def test_an_import_killed_halfway_completes_when_run_again(
     fake_hub: FakeHub, tmp_path: Path
 ) -> None:
     site = Site(fake_hub, tmp_path / "connected")
-    images = three_images(fake_hub, big=160 * MiB)
+    images = three_images(fake_hub, big=200 * MiB)
     await site.seed(*images)
     bundle = tmp_path / "bundle.tar"
     await site.export(bundle)
@@ -282,10 +282,12 @@ async def test_an_import_killed_halfway_completes_when_run_again(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )  # fmt: skip
     deadline = time.monotonic() + 60
-    while not any((offline / "blobs").rglob("*.partial")) and time.monotonic() < deadline:
+    caught = False
+    while not caught and time.monotonic() < deadline:
         assert process.poll() is None, "the import ended before it could be interrupted"
-        await asyncio.sleep(0.005)
-    assert any((offline / "blobs").rglob("*.partial")), "no blob copy was caught under way"
+        caught = any((offline / "blobs").rglob("*.partial"))
+        await asyncio.sleep(0 if caught else 0.002)
+    assert caught, "no blob copy was caught under way"
     process.send_signal(signal.SIGKILL)
     process.wait()
 

@@ -1,0 +1,55 @@
+"""Who may ask: logins (``auth: {htpasswd: FILE}``) and the client address a request is
+charged to. Without ``auth``, pulls are anonymous and ``/v2/`` answers 200 with no challenge.
+
+With it, ``/v2/`` and everything under it (and ``/metrics`` with ``auth: {metrics: true}``)
+answers 401 ``UNAUTHORIZED`` with a Basic challenge unless the request carries valid
+credentials; ``/healthz`` and ``/readyz`` stay open for probes. An address whose logins keep
+failing waits longer and longer for its answers (``mirror.clients.FailedLogins``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from mirror.clients import CLIENT, Credentials
+from mirror.errors import Unauthorized
+from mirror.routes.state import FAILED_LOGINS, HTPASSWD, SETTINGS, USER
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    CLIENT.set(request.remote)
+    if HTPASSWD in request.app and _protected(request):
+        await _authenticate(request)
+    return await handler(request)
+
+
+def _protected(request: web.Request) -> bool:
+    path = request.path
+    if path == "/v2" or path.startswith("/v2/"):
+        return True
+    auth = request.app[SETTINGS].auth
+    return path == "/metrics" and auth is not None and auth.metrics
+
+
+async def _authenticate(request: web.Request) -> None:
+    htpasswd, failed = request.app[HTPASSWD], request.app[FAILED_LOGINS]
+    auth = request.app[SETTINGS].auth
+    assert auth is not None
+    address = request.remote or "unknown"
+    credentials = Credentials.from_header(request.headers.get("Authorization"))
+    if credentials is not None:
+        delay = failed.delay(address)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if await htpasswd.verify(credentials):
+            request[USER] = credentials.user
+            return
+        failed.failed(address)
+    raise Unauthorized(
+        "authentication required" if credentials is None else "invalid username or password",
+        headers={"WWW-Authenticate": f'Basic realm="{auth.realm}"'},
+    )
