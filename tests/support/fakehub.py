@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import secrets
+import ssl
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -101,8 +102,11 @@ class FakeHub:
     `async with FakeHub() as hub:` starts them; `hub.url` is the registry base URL.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl_context = ssl_context  # all three servers speak HTTPS with it
         self.repositories: dict[str, Repo] = {}
+        # Repositories only an account (`credentials`) is granted: a private repository.
+        self.private: set[str] = set()
         self.credentials: tuple[str, str] | None = None  # require basic auth at /token
         self.token_ttl = 300
         self.tokens: dict[str, IssuedToken] = {}
@@ -196,7 +200,7 @@ class FakeHub:
     @property
     def host(self) -> str:
         """The registry as host:port, the form image references and skopeo want."""
-        return self.url.removeprefix("http://")
+        return self.url.partition("://")[2]
 
     async def start(self) -> None:
         self.token_url = await self._serve(self._token_app()) + "/token"
@@ -224,10 +228,11 @@ class FakeHub:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         await site.start()
         port = runner.addresses[0][1]
-        return f"http://127.0.0.1:{port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{port}"
 
     def _logging(self, server: str) -> Middleware:
         @web.middleware
@@ -271,7 +276,7 @@ class FakeHub:
         token = "fake-" + secrets.token_hex(16)
         self.tokens[token] = IssuedToken(
             token=token,
-            granted=self._grant(requested),
+            granted=self._grant(requested, account),
             requested=requested,
             service=request.query.get("service"),
             account=account,
@@ -298,7 +303,7 @@ class FakeHub:
             return None
         return user if (user, password) == self.credentials else None
 
-    def _grant(self, requested: tuple[str, ...]) -> frozenset[str]:
+    def _grant(self, requested: tuple[str, ...], account: str | None) -> frozenset[str]:
         granted: set[str] = set()
         # Several scopes may arrive as repeated parameters or space-separated in one.
         for scope in (s for param in requested for s in param.split()):
@@ -308,6 +313,8 @@ class FakeHub:
             if kind != "repository" or not wanted & {"pull", "*"}:
                 continue
             if self.deny_unknown_repos and name not in self.repositories:
+                continue
+            if name in self.private and account is None:
                 continue
             granted.add(f"repository:{name}:pull")
         return frozenset(granted)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -43,12 +44,14 @@ class MirrorProcess:
         env: dict[str, str] | None = None,
         name: str = "mirror",
         prefix: tuple[str, ...] = (),
+        ca_file: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.upstream = upstream
         self.extra = extra
         self.env = env or {}
         self.prefix = prefix  # a command the mirror runs under, such as prlimit
+        self.ca_file = ca_file  # the mirror serves HTTPS with a certificate this CA signed
         self.port = 0
         self.log_path = data_dir.parent / f"{data_dir.name}-{name}.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -59,7 +62,7 @@ class MirrorProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.ca_file is not None else 'http'}://{self.host}"
 
     @property
     def pid(self) -> int:
@@ -97,8 +100,9 @@ class MirrorProcess:
             assert self._process is not None
             if self._process.poll() is not None:
                 raise RuntimeError(f"mirror exited early:\n{self.log()}")
+            context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
             try:
-                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1, context=context):
                     return
             except (urllib.error.URLError, OSError):
                 time.sleep(0.05)
