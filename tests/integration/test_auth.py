@@ -1,0 +1,156 @@
+"""Logins: an htpasswd file of bcrypt entries, as ``htpasswd -B`` writes it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support.binaries import require_binary
+from tests.support.clients import ClientError, Podman
+from tests.support.fakehub import FakeHub
+from tests.support.oci import make_image, make_layer
+from tests.support.process import MirrorProcess, dir_manifest_digest
+from tests.support.secrets import CLIENT_PASSWORD, CLIENT_USER, SECOND_PASSWORD
+
+
+def htpasswd(path: Path, user: str, password: str, *, create: bool = False) -> None:
+    binary = require_binary("htpasswd")
+    flags = "-cbB" if create else "-bB"
+    subprocess.run([binary, flags, str(path), user, password], check=True, capture_output=True)
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    passwords = tmp_path / "htpasswd"
+    htpasswd(passwords, CLIENT_USER, CLIENT_PASSWORD, create=True)
+    path = tmp_path / "mirror.yaml"
+    path.write_text(f"auth:\n  htpasswd: {passwords}\n  metrics: true\n")
+    return path
+
+
+async def get(
+    url: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as answer:
+        return answer.status, dict(answer.headers), await answer.read()
+
+
+async def test_logins_guard_v2_and_metrics_and_leave_the_probes_open(
+    fake_hub: FakeHub, tmp_path: Path, config: Path
+) -> None:
+    image = make_image([make_layer(b"guarded")])
+    fake_hub.add_image("library/app", "1", image)
+    with MirrorProcess(tmp_path / "data", fake_hub.url, "--config", str(config)) as mirror:
+        status, headers, body = await get(f"{mirror.url}/v2/")
+        assert status == 401
+        assert headers["WWW-Authenticate"] == 'Basic realm="mirror"'
+        assert json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
+        for path in ("/v2/app/manifests/1", f"/v2/app/blobs/{image.layers[0].digest}",
+                     "/v2/app/tags/list", "/metrics"):  # fmt: skip
+            status, _, _ = await get(mirror.url + path)
+            assert status == 401, path
+            status, _, _ = await get(mirror.url + path, basic(CLIENT_USER, "wrong"))
+            assert status == 401, path
+        for path in ("/healthz", "/readyz"):
+            status, _, _ = await get(mirror.url + path)
+            assert status == 200, path
+        assert fake_hub.log == []  # nothing unauthenticated reached the upstream
+
+        good = basic(CLIENT_USER, CLIENT_PASSWORD)
+        status, _, _ = await get(f"{mirror.url}/v2/", good)
+        assert status == 200
+        status, _, body = await get(f"{mirror.url}/v2/app/manifests/1", good)
+        assert (status, body) == (200, image.manifest)
+        status, _, _ = await get(f"{mirror.url}/metrics", good)
+        assert status == 200
+
+        # A user added to the file logs in without a restart.
+        htpasswd(tmp_path / "htpasswd", "bob", SECOND_PASSWORD)
+        deadline = time.monotonic() + 10
+        while (await get(f"{mirror.url}/v2/", basic("bob", SECOND_PASSWORD)))[0] != 200:
+            assert time.monotonic() < deadline, "the changed htpasswd file was not re-read"
+            await asyncio.sleep(0.2)
+
+    lines = mirror.access_log()
+    assert any(line.get("user") == CLIENT_USER for line in lines)
+    assert CLIENT_PASSWORD not in mirror.log()
+    assert SECOND_PASSWORD not in mirror.log()
+
+
+async def test_repeated_failures_from_one_address_are_slowed_down(
+    fake_hub: FakeHub, tmp_path: Path, config: Path
+) -> None:
+    with MirrorProcess(tmp_path / "data", fake_hub.url, "--config", str(config)) as mirror:
+        wrong = basic(CLIENT_USER, "guess")
+        timings = []
+        for _ in range(9):
+            started = time.monotonic()
+            status, _, _ = await get(f"{mirror.url}/v2/", wrong)
+            timings.append(time.monotonic() - started)
+            assert status == 401
+        assert max(timings[:5]) < 0.5  # the first few answer at once
+        assert timings[-1] >= 1.0  # then each waits longer
+        started = time.monotonic()
+        status, _, _ = await get(f"{mirror.url}/v2/")  # no credentials: not a failure
+        assert status == 401
+        assert time.monotonic() - started < 0.5
+
+
+async def test_skopeo_and_podman_log_in_and_pull(
+    fake_hub: FakeHub, tmp_path: Path, config: Path, podman: Podman
+) -> None:
+    require_binary("skopeo")
+    name = f"library/login-{uuid.uuid4().hex[:10]}"
+    image = make_image([make_layer(f"for {name}".encode())])
+    fake_hub.add_image(name, "v1", image)
+    with MirrorProcess(tmp_path / "data", fake_hub.url, "--config", str(config)) as mirror:
+        source = f"docker://{mirror.host}/{name}:v1"
+        for credentials, expected in (
+            (f"{CLIENT_USER}:{CLIENT_PASSWORD}", 0), (f"{CLIENT_USER}:wrong", 1), (None, 1)
+        ):
+            destination = tmp_path / f"skopeo-{expected}-{credentials is None}"
+            command = ["skopeo", "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false"]
+            command += ["--src-creds", credentials] if credentials else []
+            process = await asyncio.create_subprocess_exec(
+                *command, source, f"dir:{destination}",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            _, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
+            assert (process.returncode != 0) == bool(expected), stderr.decode()
+            if not expected:
+                assert dir_manifest_digest(destination) == image.digest
+            else:
+                assert b"unauthorized" in stderr.lower() or b"401" in stderr
+
+        reference = f"{mirror.host}/{name}:v1"
+        with pytest.raises(ClientError, match=r"401|nauthorized|invalid"):
+            await asyncio.to_thread(
+                podman.podman, "login", "--tls-verify=false", "-u", CLIENT_USER,
+                "-p", "wrong", mirror.host,
+            )  # fmt: skip
+        await asyncio.to_thread(
+            podman.podman, "login", "--tls-verify=false", "-u", CLIENT_USER,
+            "-p", CLIENT_PASSWORD, mirror.host,
+        )  # fmt: skip
+        try:
+            await asyncio.to_thread(
+                podman.podman, "pull", "--quiet", "--tls-verify=false", reference, timeout=120
+            )
+            digest = await asyncio.to_thread(podman.image_digest, reference)
+            assert digest == image.digest
+        finally:
+            await asyncio.to_thread(podman.podman, "logout", mirror.host)
+            await asyncio.to_thread(podman.remove_image, reference)
