@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -268,7 +269,7 @@ def _upstreams(value: Any) -> dict[str, UpstreamSettings]:
         )
         result[registry] = replace(
             settings,
-            ca_file=_readable_file(fields["ca_file"]) if fields.get("ca_file") else None,
+            ca_file=_ca_file(fields["ca_file"]) if fields.get("ca_file") else None,
             insecure=_bool(fields.get("insecure", False)),
         )
     return result
@@ -290,6 +291,15 @@ def _readable_file(value: Any) -> Path:
     path = Path(str(value))
     if not path.is_file():
         raise ValueError(f"{path} is not a readable file")
+    return path
+
+
+def _ca_file(value: Any) -> Path:
+    path = _readable_file(value)
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(path))
+    except ssl.SSLError:
+        raise ValueError(f"{path} holds no PEM CA certificate") from None
     return path
 
 
