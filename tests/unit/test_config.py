@@ -215,3 +215,54 @@ def test_kubernetes_service_link_variables_are_not_settings() -> None:
 def test_manifest_cache_bytes_takes_units() -> None:
     assert load({"manifest_cache_bytes": "128MiB"}, env={}).manifest_cache_bytes == 128 * 1024**2
     assert load({}, env={}).manifest_cache_bytes == 64 * 1024**2
+
+
+def test_security_keys_from_the_file(tmp_path: Path) -> None:
+    passwords = tmp_path / "htpasswd"
+    passwords.write_text("alice:$2y$05$abcdefghijklmnopqrstuv\n")
+    secret = tmp_path / "hub-secret"
+    secret.write_text("from-a-secret\n")
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        f"auth: {{htpasswd: {passwords}, metrics: true}}\n"
+        "repositories: {allow: ['docker.io/library/*'], deny: ['docker.io/library/bad']}\n"
+        f"upstream_password_file: {secret}\nupstream_username: site\n"
+        "client_miss_limit: 60/min\nclient_max_transfers: 8\n"
+    )
+    settings = load({}, env={}, config_file=config)
+    assert settings.auth is not None
+    assert (settings.auth.htpasswd, settings.auth.metrics) == (passwords, True)
+    assert settings.repositories.permits(DOCKER_HUB, "library/alpine")
+    assert not settings.repositories.permits(DOCKER_HUB, "library/bad")
+    assert not settings.repositories.permits(DOCKER_HUB, "someorg/app")
+    assert not settings.repositories.permits("ghcr.io", "library/alpine")
+    hub = settings.upstreams[DOCKER_HUB]
+    assert (hub.username, hub.password) == ("site", "from-a-secret")
+    assert "from-a-secret" not in repr(settings)
+    assert settings.client_miss_limit == 1.0
+    assert settings.client_max_transfers == 8
+    defaults = load({}, env={})
+    assert defaults.auth is None
+    assert defaults.repositories.permits("ghcr.io", "anything/at-all")
+    assert defaults.client_miss_limit == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("auth: {htpasswd: /nonexistent}", "auth in .*: /nonexistent is not a readable file"),
+        ("auth: {passwd: x}", "unknown key 'passwd'"),
+        ("repositories: {allow: 'x', block: []}", "unknown key 'block'"),
+        ("upstream_password_file: /nonexistent", "cannot read /nonexistent"),
+        ("tls_cert: /nonexistent", "tls_cert in .*: /nonexistent is not a readable file"),
+        (
+            "upstreams: {docker.io: {password: a, password_file: /etc/hostname, username: u}}",
+            "password and password_file",
+        ),
+    ],
+)
+def test_bad_security_keys_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load({}, env={}, config_file=config)
