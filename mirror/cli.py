@@ -198,6 +198,11 @@ def _parser() -> argparse.ArgumentParser:
         help="upstream manifest fetches one client address may cause (60/min, 5/s; default off)",
     )
     serve.add_argument(
+        "--client-max-transfers",
+        metavar="N",
+        help="blob downloads one client address may have under way (default 64)",
+    )
+    serve.add_argument(
         "--offline",
         action="store_const",
         const=True,

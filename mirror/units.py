@@ -95,7 +95,7 @@ _RATE_UNITS["hour"] = 3600
 def parse_rate(value: object) -> float:
     """Events per second from ``10/s``, ``600/min`` or ``1000/h``; ``0`` or ``off`` is none."""
     text = str(value).strip().lower()
-    if text in ("0", "off", "none", "unlimited"):
+    if value is False or text in ("0", "off", "none", "unlimited"):  # YAML reads `off` as false
         return 0.0
     match = _RATE_RE.fullmatch(text)
     if match is None:

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.support.binaries import require_binary
-from tests.support.clients import ClientError, Podman
+from tests.support.clients import ClientError, Containerd, Dockerd, Podman
 from tests.support.fakehub import FakeHub
 from tests.support.oci import make_image, make_layer
 from tests.support.process import MirrorProcess, dir_manifest_digest
@@ -154,3 +154,42 @@ async def test_skopeo_and_podman_log_in_and_pull(
         finally:
             await asyncio.to_thread(podman.podman, "logout", mirror.host)
             await asyncio.to_thread(podman.remove_image, reference)
+
+
+async def test_docker_login_and_ctr_with_credentials_pull(
+    fake_hub: FakeHub, tmp_path: Path, config: Path, dockerd: Dockerd, containerd: Containerd
+) -> None:
+    name = f"library/daemons-{uuid.uuid4().hex[:10]}"
+    image = make_image([make_layer(f"for {name}".encode())])
+    fake_hub.add_image(name, "v1", image)
+    with MirrorProcess(tmp_path / "data", fake_hub.url, "--config", str(config)) as mirror:
+        reference = f"{mirror.host}/{name}:v1"
+        # dockerd talks plain HTTP to a loopback registry; the login is checked all the same.
+        with pytest.raises(ClientError, match=r"401|nauthorized|incorrect"):
+            await asyncio.to_thread(
+                dockerd.docker, "login", "-u", CLIENT_USER, "-p", "wrong", mirror.host
+            )
+        await asyncio.to_thread(
+            dockerd.docker, "login", "-u", CLIENT_USER, "-p", CLIENT_PASSWORD, mirror.host
+        )
+        try:
+            assert await asyncio.to_thread(dockerd.pull, reference) == image.digest
+        finally:
+            await asyncio.to_thread(dockerd.docker, "logout", mirror.host)
+            await asyncio.to_thread(dockerd.remove_image, reference)
+
+        hosts = tmp_path / "hosts"
+        (hosts / mirror.host).mkdir(parents=True)
+        (hosts / mirror.host / "hosts.toml").write_text(
+            f'server = "{mirror.url}"\n\n'
+            f'[host."{mirror.url}"]\n  capabilities = ["pull", "resolve"]\n'
+        )
+        options = ("images", "pull", "--hosts-dir", str(hosts), "--snapshotter", "native")
+        with pytest.raises(ClientError, match=r"401|nauthorized"):
+            await asyncio.to_thread(containerd.ctr, *options, reference)
+        user = f"{CLIENT_USER}:{CLIENT_PASSWORD}"
+        await asyncio.to_thread(containerd.ctr, *options, "--user", user, reference, timeout=120)
+        try:
+            assert await asyncio.to_thread(containerd.image_digest, reference) == image.digest
+        finally:
+            await asyncio.to_thread(containerd.remove_image, reference)
