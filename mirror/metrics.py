@@ -7,10 +7,22 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+# Routes as the access log and mirror_requests_total name them.
+ROUTES = ("manifest", "blob", "tags", "ops", "status", "other")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class Metrics:
@@ -64,6 +76,47 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self.request_duration = Histogram(
+            "mirror_request_duration_seconds",
+            "Time to answer a request, by route (a blob's includes sending it).",
+            ["route"],
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self._duration_children: dict[str, Any] = {}
+        for route in ROUTES:
+            self._duration_children[route] = self.request_duration.labels(route)
+        self.ready = Gauge(
+            "mirror_ready",
+            "1 while /readyz would answer ready (the data dir is usable); 0 otherwise.",
+            registry=self.registry,
+            multiprocess_mode="min",
+        )
+        self.ready.set(1)
+        self.store_degraded = Gauge(
+            "mirror_store_degraded",
+            "1 while the metadata store (Redis or the embedded one) is failing and the mirror "
+            "answers from memory.",
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        self.store_degraded.set(0)
+        self.disk_free = Gauge(
+            "mirror_disk_free_bytes",
+            "Free bytes on the data dir's filesystem.",
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.disk_total = Gauge(
+            "mirror_disk_total_bytes",
+            "Size of the data dir's filesystem.",
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # CPU, memory, open files of this process (one process: workers are summed
+            # by name only for the mirror's own metrics).
+            ProcessCollector(registry=self.registry)
         self.offline = Gauge(
             "mirror_offline",
             "1 when the mirror runs offline (serve --offline): no upstream is ever contacted.",
@@ -111,6 +164,13 @@ class Metrics:
         self.circuit_open.labels(name).set(0)
         self.ratelimit_remaining.labels(name).set(math.nan)
         self.ratelimit_limit.labels(name).set(math.nan)
+
+    def observe_duration(self, route: str, seconds: float) -> None:
+        child = self._duration_children.get(route)
+        if child is None:
+            child = self.request_duration.labels(route)
+            self._duration_children[route] = child
+        child.observe(seconds)
 
     def count_request(self, route: str, method: str, status: int, cache: str) -> None:
         key = (route, method, status, cache)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import structlog
 
 from mirror.logs import LogThrottle
-from mirror.store.graph import ContentGraph, ImageKey
+from mirror.store.graph import ContentGraph, ImageKey, TagKey
 
 log = structlog.get_logger(__name__)
 
@@ -36,28 +37,31 @@ class PullRecorder:
         self._clock = clock
         self._blobs: dict[str, float] = {}
         self._images: dict[ImageKey, float] = {}
+        self._tags: Counter[TagKey] = Counter()
         self._task: asyncio.Task[None] | None = None
         self._throttle = LogThrottle()
 
     def blob(self, digest: str) -> None:
         self._blobs[digest] = self._clock()
 
-    def image(self, registry: str, repository: str, digest: str) -> None:
+    def image(self, registry: str, repository: str, digest: str, tag: str | None = None) -> None:
         self._images[(registry, repository, digest)] = self._clock()
+        if tag is not None:
+            self._tags[(registry, repository, tag)] += 1
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._flush_forever())
 
     async def flush(self) -> None:
-        blobs, images = self._blobs, self._images
+        blobs, images, tags = self._blobs, self._images, self._tags
         if not blobs and not images:
             return
-        self._blobs, self._images = {}, {}
+        self._blobs, self._images, self._tags = {}, {}, Counter()
         try:
             for (registry, repository, digest), at in images.items():
                 for blob in await self._graph.blobs_of(registry, repository, digest):
                     blobs[blob] = max(blobs.get(blob, at), at)
-            await self._graph.record_pulls(blobs, images)
+            await self._graph.record_pulls(blobs, images, tags)
         except Exception as exc:  # the times are a hint for eviction; losing a batch is fine
             suppressed = self._throttle.admit(type(exc).__name__)
             if suppressed is not None:

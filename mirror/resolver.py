@@ -153,7 +153,7 @@ class Resolver:
         except NameUnknown as exc:
             await self._remember_unknown(registry, repository, exc)
             raise
-        self.pulls.image(registry, repository, manifest.digest)
+        self.pulls.image(registry, repository, manifest.digest, reference.tag)
         if accepts(accept, manifest.media_type) or reference.digest is not None:
             return manifest, outcome  # a digest names these bytes, whatever the Accept
         # The client cannot read what the tag resolves to for everyone (an old client and a

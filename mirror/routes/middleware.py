@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import secrets
+import time
 from http import HTTPStatus
 
 import structlog
@@ -78,6 +79,7 @@ async def _no_route(request: web.Request) -> web.StreamResponse:
 async def registry_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every request: an id for its log lines, domain errors turned into the registry's error
     body, and the request counted by route, status and cache outcome."""
+    started = time.perf_counter()
     request_id = f"{_PROCESS_TAG}-{next(_request_numbers):x}"
     request[REQUEST_ID] = request_id
     # Each connection's task has its own context, so binding without a reset cannot leak
@@ -98,7 +100,7 @@ async def registry_middleware(request: web.Request, handler: Handler) -> web.Str
             response = _client_gone(request)
         else:
             response = _unexpected(request, error)
-    _count(request, response)
+    _count(request, response, time.perf_counter() - started)
     return response
 
 
@@ -137,11 +139,12 @@ def _unexpected(request: web.Request, error: Exception) -> web.StreamResponse:
     return error_response(RegistryError("internal error"))
 
 
-def _count(request: web.Request, response: web.StreamResponse) -> None:
+def _count(request: web.Request, response: web.StreamResponse, seconds: float) -> None:
     metrics = request.app[METRICS]
     route = request.get(ROUTE, "other")
     cache = request.get(CACHE_OUTCOME, "none")
     metrics.count_request(route, request.method, response.status, cache)
+    metrics.observe_duration(route, seconds)
     if route == "blob" and response.status in (200, 206):
         source = "cache" if cache == "hit" else "upstream"
         metrics.bytes_served.labels(source).inc(_body_bytes(request, response))

@@ -38,6 +38,8 @@ class Usage:
 
 # An image pull: (registry, repository, manifest digest).
 ImageKey = tuple[str, str, str]
+# A tag: (registry, repository, tag).
+TagKey = tuple[str, str, str]
 
 
 class ContentGraph(Protocol):
@@ -56,9 +58,17 @@ class ContentGraph(Protocol):
         ...
 
     async def record_pulls(
-        self, blobs: Mapping[str, float], images: Mapping[ImageKey, float]
+        self,
+        blobs: Mapping[str, float],
+        images: Mapping[ImageKey, float],
+        tags: Mapping[TagKey, int] | None = None,
     ) -> None:
-        """Last-pull times, a batch at once; a time never moves backwards."""
+        """Last-pull times, a batch at once (a time never moves backwards); and how many
+        times each tag was pulled in the batch, added to its count."""
+        ...
+
+    async def most_pulled(self, limit: int) -> list[tuple[TagKey, int]]:
+        """The tags pulled most often, with their counts, most first."""
         ...
 
     async def last_pulls(self, registry: str, repository: str) -> dict[str, float]:

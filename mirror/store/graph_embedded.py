@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from mirror.manifests import References
-from mirror.store.graph import BlobEntry, ImageKey, Usage
+from mirror.store.graph import BlobEntry, ImageKey, TagKey, Usage
 from mirror.store.schema import edge_rows
 
 T = TypeVar("T")
@@ -56,9 +56,17 @@ class EmbeddedGraph:
         )
 
     async def record_pulls(
-        self, blobs: Mapping[str, float], images: Mapping[ImageKey, float]
+        self,
+        blobs: Mapping[str, float],
+        images: Mapping[ImageKey, float],
+        tags: Mapping[TagKey, int] | None = None,
     ) -> None:
         def write() -> None:
+            self._db.executemany(
+                "INSERT INTO tag_pulls VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
+                " pulls = pulls + excluded.pulls",
+                [(*key, count) for key, count in (tags or {}).items()],
+            )
             self._db.executemany(
                 "UPDATE blobs SET last_pulled = max(last_pulled, ?) WHERE digest = ?",
                 [(at, digest) for digest, at in blobs.items()],
@@ -70,6 +78,16 @@ class EmbeddedGraph:
             )
 
         await self._write(write)
+
+    async def most_pulled(self, limit: int) -> list[tuple[TagKey, int]]:
+        rows = await self._run(
+            lambda: self._db.execute(
+                "SELECT registry, repository, tag, pulls FROM tag_pulls"
+                " ORDER BY pulls DESC, registry, repository, tag LIMIT ?",
+                (limit,),
+            ).fetchall()
+        )
+        return [((r[0], r[1], r[2]), int(r[3])) for r in rows]
 
     async def last_pulls(self, registry: str, repository: str) -> dict[str, float]:
         rows = await self._run(

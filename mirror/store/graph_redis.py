@@ -9,6 +9,7 @@ With R, P and D the percent-encoded registry, repository and digest (as in
     mirror:v1:{graph}:lru          zset   present blobs, scored by last pull
     mirror:v1:{graph}:usage        hash   blobs, bytes: of the present blobs
     mirror:v1:{graph}:holders:D    set    "R:P" of every repository referencing blob D
+    mirror:v1:{graph}:popular      zset   "R:P:T" of every pulled tag, scored by pull count
 
 The ``{graph}`` keys share one Redis Cluster slot, so the scripts that keep a blob's record,
 the LRU order and the usage counters in step run atomically.
@@ -18,19 +19,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from typing import cast
 from urllib.parse import quote, unquote
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from mirror.manifests import References
-from mirror.store.graph import BlobEntry, ImageKey, Usage
+from mirror.store.graph import BlobEntry, ImageKey, TagKey, Usage
 from mirror.store.protocols import StoreUnavailable
 
 PREFIX = "mirror:v1:"
 GRAPH = f"{PREFIX}{{graph}}:"
 LRU = f"{GRAPH}lru"
 USAGE = f"{GRAPH}usage"
+POPULAR = f"{GRAPH}popular"
 
 _STORED = """
 local present = redis.call('HGET', KEYS[1], 'present')
@@ -131,8 +134,17 @@ class RedisGraph:
             await self._removed(keys=[_blob_key(digest), LRU, USAGE], args=[digest])
 
     async def record_pulls(
-        self, blobs: Mapping[str, float], images: Mapping[ImageKey, float]
+        self,
+        blobs: Mapping[str, float],
+        images: Mapping[ImageKey, float],
+        tags: Mapping[TagKey, int] | None = None,
     ) -> None:
+        if tags:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for (registry, repository, tag), count in tags.items():
+                    member = f"{_part(registry)}:{_part(repository)}:{_part(tag)}"
+                    pipe.zincrby(POPULAR, count, member)
+                await pipe.execute()
         for digest, at in blobs.items():
             await self._pulled(keys=[_blob_key(digest), LRU], args=[digest, repr(at)])
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -140,6 +152,15 @@ class RedisGraph:
                 # Newer than what another replica wrote? Then ours; HSET alone could go back.
                 pipe.eval(_LATER, 1, _repo_key(registry, repository, "pulls"), reference, repr(at))
             await pipe.execute()
+
+    async def most_pulled(self, limit: int) -> list[tuple[TagKey, int]]:
+        found = await self._redis.zrevrange(POPULAR, 0, limit - 1, withscores=True)
+        result = []
+        for member, score in cast(list[tuple[bytes | str, float]], found):
+            text = member.decode() if isinstance(member, bytes) else str(member)
+            parts = [unquote(part) for part in text.split(":", 2)]
+            result.append(((parts[0], parts[1], parts[2]), int(score)))
+        return result
 
     async def last_pulls(self, registry: str, repository: str) -> dict[str, float]:
         raw = await self._redis.hgetall(_repo_key(registry, repository, "pulls"))

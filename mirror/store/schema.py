@@ -10,6 +10,7 @@ older mirror is upgraded in place (and a crash mid-upgrade leaves the old versio
   from the manifests already held; blobs on disk are registered by the first
   reconciliation (``ContentGraph.reconcile``), which needs the blob directory.
 - v2: pins: the images ``seed`` and ``import`` keep from eviction.
+- v3: tag_pulls: how many times each tag was pulled (the status page's most pulled images).
 """
 
 from __future__ import annotations
@@ -84,7 +85,14 @@ def _v2(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
+def _v3(db: sqlite3.Connection) -> None:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS tag_pulls (registry TEXT NOT NULL, repository TEXT NOT NULL,"
+        " tag TEXT NOT NULL, pulls INTEGER NOT NULL, PRIMARY KEY (registry, repository, tag))"
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
 VERSION = len(MIGRATIONS)
 
 

@@ -75,6 +75,19 @@ async def test_image_pulls_are_recorded_in_batches(store: MetadataStore) -> None
     assert await store.graph.last_pulls(HUB, "library/other") == {}
 
 
+async def test_tag_pulls_are_counted_and_ranked(store: MetadataStore) -> None:
+    graph = store.graph
+    assert await graph.most_pulled(5) == []
+    await graph.record_pulls({}, {}, {(HUB, "library/app", "1.0"): 3, ("ghcr.io", "a:b/c", "x"): 1})
+    await graph.record_pulls({}, {}, {(HUB, "library/app", "1.0"): 2, (HUB, "library/db", "16"): 4})
+    assert await graph.most_pulled(5) == [
+        ((HUB, "library/app", "1.0"), 5),
+        ((HUB, "library/db", "16"), 4),
+        (("ghcr.io", "a:b/c", "x"), 1),
+    ]
+    assert await graph.most_pulled(1) == [((HUB, "library/app", "1.0"), 5)]
+
+
 def test_an_old_data_dir_is_migrated_in_place(tmp_path: Path) -> None:
     image = make_image([make_layer(b"old")])
     with sqlite3.connect(tmp_path / "metadata.sqlite3") as db:
