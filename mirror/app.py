@@ -5,6 +5,10 @@ Tests swap collaborators through ``overrides`` instead of patching modules.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,25 +17,30 @@ from aiohttp import web
 
 from mirror.clients import FailedLogins, Htpasswd
 from mirror.config import Settings
-from mirror.engine import Overrides, open_engine
+from mirror.engine import Engine, Overrides, open_engine
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
-from mirror.routes import ops, v2
+from mirror.routes import ops, status, v2
 from mirror.routes.access import access_middleware
 from mirror.routes.middleware import add_fallback_route, registry_middleware, server_logger
 from mirror.routes.state import (
     ENGINE,
     FAILED_LOGINS,
+    HISTORY,
     HTPASSWD,
     LOG_THROTTLE,
     METRICS,
     RESOLVER,
     SETTINGS,
+    STARTED,
 )
+from mirror.status import History, started_at, totals
 
 __all__ = ["Overrides", "create_app"]
 
 log = structlog.get_logger(__name__)
+
+HEALTH_INTERVAL = 10.0
 
 
 def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web.Application:
@@ -49,6 +58,7 @@ def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web
     app.cleanup_ctx.append(_lifecycle(settings, overrides or Overrides()))
     v2.add_routes(app)
     ops.add_routes(app)
+    status.add_routes(app)
     add_fallback_route(app)
     return app
 
@@ -60,6 +70,13 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
         ) as engine:
             app[ENGINE] = engine
             app[RESOLVER] = engine.resolver
+            metrics = app[METRICS]
+            app[HISTORY] = History(lambda: totals(metrics.render(), time.time()))
+            app[STARTED] = started_at(settings.data_dir / "run", time.time())
+            watchers = [
+                asyncio.create_task(app[HISTORY].run()),
+                asyncio.create_task(_watch_health(engine)),
+            ]
             log.info(
                 "mirror_started",
                 listen=_address(settings.listen_host, settings.listen_port),
@@ -67,9 +84,30 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
                 store="redis" if settings.redis_url else "embedded",
                 upstreams={name: u.url for name, u in settings.upstreams.items()},
             )
-            yield
+            try:
+                yield
+            finally:
+                for task in watchers:
+                    task.cancel()
+                await asyncio.gather(*watchers, return_exceptions=True)
 
     return lifecycle
+
+
+async def _watch_health(engine: Engine, interval: float = HEALTH_INTERVAL) -> None:
+    """Keep the readiness, store and disk gauges current, probed or not (for alerts)."""
+    metrics, data_dir = engine.metrics, engine.settings.data_dir
+    while True:
+        try:
+            writable = await asyncio.to_thread(os.access, engine.blobs.root, os.W_OK)
+            metrics.ready.set(1 if writable else 0)
+            metrics.store_degraded.set(1 if engine.store.degraded else 0)
+            usage = await asyncio.to_thread(shutil.disk_usage, data_dir)
+            metrics.disk_free.set(usage.free)
+            metrics.disk_total.set(usage.total)
+        except OSError:
+            metrics.ready.set(0)
+        await asyncio.sleep(interval)
 
 
 def _address(host: str, port: int) -> str:

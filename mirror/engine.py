@@ -43,6 +43,7 @@ from mirror.metrics import Metrics
 from mirror.pulls import PullRecorder
 from mirror.reference import Digest
 from mirror.resolver import Resolver
+from mirror.status import RecentErrors
 from mirror.store.blobs import BlobStore
 from mirror.store.cached import CachedStore
 from mirror.store.embedded import EmbeddedStore
@@ -80,6 +81,7 @@ class Engine:
     resolver: Resolver
     pulls: PullRecorder
     evictor: Evictor
+    errors: RecentErrors
 
 
 @asynccontextmanager
@@ -110,8 +112,9 @@ async def open_engine(
         stack.push_async_callback(store.close)
         coordinator = await asyncio.to_thread(_coordinator, settings, inner)
         stack.push_async_callback(coordinator.close)
+        errors = RecentErrors(settings.data_dir / "run", clock=clock)
         upstreams = await stack.enter_async_context(
-            _upstreams(settings, metrics, coordinator, overrides)
+            _upstreams(settings, metrics, coordinator, overrides, errors)
         )
         budget = Budget(
             settings.max_cache_size,
@@ -173,13 +176,27 @@ async def open_engine(
             evictor.start()
             stack.push_async_callback(evictor.close)
         yield Engine(
-            settings, metrics, store, blobs, coordinator, fills, upstreams, resolver, pulls, evictor
+            settings,
+            metrics,
+            store,
+            blobs,
+            coordinator,
+            fills,
+            upstreams,
+            resolver,
+            pulls,
+            evictor,
+            errors,
         )
 
 
 @asynccontextmanager
 async def _upstreams(
-    settings: Settings, metrics: Metrics, coordinator: Coordinator, overrides: Overrides
+    settings: Settings,
+    metrics: Metrics,
+    coordinator: Coordinator,
+    overrides: Overrides,
+    errors: RecentErrors,
 ) -> AsyncIterator[dict[str, Upstream]]:
     """One client per upstream registry, sharing one HTTP session; or, offline, the
     client that never connects anywhere."""
@@ -204,6 +221,7 @@ async def _upstreams(
                 probe_interval=overrides.probe_interval,
                 shared=shared,
                 request_timeout=settings.request_timeout,
+                on_error=errors.add,
             )
             stack.push_async_callback(client.close)
             upstreams[name] = client

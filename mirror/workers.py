@@ -26,6 +26,7 @@ from prometheus_client import multiprocess
 
 from mirror.config import Settings
 from mirror.server import serve_one
+from mirror.status import STARTED_FILE
 
 log = structlog.get_logger(__name__)
 
@@ -94,6 +95,7 @@ def _fresh_metrics_dir(data_dir: Path) -> Path:
     directory = data_dir / "run" / "metrics"
     shutil.rmtree(directory, ignore_errors=True)  # files of a supervisor that was killed
     directory.mkdir(parents=True)
+    (directory / STARTED_FILE).write_text(repr(time.time()))  # the status page's uptime
     return directory
 
 

@@ -1,7 +1,8 @@
 """Who may ask: logins (``auth: {htpasswd: FILE}``) and the client address a request is
 charged to. Without ``auth``, pulls are anonymous and ``/v2/`` answers 200 with no challenge.
 
-With it, ``/v2/`` and everything under it (and ``/metrics`` with ``auth: {metrics: true}``)
+With it, ``/v2/`` and everything under it, the status page (``/``, ``/status.json``), and
+``/metrics`` with ``auth: {metrics: true}``,
 answers 401 ``UNAUTHORIZED`` with a Basic challenge unless the request carries valid
 credentials; ``/healthz`` and ``/readyz`` stay open for probes. An address whose logins keep
 failing waits longer and longer for its answers (``mirror.clients.FailedLogins``).
@@ -29,8 +30,8 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 def _protected(request: web.Request) -> bool:
     path = request.path
-    if path == "/v2" or path.startswith("/v2/"):
-        return True
+    if path == "/v2" or path.startswith("/v2/") or path in ("/", "/status.json"):
+        return True  # the status page names the images: it is for the same people
     auth = request.app[SETTINGS].auth
     return path == "/metrics" and auth is not None and auth.metrics
 

@@ -10,6 +10,7 @@ from mirror.engine import Engine
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
 from mirror.resolver import Resolver
+from mirror.status import History
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -22,6 +23,10 @@ LOG_THROTTLE = web.AppKey("log_throttle", LogThrottle)
 # Logins (absent: anonymous pulls) and failed logins per address.
 HTPASSWD = web.AppKey("htpasswd", Htpasswd)  # absent without ``auth``
 FAILED_LOGINS = web.AppKey("failed_logins", FailedLogins)
+
+# The last hour of request totals, and when the service started (the status page).
+HISTORY = web.AppKey("history", History)
+STARTED = web.AppKey("started", float)
 
 # Per request: which API route it hit, the cache outcome, body bytes a handler streamed.
 ROUTE = web.RequestKey("route", str)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import NoReturn
 from urllib.parse import urljoin, urlsplit
@@ -73,6 +73,7 @@ class UpstreamClient:
         probe_interval: float = 5.0,
         shared: UpstreamState | None = None,
         request_timeout: float = 10.0,
+        on_error: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -86,6 +87,8 @@ class UpstreamClient:
         self._realm: str | None = None  # the token realm the registry's /v2/ names
         self._request_timeout = request_timeout
         self._failure_log = LogThrottle()
+        # Told (upstream, kind, error) of failures worth an operator's eye (the status page).
+        self._on_error = on_error or (lambda upstream, kind, error: None)
         self.breaker = CircuitBreaker(
             name,
             self._ping,
@@ -238,6 +241,7 @@ class UpstreamClient:
         self.breaker.failure()
         cause = _describe(exc) if str(exc) else f"{type(exc).__name__} (no answer in time)"
         suppressed = self._failure_log.admit((kind, type(exc).__name__))
+        self._on_error(self.name, kind, cause)
         if suppressed is not None:
             log.warning(
                 "upstream_request_failed",
@@ -275,10 +279,12 @@ class UpstreamClient:
             retry_after = response.headers.get("Retry-After")
             await self.ratelimit.rejected(retry_after)
             log.warning("upstream_rate_limited", upstream=self.name, retry_after=retry_after)
+            self._on_error(self.name, "ratelimit", f"429, Retry-After {retry_after}")
             raise TooManyRequests(
                 detail={"upstream": self.name},
                 headers={"Retry-After": str(max(int(self.ratelimit.retry_after()), 1))},
             )
+        self._on_error(self.name, "status", f"{response.method} answered {status}")
         raise UpstreamError(detail={"upstream": self.name, "upstream_status": status})
 
     async def _authorized(

@@ -1,0 +1,85 @@
+"""The status page: ``GET /`` for people, ``GET /status.json`` for scripts.
+
+The page is one self-contained document (no external assets: it works air-gapped) that
+fetches ``/status.json`` every ten seconds and draws it; every value is put in the page as
+text, never as markup, so names that came from an upstream or a client cannot inject any.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import asdict
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from mirror import status
+from mirror.routes.middleware import NOSNIFF, NOSNIFF_HEADER
+from mirror.routes.state import ENGINE, HISTORY, METRICS, ROUTE, STARTED
+from mirror.routes.status_page import PAGE
+from mirror.routes.v2 import check_method
+
+log = structlog.get_logger(__name__)
+
+_PAGE_HEADERS = {
+    NOSNIFF_HEADER: NOSNIFF,
+    # Nothing but the page's own inline script and style, and requests to its own origin.
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "Cache-Control": "no-cache",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_route("*", "/", page)
+    app.router.add_route("*", "/status.json", status_json)
+
+
+async def page(request: web.Request) -> web.Response:
+    request[ROUTE] = "status"
+    check_method(request)
+    return web.Response(text=PAGE, content_type="text/html", headers=_PAGE_HEADERS)
+
+
+async def status_json(request: web.Request) -> web.Response:
+    request[ROUTE] = "status"
+    check_method(request)
+    return web.json_response(await collect(request.app), headers={NOSNIFF_HEADER: NOSNIFF})
+
+
+async def collect(app: web.Application) -> dict[str, Any]:
+    engine, history = app[ENGINE], app[HISTORY]
+    metrics = app[METRICS]
+    now = await asyncio.to_thread(lambda: status.totals(metrics.render(), time.time()))
+    hour, chart = history.last_hour(now)
+    settings = engine.settings
+    disk: dict[str, Any] = {"budget": settings.max_cache_size}
+    with contextlib.suppress(OSError):
+        disk |= await asyncio.to_thread(status.disk, settings.data_dir)
+    top: list[dict[str, Any]] = []
+    try:
+        usage = await engine.store.graph.usage()
+        disk |= {"used": usage.bytes, "blobs": usage.blobs}
+        for (registry, repository, tag), pulls in await engine.store.graph.most_pulled(
+            status.TOP_IMAGES
+        ):
+            top.append({"image": f"{registry}/{repository}:{tag}", "pulls": pulls})
+    except Exception as exc:  # the store is down: the page says less, it still answers
+        log.debug("status_without_store", error=str(exc))
+    return status.document(
+        started=app[STARTED],
+        now=now,
+        hour=hour,
+        chart=chart,
+        upstreams={name: asdict(c.health()) for name, c in engine.upstreams.items()},
+        offline=settings.offline,
+        disk_state=disk,
+        top_images=top,
+        errors=await asyncio.to_thread(engine.errors.latest, 20),
+    )
