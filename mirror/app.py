@@ -71,8 +71,8 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
             app[ENGINE] = engine
             app[RESOLVER] = engine.resolver
             metrics = app[METRICS]
-            app[HISTORY] = History(lambda: totals(metrics.render(), time.time()))
             app[STARTED] = started_at(settings.data_dir / "run", time.time())
+            app[HISTORY] = History(lambda: totals(metrics.render(), time.time()), app[STARTED])
             watchers = [
                 asyncio.create_task(app[HISTORY].run()),
                 asyncio.create_task(_watch_health(engine)),

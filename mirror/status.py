@@ -99,8 +99,11 @@ def totals(exposition: bytes, at: float) -> Totals:
 class History:
     """Samples of the totals, a minute apart, for the last hour."""
 
-    def __init__(self, read: Callable[[], Totals], interval: float = SAMPLE_INTERVAL) -> None:
+    def __init__(
+        self, read: Callable[[], Totals], started: float, interval: float = SAMPLE_INTERVAL
+    ) -> None:
         self._read = read
+        self._started = started  # the service's start: every total was zero then
         self._interval = interval
         self._samples: deque[Totals] = deque(maxlen=int(HOUR / interval) + 1)
 
@@ -116,7 +119,11 @@ class History:
     def last_hour(self, now: Totals) -> tuple[Totals, list[dict[str, Any]]]:
         """The hour's totals, and per interval: requests, hits."""
         samples = [*self._samples, now]
-        hour = now.minus(samples[0]) if len(samples) > 1 else now.minus(now)
+        if now.at - self._started <= HOUR:
+            # The service's first hour: every total was zero at its start, whenever this
+            # process (one worker of several, perhaps) took its first sample.
+            samples = [Totals(self._started, 0, 0, 0, 0, 0), *samples[1:]]
+        hour = now.minus(samples[0])
         chart = []
         for earlier, later in itertools.pairwise(samples):
             delta = later.minus(earlier)

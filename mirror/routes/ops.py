@@ -43,7 +43,7 @@ async def readyz(request: web.Request) -> web.Response:
     store = "ok" if healthy else "degraded"
     upstreams: dict[str, Any] = {}
     for name, client in resolver.upstreams.items():
-        upstreams[name] = asdict(client.health())
+        upstreams[name] = asdict(await client.health())
     ready = all(value == "ok" for value in checks.values())
     status = "not ready" if not ready else "ready" if store == "ok" else "degraded"
     body = {

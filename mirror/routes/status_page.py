@@ -96,8 +96,9 @@ PAGE = """<!doctype html>
   </section>
   <section class="wide">
     <h2>Last hour: requests per minute (blue: from cache)</h2>
-    <svg id="chart" width="100%" height="140" viewBox="0 0 600 140"
+    <svg id="chart" width="100%" height="120" viewBox="0 0 600 120"
          preserveAspectRatio="none" role="img" aria-label="requests per minute"></svg>
+    <div class="label muted" id="chart-label"></div>
   </section>
   <section>
     <h2>Upstreams</h2>
@@ -171,10 +172,8 @@ function chart(points) {
       svg.appendChild(bar);
     }
   });
-  const label = document.createElementNS(SVG, "text");
-  label.setAttribute("x", 4); label.setAttribute("y", 136);
-  label.textContent = points.length ? "max " + count(most) + " per minute" : "no sample yet";
-  svg.appendChild(label);
+  text("chart-label", points.length ? "tallest bar: " + count(most) + " requests in a minute"
+                                    : "no sample yet");
 }
 function draw(s) {
   text("version", "version " + s.version);

@@ -49,6 +49,7 @@ class CircuitBreaker:
         self._open_elsewhere_until = 0.0
         # Whether any request has reached the upstream (or failed to) since start.
         self.contacted = False
+        self._note: asyncio.Task[None] | None = None
 
     @property
     def open(self) -> bool:
@@ -79,15 +80,26 @@ class CircuitBreaker:
 
     def success(self) -> None:
         self._failures = 0
-        self.contacted = True
+        self._contact()
 
     def failure(self) -> None:
         self._failures += 1
-        self.contacted = True
+        self._contact()
         if self._failures >= self._threshold and self._prober is None:
             log.warning("upstream_circuit_open", upstream=self.name, failures=self._failures)
             self._prober = asyncio.create_task(self._probe_until_back())
             self._changed(True)
+
+    def _contact(self) -> None:
+        if not self.contacted:
+            self.contacted = True  # and for the other processes (the status page)
+            self._note = asyncio.create_task(self._shared.write({"contacted_at": self._clock()}))
+
+    async def state(self) -> tuple[bool, bool]:
+        """(contacted, open) as the processes of the site know it together."""
+        shared = await self._shared.read()
+        contacted = self.contacted or shared.get("contacted_at", 0.0) > 0
+        return contacted, self.open or shared.get("open_until", 0.0) > self._clock()
 
     async def _probe_until_back(self) -> None:
         while True:
@@ -109,6 +121,9 @@ class CircuitBreaker:
             self._on_change(is_open)
 
     async def close(self) -> None:
+        if self._note is not None:
+            with contextlib.suppress(Exception):
+                await self._note
         if self._check is not None:
             self._check.cancel()
             with contextlib.suppress(asyncio.CancelledError):

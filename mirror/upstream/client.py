@@ -162,10 +162,13 @@ class UpstreamClient:
             content_type = _media_type(response) or "application/json"
             return TagsPage(body, content_type, response.headers.get("Link"))
 
-    def health(self) -> Health:
+    async def health(self) -> Health:
+        """The upstream as the processes of the site know it together."""
+        contacted, is_open = await self.breaker.state()
+        await self.ratelimit.sync()
         return Health(
             # Nothing is claimed of an upstream nothing has asked yet.
-            reachable=not self.breaker.open if self.breaker.contacted else "unknown",
+            reachable=not is_open if contacted else "unknown",
             ratelimit_remaining=self.ratelimit.remaining,
             retry_after=round(self.ratelimit.retry_after(), 1),
         )

@@ -44,7 +44,7 @@ class OfflineUpstream:
     async def get_tags(self, repository: str, query: Mapping[str, str]) -> TagsPage:
         raise NameOffline(detail=self._detail(repository))
 
-    def health(self) -> Health:
+    async def health(self) -> Health:
         return Health(reachable="offline")
 
     async def close(self) -> None:

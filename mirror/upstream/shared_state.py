@@ -9,6 +9,7 @@ mean the same in every process):
     open_until     the circuit is open until then, unless the prober renews it
     remaining      the quota the upstream last announced
     limit          ... and its size
+    contacted_at   when some process first had an answer (or a failure) from it
 
 - ``FileState``: ``<data_dir>/run/upstream-<name>.json``, replaced atomically; for the
   worker processes of one host.
@@ -32,7 +33,7 @@ from urllib.parse import quote
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-FIELDS = ("blocked_until", "open_until", "remaining", "limit")
+FIELDS = ("blocked_until", "open_until", "remaining", "limit", "contacted_at")
 
 
 class UpstreamState(Protocol):
