@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mirror import __version__, commands
-from mirror.config import FLAG_KEYS, ConfigError, Settings, load
+from mirror.config import ENV_PREFIX, FLAG_KEYS, ConfigError, Settings, load
 from mirror.logs import configure
 from mirror.pins import Pin
 from mirror.seed import DEFAULT_JOBS, read_list
@@ -181,7 +182,12 @@ def _bundle_commands(commands: Any, store: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="mirror",
+        description="A pull-through cache for Docker Hub and other OCI registries. Settings "
+        "come from a YAML file (--config or MIRROR_CONFIG), MIRROR_* environment variables "
+        "and flags, flags winning; `mirror COMMAND --help` lists each command's.",
+    )
     parser.add_argument("--version", action="version", version=f"mirror {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     store, upstream = _store_options(), _upstream_options()
@@ -234,7 +240,58 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take corrupt blobs out of service, so the next pull fetches them again",
     )
+    _annotate(parser)
     return parser
+
+
+# What each setting is when nobody sets it, as --help shows it.
+_DEFAULTS = {
+    "data_dir": "./mirror-data",
+    "redis_url": "none: the embedded store",
+    "log_level": "info",
+    "log_format": "auto: JSON lines unless on a terminal",
+    "upstream": "https://registry-1.docker.io",
+    "tag_ttl": "300",
+    "connect_timeout": "10",
+    "read_timeout": "60",
+    "request_timeout": "10",
+    "manifest_cache_size": "4096",
+    "manifest_cache_bytes": "64MiB",
+    "max_stale": "no limit",
+    "negative_ttl": "30",
+    "cold_lookup_rate": "10/s",
+    "ratelimit_reserve": "0",
+    "listen": "0.0.0.0:5000",
+    "workers": "1",
+    "tls_cert": "none: plain HTTP",
+    "tls_key": "none",
+    "client_miss_limit": "off",
+    "client_max_transfers": "64",
+    "offline": "off",
+    "max_cache_size": "none",
+    "min_free_space": "5%",
+    "evict_unused_after": "off",
+    "pins": "none",
+}
+_DEFAULT_RE = re.compile(r"\s*\(default [^)]*\)|;\s*default [^)]*(?=\))")
+
+
+def _annotate(parser: argparse.ArgumentParser) -> None:
+    """Every setting's help ends with its default and its environment variable, the same
+    way everywhere, so --help is the reference and no help text repeats a default."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _annotate(command)
+        elif (
+            action.dest in FLAG_KEYS
+            and action.help not in (None, argparse.SUPPRESS)
+            and "[default:" not in str(action.help)  # parents share their actions
+        ):
+            text = _DEFAULT_RE.sub("", str(action.help)).replace("%%", "%")
+            default = _DEFAULTS.get(action.dest, "none")
+            env = f"{ENV_PREFIX}{action.dest.upper()}"
+            action.help = f"{text} [default: {default}; env {env}]".replace("%", "%%")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
