@@ -9,10 +9,17 @@ suppressed.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextlib
+import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Hashable
+from json.encoder import encode_basestring_ascii
+from typing import Any, TextIO
 
 import structlog
 from cachetools import LRUCache
@@ -20,6 +27,9 @@ from cachetools import LRUCache
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    ACCESS.configure(
+        enabled=getattr(logging, level.upper()) <= logging.INFO, fast=use_json, fd=_fd(sys.stderr)
+    )
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if use_json
@@ -36,11 +46,142 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         # One write() per line: print() writes the line and its newline apart, so with
         # unbuffered output (PYTHONUNBUFFERED) the lines of --workers processes interleave.
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=_OrderedLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
     # aiohttp and asyncio report through the standard library; route them to stderr too.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+def _fd(stream: TextIO) -> int | None:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError):  # a test's captured stream has none
+        return None
+
+
+class _OrderedLogger(structlog.WriteLogger):
+    """structlog's writer, which first writes the access lines still waiting, so that the
+    log keeps the order in which things happened."""
+
+    def msg(self, message: str) -> None:
+        ACCESS.flush()
+        super().msg(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _OrderedLoggerFactory:
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> _OrderedLogger:
+        return _OrderedLogger(self._file)
+
+
+# At most this many bytes per write(2): a write of up to PIPE_BUF (4096 on Linux) bytes to a
+# pipe is atomic, so the lines of several --workers processes never cut into each other.
+ACCESS_WRITE = 4096
+# How long a line may wait for others to share its write.
+ACCESS_DELAY = 0.05
+
+
+class AccessLog:
+    """The access log: one JSON line per request, with the fields and the form structlog's
+    JSON lines have, made by hand and written several lines a write.
+
+    Through structlog a line costs about as much as answering a cached manifest; made here
+    it costs a tenth of that: only client-chosen strings are escaped (by json's C encoder),
+    the timestamp's seconds are formatted once a second, and lines wait up to
+    ``ACCESS_DELAY`` to share one write(2) of at most ``ACCESS_WRITE`` bytes. Any other log
+    line first writes those waiting, so the log stays in order. On a terminal (console
+    format) the lines go through structlog like everything else.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.fast = False
+        self._fd: int | None = None
+        self._pending: list[str] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._stamp = ""
+        self._bound = ""  # fields on every line of this process, written once
+        self._fallback = structlog.get_logger("mirror.access")
+
+    def configure(self, *, enabled: bool, fast: bool, fd: int | None) -> None:
+        self.flush()
+        self.enabled, self.fast, self._fd = enabled, fast and fd is not None, fd
+
+    def bind(self, **fields: Any) -> None:
+        """Fields every line of this process carries (``worker`` with --workers)."""
+        self._bound += "".join(f'"{key}": {json.dumps(value)}, ' for key, value in fields.items())
+
+    def request(self, fields: dict[str, Any]) -> None:
+        """One request's line; ``fields`` in the order they are written."""
+        if not self.fast:
+            self._fallback.info("request", **fields)
+            return
+        parts = ["{", self._bound]
+        for key, value in fields.items():
+            if isinstance(value, str):
+                parts.append(f'"{key}": {_string(value)}, ')
+            elif value is None:
+                parts.append(f'"{key}": null, ')
+            else:
+                parts.append(f'"{key}": {value}, ')
+        parts.append(f'"event": "request", "level": "info", "timestamp": "{self._now()}"}}\n')
+        line = "".join(parts)
+        self._pending.append(line)
+        self._size += len(line)
+        if self._size >= ACCESS_WRITE:
+            self.flush()
+        elif self._timer is None:
+            with contextlib.suppress(RuntimeError):  # no loop: the next line or exit writes
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(ACCESS_DELAY, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending or self._fd is None:
+            return
+        lines, self._pending, self._size = self._pending, [], 0
+        chunk: list[str] = []
+        size = 0
+        for line in lines:
+            if size + len(line) > ACCESS_WRITE and chunk:
+                self._write("".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        self._write("".join(chunk))
+
+    def _write(self, text: str) -> None:
+        assert self._fd is not None
+        data = text.encode()
+        with contextlib.suppress(OSError):  # a closed stderr loses lines, not requests
+            while data:
+                data = data[os.write(self._fd, data) :]
+
+    def _now(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((now - second) * 1_000_000):06d}Z"
+
+
+def _string(value: str) -> str:
+    return encode_basestring_ascii(value)
+
+
+ACCESS = AccessLog()
+atexit.register(ACCESS.flush)
 
 
 # Keys remembered at once; a client inventing keys cannot grow the throttle without bound.

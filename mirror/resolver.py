@@ -70,6 +70,10 @@ DEFAULT_PLATFORM = "linux/amd64"
 # Tag-list pages kept in memory (each up to MAX_MANIFEST_SIZE, usually a few KiB).
 TAG_PAGES = 256
 BLOB_GRANTS = 65536
+# Blobs up to this size (configs, small layers: most of a pull's requests) are kept in
+# memory once read, up to SMALL_BLOBS_BYTES in all, and answered with one write.
+SMALL_BLOB = 64 * 1024
+SMALL_BLOBS_BYTES = 32 * 1024 * 1024
 
 
 class Outcome(enum.Enum):
@@ -84,6 +88,7 @@ class Outcome(enum.Enum):
 class CachedBlob:
     path: Path
     size: int
+    data: bytes | None = None  # the whole blob, when it is small enough to be kept in memory
 
 
 class Resolver:
@@ -127,6 +132,7 @@ class Resolver:
         # (registry, repository, blob) found allowed: a manifest there references the blob,
         # or the upstream said the repository has it.
         self._blob_grants: LRUCache[tuple[str, str, str], bool] = LRUCache(BLOB_GRANTS)
+        self._small: LRUCache[Digest, bytes] = LRUCache(SMALL_BLOBS_BYTES, getsizeof=len)
 
     def upstream(self, registry: str) -> Upstream:
         try:
@@ -389,11 +395,20 @@ class Resolver:
         """A cached blob, or the running fill for it (the caller is attached as a reader)."""
         client = self.upstream(registry)
         await self._may_read(client, registry, repository, digest)
+        data = self._small.get(digest)
+        if data is not None:
+            self.pulls.blob(str(digest))
+            return CachedBlob(self.blobs.path(digest), len(data), data)
         for _ in range(3):
             size = self.blobs.size(digest)
             if size is not None:
                 self.pulls.blob(str(digest))
-                return CachedBlob(self.blobs.path(digest), size)
+                path = self.blobs.path(digest)
+                if size <= SMALL_BLOB:
+                    data = await asyncio.to_thread(_read_verified, path, digest)
+                    if data is not None:
+                        self._small[digest] = data
+                return CachedBlob(path, size, data)
             await self._blob_not_known_missing(registry, repository, digest)
             fill = await self.fills.open(client, repository, digest)
             if fill is None:
@@ -505,3 +520,14 @@ class Resolver:
             tags = tags[:size]
         body = json.dumps({"name": repository, "tags": tags}).encode()
         return TagsPage(body, "application/json", link)
+
+
+def _read_verified(path: Path, digest: Digest) -> bytes | None:
+    """A small blob's bytes, checked against its digest once, before memory keeps them (a
+    file damaged on disk since its fill is then not served from memory for ever); None when
+    it is gone or does not match."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return data if Digest.of(data, digest.algorithm) == digest else None

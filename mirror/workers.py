@@ -25,6 +25,7 @@ import structlog
 from prometheus_client import multiprocess
 
 from mirror.config import Settings
+from mirror.logs import ACCESS
 from mirror.server import serve_one
 from mirror.status import STARTED_FILE
 
@@ -115,6 +116,7 @@ def _start(
 def _worker(settings: Settings, slot: int, listener: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     structlog.contextvars.bind_contextvars(worker=slot)
+    ACCESS.bind(worker=slot)
     serve_one(settings, sock=listener, stop_signals=(signal.SIGTERM,))
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from tests.support.realregistry import free_port
 
 START_TIMEOUT = 20.0
+# Access lines wait up to 50 ms to share a write (mirror.logs.ACCESS_DELAY); a little more.
+ACCESS_LINE_DELAY = 0.15
 
 
 def run_mirror(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -112,6 +114,8 @@ class MirrorProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def access_log(self) -> list[dict[str, object]]:
+        if self._process is not None:
+            time.sleep(ACCESS_LINE_DELAY)  # a running mirror writes access lines in batches
         lines = (json.loads(line) for line in self.log().splitlines() if line.startswith("{"))
         return [line for line in lines if line.get("event") == "request"]
 
