@@ -209,6 +209,9 @@ def _parser() -> argparse.ArgumentParser:
         help="blob downloads one client address may have under way (default 64)",
     )
     serve.add_argument(
+        "--event-loop", help="auto (uvloop when installed), uvloop or asyncio"
+    )
+    serve.add_argument(
         "--offline",
         action="store_const",
         const=True,
@@ -268,6 +271,7 @@ _DEFAULTS = {
     "client_miss_limit": "off",
     "client_max_transfers": "64",
     "offline": "off",
+    "event_loop": "auto",
     "max_cache_size": "none",
     "min_free_space": "5%",
     "evict_unused_after": "off",

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Hashable
 from json.encoder import encode_basestring_ascii
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import structlog
 from cachetools import LRUCache
@@ -119,21 +119,21 @@ class AccessLog:
         """Fields every line of this process carries (``worker`` with --workers)."""
         self._bound += "".join(f'"{key}": {json.dumps(value)}, ' for key, value in fields.items())
 
-    def request(self, fields: dict[str, Any]) -> None:
-        """One request's line; ``fields`` in the order they are written."""
+    def request(self, entry: AccessEntry) -> None:
+        """One request's line. ``request_id``, ``method`` and ``cache`` are the mirror's own
+        or checked by the HTTP parser; the rest is escaped."""
         if not self.fast:
-            self._fallback.info("request", **fields)
+            self._fallback.info("request", **entry._asdict())
             return
-        parts = ["{", self._bound]
-        for key, value in fields.items():
-            if isinstance(value, str):
-                parts.append(f'"{key}": {_string(value)}, ')
-            elif value is None:
-                parts.append(f'"{key}": null, ')
-            else:
-                parts.append(f'"{key}": {value}, ')
-        parts.append(f'"event": "request", "level": "info", "timestamp": "{self._now()}"}}\n')
-        line = "".join(parts)
+        line = (
+            f'{{{self._bound}"request_id": {_plain(entry.request_id)}, '
+            f'"method": "{entry.method}", "path": {_string(entry.path)}, '
+            f'"status": {entry.status}, "bytes": {entry.bytes}, '
+            f'"duration_ms": {entry.duration_ms}, "cache": {_plain(entry.cache)}, '
+            f'"ns": {_string(entry.ns)}, "client": {_string(entry.client)}, '
+            f'"user": {_string(entry.user)}, "user_agent": {_string(entry.user_agent)}, '
+            f'"event": "request", "level": "info", "timestamp": "{self._now()}"}}\n'
+        )
         self._pending.append(line)
         self._size += len(line)
         if self._size >= ACCESS_WRITE:
@@ -176,8 +176,28 @@ class AccessLog:
         return f"{self._stamp}.{int((now - second) * 1_000_000):06d}Z"
 
 
-def _string(value: str) -> str:
-    return encode_basestring_ascii(value)
+class AccessEntry(NamedTuple):
+    """The fields of an access line, in their order."""
+
+    request_id: str | None
+    method: str
+    path: str
+    status: int
+    bytes: int
+    duration_ms: float
+    cache: str | None
+    ns: str | None
+    client: str | None
+    user: str | None
+    user_agent: str | None
+
+
+def _string(value: str | None) -> str:
+    return "null" if value is None else str(encode_basestring_ascii(value))
+
+
+def _plain(value: str | None) -> str:
+    return "null" if value is None else f'"{value}"'
 
 
 ACCESS = AccessLog()

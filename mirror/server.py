@@ -15,6 +15,7 @@ import errno
 import resource
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -45,7 +46,25 @@ def serve_one(
 ) -> None:
     """Serve until one of ``stop_signals``; raises OSError when the port cannot be bound."""
     configure(settings.log_level, settings.log_format)
-    asyncio.run(_serve(settings, sock, stop_signals))
+    with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+        runner.run(_serve(settings, sock, stop_signals))
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (``auto``) or asked for; else asyncio's own loop.
+
+    uvloop answers a small request in two thirds of the time asyncio's loop takes; the blob
+    path keeps sendfile(2) either way (``mirror.routes.v2``)."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop  # noqa: PLC0415 (optional: the mirror runs without it)
+    except ImportError:
+        if choice == "uvloop":
+            raise OSError("event_loop: uvloop is not installed (pip install uvloop)") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def raise_fd_limit() -> int:

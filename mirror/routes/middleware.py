@@ -17,7 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from mirror.errors import NotFound, RegistryError, Unsupported
-from mirror.logs import ACCESS, LogThrottle
+from mirror.logs import ACCESS, AccessEntry, LogThrottle
 from mirror.routes.state import (
     BYTES_SENT,
     CACHE_OUTCOME,
@@ -157,20 +157,20 @@ class AccessLogger(AbstractAccessLogger):
         if request.get(REQUEST_ID) is None and response.status == HTTPStatus.BAD_REQUEST:
             return  # the parser refused it: the server logger's throttled line reports it
         ACCESS.request(
-            {
-                "request_id": request.get(REQUEST_ID),
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "bytes": _body_bytes(request, response),
-                "duration_ms": round(time * 1000, 2),
-                "cache": request.get(CACHE_OUTCOME),
+            AccessEntry(
+                request.get(REQUEST_ID),
+                request.method,
+                request.path,
+                response.status,
+                _body_bytes(request, response),
+                round(time * 1000, 2),
+                request.get(CACHE_OUTCOME),
                 # Client input, cut short: a header of 8 KiB must not become a line of 8 KiB.
-                "ns": _clip(request.get(REGISTRY)),
-                "client": request.remote,
-                "user": request.get(USER),
-                "user_agent": _clip(request.headers.get("User-Agent")),
-            }
+                _clip(request.get(REGISTRY)),
+                request.remote,
+                request.get(USER),
+                _clip(request.headers.get("User-Agent")),
+            )
         )
 
     @property

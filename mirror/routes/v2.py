@@ -253,6 +253,20 @@ def _from_memory(request: web.Request, headers: dict[str, str], data: bytes) -> 
     return web.Response(body=data[start:stop], status=status, headers=headers)
 
 
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
+
+
 class _SourceShrank(Exception):
     """The file being sent ended before the bytes it was expected to hold."""
 
@@ -276,7 +290,7 @@ class _Body:
             if transport is None or transport.is_closing():
                 raise ConnectionResetError("the client went away")
             count = min(stop - position, SENDFILE_CHUNK)
-            sent = await loop.sendfile(transport, self.file, position, count)
+            sent = await self._chunk(loop, transport, position, count)
             if sent == 0:
                 # sendfile(2) at the end of the file: it shrank under us, and asking again
                 # would spin forever.
@@ -284,6 +298,45 @@ class _Body:
             position += sent
             self.request[BYTES_SENT] = position - self.first
         return position
+
+    async def _chunk(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        transport: asyncio.Transport,
+        position: int,
+        count: int,
+    ) -> int:
+        """``loop.sendfile``, or where the loop has none (uvloop) the same zero-copy
+        sendfile(2) on a descriptor of our own for the connection's socket; through TLS,
+        which sendfile(2) would bypass, the bytes are read and written."""
+        try:
+            return await loop.sendfile(transport, self.file, position, count)
+        except NotImplementedError:
+            pass
+        raw = transport.get_extra_info("socket")
+        if raw is None or transport.get_extra_info("sslcontext") is not None:
+            data = await asyncio.to_thread(os.pread, self.file.fileno(), count, position)
+            await self.response.write(data)  # waits while the client is slower than the disk
+            return len(data)
+        while transport.get_write_buffer_size():  # what the transport holds goes first
+            await asyncio.sleep(0.0005)
+            if transport.is_closing():
+                raise ConnectionResetError("the client went away")
+        fd = os.dup(raw.fileno())
+        try:
+            sent = 0
+            while sent < count:
+                try:
+                    done = os.sendfile(fd, self.file.fileno(), position + sent, count - sent)
+                except BlockingIOError:
+                    await _writable(loop, fd)
+                    continue
+                if done == 0:
+                    break
+                sent += done
+            return sent
+        finally:
+            os.close(fd)
 
     async def write(self, position: int, stop: int) -> int:
         """As ``sendfile``, through ``response.write`` so aiohttp frames the chunks of a body

@@ -57,6 +57,9 @@ class ManifestLRU(LRUCache[tuple[str, str, str], Manifest]):
         super().__setitem__(key, value)
 
 
+TAG_RECHECK = 5.0
+
+
 class CachedStore:
     def __init__(
         self,
@@ -72,6 +75,10 @@ class CachedStore:
         self._retry_interval = retry_interval
         self._manifests = ManifestLRU(max_entries, max_bytes)
         self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(max_entries)
+        # When each tag was last read from the inner store: a record past its window (which
+        # nothing revalidates: offline, or an upstream that is down) is read again at most
+        # every TAG_RECHECK seconds, rather than on every request.
+        self._tags_read: LRUCache[tuple[str, str, str], float] = LRUCache(max_entries)
         self._down_since: float | None = None
         self._probe: asyncio.Task[None] | None = None
 
@@ -100,9 +107,14 @@ class CachedStore:
     async def get_tag(self, registry: str, repository: str, tag: str) -> TagRecord | None:
         key = (registry, repository, tag)
         cached = self._tags.get(key)
-        if cached is not None and time.time() - cached.checked_at < self._tag_ttl:
+        now = time.time()
+        if cached is not None and (
+            now - cached.checked_at < self._tag_ttl
+            or now - self._tags_read.get(key, 0.0) < TAG_RECHECK
+        ):
             return cached
         record = await self._read(self.inner.get_tag(registry, repository, tag))
+        self._tags_read[key] = now
         if record is None:
             return cached  # what we knew, stale or not: the resolver decides
         if cached is None or record.checked_at >= cached.checked_at:
