@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import subprocess
 import tarfile
 import zlib
@@ -134,10 +135,15 @@ def write_large_layer(layout: Layout, size: int) -> tuple[Blob, str]:
     return blob, f"sha256:{tar_hash.hexdigest()}"
 
 
+SMALL_PAYLOAD = 3970  # bytes of file: with tar and gzip framing, a blob of about 4 KiB
+
+
 def write_small_layer(layout: Layout) -> tuple[Blob, str]:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        data = b"benchmark\n" * 400
+        # Incompressible, so the layer is a 4 KiB blob: a config or a small layer, what most
+        # of a pull's requests are for.
+        data = random.Random(4).randbytes(SMALL_PAYLOAD)
         info = tarfile.TarInfo("etc/bench.txt")
         info.size, info.mtime = len(data), 0
         tar.addfile(info, io.BytesIO(data))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import median
 
@@ -24,6 +24,7 @@ from bench.clients import (
     head_load,
     wrk,
 )
+from bench.content import Image
 from bench.lab import Lab, supports_workers, wait_stored
 from bench.report import Row, row
 from bench.services import Mirror, Registry, Service
@@ -454,6 +455,8 @@ def _memory_rows(cold: Crowd, warm: Crowd, reps: int) -> list[Row]:
 
 # 6. --workers N ----------------------------------------------------------------------------
 
+WORKERS_CONNECTIONS = 64  # enough to keep two processes busy
+
 
 def workers_scaling(lab: Lab) -> list[Row]:
     """Figure 2 for ``mirror serve --workers N``; n/a until the flag exists."""
@@ -461,24 +464,34 @@ def workers_scaling(lab: Lab) -> list[Row]:
         return [report.not_available("tag manifests, --workers N", "n/a (no --workers)")]
     small = lab.images["small"]
     rates: dict[str, dict[int, WrkRuns]] = {"GET": {}, "HEAD": {}}
-    for workers in lab.plan.workers:
-        mirror = lab.new_mirror(workers=workers)
-        try:
-            url = lab.manifest_url(mirror, small)
-            for method, runs in rates.items():
-                _warm_manifest(url, method, times=8 * workers)  # reach every worker's cache
-                tool = "wrk" if method == "GET" else "headload"
-                runs[workers] = _load_runs(lab, {"w": (url, tool)}, method)["w"]
-        finally:
-            lab.discard(mirror)
+    plan, lab.plan = lab.plan, replace(lab.plan, wrk_connections=WORKERS_CONNECTIONS)
+    try:
+        for workers in lab.plan.workers:
+            _workers_runs(lab, small, workers, rates)
+    finally:
+        lab.plan = plan
     return [_workers_row(lab, method, runs) for method, runs in rates.items()]
+
+
+def _workers_runs(
+    lab: Lab, small: Image, workers: int, rates: dict[str, dict[int, WrkRuns]]
+) -> None:
+    mirror = lab.new_mirror(workers=workers)
+    try:
+        url = lab.manifest_url(mirror, small)
+        for method, runs in rates.items():
+            _warm_manifest(url, method, times=8 * workers)  # reach every worker's cache
+            tool = "wrk" if method == "GET" else "headload"
+            runs[workers] = _load_runs(lab, {"w": (url, tool)}, method)["w"]
+    finally:
+        lab.discard(mirror)
 
 
 def _workers_row(lab: Lab, method: str, runs: dict[int, WrkRuns]) -> Row:
     low, high = min(runs), max(runs)
     upstream = sum(sum(r.upstream_requests) for r in runs.values())
     return row(
-        f"tag manifest {method}, --workers {high} vs {low}",
+        f"tag manifest {method}, --workers {high} vs {low}, {WORKERS_CONNECTIONS} conns",
         "req/s",
         runs[high].rate,
         reference=runs[low].rate,
@@ -490,3 +503,135 @@ def _workers_row(lab: Lab, method: str, runs: dict[int, WrkRuns]) -> Row:
             f"workers_{n}": [r.requests_per_second for r in w.results] for n, w in runs.items()
         },
     )
+
+
+# 7. The defaults, and what they cost -------------------------------------------------------
+
+CPU_FETCHES = 4  # warm fetches of the large blob per CPU measurement
+
+
+def defaults(lab: Lab, nginx: Service) -> list[Row]:
+    """The mirror as users run it (access log on, uvloop) against itself with the access log
+    off and with asyncio's loop; small blobs and CPU per GiB against nginx."""
+    small, big = lab.images["small"], lab.images["big"]
+    variants = {
+        "defaults": (),
+        "access log off": ("--log-level", "warning"),
+        "asyncio loop": ("--event-loop", "asyncio"),
+    }
+    mirrors = {name: lab.new_mirror(extra=extra) for name, extra in variants.items()}
+    try:
+        for mirror in mirrors.values():
+            _warm_manifest(lab.manifest_url(mirror, small), "GET", times=2)
+            fetch(lab.blob_url(mirror, big), expect_size=big.layer.size)
+            fetch(lab.blob_url(mirror, small), expect_size=small.layer.size)
+        manifests = _load_runs(
+            lab, {n: (lab.manifest_url(m, small), "wrk") for n, m in mirrors.items()}, "GET"
+        )
+        blobs = _load_runs(
+            lab,
+            {
+                "mirror": (lab.blob_url(mirrors["defaults"], small), "wrk"),
+                "nginx": (lab.blob_url(nginx, small), "wrk"),
+            },
+            "GET",
+        )
+        loops = {"uvloop": mirrors["defaults"], "asyncio": mirrors["asyncio loop"]}
+        times: dict[str, list[float]] = {name: [] for name in loops}
+        for _ in range(lab.plan.blob_repetitions):
+            for name, mirror in loops.items():  # interleaved
+                url = lab.blob_url(mirror, big)
+                times[name].append(fetch(url, expect_size=big.layer.size).seconds)
+        cpu = {
+            name: _cpu_per_gib(lab, service, lab.blob_url(service, big), big.layer.size)
+            for name, service in (("mirror", mirrors["defaults"]), ("nginx", nginx))
+        }
+    finally:
+        for mirror in mirrors.values():
+            lab.discard(mirror)
+    return _defaults_rows(lab, manifests, blobs, times, cpu)
+
+
+def _cpu_per_gib(lab: Lab, service: Service, url: str, size: int) -> list[float]:
+    samples = []
+    for _ in range(lab.plan.blob_repetitions):
+        before = lab.process_cpu(service)
+        for _ in range(CPU_FETCHES):
+            fetch(url, expect_size=size)
+        used = lab.process_cpu(service) - before
+        samples.append(used / (CPU_FETCHES * size / (1024 * MIB)))
+    return samples
+
+
+def _defaults_rows(
+    lab: Lab,
+    manifests: dict[str, WrkRuns],
+    blobs: dict[str, WrkRuns],
+    times: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+) -> list[Row]:
+    reps = lab.plan.wrk_repetitions
+    on, off = manifests["defaults"].rate, manifests["access log off"].rate
+    slow = manifests["asyncio loop"].rate
+    uv, plain = median(times["uvloop"]), median(times["asyncio"])
+    mine, theirs = median(cpu["mirror"]), median(cpu["nginx"])
+    small_size = lab.images["small"].layer.size
+    small_label = f"small blob GET ({small_size:,} bytes), {lab.plan.wrk_connections} conns"
+    return [
+        row(
+            "tag manifest GET, defaults (access log on) vs access log off",
+            "req/s",
+            on,
+            reference=off,
+            reference_name="access log off",
+            ratio=report.ratio_of(on, off),
+            target=report.rate_and_ratio(15000, 0.9, "log off"),
+            repetitions=reps,
+            note=f"p99 {manifests['defaults'].p99:.2f} ms",
+            samples={n: [r.requests_per_second for r in w.results] for n, w in manifests.items()},
+        ),
+        row(
+            "tag manifest GET, uvloop (default) vs asyncio loop",
+            "req/s",
+            on,
+            reference=slow,
+            reference_name="asyncio loop",
+            ratio=report.ratio_of(on, slow),
+            target=report.at_least_ratio(1.0, "asyncio"),
+            repetitions=reps,
+        ),
+        row(
+            f"warm blob {lab.images['big'].layer.size / MIB:,.0f} MiB, uvloop vs asyncio loop",
+            "s",
+            uv,
+            reference=plain,
+            reference_name="asyncio loop",
+            ratio=report.ratio_of(uv, plain),
+            target=report.at_most_ratio(1.1, "asyncio"),
+            repetitions=lab.plan.blob_repetitions,
+            samples=times,
+        ),
+        row(
+            f"{small_label}: rate vs nginx",
+            "req/s",
+            blobs["mirror"].rate,
+            reference=blobs["nginx"].rate,
+            reference_name="nginx",
+            ratio=report.ratio_of(blobs["mirror"].rate, blobs["nginx"].rate),
+            target=report.Target("≥ 10,000/s", lambda value, _: value >= 10000),
+            repetitions=reps,
+            samples={n: [r.requests_per_second for r in w.results] for n, w in blobs.items()},
+        ),
+        row(
+            "CPU per GiB of warm blob served vs nginx",
+            "s",
+            mine,
+            reference=theirs,
+            reference_name="nginx",
+            ratio=report.ratio_of(mine, theirs),
+            target=report.at_most_ratio(1.2, "nginx"),
+            repetitions=lab.plan.blob_repetitions,
+            note="CPU seconds of the server process(es), user and system",
+            samples=cpu,
+        ),
+    ]

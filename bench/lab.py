@@ -7,6 +7,7 @@ whatever happened before (an error, Ctrl-C, SIGTERM).
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import subprocess
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bench.content import Image
-from bench.services import Mirror, Nginx, Registry, Service, Throttle
+from bench.services import Mirror, Nginx, Registry, Service, Throttle, descendants
 
 S = TypeVar("S", bound=Service)
 STORE_TIMEOUT = 300.0
@@ -93,13 +94,20 @@ class Lab:
             self._link = self.start(throttle)
         return self._link
 
-    def new_mirror(self, *, workers: int | None = None, upstream: Service | None = None) -> Mirror:
+    def new_mirror(
+        self,
+        *,
+        workers: int | None = None,
+        upstream: Service | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> Mirror:
         workdir = self.root / f"mirror-{next(self._serial)}"
         mirror = Mirror(
             workdir,
             executable=self.mirror_executable,
             upstream=(upstream or self.upstream).url,
             workers=workers,
+            extra=extra,
         )
         return self.start(mirror)
 
@@ -114,6 +122,17 @@ class Lab:
         if isinstance(service, Nginx):
             return f"{service.url}/{image.layer.hex}"
         return f"{service.url}/v2/{image.repository}/blobs/{image.layer.digest}"
+
+    def process_cpu(self, service: Service) -> float:
+        """CPU seconds the service's processes (and their children) have used so far."""
+        total = 0.0
+        for pid in [service.pid, *descendants(service.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def manifest_url(self, service: Service, image: Image) -> str:
         return f"{service.url}/v2/{image.repository}/manifests/{image.tag}"

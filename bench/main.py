@@ -82,6 +82,7 @@ def measure(lab: Lab) -> list[Row]:
     wait_stored(proxy, lab.images["big"].layer.digest)
     lab.discard(mirror)
     lab.discard(proxy)
+    rows += _step("7. the defaults and their cost", lambda: figures.defaults(lab, nginx))
     lab.stop(nginx)
     cold_rows, one_cold = _step("3. cold pull", lambda: figures.cold_pull(lab))
     rows += cold_rows

@@ -191,24 +191,32 @@ class Registry(Service):
 
 
 class Mirror(Service):
-    """``mirror serve`` on one data dir, trusting tags for an hour so none expires mid-run."""
+    """``mirror serve`` on one data dir, as a user runs it: the defaults (access log on,
+    uvloop where installed), apart from ``extra`` options a figure compares against."""
 
     name = "mirror"
     ready_path = "/v2/"
 
     def __init__(
-        self, workdir: Path, *, executable: str, upstream: str, workers: int | None = None
+        self,
+        workdir: Path,
+        *,
+        executable: str,
+        upstream: str,
+        workers: int | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
         super().__init__(workdir)
         self.executable = executable
         self.upstream = upstream
         self.workers = workers
+        self.extra = extra
         self.data_dir = workdir / "data"
 
     def command(self) -> list[str]:
         command = [self.executable, "serve", "--listen", self.host]
         command += ["--data-dir", str(self.data_dir), "--upstream", self.upstream]
-        command += ["--tag-ttl", "3600", "--log-level", "warning"]
+        command += list(self.extra)
         if self.workers is not None:
             command += ["--workers", str(self.workers)]
         return command
