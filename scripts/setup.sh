@@ -3,20 +3,24 @@
 # skopeo, Redis, the container clients, nginx, wrk, a forward proxy, htpasswd) are installed with apt-get; the package
 # itself goes into .venv with its test dependencies.
 
-system_packages=(docker-registry skopeo redis-server nginx wrk curl containerd runc podman docker.io uidmap tinyproxy apache2-utils chromium chromium-driver)
+system_packages=(docker-registry skopeo redis-server nginx wrk curl containerd runc podman docker.io uidmap tinyproxy apache2-utils chromium chromium-driver systemd)
 
 install_system_packages() {
     local missing=() binary
-    for binary in docker-registry skopeo redis-server nginx wrk curl containerd runc podman dockerd newuidmap tinyproxy htpasswd chromium chromedriver; do
+    for binary in docker-registry skopeo redis-server nginx wrk curl containerd runc podman dockerd newuidmap tinyproxy htpasswd chromium chromedriver systemd-analyze; do
         command -v "$binary" >/dev/null 2>&1 || missing+=("$binary")
     done
     install_promtool
+    # kubectl (for `kubectl kustomize`): Debian's kubernetes-client where none is installed.
+    command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
     [ "${#missing[@]}" -eq 0 ] && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing system packages: ${system_packages[*]}"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${system_packages[@]}" >/dev/null
+        command -v kubectl >/dev/null 2>&1 ||
+            apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
     else
         echo "not installed: ${missing[*]} (tests that need them will skip; CI=true fails them)"
     fi

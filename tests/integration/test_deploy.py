@@ -1,0 +1,132 @@
+"""What deploy/ gives an operator: Kubernetes manifests that build and validate offline, a
+container image that runs as a numeric non-root user, a hardened systemd unit."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mirror.config import load
+from tests.support.binaries import require_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+KUBERNETES = DEPLOY / "kubernetes"
+BUILDS = ("overlays/single", "overlays/replicas", "nodes")
+
+
+def build(target: str) -> list[dict[str, Any]]:
+    kubectl = require_binary("kubectl")
+    done = subprocess.run(
+        [kubectl, "kustomize", str(KUBERNETES / target)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return [document for document in yaml.safe_load_all(done.stdout) if document]
+
+
+def of_kind(documents: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in documents if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+@pytest.mark.parametrize("target", BUILDS)
+def test_every_build_validates_against_the_kubernetes_schemas(
+    target: str, tmp_path: Path
+) -> None:
+    documents = build(target)
+    rendered = tmp_path / "built.yaml"
+    rendered.write_text(yaml.safe_dump_all(documents))
+    done = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", "1.30.0", str(rendered)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("passed") == len(documents)
+
+
+def test_the_workload_is_a_restricted_well_probed_cluster_citizen() -> None:
+    for overlay, replicas in (("overlays/single", 1), ("overlays/replicas", 3)):
+        documents = build(overlay)
+        deployment = of_kind(documents, "Deployment", "mirror")
+        assert deployment["metadata"]["namespace"] == "mirror"
+        assert deployment["spec"]["replicas"] == replicas
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["enableServiceLinks"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == 10001
+        (container,) = pod["containers"]
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert {"requests", "limits"} <= set(container["resources"])
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"]["drop"] == ["ALL"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "mirror-data"
+        assert "emptyDir" not in volumes["data"]
+        claim = of_kind(documents, "PersistentVolumeClaim", "mirror-data")
+        modes = claim["spec"]["accessModes"]
+        assert modes == (["ReadWriteOnce"] if replicas == 1 else ["ReadWriteMany"])
+        budgets = [d for d in documents if d["kind"] == "PodDisruptionBudget"]
+        assert (len(budgets) == 1) == (replicas > 1)
+    replicas_build = build("overlays/replicas")
+    env = of_kind(replicas_build, "Deployment", "mirror")["spec"]["template"]["spec"]
+    variables = {e["name"]: e["value"] for e in env["containers"][0]["env"]}
+    assert variables["MIRROR_REDIS_URL"] == "redis://mirror-redis:6379/0"
+    of_kind(replicas_build, "Service", "mirror-redis")
+
+
+def test_the_config_map_is_a_config_the_mirror_loads(tmp_path: Path) -> None:
+    config = of_kind(build("overlays/single"), "ConfigMap", "mirror-config")
+    path = tmp_path / "config.yaml"
+    path.write_text(config["data"]["config.yaml"])
+    settings = load({}, env={}, config_file=path)
+    assert (settings.listen_host, settings.listen_port) == ("0.0.0.0", 5000)
+    assert settings.data_dir == Path("/var/lib/mirror/data")
+
+
+def test_the_nodes_pull_through_the_services_fixed_address() -> None:
+    service = of_kind(build("overlays/single"), "Service", "mirror")
+    address = f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
+    hosts = of_kind(build("nodes"), "ConfigMap", "mirror-hosts")["data"]
+    assert set(hosts) == {"docker.io", "ghcr.io", "registry.k8s.io"}
+    for text in hosts.values():
+        assert f'[host."{address}"]' in text
+
+
+def test_the_image_runs_as_a_numeric_user_and_checks_its_readiness() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^USER \d+:\d+$", dockerfile, re.MULTILINE)
+    assert "HEALTHCHECK" in dockerfile
+    assert "/readyz" in dockerfile
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "tests"} <= set(ignored)
+    compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+    assert "/readyz" in " ".join(compose["services"]["mirror-a"]["healthcheck"]["test"])
+
+
+def test_the_systemd_unit_is_hardened_and_its_config_loads(tmp_path: Path) -> None:
+    analyze = require_binary("systemd-analyze")
+    unit = tmp_path / "mirror.service"
+    shutil.copy(DEPLOY / "mirror.service", unit)
+    done = subprocess.run(
+        [analyze, "security", "--offline=true", str(unit)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    match = re.search(r"Overall exposure level for mirror.service: ([\d.]+)", done.stdout)
+    assert match, done.stdout + done.stderr
+    assert float(match[1]) <= 4.0
+    text = unit.read_text()
+    assert "ExecStart=/opt/mirror/bin/mirror serve --config /etc/mirror/config.yaml" in text
+    settings = load({}, env={}, config_file=DEPLOY / "config.yaml")
+    assert settings.data_dir == Path("/var/lib/mirror")
