@@ -61,6 +61,8 @@ _LINK_RE = re.compile(r'<(?P<url>[^>]*)>\s*;[^,]*rel="?next"?')
 # Bytes per sendfile(2) call. One call for a whole blob is what FileResponse makes; calls of
 # a few MiB send a cached 1 GiB blob faster on loopback (see the README's Performance).
 SENDFILE_CHUNK = 8 * 1024 * 1024
+# Under uvloop, which has no loop.sendfile: pieces smaller than this are read and written.
+ZERO_COPY_FROM = 1024 * 1024
 # Bytes per read when a body must go through response.write (a chunked answer).
 WRITE_CHUNK = 1024 * 1024
 
@@ -314,7 +316,10 @@ class _Body:
         except NotImplementedError:
             pass
         raw = transport.get_extra_info("socket")
-        if raw is None or transport.get_extra_info("sslcontext") is not None:
+        tls = transport.get_extra_info("sslcontext") is not None
+        if raw is None or tls or count < ZERO_COPY_FROM:
+            # Through TLS sendfile(2) would bypass the encryption; a small piece (a fill
+            # handing on what just arrived) costs less to copy than to hand to the kernel.
             data = await asyncio.to_thread(os.pread, self.file.fileno(), count, position)
             await self.response.write(data)  # waits while the client is slower than the disk
             return len(data)
