@@ -21,7 +21,6 @@ from mirror.engine import Engine, Overrides, open_engine
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
 from mirror.routes import ops, status, v2
-from mirror.routes.access import access_middleware
 from mirror.routes.middleware import add_fallback_route, registry_middleware, server_logger
 from mirror.routes.state import (
     ENGINE,
@@ -46,7 +45,7 @@ HEALTH_INTERVAL = 10.0
 def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web.Application:
     throttle = LogThrottle()
     app = web.Application(
-        middlewares=[registry_middleware, access_middleware],
+        middlewares=[registry_middleware],
         handler_args={"max_field_size": 16384, "logger": server_logger(throttle)},
     )
     app[SETTINGS] = settings

@@ -86,7 +86,7 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class CachedBlob:
-    path: Path
+    path: Path | None  # None for a small blob answered from memory
     size: int
     data: bytes | None = None  # the whole blob, when it is small enough to be kept in memory
 
@@ -398,7 +398,7 @@ class Resolver:
         data = self._small.get(digest)
         if data is not None:
             self.pulls.blob(str(digest))
-            return CachedBlob(self.blobs.path(digest), len(data), data)
+            return CachedBlob(None, len(data), data)
         for _ in range(3):
             size = self.blobs.size(digest)
             if size is not None:

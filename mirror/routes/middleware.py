@@ -18,6 +18,7 @@ from aiohttp.typedefs import Handler
 
 from mirror.errors import NotFound, RegistryError, Unsupported
 from mirror.logs import ACCESS, AccessEntry, LogThrottle
+from mirror.routes.access import admit
 from mirror.routes.state import (
     BYTES_SENT,
     CACHE_OUTCOME,
@@ -86,6 +87,7 @@ async def registry_middleware(request: web.Request, handler: Handler) -> web.Str
     # into another connection; the next request on this one binds its own id.
     structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
+        await admit(request)
         response = await handler(request)
     except RegistryError as error:
         response = error_response(error)

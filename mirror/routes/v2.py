@@ -230,6 +230,7 @@ async def _send_cached(
     if blob.data is not None:  # a small blob, from memory: one write
         request[CACHE_OUTCOME] = "hit"
         return _from_memory(request, headers, blob.data)
+    assert blob.path is not None, "a blob not in memory is on disk"
     response, start, stop = _ranged(request, headers, blob.size)
     with await asyncio.to_thread(open, blob.path, "rb", buffering=0) as file:
         request[CACHE_OUTCOME] = "hit"
