@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Hashable
@@ -83,6 +84,8 @@ class _OrderedLoggerFactory:
 # At most this many bytes per write(2): a write of up to PIPE_BUF (4096 on Linux) bytes to a
 # pipe is atomic, so the lines of several --workers processes never cut into each other.
 ACCESS_WRITE = 4096
+# To a regular file (appends do not interleave there, whatever their size): fewer, larger.
+ACCESS_WRITE_FILE = 64 * 1024
 # How long a line may wait for others to share its write.
 ACCESS_DELAY = 0.05
 
@@ -94,7 +97,9 @@ class AccessLog:
     Through structlog a line costs about as much as answering a cached manifest; made here
     it costs a tenth of that: only client-chosen strings are escaped (by json's C encoder),
     the timestamp's seconds are formatted once a second, and lines wait up to
-    ``ACCESS_DELAY`` to share one write(2) of at most ``ACCESS_WRITE`` bytes. Any other log
+    ``ACCESS_DELAY`` to share one write(2) of at most ``ACCESS_WRITE`` bytes (to a pipe:
+    atomic, so workers' lines never cut into each other; to a file, up to
+    ``ACCESS_WRITE_FILE``, where appends do not interleave anyway). Any other log
     line first writes those waiting, so the log stays in order. On a terminal (console
     format) the lines go through structlog like everything else.
     """
@@ -109,11 +114,16 @@ class AccessLog:
         self._second = -1
         self._stamp = ""
         self._bound = ""  # fields on every line of this process, written once
+        self._limit = ACCESS_WRITE
         self._fallback = structlog.get_logger("mirror.access")
 
     def configure(self, *, enabled: bool, fast: bool, fd: int | None) -> None:
         self.flush()
         self.enabled, self.fast, self._fd = enabled, fast and fd is not None, fd
+        self._limit = ACCESS_WRITE
+        with contextlib.suppress(OSError):
+            if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+                self._limit = ACCESS_WRITE_FILE
 
     def bind(self, **fields: Any) -> None:
         """Fields every line of this process carries (``worker`` with --workers)."""
@@ -136,7 +146,7 @@ class AccessLog:
         )
         self._pending.append(line)
         self._size += len(line)
-        if self._size >= ACCESS_WRITE:
+        if self._size >= self._limit:
             self.flush()
         elif self._timer is None:
             with contextlib.suppress(RuntimeError):  # no loop: the next line or exit writes
@@ -153,7 +163,7 @@ class AccessLog:
         chunk: list[str] = []
         size = 0
         for line in lines:
-            if size + len(line) > ACCESS_WRITE and chunk:
+            if size + len(line) > self._limit and chunk:
                 self._write("".join(chunk))
                 chunk, size = [], 0
             chunk.append(line)
