@@ -10,9 +10,12 @@ caller degrades the same way: it answers from memory, and nothing already fetche
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,14 +58,27 @@ CREATE TABLE IF NOT EXISTS tags (
 """
 
 
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class EmbeddedStore:
     def __init__(self, path: Path) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-store")
         self._db = sqlite3.connect(path, check_same_thread=False, timeout=BUSY_TIMEOUT)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        schema.migrate(self._db)
+        # Workers starting together on a new data dir would race to create and migrate the
+        # schema, and the loser could wait past the busy timeout: one at a time.
+        with _exclusive(path.with_name(path.name + ".lock")):
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            schema.migrate(self._db)
         self.graph = EmbeddedGraph(self._db, self._run)
 
     @classmethod
