@@ -1,7 +1,8 @@
 """Benchmark images, built with the standard library and pushed to the upstream with skopeo.
 
-One OCI image layout holds two tags: ``big`` (one layer of the large blob) and ``small`` (a
-few KiB, for the manifest figures). The large layer is a real gzip'd tar written straight to
+One OCI image layout holds three tags: ``big`` (one layer of the large blob), ``small`` (a
+few KiB, for the manifest figures) and ``layers`` (30 layers of 4 KiB to 2 MiB, for a whole
+pull by containerd). The large layer is a real gzip'd tar written straight to
 disk in pieces, so a 1 GiB blob never sits in memory. Deflate level 0 (stored blocks) is still
 valid gzip and costs little; nothing on the pull path compresses, so the payload only has to be
 unique per piece, not random throughout.
@@ -66,14 +67,15 @@ class Layout:
         path.write_bytes(data)
         return Blob(f"sha256:{digest}", len(data), path)
 
-    def add_image(self, tag: str, layer: Blob, diff_id: str) -> str:
-        """Write the config and manifest of a one-layer image, tag it; returns its digest."""
-        config = self.add_bytes(_json(_config(diff_id)))
+    def add_image(self, tag: str, layers: list[tuple[Blob, str]]) -> str:
+        """Write the config and manifest of an image of ``layers`` (each a layer and its
+        diff_id), tag it; returns its digest."""
+        config = self.add_bytes(_json(_config([diff_id for _, diff_id in layers])))
         manifest = {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
             "config": _descriptor(OCI_CONFIG, config),
-            "layers": [_descriptor(OCI_LAYER, layer)],
+            "layers": [_descriptor(OCI_LAYER, layer) for layer, _ in layers],
         }
         blob = self.add_bytes(_json(manifest))
         ref = {**_descriptor(OCI_MANIFEST, blob)}
@@ -92,13 +94,13 @@ def _descriptor(media_type: str, blob: Blob) -> dict[str, Any]:
     return {"mediaType": media_type, "digest": blob.digest, "size": blob.size}
 
 
-def _config(diff_id: str) -> dict[str, Any]:
+def _config(diff_ids: list[str]) -> dict[str, Any]:
     return {
         "created": "1970-01-01T00:00:00Z",
         "architecture": "amd64",
         "os": "linux",
         "config": {"Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }
 
 
@@ -138,13 +140,15 @@ def write_large_layer(layout: Layout, size: int) -> tuple[Blob, str]:
 SMALL_PAYLOAD = 3970  # bytes of file: with tar and gzip framing, a blob of about 4 KiB
 
 
-def write_small_layer(layout: Layout) -> tuple[Blob, str]:
+def write_small_layer(
+    layout: Layout, payload: int = SMALL_PAYLOAD, seed: int = 4
+) -> tuple[Blob, str]:
+    """A gzip'd tar of one file of ``payload`` random bytes (incompressible, so the layer is
+    about that size): a config or a small layer, what most of a pull's requests are for."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        # Incompressible, so the layer is a 4 KiB blob: a config or a small layer, what most
-        # of a pull's requests are for.
-        data = random.Random(4).randbytes(SMALL_PAYLOAD)
-        info = tarfile.TarInfo("etc/bench.txt")
+        data = random.Random(seed).randbytes(payload)
+        info = tarfile.TarInfo(f"etc/bench-{seed}.txt")
         info.size, info.mtime = len(data), 0
         tar.addfile(info, io.BytesIO(data))
     tar_bytes = buffer.getvalue()
@@ -157,15 +161,32 @@ def _gzip(data: bytes) -> bytes:
     return compressor.compress(data) + compressor.flush()
 
 
+# The many-layer image of the whole-pull figure: layers of 4 KiB to 2 MiB, doubling and
+# starting over, as a real image's run from tiny metadata layers to a few large ones.
+MANY_LAYERS = 30
+MANY_SMALLEST = 4 * 1024
+MANY_STEPS = 10
+
+
+def many_layer_sizes(count: int = MANY_LAYERS) -> list[int]:
+    return [MANY_SMALLEST << (index % MANY_STEPS) for index in range(count)]
+
+
 def build(root: Path, large_size: int) -> tuple[Layout, dict[str, tuple[Blob, str]]]:
-    """The layout with tags ``big`` and ``small``; for each tag its layer and manifest digest."""
+    """The layout with tags ``big``, ``small`` and ``layers`` (MANY_LAYERS layers); for each
+    tag its first layer and manifest digest."""
     layout = Layout(root)
     images: dict[str, tuple[Blob, str]] = {}
-    for tag, (layer, diff_id) in (
-        ("big", write_large_layer(layout, large_size)),
-        ("small", write_small_layer(layout)),
+    many = [
+        write_small_layer(layout, size, seed=100 + index)
+        for index, size in enumerate(many_layer_sizes())
+    ]
+    for tag, layers in (
+        ("big", [write_large_layer(layout, large_size)]),
+        ("small", [write_small_layer(layout)]),
+        ("layers", many),
     ):
-        images[tag] = (layer, layout.add_image(tag, layer, diff_id))
+        images[tag] = (layers[0][0], layout.add_image(tag, layers))
     return layout, images
 
 
@@ -179,7 +200,7 @@ def push(layout: Layout, tag: str, registry_host: str, repository: str) -> None:
 
 
 def build_and_push(root: Path, large_size: int, registry_host: str) -> dict[str, Image]:
-    """Build both images and push them as ``library/big:big`` and ``library/small:small``."""
+    """Build the images and push them as ``library/TAG:TAG`` (big, small, layers)."""
     layout, built = build(root, large_size)
     images: dict[str, Image] = {}
     for tag, (layer, manifest_digest) in built.items():

@@ -7,6 +7,7 @@ median are kept in the rows' ``samples`` for the JSON.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import urllib.request
 from dataclasses import dataclass, replace
@@ -24,10 +25,13 @@ from bench.clients import (
     head_load,
     wrk,
 )
-from bench.content import Image
+from bench.content import MANY_LAYERS, Image
 from bench.lab import Lab, supports_workers, wait_stored
 from bench.report import Row, row
 from bench.services import Mirror, Registry, Service
+
+# The bench drives containerd as the integration tests do.
+from tests.support.clients import Containerd, short_tempdir, write_hosts_toml
 
 MIB = 1024 * 1024
 ACCEPT = ", ".join(
@@ -635,3 +639,63 @@ def _defaults_rows(
             samples=cpu,
         ),
     ]
+
+
+# 8. A whole pull by containerd -----------------------------------------------------------
+
+WHOLE_PULL_TIMEOUT = 300.0
+
+
+def whole_pull(lab: Lab) -> list[Row]:
+    """The many-layer image pulled by ``ctr images pull`` (containerd 1.6, what Kubernetes
+    nodes run) through a warm mirror and straight from the upstream registry, taking turns;
+    containerd's copy is removed (``ctr images rm --sync``) after every pull, so each pull
+    fetches every blob again and unpacks every layer."""
+    image = lab.images["layers"]
+    reference = f"docker.io/{image.repository}:{image.tag}"
+    mirror = lab.new_mirror()
+    directory = short_tempdir("bench-ctr-")
+    containerd = Containerd(directory / "containerd")
+    hosts = {
+        name: write_hosts_toml(directory / f"hosts-{name}", url, fallback=False)
+        for name, url in (("mirror", mirror.url), ("direct", lab.upstream.url))
+    }
+    times: dict[str, list[float]] = {name: [] for name in hosts}
+    upstream = AccessLog(lab.upstream.access_log)
+    asked = 0  # requests the mirror's pulls sent upstream
+    try:
+        containerd.start()
+        _ctr_pull(containerd, reference, hosts["mirror"])  # the mirror fetches and keeps it
+        for _ in range(lab.plan.blob_repetitions):
+            for name, hosts_dir in hosts.items():
+                mark = upstream.mark()
+                times[name].append(_ctr_pull(containerd, reference, hosts_dir))
+                if name == "mirror":
+                    asked += len(upstream.settle(mark))
+    finally:
+        containerd.stop()
+        lab.discard(mirror)
+        shutil.rmtree(directory, ignore_errors=True)
+    mine, theirs = median(times["mirror"]), median(times["direct"])
+    return [
+        row(
+            f"whole pull, {MANY_LAYERS} layers (ctr images pull): warm mirror vs upstream",
+            "s",
+            mine,
+            reference=theirs,
+            reference_name="upstream direct",
+            ratio=report.ratio_of(mine, theirs),
+            target=report.at_most_ratio(1.1, "direct"),
+            repetitions=lab.plan.blob_repetitions,
+            note=f"upstream requests during the mirror's pulls: {asked}",
+            samples=times,
+        )
+    ]
+
+
+def _ctr_pull(containerd: Containerd, reference: str, hosts_dir: Path) -> float:
+    started = time.perf_counter()
+    containerd.pull(reference, hosts_dir)
+    seconds = time.perf_counter() - started
+    containerd.remove_image(reference)
+    return seconds

@@ -26,7 +26,7 @@ from bench import content, figures, report
 from bench.lab import Lab, Plan, wait_stored
 from bench.report import Row
 
-REQUIRED = ("docker-registry", "skopeo", "nginx", "wrk", "curl")
+REQUIRED = ("docker-registry", "skopeo", "nginx", "wrk", "curl", "containerd", "ctr")
 MIB = 1024 * 1024
 
 
@@ -92,6 +92,7 @@ def measure(lab: Lab) -> list[Row]:
             lambda n=clients: figures.concurrent_pulls(lab, n, one_cold),  # type: ignore[misc]
         )
     rows += _step("6. --workers N", lambda: figures.workers_scaling(lab))
+    rows += _step("8. a whole pull by containerd", lambda: figures.whole_pull(lab))
     return rows
 
 

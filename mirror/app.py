@@ -21,7 +21,7 @@ from mirror.engine import Engine, Overrides, open_engine
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
 from mirror.routes import ops, status, v2
-from mirror.routes.middleware import add_fallback_route, registry_middleware, server_logger
+from mirror.routes.middleware import add_fallback_route, server_logger
 from mirror.routes.state import (
     ENGINE,
     FAILED_LOGINS,
@@ -45,7 +45,6 @@ HEALTH_INTERVAL = 10.0
 def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web.Application:
     throttle = LogThrottle()
     app = web.Application(
-        middlewares=[registry_middleware],
         handler_args={"max_field_size": 16384, "logger": server_logger(throttle)},
     )
     app[SETTINGS] = settings
@@ -89,6 +88,7 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
                 for task in watchers:
                     task.cancel()
                 await asyncio.gather(*watchers, return_exceptions=True)
+                metrics.flush()
 
     return lifecycle
 

@@ -70,11 +70,9 @@ class AccessRules:
     deny: tuple[Pin, ...] = ()
 
     def permits(self, registry: str, repository: str) -> bool:
-        if any(pin.matches(registry, repository, None) for pin in self.deny):
+        if self.deny and any(pin.matches(registry, repository, None) for pin in self.deny):
             return False
-        return not self.allow or any(
-            pin.matches(registry, repository, None) for pin in self.allow
-        )
+        return not self.allow or any(pin.matches(registry, repository, None) for pin in self.allow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +251,12 @@ def _upstreams(value: Any) -> dict[str, UpstreamSettings]:
     for name, entry in value.items():
         fields = entry if isinstance(entry, dict) else {"url": entry}
         unknown = set(fields) - {
-            "url", "username", "password", "password_file", "ca_file", "insecure"
+            "url",
+            "username",
+            "password",
+            "password_file",
+            "ca_file",
+            "insecure",
         }
         if unknown:
             raise ValueError(f"unknown key {sorted(unknown)[0]!r} under {name!r}")

@@ -19,8 +19,9 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Hashable
+from contextvars import ContextVar
 from json.encoder import encode_basestring_ascii
-from typing import Any, NamedTuple, TextIO
+from typing import Any, TextIO
 
 import structlog
 from cachetools import LRUCache
@@ -39,6 +40,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _add_request_id,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
@@ -52,6 +54,21 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     )
     # aiohttp and asyncio report through the standard library; route them to stderr too.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+# The id of the request being answered, for every line logged while answering it. Set by the
+# registry middleware: one ContextVar.set per request, where binding through structlog costs
+# several calls; read only when a line is logged.
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+def _add_request_id(
+    logger: Any, method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        event_dict.setdefault("request_id", request_id)
+    return event_dict
 
 
 def _fd(stream: TextIO) -> int | None:
@@ -129,20 +146,59 @@ class AccessLog:
         """Fields every line of this process carries (``worker`` with --workers)."""
         self._bound += "".join(f'"{key}": {json.dumps(value)}, ' for key, value in fields.items())
 
-    def request(self, entry: AccessEntry) -> None:
-        """One request's line. ``request_id``, ``method`` and ``cache`` are the mirror's own
-        or checked by the HTTP parser; the rest is escaped."""
+    def request(
+        self,
+        *,
+        request_id: str | None,
+        method: str,
+        path: str,
+        status: int,
+        sent: int,
+        duration_ms: float,
+        cache: str | None,
+        ns: str | None,
+        client: str | None,
+        user: str | None,
+        user_agent: str | None,
+    ) -> None:
+        """One request's line, in the order of the fields. ``request_id``, ``method`` and
+        ``cache`` are the mirror's own or checked by the HTTP parser; the rest is escaped.
+        Called once per request: calls of its own cost as much as its work, hence the
+        repetition."""
         if not self.fast:
-            self._fallback.info("request", **entry._asdict())
+            self._fallback.info(
+                "request",
+                request_id=request_id,
+                method=method,
+                path=path,
+                status=status,
+                bytes=sent,
+                duration_ms=round(duration_ms, 2),
+                cache=cache,
+                ns=ns,
+                client=client,
+                user=user,
+                user_agent=user_agent,
+            )
             return
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        quoted_id = "null" if request_id is None else f'"{request_id}"'
+        quoted_cache = "null" if cache is None else f'"{cache}"'
         line = (
-            f'{{{self._bound}"request_id": {_plain(entry.request_id)}, '
-            f'"method": "{entry.method}", "path": {_string(entry.path)}, '
-            f'"status": {entry.status}, "bytes": {entry.bytes}, '
-            f'"duration_ms": {entry.duration_ms}, "cache": {_plain(entry.cache)}, '
-            f'"ns": {_string(entry.ns)}, "client": {_string(entry.client)}, '
-            f'"user": {_string(entry.user)}, "user_agent": {_string(entry.user_agent)}, '
-            f'"event": "request", "level": "info", "timestamp": "{self._now()}"}}\n'
+            f'{{{self._bound}"request_id": {quoted_id}, '
+            f'"method": "{method}", "path": {_escape(path)}, '
+            f'"status": {status}, "bytes": {sent}, "duration_ms": {duration_ms:.2f}, '
+            f'"cache": {quoted_cache}, '
+            f'"ns": {"null" if ns is None else _escape(ns)}, '
+            f'"client": {"null" if client is None else _escape(client)}, '
+            f'"user": {"null" if user is None else _escape(user)}, '
+            f'"user_agent": {"null" if user_agent is None else _escape(user_agent)}, '
+            f'"event": "request", "level": "info", '
+            f'"timestamp": "{self._stamp}.{int((now - second) * 1_000_000):06d}Z"}}\n'
         )
         self._pending.append(line)
         self._size += len(line)
@@ -177,37 +233,8 @@ class AccessLog:
             while data:
                 data = data[os.write(self._fd, data) :]
 
-    def _now(self) -> str:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int((now - second) * 1_000_000):06d}Z"
 
-
-class AccessEntry(NamedTuple):
-    """The fields of an access line, in their order."""
-
-    request_id: str | None
-    method: str
-    path: str
-    status: int
-    bytes: int
-    duration_ms: float
-    cache: str | None
-    ns: str | None
-    client: str | None
-    user: str | None
-    user_agent: str | None
-
-
-def _string(value: str | None) -> str:
-    return "null" if value is None else str(encode_basestring_ascii(value))
-
-
-def _plain(value: str | None) -> str:
-    return "null" if value is None else f'"{value}"'
+_escape: Callable[[str], str] = encode_basestring_ascii  # a JSON string, quotes included
 
 
 ACCESS = AccessLog()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
+from bisect import bisect_left
 from collections.abc import Iterable
-from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,7 +31,11 @@ class Metrics:
         self, registry: CollectorRegistry | None = None, *, upstreams: Iterable[str] = ()
     ) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
-        self._request_children: dict[tuple[str, str, int, str], Any] = {}
+        # Requests answered since the last flush: counts by labels; per route, counts by
+        # duration bucket and (last) the sum of the durations.
+        self._tally: dict[tuple[str, str, int, str], int] = {}
+        self._shared = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # --workers
+        self._durations: dict[str, list[float]] = {}
         self.requests = Counter(
             "mirror_requests",
             "Client requests by route, method, status and cache outcome.",
@@ -83,9 +88,8 @@ class Metrics:
             registry=self.registry,
             buckets=LATENCY_BUCKETS,
         )
-        self._duration_children: dict[str, Any] = {}
         for route in ROUTES:
-            self._duration_children[route] = self.request_duration.labels(route)
+            self.request_duration.labels(route)
         self.ready = Gauge(
             "mirror_ready",
             "1 while /readyz would answer ready (the data dir is usable); 0 otherwise.",
@@ -131,6 +135,7 @@ class Metrics:
     def _cache_metrics(self) -> None:
         """The disk budget (``mirror.eviction``): written by the process that runs the
         evictor, so across workers the most recent value is the answer."""
+
         def gauge(name: str, documentation: str) -> Gauge:
             return Gauge(
                 name, documentation, registry=self.registry, multiprocess_mode="mostrecent"
@@ -165,22 +170,43 @@ class Metrics:
         self.ratelimit_remaining.labels(name).set(math.nan)
         self.ratelimit_limit.labels(name).set(math.nan)
 
-    def observe_duration(self, route: str, seconds: float) -> None:
-        child = self._duration_children.get(route)
-        if child is None:
-            child = self.request_duration.labels(route)
-            self._duration_children[route] = child
-        child.observe(seconds)
-
-    def count_request(self, route: str, method: str, status: int, cache: str) -> None:
+    def count_request(
+        self, route: str, method: str, status: int, cache: str, seconds: float
+    ) -> None:
+        """One answered request, counted by route, method, status and cache outcome, its
+        duration observed by route. Tallied here and handed to prometheus-client by
+        ``flush``, before a render or (--workers) once per turn of the event loop: its every
+        update takes a lock, and a histogram's walks the buckets in Python, which together
+        cost more than answering a cached manifest."""
+        if not self._tally and self._shared:
+            # Another worker may render the shared files at any moment: hand these on as
+            # soon as the event loop has run what is ready now.
+            asyncio.get_running_loop().call_soon(self.flush)
         key = (route, method, status, cache)
-        child = self._request_children.get(key)
-        if child is None:  # labels() costs more than a request's own work on the hot path
-            child = self.requests.labels(route, method, str(status), cache)
-            self._request_children[key] = child
-        child.inc()
+        self._tally[key] = self._tally.get(key, 0) + 1
+        durations = self._durations.get(route)
+        if durations is None:
+            durations = self._durations[route] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        durations[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the last but one is +Inf
+        durations[-1] += seconds
+
+    def flush(self) -> None:
+        """Hand the tallied requests to prometheus-client."""
+        tally, self._tally = self._tally, {}
+        for (route, method, status, cache), count in tally.items():
+            self.requests.labels(route, method, str(status), cache).inc(count)
+        durations, self._durations = self._durations, {}
+        for route, counts in durations.items():
+            child = self.request_duration.labels(route)
+            # prometheus-client has no call to observe many at once: add to its buckets
+            # (one each, cumulated when collected) and sum as observe() itself does.
+            for bucket, observed in zip(child._buckets, counts[:-1], strict=True):
+                if observed:
+                    bucket.inc(observed)
+            child._sum.inc(counts[-1])
 
     def render(self) -> bytes:
+        self.flush()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Several workers (--workers): sum what every process wrote to the shared dir.
             merged = CollectorRegistry()

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from mirror.clients import CLIENT, Credentials
 from mirror.errors import Unauthorized
-from mirror.routes.state import FAILED_LOGINS, HTPASSWD, SETTINGS, USER
+from mirror.routes.state import EXCHANGE, FAILED_LOGINS, HTPASSWD, SETTINGS
 
 
 async def admit(request: web.Request) -> None:
@@ -24,7 +24,7 @@ async def admit(request: web.Request) -> None:
     than two on every request): charge the request to its client address, and ask for a
     login where one is needed."""
     CLIENT.set(request.remote)
-    if HTPASSWD in request.app and _protected(request):
+    if request.app[SETTINGS].auth is not None and _protected(request):
         await _authenticate(request)
 
 
@@ -47,7 +47,7 @@ async def _authenticate(request: web.Request) -> None:
         if delay > 0:
             await asyncio.sleep(delay)
         if await htpasswd.verify(credentials):
-            request[USER] = credentials.user
+            request[EXCHANGE].user = credentials.user
             return
         failed.failed(address)
     raise Unauthorized(

@@ -1,8 +1,10 @@
-"""Request-wide behaviour: the registry's JSON error body, one access-log line per request,
-and short, rate-limited lines for what aiohttp's HTTP server itself reports."""
+"""Request-wide behaviour, for every route: the registry's JSON error body, one access-log
+line per request, and short, rate-limited lines for what aiohttp's HTTP server itself
+reports."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -17,18 +19,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from mirror.errors import NotFound, RegistryError, Unsupported
-from mirror.logs import ACCESS, AccessEntry, LogThrottle
+from mirror.logs import ACCESS, REQUEST_ID, LogThrottle
 from mirror.routes.access import admit
-from mirror.routes.state import (
-    BYTES_SENT,
-    CACHE_OUTCOME,
-    LOG_THROTTLE,
-    METRICS,
-    REGISTRY,
-    REQUEST_ID,
-    ROUTE,
-    USER,
-)
+from mirror.routes.state import EXCHANGE, LOG_THROTTLE, METRICS, Exchange
 
 log = structlog.get_logger("mirror.access")
 server_log = structlog.get_logger("mirror.http")
@@ -66,44 +59,68 @@ async def expect_handler(request: web.Request) -> None:
         request.writer.output_size = 0  # the body has not started
 
 
+def add_route(app: web.Application, path: str, handler: Handler, *, expect: bool = True) -> None:
+    """Route every method of ``path`` to ``handler``, run through ``answered``; ``expect``
+    answers ``Expect`` headers with ``expect_handler``."""
+    app.router.add_route(
+        "*", path, answered(handler), expect_handler=expect_handler if expect else None
+    )
+
+
 def add_fallback_route(app: web.Application) -> None:
     """Route every path nothing else took to a 404, so that it too goes through
-    ``expect_handler`` and the middleware. Added last: it matches anything."""
-    app.router.add_route("*", "/{tail:.*}", _no_route, expect_handler=expect_handler)
+    ``expect_handler`` and ``answered``. Added last: it matches anything."""
+    add_route(app, "/{tail:.*}", _no_route)
 
 
 async def _no_route(request: web.Request) -> web.StreamResponse:
     raise NotFound(f"no route for {request.path[:200]}")
 
 
-@web.middleware
-async def registry_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every request: an id for its log lines, domain errors turned into the registry's error
-    body, and the request counted by route, status and cache outcome."""
-    started = time.perf_counter()
-    request_id = f"{_PROCESS_TAG}-{next(_request_numbers):x}"
-    request[REQUEST_ID] = request_id
-    # Each connection's task has its own context, so binding without a reset cannot leak
-    # into another connection; the next request on this one binds its own id.
-    structlog.contextvars.bind_contextvars(request_id=request_id)
-    try:
-        await admit(request)
-        response = await handler(request)
-    except RegistryError as error:
-        response = error_response(error)
-    except web.HTTPMethodNotAllowed:
-        response = error_response(Unsupported())
-    except web.HTTPNotFound:
-        response = error_response(NotFound(f"no route for {request.path[:200]}"))
-    except web.HTTPException:
-        raise  # aiohttp's own answers (a body too large, say): already what they should be
-    except Exception as error:  # the boundary: nothing unexpected leaves it raw
-        if isinstance(error, ConnectionError) and _client_closed(request):
-            response = _client_gone(request)
-        else:
-            response = _unexpected(request, error)
-    _count(request, response, time.perf_counter() - started)
-    return response
+def answered(handler: Handler) -> Handler:
+    """``handler`` as every route runs it: an id for its log lines, domain errors turned into
+    the registry's error body, and the request counted by route, status and cache outcome.
+
+    A wrapper per route rather than an aiohttp middleware: every route takes every method
+    and the fallback route takes every path, so the router never answers by itself, and
+    without middlewares aiohttp calls the handler directly (a middleware chain costs two
+    more coroutines per request)."""
+
+    @functools.wraps(handler)
+    async def answer(request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        exchange = Exchange(f"{_PROCESS_TAG}-{next(_request_numbers):x}")
+        request[EXCHANGE] = exchange
+        # Each connection's task has its own context, so setting it without a reset cannot
+        # leak into another connection; the next request on this one sets its own id.
+        REQUEST_ID.set(exchange.id)
+        try:
+            await admit(request)
+            response = await handler(request)
+        except RegistryError as error:
+            response = error_response(error)
+        except web.HTTPMethodNotAllowed:
+            response = error_response(Unsupported())
+        except web.HTTPNotFound:
+            response = error_response(NotFound(f"no route for {request.path[:200]}"))
+        except web.HTTPException:
+            raise  # aiohttp's own answers (a body too large, say): already what they should be
+        except Exception as error:  # the boundary: nothing unexpected leaves it raw
+            if isinstance(error, ConnectionError) and _client_closed(request):
+                response = _client_gone(request)
+            else:
+                response = _unexpected(request, error)
+        route, status = exchange.route, response.status
+        metrics = request.app[METRICS]
+        metrics.count_request(
+            route, request.method, status, exchange.cache or "none", time.perf_counter() - started
+        )
+        if route == "blob" and status in (200, 206):
+            source = "cache" if exchange.cache == "hit" else "upstream"
+            metrics.bytes_served.labels(source).inc(_body_bytes(request, response, exchange))
+        return response
+
+    return answer
 
 
 def _client_closed(request: web.Request) -> bool:
@@ -141,38 +158,30 @@ def _unexpected(request: web.Request, error: Exception) -> web.StreamResponse:
     return error_response(RegistryError("internal error"))
 
 
-def _count(request: web.Request, response: web.StreamResponse, seconds: float) -> None:
-    metrics = request.app[METRICS]
-    route = request.get(ROUTE, "other")
-    cache = request.get(CACHE_OUTCOME, "none")
-    metrics.count_request(route, request.method, response.status, cache)
-    metrics.observe_duration(route, seconds)
-    if route == "blob" and response.status in (200, 206):
-        source = "cache" if cache == "hit" else "upstream"
-        metrics.bytes_served.labels(source).inc(_body_bytes(request, response))
-
-
 class AccessLogger(AbstractAccessLogger):
     """aiohttp calls this once the response is sent, so the byte count is what went out."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        if request.get(REQUEST_ID) is None and response.status == HTTPStatus.BAD_REQUEST:
-            return  # the parser refused it: the server logger's throttled line reports it
+        try:
+            exchange = request[EXCHANGE]
+        except KeyError:  # the HTTP parser refused it, or it never reached the middleware
+            if response.status == HTTPStatus.BAD_REQUEST:
+                return  # the server logger's throttled line reports it
+            exchange = Exchange(None)
+        ns, agent = exchange.registry, request.headers.get("User-Agent")
         ACCESS.request(
-            AccessEntry(
-                request.get(REQUEST_ID),
-                request.method,
-                request.path,
-                response.status,
-                _body_bytes(request, response),
-                round(time * 1000, 2),
-                request.get(CACHE_OUTCOME),
-                # Client input, cut short: a header of 8 KiB must not become a line of 8 KiB.
-                _clip(request.get(REGISTRY)),
-                request.remote,
-                request.get(USER),
-                _clip(request.headers.get("User-Agent")),
-            )
+            request_id=exchange.id,
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            sent=_body_bytes(request, response, exchange),
+            duration_ms=time * 1000,
+            cache=exchange.cache,
+            # Client input, cut short: a header of 8 KiB must not become a line of 8 KiB.
+            ns=ns if ns is None or len(ns) <= MAX_LOGGED else _clip(ns),
+            client=request.remote,
+            user=exchange.user,
+            user_agent=agent if agent is None or len(agent) <= MAX_LOGGED else _clip(agent),
         )
 
     @property
@@ -219,10 +228,9 @@ def _clip(value: str | None) -> str | None:
     return value if value is None or len(value) <= MAX_LOGGED else value[:MAX_LOGGED] + "..."
 
 
-def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
+def _body_bytes(request: web.BaseRequest, response: web.StreamResponse, exchange: Exchange) -> int:
     if request.method == "HEAD" or response.status in (204, 304):
         return 0
-    sent = request.get(BYTES_SENT)
-    if sent is not None:
-        return int(sent)
+    if exchange.sent is not None:
+        return exchange.sent
     return response.content_length or 0

@@ -10,8 +10,8 @@ from typing import Any
 from aiohttp import web
 
 from mirror.metrics import CONTENT_TYPE_LATEST
-from mirror.routes.middleware import NOSNIFF, NOSNIFF_HEADER, expect_handler
-from mirror.routes.state import ENGINE, METRICS, RESOLVER, ROUTE
+from mirror.routes.middleware import NOSNIFF, NOSNIFF_HEADER, add_route
+from mirror.routes.state import ENGINE, EXCHANGE, METRICS, RESOLVER
 from mirror.routes.v2 import check_method
 
 _HEADERS = {NOSNIFF_HEADER: NOSNIFF}
@@ -21,11 +21,11 @@ def add_routes(app: web.Application) -> None:
     # Any method, refused in the handler: the fallback route (mirror.app) would otherwise
     # take a POST as a path it does not know.
     for path, handler in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics)):
-        app.router.add_route("*", path, handler, expect_handler=expect_handler)
+        add_route(app, path, handler)
 
 
 async def healthz(request: web.Request) -> web.Response:
-    request[ROUTE] = "ops"
+    request[EXCHANGE].route = "ops"
     check_method(request)
     return web.json_response({"status": "ok"}, headers=_HEADERS)
 
@@ -33,7 +33,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready when the data dir is usable. The store and the upstreams are reported, not
     required: with Redis or the upstream down the mirror still serves what it holds."""
-    request[ROUTE] = "ops"
+    request[EXCHANGE].route = "ops"
     check_method(request)
     resolver = request.app[RESOLVER]
     writable = await asyncio.to_thread(os.access, resolver.blobs.root, os.W_OK)
@@ -56,7 +56,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    request[ROUTE] = "ops"
+    request[EXCHANGE].route = "ops"
     check_method(request)
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={**_HEADERS, "Content-Type": CONTENT_TYPE_LATEST})

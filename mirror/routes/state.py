@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from aiohttp import web
 
 from mirror.clients import FailedLogins, Htpasswd
@@ -28,12 +30,21 @@ FAILED_LOGINS = web.AppKey("failed_logins", FailedLogins)
 HISTORY = web.AppKey("history", History)
 STARTED = web.AppKey("started", float)
 
-# Per request: which API route it hit, the cache outcome, body bytes a handler streamed.
-ROUTE = web.RequestKey("route", str)
-CACHE_OUTCOME = web.RequestKey("cache_outcome", str)
-BYTES_SENT = web.RequestKey("bytes_sent", int)
-REQUEST_ID = web.RequestKey("request_id", str)
-# The upstream registry an API request is for (its ``ns``), for the access log.
-REGISTRY = web.RequestKey("registry", str)
-# The user a request logged in as (only the name: never the password).
-USER = web.RequestKey("user", str)
+
+@dataclass(slots=True)
+class Exchange:
+    """What the mirror learns about one request while answering it, for its access line and
+    its metrics: one object read by attribute, where a key per field on the request's own
+    mapping costs a method call per read on every request."""
+
+    id: str | None
+    route: str = "other"  # which API route it hit
+    registry: str | None = None  # the upstream registry it is for (its ``ns``)
+    cache: str | None = None  # the cache outcome: hit, miss, stale, ...
+    user: str | None = None  # the user it logged in as (only the name, never the password)
+    sent: int | None = None  # body bytes a handler streamed itself
+
+
+# Set by the registry middleware on every request that reaches it (a request the HTTP parser
+# refused has none).
+EXCHANGE = web.RequestKey("exchange", Exchange)

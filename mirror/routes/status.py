@@ -17,8 +17,8 @@ import structlog
 from aiohttp import web
 
 from mirror import status
-from mirror.routes.middleware import NOSNIFF, NOSNIFF_HEADER
-from mirror.routes.state import ENGINE, HISTORY, METRICS, ROUTE, STARTED
+from mirror.routes.middleware import NOSNIFF, NOSNIFF_HEADER, add_route
+from mirror.routes.state import ENGINE, EXCHANGE, HISTORY, METRICS, STARTED
 from mirror.routes.status_page import PAGE
 from mirror.routes.v2 import check_method
 
@@ -37,18 +37,18 @@ _PAGE_HEADERS = {
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_route("*", "/", page)
-    app.router.add_route("*", "/status.json", status_json)
+    add_route(app, "/", page, expect=False)
+    add_route(app, "/status.json", status_json, expect=False)
 
 
 async def page(request: web.Request) -> web.Response:
-    request[ROUTE] = "status"
+    request[EXCHANGE].route = "status"
     check_method(request)
     return web.Response(text=PAGE, content_type="text/html", headers=_PAGE_HEADERS)
 
 
 async def status_json(request: web.Request) -> web.Response:
-    request[ROUTE] = "status"
+    request[EXCHANGE].route = "status"
     check_method(request)
     return web.json_response(await collect(request.app), headers={NOSNIFF_HEADER: NOSNIFF})
 

@@ -36,16 +36,9 @@ from mirror.routes.middleware import (
     API_VERSION_HEADER,
     NOSNIFF,
     NOSNIFF_HEADER,
-    expect_handler,
+    add_route,
 )
-from mirror.routes.state import (
-    BYTES_SENT,
-    CACHE_OUTCOME,
-    REGISTRY,
-    RESOLVER,
-    ROUTE,
-    SETTINGS,
-)
+from mirror.routes.state import EXCHANGE, RESOLVER, SETTINGS
 from mirror.store.protocols import Manifest
 
 log = structlog.get_logger(__name__)
@@ -69,9 +62,9 @@ WRITE_CHUNK = 1024 * 1024
 
 def add_routes(app: web.Application) -> None:
     # The busy route first: aiohttp tries resources in the order they were added.
-    app.router.add_route("*", "/v2/{path:.+}", dispatch, expect_handler=expect_handler)
-    app.router.add_route("*", "/v2", base, expect_handler=expect_handler)
-    app.router.add_route("*", "/v2/", base, expect_handler=expect_handler)
+    add_route(app, "/v2/{path:.+}", dispatch)
+    add_route(app, "/v2", base)
+    add_route(app, "/v2/", base)
 
 
 async def base(request: web.Request) -> web.Response:
@@ -84,10 +77,12 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if _UPLOADS_RE.fullmatch(path):
         raise Unsupported("pushing is not supported: this registry is a read-only mirror")
     check_method(request)
-    registry = request.query.get("ns") or DOCKER_HUB
-    request[REGISTRY] = registry
+    # Most requests carry no query: parsing an empty one still costs a mapping.
+    registry = (request.query_string and request.query.get("ns")) or DOCKER_HUB
+    exchange = request[EXCHANGE]
+    exchange.registry = registry
     route, repository, reference = _parse_path(path, registry)
-    request[ROUTE] = route
+    exchange.route = route
     if not request.app[SETTINGS].repositories.permits(registry, repository):
         raise Denied(
             "this mirror does not serve that repository",
@@ -126,7 +121,7 @@ async def manifest(
 ) -> web.Response:
     accept = parse_accept(tuple(request.headers.getall("Accept", ())))
     found, outcome = await request.app[RESOLVER].manifest(registry, repository, reference, accept)
-    request[CACHE_OUTCOME] = outcome.value
+    request[EXCHANGE].cache = outcome.value
     return _manifest_response(request, found)
 
 
@@ -167,7 +162,7 @@ async def blob(
     }
     if request.method == "HEAD":
         size = await resolver.blob_size(registry, repository, digest)
-        request[CACHE_OUTCOME] = "hit" if resolver.blobs.size(digest) is not None else "miss"
+        request[EXCHANGE].cache = "hit" if resolver.blobs.size(digest) is not None else "miss"
         response = web.Response(headers=headers)
         if size is not None:
             response.headers["Content-Length"] = str(size)
@@ -203,7 +198,7 @@ async def _blob_body(
     if isinstance(source, CachedBlob):
         raise BlobUnknown(detail={"digest": str(digest)})
     try:
-        request[CACHE_OUTCOME] = "miss"
+        request[EXCHANGE].cache = "miss"
         return await _stream_fill(request, source, headers)
     finally:
         source.detach()
@@ -228,12 +223,12 @@ async def _send_cached(
     request: web.Request, digest: Digest, blob: CachedBlob, headers: dict[str, str]
 ) -> web.StreamResponse:
     if blob.data is not None:  # a small blob, from memory: one write
-        request[CACHE_OUTCOME] = "hit"
+        request[EXCHANGE].cache = "hit"
         return _from_memory(request, headers, blob.data)
     assert blob.path is not None, "a blob not in memory is on disk"
     response, start, stop = _ranged(request, headers, blob.size)
     with await asyncio.to_thread(open, blob.path, "rb", buffering=0) as file:
-        request[CACHE_OUTCOME] = "hit"
+        request[EXCHANGE].cache = "hit"
         await response.prepare(request)
         try:
             await _Body(request, response, file, start).sendfile(start, stop)
@@ -252,7 +247,7 @@ def _from_memory(request: web.Request, headers: dict[str, str], data: bytes) -> 
     if byte_range is not None:
         status, (start, stop) = 206, byte_range
         headers = {**headers, "Content-Range": f"bytes {start}-{stop - 1}/{len(data)}"}
-    request[BYTES_SENT] = stop - start
+    request[EXCHANGE].sent = stop - start
     return web.Response(body=data[start:stop], status=status, headers=headers)
 
 
@@ -299,7 +294,7 @@ class _Body:
                 # would spin forever.
                 raise _SourceShrank
             position += sent
-            self.request[BYTES_SENT] = position - self.first
+            self.request[EXCHANGE].sent = position - self.first
         return position
 
     async def _chunk(
@@ -355,7 +350,7 @@ class _Body:
                 raise _SourceShrank
             await self.response.write(data)
             position += len(data)
-            self.request[BYTES_SENT] = position - self.first
+            self.request[EXCHANGE].sent = position - self.first
         return position
 
 
@@ -407,7 +402,7 @@ async def _quarantine(
         "blob_shrank_while_served",
         digest=str(digest),
         expected_size=blob.size,
-        sent=request.get(BYTES_SENT, 0),
+        sent=request[EXCHANGE].sent or 0,
         removed=removed,
     )
     if request.transport is not None:
@@ -420,7 +415,7 @@ def _abort(request: web.Request, fill: Fill) -> None:
         "blob_transfer_aborted",
         digest=str(fill.digest),
         error=str(fill.error),
-        sent=request.get(BYTES_SENT, 0),
+        sent=request[EXCHANGE].sent or 0,
     )
     if request.transport is not None:
         request.transport.abort()

@@ -96,3 +96,42 @@ async def test_promtool_checks_the_rules_and_their_unit_tests_pass() -> None:
         )
         assert done.returncode == 0, done.stdout + done.stderr
         assert "SUCCESS" in done.stdout
+
+
+async def test_requests_are_counted_and_timed_by_route(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """The counts and the latency histogram are tallied in memory and handed to the
+    exporter in batches: a scrape still sees every request answered before it."""
+    fake_hub.add_image("library/app", "1.0", make_image([make_layer(b"counted")]))
+    settings = settings_for(fake_hub.url, tmp_path / "data")
+    async with RunningMirror(settings) as mirror:
+        for _ in range(7):
+            status, _, _ = await mirror.get("/v2/app/manifests/1.0")
+            assert status == 200
+        status, _, _ = await mirror.get("/v2/app/manifests/nope")
+        assert status == 404
+        _, _, body = await mirror.get("/metrics")
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return sum(
+            v
+            for (n, sample_labels), v in samples.items()
+            if n == name and labels.items() <= dict(sample_labels).items()
+        )
+
+    assert value("mirror_requests_total", route="manifest", status="200") == 7
+    assert value("mirror_requests_total", route="manifest", status="404") == 1
+    assert value("mirror_request_duration_seconds_count", route="manifest") == 8
+    assert value("mirror_request_duration_seconds_bucket", route="manifest", le="+Inf") == 8
+    assert value("mirror_request_duration_seconds_sum", route="manifest") > 0
+    buckets = sorted(
+        (float(dict(labels)["le"]), v)
+        for (n, labels), v in samples.items()
+        if n == "mirror_request_duration_seconds_bucket" and dict(labels)["route"] == "manifest"
+    )
+    counts = [v for _, v in buckets]
+    assert counts == sorted(counts)  # cumulative, as Prometheus reads them
