@@ -105,6 +105,30 @@ ACCESS_WRITE = 4096
 ACCESS_WRITE_FILE = 64 * 1024
 # How long a line may wait for others to share its write.
 ACCESS_DELAY = 0.05
+# Lines that wait, at most, to be written together.
+ACCESS_LINES = 256
+# Characters of a client-chosen value (user agent, ns) an access line carries.
+MAX_LOGGED = 200
+# Distinct strings remembered as already escaped, at most.
+QUOTED_STRINGS = 4096
+
+
+# An access line's fields as a request leaves them: the time in nanoseconds, then the fields
+# of AccessLog.request in their order. Made into a line when written.
+_Entry = tuple[
+    int,
+    str | None,
+    str,
+    str,
+    int,
+    int,
+    float,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+]
 
 
 class AccessLog:
@@ -112,9 +136,11 @@ class AccessLog:
     JSON lines have, made by hand and written several lines a write.
 
     Through structlog a line costs about as much as answering a cached manifest; made here
-    it costs a tenth of that: only client-chosen strings are escaped (by json's C encoder),
-    the timestamp's seconds are formatted once a second, and lines wait up to
-    ``ACCESS_DELAY`` to share one write(2) of at most ``ACCESS_WRITE`` bytes (to a pipe:
+    it costs a tenth of that. A request leaves only its fields (``request``); they become
+    lines together when written, up to ``ACCESS_LINES`` of them or ``ACCESS_DELAY`` after
+    the first: a client-chosen string seen before is not escaped again (json's C encoder
+    does it the first time), the timestamp's seconds are formatted once a second, and the
+    lines share one write(2) of at most ``ACCESS_WRITE`` bytes (to a pipe:
     atomic, so workers' lines never cut into each other; to a file, up to
     ``ACCESS_WRITE_FILE``, where appends do not interleave anyway). Any other log
     line first writes those waiting, so the log stays in order. On a terminal (console
@@ -125,14 +151,17 @@ class AccessLog:
         self.enabled = True
         self.fast = False
         self._fd: int | None = None
-        self._pending: list[str] = []
-        self._size = 0
+        self._pending: list[_Entry] = []
         self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._stamp = ""
         self._bound = ""  # fields on every line of this process, written once
         self._limit = ACCESS_WRITE
         self._fallback = structlog.get_logger("mirror.access")
+        # Strings of recent lines (paths, addresses, user agents) as JSON strings, as they
+        # are and cut short.
+        self._quoted: dict[str | None, str] = {None: "null"}
+        self._clipped: dict[str | None, str] = {None: "null"}
 
     def configure(self, *, enabled: bool, fast: bool, fd: int | None) -> None:
         self.flush()
@@ -146,9 +175,8 @@ class AccessLog:
         """Fields every line of this process carries (``worker`` with --workers)."""
         self._bound += "".join(f'"{key}": {json.dumps(value)}, ' for key, value in fields.items())
 
-    def request(
+    def request(  # noqa: PLR0917 (once per request: positional arguments cost the least)
         self,
-        *,
         request_id: str | None,
         method: str,
         path: str,
@@ -161,10 +189,10 @@ class AccessLog:
         user: str | None,
         user_agent: str | None,
     ) -> None:
-        """One request's line, in the order of the fields. ``request_id``, ``method`` and
-        ``cache`` are the mirror's own or checked by the HTTP parser; the rest is escaped.
-        Called once per request: calls of its own cost as much as its work, hence the
-        repetition."""
+        """One request's line, with its fields in this order. ``request_id``, ``method``
+        and ``cache`` are the mirror's own or checked by the HTTP parser; the rest is client
+        input, cut to ``MAX_LOGGED`` characters and escaped. Called on every request, so it
+        calls nothing it can avoid: a string already seen is escaped once."""
         if not self.fast:
             self._fallback.info(
                 "request",
@@ -175,39 +203,76 @@ class AccessLog:
                 bytes=sent,
                 duration_ms=round(duration_ms, 2),
                 cache=cache,
-                ns=ns,
+                ns=clip(ns),
                 client=client,
                 user=user,
-                user_agent=user_agent,
+                user_agent=clip(user_agent),
             )
             return
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        quoted_id = "null" if request_id is None else f'"{request_id}"'
-        quoted_cache = "null" if cache is None else f'"{cache}"'
-        line = (
-            f'{{{self._bound}"request_id": {quoted_id}, '
-            f'"method": "{method}", "path": {_escape(path)}, '
-            f'"status": {status}, "bytes": {sent}, "duration_ms": {duration_ms:.2f}, '
-            f'"cache": {quoted_cache}, '
-            f'"ns": {"null" if ns is None else _escape(ns)}, '
-            f'"client": {"null" if client is None else _escape(client)}, '
-            f'"user": {"null" if user is None else _escape(user)}, '
-            f'"user_agent": {"null" if user_agent is None else _escape(user_agent)}, '
-            f'"event": "request", "level": "info", '
-            f'"timestamp": "{self._stamp}.{int((now - second) * 1_000_000):06d}Z"}}\n'
+        self._pending.append(
+            (
+                time.time_ns(),
+                request_id,
+                method,
+                path,
+                status,
+                sent,
+                duration_ms,
+                cache,
+                ns,
+                client,
+                user,
+                user_agent,
+            )
         )
-        self._pending.append(line)
-        self._size += len(line)
-        if self._size >= self._limit:
+        if len(self._pending) >= ACCESS_LINES:
             self.flush()
         elif self._timer is None:
             with contextlib.suppress(RuntimeError):  # no loop: the next line or exit writes
                 loop = asyncio.get_running_loop()
                 self._timer = loop.call_later(ACCESS_DELAY, self.flush)
+
+    def _line(self, entry: _Entry) -> str:
+        (
+            stamp,
+            request_id,
+            method,
+            path,
+            status,
+            sent,
+            duration_ms,
+            cache,
+            ns,
+            client,
+            user,
+            user_agent,
+        ) = entry
+        second, micro = divmod(stamp // 1000, 1_000_000)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        quoted, clipped = self._quoted.get, self._clipped.get
+        quoted_id = "null" if request_id is None else f'"{request_id}"'  # unique: not kept
+        return (
+            f'{{{self._bound}"request_id": {quoted_id}, '
+            f'"method": "{method}", "path": {quoted(path) or self._quote(path)}, '
+            f'"status": {status}, "bytes": {sent}, "duration_ms": {duration_ms:.2f}, '
+            f'"cache": {quoted(cache) or self._quote(cache)}, '
+            f'"ns": {clipped(ns) or self._clip(ns)}, '
+            f'"client": {quoted(client) or self._quote(client)}, '
+            f'"user": {quoted(user) or self._quote(user)}, '
+            f'"user_agent": {clipped(user_agent) or self._clip(user_agent)}, '
+            f'"event": "request", "level": "info", '
+            f'"timestamp": "{self._stamp}.{micro:06d}Z"}}\n'
+        )
+
+    def _quote(self, value: str | None) -> str:
+        """``value`` as a JSON string, remembered for the next lines."""
+        return _remember(self._quoted, value, value)
+
+    def _clip(self, value: str | None) -> str:
+        """``value`` cut short (``clip``) as a JSON string, remembered for the next lines."""
+        return _remember(self._clipped, value, clip(value))
 
     def flush(self) -> None:
         if self._timer is not None:
@@ -215,10 +280,10 @@ class AccessLog:
             self._timer = None
         if not self._pending or self._fd is None:
             return
-        lines, self._pending, self._size = self._pending, [], 0
+        entries, self._pending = self._pending, []
         chunk: list[str] = []
         size = 0
-        for line in lines:
+        for line in map(self._line, entries):
             if size + len(line) > self._limit and chunk:
                 self._write("".join(chunk))
                 chunk, size = [], 0
@@ -235,6 +300,20 @@ class AccessLog:
 
 
 _escape: Callable[[str], str] = encode_basestring_ascii  # a JSON string, quotes included
+
+
+def _remember(strings: dict[str | None, str], key: str | None, value: str | None) -> str:
+    if len(strings) >= QUOTED_STRINGS:
+        strings.clear()
+        strings[None] = "null"
+    assert value is not None, "None is always remembered"
+    quoted = strings[key] = _escape(value)
+    return quoted
+
+
+def clip(value: str | None) -> str | None:
+    """Client input cut short: a header of 8 KiB must not become a line of 8 KiB."""
+    return value if value is None or len(value) <= MAX_LOGGED else value[:MAX_LOGGED] + "..."
 
 
 ACCESS = AccessLog()

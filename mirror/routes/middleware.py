@@ -19,7 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from mirror.errors import NotFound, RegistryError, Unsupported
-from mirror.logs import ACCESS, REQUEST_ID, LogThrottle
+from mirror.logs import ACCESS, REQUEST_ID, LogThrottle, clip
 from mirror.routes.access import admit
 from mirror.routes.state import EXCHANGE, LOG_THROTTLE, METRICS, Exchange
 
@@ -37,8 +37,6 @@ _request_numbers = itertools.count(1)
 # nginx's status for "the client closed the connection before the answer": for the access
 # log and the metrics, never sent.
 CLIENT_CLOSED_REQUEST = 499
-# Characters of a client-chosen value (user agent, ns) an access-log line carries.
-MAX_LOGGED = 200
 
 
 def error_response(error: RegistryError) -> web.Response:
@@ -168,20 +166,18 @@ class AccessLogger(AbstractAccessLogger):
             if response.status == HTTPStatus.BAD_REQUEST:
                 return  # the server logger's throttled line reports it
             exchange = Exchange(None)
-        ns, agent = exchange.registry, request.headers.get("User-Agent")
         ACCESS.request(
-            request_id=exchange.id,
-            method=request.method,
-            path=request.path,
-            status=response.status,
-            sent=_body_bytes(request, response, exchange),
-            duration_ms=time * 1000,
-            cache=exchange.cache,
-            # Client input, cut short: a header of 8 KiB must not become a line of 8 KiB.
-            ns=ns if ns is None or len(ns) <= MAX_LOGGED else _clip(ns),
-            client=request.remote,
-            user=exchange.user,
-            user_agent=agent if agent is None or len(agent) <= MAX_LOGGED else _clip(agent),
+            exchange.id,
+            request.method,
+            request.path,
+            response.status,
+            _body_bytes(request, response, exchange),
+            time * 1000,
+            exchange.cache,
+            exchange.registry,
+            request.remote,
+            exchange.user,
+            request.headers.get("User-Agent"),
         )
 
     @property
@@ -209,9 +205,9 @@ class _ServerLogFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, HttpProcessingError):
-            event, reason = "request_rejected", _clip(error.message.splitlines()[0])
+            event, reason = "request_rejected", clip(error.message.splitlines()[0])
         elif isinstance(error, ConnectionError):
-            event, reason = "client_connection_lost", _clip(str(error))
+            event, reason = "client_connection_lost", clip(str(error))
         else:
             return True
         kind = type(error).__name__
@@ -222,10 +218,6 @@ class _ServerLogFilter(logging.Filter):
                 event, error=kind, reason=reason, client=client, suppressed=suppressed
             )
         return False
-
-
-def _clip(value: str | None) -> str | None:
-    return value if value is None or len(value) <= MAX_LOGGED else value[:MAX_LOGGED] + "..."
 
 
 def _body_bytes(request: web.BaseRequest, response: web.StreamResponse, exchange: Exchange) -> int:

@@ -127,8 +127,11 @@ async def manifest(
 
 def _manifest_response(request: web.Request, found: Manifest) -> web.Response:
     headers = _manifest_headers(found.digest, found.media_type)
+    exchange = request[EXCHANGE]
     if request.headers.get("If-None-Match") == headers["ETag"]:
+        exchange.sent = 0
         return web.Response(status=304, headers=headers)
+    exchange.sent = 0 if request.method == "HEAD" else len(found.body)
     return web.Response(body=found.body, headers=headers)
 
 
