@@ -36,6 +36,7 @@ class Metrics:
         self._tally: dict[tuple[str, str, int, str], int] = {}
         self._shared = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # --workers
         self._durations: dict[str, list[float]] = {}
+        self._served: dict[str, int] = {}  # blob bytes by source
         self.requests = Counter(
             "mirror_requests",
             "Client requests by route, method, status and cache outcome.",
@@ -178,7 +179,7 @@ class Metrics:
         ``flush``, before a render or (--workers) once per turn of the event loop: its every
         update takes a lock, and a histogram's walks the buckets in Python, which together
         cost more than answering a cached manifest."""
-        if not self._tally and self._shared:
+        if not self._tally and not self._served and self._shared:
             # Another worker may render the shared files at any moment: hand these on as
             # soon as the event loop has run what is ready now.
             asyncio.get_running_loop().call_soon(self.flush)
@@ -190,8 +191,17 @@ class Metrics:
         durations[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the last but one is +Inf
         durations[-1] += seconds
 
+    def count_bytes_served(self, source: str, sent: int) -> None:
+        """Blob bytes sent to a client, tallied like ``count_request``."""
+        if not self._tally and not self._served and self._shared:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._served[source] = self._served.get(source, 0) + sent
+
     def flush(self) -> None:
         """Hand the tallied requests to prometheus-client."""
+        served, self._served = self._served, {}
+        for source, sent in served.items():
+            self.bytes_served.labels(source).inc(sent)
         tally, self._tally = self._tally, {}
         for (route, method, status, cache), count in tally.items():
             self.requests.labels(route, method, str(status), cache).inc(count)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mirror.errors import DigestInvalid, ManifestUnknown, NameInvalid, TagInvalid
 
@@ -49,9 +49,18 @@ def validate_tag(raw: str) -> str:
 class Digest:
     algorithm: str
     hex: str
+    # "algorithm:hex", made once: a digest is a key, a header and a log field of every blob
+    # request, and one object serves all the requests for its path (``v2._parse_path``).
+    text: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text", f"{self.algorithm}:{self.hex}")
 
     def __str__(self) -> str:
-        return f"{self.algorithm}:{self.hex}"
+        return self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
 
     @classmethod
     def parse(cls, raw: str) -> Digest:

@@ -115,7 +115,7 @@ def answered(handler: Handler) -> Handler:
         )
         if route == "blob" and status in (200, 206):
             source = "cache" if exchange.cache == "hit" else "upstream"
-            metrics.bytes_served.labels(source).inc(_body_bytes(request, response, exchange))
+            metrics.count_bytes_served(source, _body_bytes(request, response, exchange))
         return response
 
     return answer

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -150,19 +151,28 @@ def _manifest_headers(digest: str, media_type: str) -> CIMultiDictProxy[str]:
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _blob_headers(digest: str) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(
+        CIMultiDict(
+            {
+                "Docker-Content-Digest": digest,
+                "Content-Type": BLOB_TYPE,
+                "ETag": f'"{digest}"',
+                "Accept-Ranges": "bytes",
+                API_VERSION_HEADER: API_VERSION,
+                NOSNIFF_HEADER: NOSNIFF,
+                "Cache-Control": "max-age=31536000",
+            }
+        )
+    )
+
+
 async def blob(
     request: web.Request, registry: str, repository: str, digest: Digest
 ) -> web.StreamResponse:
     resolver = request.app[RESOLVER]
-    headers = {
-        "Docker-Content-Digest": str(digest),
-        "Content-Type": BLOB_TYPE,
-        "ETag": f'"{digest}"',
-        "Accept-Ranges": "bytes",
-        API_VERSION_HEADER: API_VERSION,
-        NOSNIFF_HEADER: NOSNIFF,
-        "Cache-Control": "max-age=31536000",
-    }
+    headers = _blob_headers(digest.text)
     if request.method == "HEAD":
         size = await resolver.blob_size(registry, repository, digest)
         request[EXCHANGE].cache = "hit" if resolver.blobs.size(digest) is not None else "miss"
@@ -187,7 +197,7 @@ async def _blob_body(
     registry: str,
     repository: str,
     digest: Digest,
-    headers: dict[str, str],
+    headers: Mapping[str, str],
 ) -> web.StreamResponse:
     resolver = request.app[RESOLVER]
     for _ in range(2):
@@ -208,7 +218,7 @@ async def _blob_body(
 
 
 def _ranged(
-    request: web.Request, headers: dict[str, str], size: int
+    request: web.Request, headers: Mapping[str, str], size: int
 ) -> tuple[web.StreamResponse, int, int]:
     """The response for the part of a blob the request asks for, with its (start, stop)."""
     response = web.StreamResponse(headers=headers)
@@ -223,7 +233,7 @@ def _ranged(
 
 
 async def _send_cached(
-    request: web.Request, digest: Digest, blob: CachedBlob, headers: dict[str, str]
+    request: web.Request, digest: Digest, blob: CachedBlob, headers: Mapping[str, str]
 ) -> web.StreamResponse:
     if blob.data is not None:  # a small blob, from memory: one write
         request[EXCHANGE].cache = "hit"
@@ -244,7 +254,7 @@ async def _send_cached(
     return response
 
 
-def _from_memory(request: web.Request, headers: dict[str, str], data: bytes) -> web.Response:
+def _from_memory(request: web.Request, headers: Mapping[str, str], data: bytes) -> web.Response:
     status, start, stop = 200, 0, len(data)
     byte_range = _parse_range(request.headers.get("Range"), len(data))
     if byte_range is not None:
@@ -358,7 +368,7 @@ class _Body:
 
 
 async def _stream_fill(
-    request: web.Request, fill: Fill, headers: dict[str, str]
+    request: web.Request, fill: Fill, headers: Mapping[str, str]
 ) -> web.StreamResponse:
     """Stream a blob that is still arriving from upstream, from the bytes already on disk."""
     if fill.size is None:
