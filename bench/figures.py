@@ -385,10 +385,14 @@ def _proxy_crowd(lab: Lab, clients: int) -> Crowd:
     return crowd
 
 
-def concurrent_pulls(lab: Lab, clients: int, one_cold: float) -> list[Row]:
+def concurrent_pulls(lab: Lab, clients: int, one_cold: float, nginx: Service) -> list[Row]:
     cold, warm = _mirror_crowd(lab, clients)
     peer = _proxy_crowd(lab, clients)
-    reps = lab.plan.concurrent_repetitions
+    big, reps = lab.images["big"], lab.plan.concurrent_repetitions
+    nginx_walls = [
+        fetch_parallel(lab.blob_url(nginx, big), clients, expect_size=big.layer.size).wall
+        for _ in range(reps)
+    ]
     label = f"{clients} concurrent cold pulls, {lab.plan.link_mib:g} MiB/s link"
     wall, warm_wall = median(cold.walls), median(warm.walls)
     rows = [
@@ -427,6 +431,17 @@ def concurrent_pulls(lab: Lab, clients: int, one_cold: float) -> list[Row]:
             repetitions=reps,
             note="the delivery floor: what the same clients take from cache",
             samples={"mirror": cold.walls, "warm": warm.walls},
+        ),
+        row(
+            f"{clients} concurrent warm pulls: wall vs nginx",
+            "s",
+            warm_wall,
+            reference=median(nginx_walls),
+            reference_name=f"nginx, {clients} clients",
+            ratio=report.ratio_of(warm_wall, median(nginx_walls)),
+            repetitions=reps,
+            note="this machine's own floor for serving the crowd",
+            samples={"mirror": warm.walls, "nginx": nginx_walls},
         ),
     ]
     if clients == 50:

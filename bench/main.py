@@ -83,14 +83,14 @@ def measure(lab: Lab) -> list[Row]:
     lab.discard(mirror)
     lab.discard(proxy)
     rows += _step("7. the defaults and their cost", lambda: figures.defaults(lab, nginx))
-    lab.stop(nginx)
     cold_rows, one_cold = _step("3. cold pull", lambda: figures.cold_pull(lab))
     rows += cold_rows
     for clients in plan.concurrency:
         rows += _step(
             f"4/5. {clients} concurrent cold pulls",
-            lambda n=clients: figures.concurrent_pulls(lab, n, one_cold),  # type: ignore[misc]
+            lambda n=clients: figures.concurrent_pulls(lab, n, one_cold, nginx),  # type: ignore[misc]
         )
+    lab.stop(nginx)
     rows += _step("6. --workers N", lambda: figures.workers_scaling(lab))
     rows += _step("8. a whole pull by containerd", lambda: figures.whole_pull(lab))
     return rows
