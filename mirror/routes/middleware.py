@@ -171,7 +171,7 @@ class AccessLogger(AbstractAccessLogger):
             request.method,
             request.path,
             response.status,
-            _body_bytes(request, response, exchange),
+            _body_bytes(request, response, exchange) if exchange.sent is None else exchange.sent,
             time * 1000,
             exchange.cache,
             exchange.registry,
@@ -221,8 +221,8 @@ class _ServerLogFilter(logging.Filter):
 
 
 def _body_bytes(request: web.BaseRequest, response: web.StreamResponse, exchange: Exchange) -> int:
+    if exchange.sent is not None:  # what a handler counted (0 for HEAD and 304)
+        return exchange.sent
     if request.method == "HEAD" or response.status in (204, 304):
         return 0
-    if exchange.sent is not None:
-        return exchange.sent
     return response.content_length or 0
