@@ -186,7 +186,6 @@ def run(root: Path, size: int, images: int, runs: int) -> None:
             before_export,
             lambda bundle=bundle: mirror("export", "--data-dir", str(data), "-o", str(bundle)),
         )
-
         def before_import(bundle: Path = bundle, target: Path = target) -> None:
             shutil.rmtree(target, ignore_errors=True)
             drop_cache(bundle)

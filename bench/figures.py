@@ -658,9 +658,6 @@ def _defaults_rows(
 
 # 8. A whole pull by containerd -----------------------------------------------------------
 
-WHOLE_PULL_TIMEOUT = 300.0
-
-
 def whole_pull(lab: Lab) -> list[Row]:
     """The many-layer image pulled by ``ctr images pull`` (containerd 1.6, what Kubernetes
     nodes run) through a warm mirror and straight from the upstream registry, taking turns;

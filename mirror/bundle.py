@@ -155,8 +155,8 @@ async def _content(
             elif found.digest not in content.manifests:
                 pending.append(found)
         for blob in refs.blobs:
-            content.blobs[blob.digest] = (
-                blob.size if blob.size is not None else blob_size(blob.digest)
+            content.blobs[blob.digest] = blob.size if blob.size is not None else blob_size(
+                blob.digest
             )
     return content
 
@@ -398,7 +398,9 @@ async def import_layout(
     for candidate in candidates:
         if candidate.content is not None:
             needed.update(candidate.content.blobs)
-    wanted = {d: s for d, s in needed.items() if engine.blobs.size(Digest.parse(d)) is None}
+    wanted = {
+        d: s for d, s in needed.items() if engine.blobs.size(Digest.parse(d)) is None
+    }
     report.present = len(needed) - len(wanted)
     total(sum(plan.members.get(d, 0) for d in wanted))
     failed: dict[str, str] = dict.fromkeys(plan.corrupt, "corrupt in the bundle")
@@ -443,10 +445,8 @@ async def _candidate(engine: Engine, plan: _Plan, entry: Entry) -> _Candidate:
     except (ValueError, RegistryError) as exc:
         candidate.result.error = f"not an image reference: {getattr(exc, 'message', exc)}"
         return candidate
-    reference = (
-        str(name)
-        if name.digest is None
-        else str(ImageName(name.registry, name.repository, None, entry.digest))
+    reference = str(name) if name.digest is None else str(
+        ImageName(name.registry, name.repository, None, entry.digest)
     )
     candidate.result.reference = reference
 
@@ -462,7 +462,9 @@ async def _candidate(engine: Engine, plan: _Plan, entry: Entry) -> _Candidate:
             raise _Unusable(
                 f"manifest {entry.digest}: not in the bundle and not held by the mirror"
             )
-        content = await _content(reference, top, find, lambda digest: plan.members.get(digest, 0))
+        content = await _content(
+            reference, top, find, lambda digest: plan.members.get(digest, 0)
+        )
     except _Unusable as exc:
         candidate.result.error = str(exc)
         return candidate

@@ -208,7 +208,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="blob downloads one client address may have under way (default 64)",
     )
-    serve.add_argument("--event-loop", help="auto (uvloop when installed), uvloop or asyncio")
+    serve.add_argument(
+        "--event-loop", help="auto (uvloop when installed), uvloop or asyncio"
+    )
     serve.add_argument(
         "--offline",
         action="store_const",
@@ -373,7 +375,9 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mirror: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return asyncio.run(commands.export_bundle(settings, args.output, patterns, since=args.since))
+    return asyncio.run(
+        commands.export_bundle(settings, args.output, patterns, since=args.since)
+    )
 
 
 def _import(settings: Settings, args: argparse.Namespace) -> int:

@@ -140,7 +140,9 @@ def _stamp(info: os.stat_result) -> tuple[int, int, int]:
 
 class FailedLogins:
     def __init__(self) -> None:
-        self._failures: TTLCache[str, list[float]] = TTLCache(TRACKED_ADDRESSES, ttl=FAILURE_WINDOW)
+        self._failures: TTLCache[str, list[float]] = TTLCache(
+            TRACKED_ADDRESSES, ttl=FAILURE_WINDOW
+        )
 
     def delay(self, address: str) -> float:
         """How long to hold this address's next answer."""

@@ -195,7 +195,9 @@ class Fills:
         self._active.pop(fill.digest, None)
         self._on_change(len(self._active))
 
-    async def _fill(self, fill: Fill, client: Upstream, repository: str, lease: Lease) -> None:
+    async def _fill(
+        self, fill: Fill, client: Upstream, repository: str, lease: Lease
+    ) -> None:
         partial: Partial | None = None
         try:
             async with client.open_blob(repository, fill.digest) as response:

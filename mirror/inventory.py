@@ -58,14 +58,8 @@ async def images(engine: Engine, patterns: Sequence[Pin] = ()) -> list[Image]:
     """The tagged images, and the manifests pinned by digest, matching any of ``patterns``
     (all of them without one)."""
     found = [
-        Image(
-            t.registry,
-            t.repository,
-            t.tag,
-            t.record.digest,
-            t.record.media_type,
-            t.record.checked_at,
-        )
+        Image(t.registry, t.repository, t.tag, t.record.digest, t.record.media_type,
+              t.record.checked_at)
         for t in await engine.store.list_tags()
     ]
     for pin in await current_pins(engine):
@@ -81,9 +75,8 @@ async def images(engine: Engine, patterns: Sequence[Pin] = ()) -> list[Image]:
         image
         for image in found
         if not patterns
-        or any(
-            p.matches(image.registry, image.repository, image.tag, image.digest) for p in patterns
-        )
+        or any(p.matches(image.registry, image.repository, image.tag, image.digest)
+               for p in patterns)
     ]
 
 

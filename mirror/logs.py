@@ -56,9 +56,9 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
 
 
-# The id of the request being answered, for every line logged while answering it. Set by the
-# registry middleware: one ContextVar.set per request, where binding through structlog costs
-# several calls; read only when a line is logged.
+# The id of the request being answered, for every line logged while answering it. Set by
+# ``routes.middleware.answered``: one ContextVar.set per request, where binding through
+# structlog costs several calls; read only when a line is logged.
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 

@@ -179,10 +179,7 @@ class Metrics:
         ``flush``, before a render or (--workers) once per turn of the event loop: its every
         update takes a lock, and a histogram's walks the buckets in Python, which together
         cost more than answering a cached manifest."""
-        if not self._tally and not self._served and self._shared:
-            # Another worker may render the shared files at any moment: hand these on as
-            # soon as the event loop has run what is ready now.
-            asyncio.get_running_loop().call_soon(self.flush)
+        self._flush_soon()
         key = (route, method, status, cache)
         self._tally[key] = self._tally.get(key, 0) + 1
         durations = self._durations.get(route)
@@ -193,9 +190,15 @@ class Metrics:
 
     def count_bytes_served(self, source: str, sent: int) -> None:
         """Blob bytes sent to a client, tallied like ``count_request``."""
-        if not self._tally and not self._served and self._shared:
-            asyncio.get_running_loop().call_soon(self.flush)
+        self._flush_soon()
         self._served[source] = self._served.get(source, 0) + sent
+
+    def _flush_soon(self) -> None:
+        """With --workers another worker may render the shared files at any moment: the
+        first tally after a flush has the next one run as soon as the event loop has run
+        what is ready now."""
+        if self._shared and not self._tally and not self._served:
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         """Hand the tallied requests to prometheus-client."""

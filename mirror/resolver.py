@@ -153,7 +153,9 @@ class Resolver:
                 )
             else:
                 assert reference.tag is not None
-                manifest, outcome = await self._by_tag(client, registry, repository, reference.tag)
+                manifest, outcome = await self._by_tag(
+                    client, registry, repository, reference.tag
+                )
         except NameUnknown as exc:
             await self._remember_unknown(registry, repository, exc)
             raise
@@ -514,7 +516,7 @@ class Resolver:
         if "n" in query:
             size = int(query["n"])
             if len(tags) > size:
-                link = f'<?{urlencode({"n": size, "last": tags[size - 1]})}>; rel="next"'
+                link = f"<?{urlencode({'n': size, 'last': tags[size - 1]})}>; rel=\"next\""
             tags = tags[:size]
         body = json.dumps({"name": repository, "tags": tags}).encode()
         return TagsPage(body, "application/json", link)

@@ -20,9 +20,8 @@ from mirror.routes.state import EXCHANGE, FAILED_LOGINS, HTPASSWD, SETTINGS
 
 
 async def admit(request: web.Request) -> None:
-    """Called by the registry middleware before every handler (one middleware costs less
-    than two on every request): charge the request to its client address, and ask for a
-    login where one is needed."""
+    """Called by ``middleware.answered`` before every handler: charge the request to its
+    client address, and ask for a login where one is needed."""
     CLIENT.set(request.remote)
     if request.app[SETTINGS].auth is not None and _protected(request):
         await _authenticate(request)

@@ -162,7 +162,7 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         try:
             exchange = request[EXCHANGE]
-        except KeyError:  # the HTTP parser refused it, or it never reached the middleware
+        except KeyError:  # the HTTP parser refused it, or it never reached a handler
             if response.status == HTTPStatus.BAD_REQUEST:
                 return  # the server logger's throttled line reports it
             exchange = Exchange(None)

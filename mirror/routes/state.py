@@ -45,6 +45,6 @@ class Exchange:
     sent: int | None = None  # body bytes a handler streamed itself
 
 
-# Set by the registry middleware on every request that reaches it (a request the HTTP parser
-# refused has none).
+# Set by ``middleware.answered`` on every request that reaches a handler (a request the HTTP
+# parser refused has none).
 EXCHANGE = web.RequestKey("exchange", Exchange)

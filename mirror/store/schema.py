@@ -73,7 +73,8 @@ def edge_rows(registry: str, repository: str, digest: str, refs: References) -> 
         for child in refs.children
     ]
     rows += [
-        (registry, repository, digest, blob.digest, "blob", blob.size, None) for blob in refs.blobs
+        (registry, repository, digest, blob.digest, "blob", blob.size, None)
+        for blob in refs.blobs
     ]
     return rows
 

@@ -324,7 +324,9 @@ class UpstreamClient:
         if challenge.scheme != "bearer":
             return challenge  # Basic: the credentials go to the registry itself
         if self._realm is None:
-            async with self._session.get(f"{self.base_url}/v2/", allow_redirects=False) as response:
+            async with self._session.get(
+                f"{self.base_url}/v2/", allow_redirects=False
+            ) as response:
                 own = parse_challenge(response.headers.get("WWW-Authenticate", ""))
             if own is None or own.scheme != "bearer":
                 raise UpstreamError(
@@ -337,7 +339,9 @@ class UpstreamClient:
             realm.scheme == "http" and urlsplit(self.base_url).scheme == "http"
         )
         if challenge.realm != self._realm or not secure_enough:
-            log.warning("upstream_realm_refused", upstream=self.name, realm=challenge.realm[:200])
+            log.warning(
+                "upstream_realm_refused", upstream=self.name, realm=challenge.realm[:200]
+            )
             raise UpstreamError(
                 "the upstream named a token realm other than its own; no credentials sent",
                 detail={"upstream": self.name},
@@ -380,10 +384,9 @@ class UpstreamClient:
 
     async def _ping(self) -> bool:
         """The circuit breaker's probe: does the upstream answer HTTP at all, in time?"""
-        async with (
-            asyncio.timeout(self._request_timeout),
-            self._session.get(f"{self.base_url}/v2/", allow_redirects=False) as response,
-        ):
+        async with asyncio.timeout(self._request_timeout), self._session.get(
+            f"{self.base_url}/v2/", allow_redirects=False
+        ) as response:
             return response.status < 500
 
 
