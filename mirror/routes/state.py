@@ -38,6 +38,7 @@ class Exchange:
     mapping costs a method call per read on every request."""
 
     id: str | None
+    started: float = 0.0  # time.perf_counter() when its handler began; 0.0 if none did
     route: str = "other"  # which API route it hit
     registry: str | None = None  # the upstream registry it is for (its ``ns``)
     cache: str | None = None  # the cache outcome: hit, miss, stale, ...

@@ -62,6 +62,31 @@ async def test_the_log_says_where_it_listens_and_who_asked_what_of_which_registr
     assert hub["ns"] == "docker.io"
 
 
+async def test_the_access_line_times_each_request_to_a_hundredth_of_a_millisecond(
+    fake_hub: FakeHub, process: MirrorProcess
+) -> None:
+    # The process runs on its default loop, uvloop, whose loop.time() moves in whole
+    # milliseconds: durations taken from it read 0.00, 1.00 or 2.00 for a cached tag.
+    layer = make_random_layer(4 * 64 * 1024, seed=203)  # four of the fake Hub's chunks
+    fake_hub.add_image("library/timed", "1.0", make_image([layer]))
+    fake_hub.blob_delay_per_chunk = 0.1
+    manifest = f"{process.url}/v2/library/timed/manifests/1.0"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(12):
+            async with session.get(manifest) as response:
+                assert response.status == 200
+        async with session.get(f"{process.url}/v2/library/timed/blobs/{layer.digest}") as blob:
+            assert await blob.read() == layer.data
+
+    lines = [line for line in process.access_log() if "/library/timed/" in str(line["path"])]
+    hits = [float(str(line["duration_ms"])) for line in lines if line["cache"] == "hit"]
+    assert len(hits) == 11
+    assert all(0 < duration < 1000 for duration in hits), hits
+    assert not all(duration.is_integer() for duration in hits), hits
+    [slow] = [line for line in lines if "/blobs/" in str(line["path"])]
+    assert 390 <= float(str(slow["duration_ms"])) < 5000, slow
+
+
 async def test_readyz_and_the_upstream_gauges_before_and_after_contact(
     fake_hub: FakeHub, process: MirrorProcess
 ) -> None:
