@@ -7,10 +7,11 @@ median are kept in the rows' ``samples`` for the JSON.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import time
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import median
 
@@ -26,7 +27,7 @@ from bench.clients import (
     wrk,
 )
 from bench.content import MANY_LAYERS, Image
-from bench.lab import Lab, supports_workers, wait_stored
+from bench.lab import Lab, cpu_ticks, steal_share, supports_workers, wait_stored
 from bench.report import Row, row
 from bench.services import Mirror, Registry, Service
 
@@ -102,6 +103,7 @@ def warm_blob(lab: Lab, mirror: Mirror, proxy: Registry, nginx: Service) -> list
 class WrkRuns:
     results: list[WrkResult]
     upstream_requests: list[int]
+    steal: list[float] = field(default_factory=list)  # share of the CPU the host took
 
     @property
     def rate(self) -> float:
@@ -145,19 +147,33 @@ def _load(lab: Lab, url: str, method: str, tool: str) -> WrkResult:
     )
 
 
-def _load_runs(lab: Lab, jobs: dict[str, tuple[str, str]], method: str) -> dict[str, WrkRuns]:
-    """Each job (URL, tool) in turn, per repetition, counting what reached the upstream.
+def _load_runs(
+    lab: Lab, jobs: dict[str, tuple[str, str]], method: str, repetitions: int = 0
+) -> dict[str, WrkRuns]:
+    """Each job (URL, tool) in turn, per repetition, counting what reached the upstream and
+    how much of the CPU the VM's host took meanwhile (steal).
 
     The tool is wrk, or ``bench.headload`` for HEAD, which wrk cannot measure.
     """
     log = AccessLog(lab.upstream.access_log)
     runs = {name: WrkRuns([], []) for name in jobs}
-    for _ in range(lab.plan.wrk_repetitions):
+    for _ in range(repetitions or lab.plan.wrk_repetitions):
         for name, (url, tool) in jobs.items():
-            mark = log.mark()
+            mark, ticks = log.mark(), cpu_ticks()
             runs[name].results.append(_load(lab, url, method, tool))
+            runs[name].steal.append(steal_share(ticks, cpu_ticks()))
             runs[name].upstream_requests.append(len(log.settle(mark)))
     return runs
+
+
+def paired_ratio(mine: WrkRuns, theirs: WrkRuns) -> float | None:
+    """The median of the ratios of runs made one after the other: on a VM whose speed drifts
+    between repetitions, each pair saw about the same machine."""
+    pairs = zip(mine.results, theirs.results, strict=True)
+    ratios = [
+        a.requests_per_second / b.requests_per_second for a, b in pairs if b.requests_per_second
+    ]
+    return median(ratios) if ratios else None
 
 
 def warm_manifests(lab: Lab, mirror: Mirror, proxy: Registry) -> list[Row]:
@@ -527,6 +543,9 @@ def _workers_row(lab: Lab, method: str, runs: dict[int, WrkRuns]) -> Row:
 # 7. The defaults, and what they cost -------------------------------------------------------
 
 CPU_FETCHES = 4  # warm fetches of the large blob per CPU measurement
+# Pairs of tag GET runs, defaults and access log off: their ratio is the issue's target, and
+# a 10% effect needs more pairs than the other figures on a VM whose speed drifts.
+DEFAULTS_REPETITIONS = 5
 
 
 def defaults(lab: Lab, nginx: Service) -> list[Row]:
@@ -545,7 +564,10 @@ def defaults(lab: Lab, nginx: Service) -> list[Row]:
             fetch(lab.blob_url(mirror, big), expect_size=big.layer.size)
             fetch(lab.blob_url(mirror, small), expect_size=small.layer.size)
         manifests = _load_runs(
-            lab, {n: (lab.manifest_url(m, small), "wrk") for n, m in mirrors.items()}, "GET"
+            lab,
+            {n: (lab.manifest_url(m, small), "wrk") for n, m in mirrors.items()},
+            "GET",
+            repetitions=max(DEFAULTS_REPETITIONS, lab.plan.wrk_repetitions),
         )
         blobs = _load_runs(
             lab,
@@ -571,15 +593,36 @@ def defaults(lab: Lab, nginx: Service) -> list[Row]:
     return _defaults_rows(lab, manifests, blobs, times, cpu)
 
 
-def _cpu_per_gib(lab: Lab, service: Service, url: str, size: int) -> list[float]:
-    samples = []
+@dataclass
+class CpuPerGib:
+    """CPU seconds per GiB of one blob fetched warm: the server's processes, and curl's."""
+
+    server: list[float] = field(default_factory=list)
+    client: list[float] = field(default_factory=list)
+
+    @property
+    def delivery(self) -> list[float]:
+        """Both sides together. On loopback the kernel's work of moving the bytes is charged
+        to whichever side is running when it is done; the sum is what the machine spent."""
+        return [s + c for s, c in zip(self.server, self.client, strict=True)]
+
+
+def _cpu_per_gib(lab: Lab, service: Service, url: str, size: int) -> CpuPerGib:
+    samples = CpuPerGib()
+    gib = CPU_FETCHES * size / (1024 * MIB)
     for _ in range(lab.plan.blob_repetitions):
-        before = lab.process_cpu(service)
+        before, children = lab.process_cpu(service), _children_cpu()
         for _ in range(CPU_FETCHES):
             fetch(url, expect_size=size)
-        used = lab.process_cpu(service) - before
-        samples.append(used / (CPU_FETCHES * size / (1024 * MIB)))
+        samples.server.append((lab.process_cpu(service) - before) / gib)
+        samples.client.append((_children_cpu() - children) / gib)
     return samples
+
+
+def _children_cpu() -> float:
+    """CPU seconds of the bench's finished child processes (the curls): user and system."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _defaults_rows(
@@ -587,15 +630,16 @@ def _defaults_rows(
     manifests: dict[str, WrkRuns],
     blobs: dict[str, WrkRuns],
     times: dict[str, list[float]],
-    cpu: dict[str, list[float]],
+    cpu: dict[str, CpuPerGib],
 ) -> list[Row]:
-    reps = lab.plan.wrk_repetitions
+    reps = len(manifests["defaults"].results)
     on, off = manifests["defaults"].rate, manifests["access log off"].rate
     slow = manifests["asyncio loop"].rate
     uv, plain = median(times["uvloop"]), median(times["asyncio"])
-    mine, theirs = median(cpu["mirror"]), median(cpu["nginx"])
     small_size = lab.images["small"].layer.size
     small_label = f"small blob GET ({small_size:,} bytes), {lab.plan.wrk_connections} conns"
+    steal = max(s for runs in manifests.values() for s in runs.steal)
+    rates = {n: [r.requests_per_second for r in w.results] for n, w in manifests.items()}
     return [
         row(
             "tag manifest GET, defaults (access log on) vs access log off",
@@ -603,11 +647,12 @@ def _defaults_rows(
             on,
             reference=off,
             reference_name="access log off",
-            ratio=report.ratio_of(on, off),
+            ratio=paired_ratio(manifests["defaults"], manifests["access log off"]),
             target=report.rate_and_ratio(15000, 0.9, "log off"),
             repetitions=reps,
-            note=f"p99 {manifests['defaults'].p99:.2f} ms",
-            samples={n: [r.requests_per_second for r in w.results] for n, w in manifests.items()},
+            note=f"ratio: median of {reps} pairs run back to back; "
+            f"p99 {manifests['defaults'].p99:.2f} ms; CPU steal up to {steal:.0%}",
+            samples=rates,
         ),
         row(
             "tag manifest GET, uvloop (default) vs asyncio loop",
@@ -615,9 +660,10 @@ def _defaults_rows(
             on,
             reference=slow,
             reference_name="asyncio loop",
-            ratio=report.ratio_of(on, slow),
+            ratio=paired_ratio(manifests["defaults"], manifests["asyncio loop"]),
             target=report.at_least_ratio(1.0, "asyncio"),
             repetitions=reps,
+            note="ratio: median of the pairs",
         ),
         row(
             f"warm blob {lab.images['big'].layer.size / MIB:,.0f} MiB, uvloop vs asyncio loop",
@@ -638,9 +684,17 @@ def _defaults_rows(
             reference_name="nginx",
             ratio=report.ratio_of(blobs["mirror"].rate, blobs["nginx"].rate),
             target=report.Target("≥ 10,000/s", lambda value, _: value >= 10000),
-            repetitions=reps,
+            repetitions=lab.plan.wrk_repetitions,
             samples={n: [r.requests_per_second for r in w.results] for n, w in blobs.items()},
         ),
+        *_cpu_rows(lab, cpu),
+    ]
+
+
+def _cpu_rows(lab: Lab, cpu: dict[str, CpuPerGib]) -> list[Row]:
+    mine, theirs = median(cpu["mirror"].server), median(cpu["nginx"].server)
+    both, theirs_both = median(cpu["mirror"].delivery), median(cpu["nginx"].delivery)
+    return [
         row(
             "CPU per GiB of warm blob served vs nginx",
             "s",
@@ -651,12 +705,26 @@ def _defaults_rows(
             target=report.at_most_ratio(1.2, "nginx"),
             repetitions=lab.plan.blob_repetitions,
             note="CPU seconds of the server process(es), user and system",
-            samples=cpu,
+            samples={n: c.server for n, c in cpu.items()},
+        ),
+        row(
+            "CPU per GiB delivered, server + client (curl), vs nginx + curl",
+            "s",
+            both,
+            reference=theirs_both,
+            reference_name="nginx",
+            ratio=report.ratio_of(both, theirs_both),
+            repetitions=lab.plan.blob_repetitions,
+            note=f"curl's share: {median(cpu['mirror'].client):.3f} s from the mirror, "
+            f"{median(cpu['nginx'].client):.3f} s from nginx (loopback charges the kernel's "
+            "delivery work to whichever side runs)",
+            samples={f"{n} client": c.client for n, c in cpu.items()},
         ),
     ]
 
 
 # 8. A whole pull by containerd -----------------------------------------------------------
+
 
 def whole_pull(lab: Lab) -> list[Row]:
     """The many-layer image pulled by ``ctr images pull`` (containerd 1.6, what Kubernetes

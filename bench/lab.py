@@ -153,3 +153,20 @@ def supports_workers(mirror_executable: str) -> bool:
         [mirror_executable, "serve", "--help"], capture_output=True, timeout=60, check=False
     )
     return "--workers" in result.stdout.decode(errors="replace")
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, all) CPU ticks of the machine so far, from /proc/stat: steal is the time the
+    VM's host gave the CPUs to someone else, which slows every figure measured meanwhile."""
+    try:
+        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    steal = fields[7] if len(fields) > 7 else 0  # user nice system idle iowait irq softirq steal
+    return steal, sum(fields[:8])
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the CPU time between two ``cpu_ticks()`` that was stolen."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0

@@ -22,11 +22,20 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import content, figures, report
+from bench import content, figures, instructions, report
 from bench.lab import Lab, Plan, wait_stored
 from bench.report import Row
 
-REQUIRED = ("docker-registry", "skopeo", "nginx", "wrk", "curl", "containerd", "ctr")
+REQUIRED = (
+    "docker-registry",
+    "skopeo",
+    "nginx",
+    "wrk",
+    "curl",
+    "containerd",
+    "ctr",
+    *instructions.REQUIRED,
+)
 MIB = 1024 * 1024
 
 
@@ -93,6 +102,7 @@ def measure(lab: Lab) -> list[Row]:
     lab.stop(nginx)
     rows += _step("6. --workers N", lambda: figures.workers_scaling(lab))
     rows += _step("8. a whole pull by containerd", lambda: figures.whole_pull(lab))
+    rows += _step("9. instructions per request (callgrind)", lambda: instructions.figure(lab))
     return rows
 
 

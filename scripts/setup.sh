@@ -49,3 +49,13 @@ make_venv() {
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
     .venv/bin/python -m pip install -q -e '.[test]'
 }
+
+# What only the benchmarks need: valgrind counts instructions per request (bench.instructions).
+install_bench_packages() {
+    command -v valgrind >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind >/dev/null
+    else
+        echo "not installed: valgrind (bench/run.py needs it)"
+    fi
+}
