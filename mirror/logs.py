@@ -113,22 +113,14 @@ MAX_LOGGED = 200
 QUOTED_STRINGS = 4096
 
 
-# An access line's fields as a request leaves them: the time in nanoseconds, then the fields
-# of AccessLog.request in their order. Made into a line when written.
-_Entry = tuple[
-    int,
-    str | None,
-    str,
-    str,
-    int,
-    int,
-    float,
-    str | None,
-    str | None,
-    str | None,
-    str | None,
-    str | None,
-]
+# An access line's fields as a request leaves them: the time in nanoseconds, the request id,
+# the duration, then the rest of AccessLog.request's fields in their order. Those repeat from
+# line to line (the same client pulling the same kind of thing), and are made text once for
+# all the lines that share them. Made into a line when written.
+_Fields = tuple[str, str, int, int, str | None, str | None, str | None, str | None, str | None]
+_Entry = tuple[int, str | None, float, _Fields]
+# Three digits of a number, for the microseconds of a timestamp: int to text costs more.
+_DIGITS = tuple(f"{number:03d}" for number in range(1000))
 
 
 class AccessLog:
@@ -162,7 +154,10 @@ class AccessLog:
         # are and cut short.
         self._quoted: dict[str | None, str] = {None: "null"}
         self._clipped: dict[str | None, str] = {None: "null"}
-        self._numbers: dict[int, str] = {}
+        # The fields of recent lines as the text around the duration, and durations (in
+        # hundredths of a millisecond) as text.
+        self._fields: dict[_Fields, tuple[str, str]] = {}
+        self._durations: dict[int, str] = {}
 
     def configure(self, *, enabled: bool, fast: bool, fd: int | None) -> None:
         self.flush()
@@ -214,16 +209,8 @@ class AccessLog:
             (
                 time.time_ns(),
                 request_id,
-                method,
-                path,
-                status,
-                sent,
                 duration_ms,
-                cache,
-                ns,
-                client,
-                user,
-                user_agent,
+                (method, path, status, sent, cache, ns, client, user, user_agent),
             )
         )
         if len(self._pending) >= ACCESS_LINES:
@@ -234,51 +221,51 @@ class AccessLog:
                 self._timer = loop.call_later(ACCESS_DELAY, self.flush)
 
     def _line(self, entry: _Entry) -> str:
-        (
-            stamp,
-            request_id,
-            method,
-            path,
-            status,
-            sent,
-            duration_ms,
-            cache,
-            ns,
-            client,
-            user,
-            user_agent,
-        ) = entry
+        stamp, request_id, duration_ms, fields = entry
         second, micro = divmod(stamp // 1000, 1_000_000)
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        quoted, clipped, number = self._quoted.get, self._clipped.get, self._numbers.get
+        before, after = self._fields.get(fields) or self._made_fields(fields)
+        hundredths = int(duration_ms * 100 + 0.5)
+        duration = self._durations.get(hundredths) or self._duration(hundredths)
         quoted_id = "null" if request_id is None else f'"{request_id}"'  # unique: not kept
-        # An int made text costs as much as a dict lookup and the rest of a field together:
-        # statuses and sizes repeat, and six digits are the tail of seven.
+        micros = f"{_DIGITS[micro // 1000]}{_DIGITS[micro % 1000]}"
         return (
-            f'{{{self._bound}"request_id": {quoted_id}, '
+            f'{{{self._bound}"request_id": {quoted_id}, {before}"duration_ms": {duration}, '
+            f'{after}"timestamp": "{self._stamp}.{micros}Z"}}\n'
+        )
+
+    def _made_fields(self, fields: _Fields) -> tuple[str, str]:
+        """The text of a line's ``fields`` before and after its duration, remembered for the
+        next lines with the same fields."""
+        method, path, status, sent, cache, ns, client, user, user_agent = fields
+        quoted, clipped = self._quoted.get, self._clipped.get
+        text = (
             f'"method": "{method}", "path": {quoted(path) or self._quote(path)}, '
-            f'"status": {number(status) or self._number(status)}, '
-            f'"bytes": {number(sent) or self._number(sent)}, "duration_ms": {duration_ms:.2f}, '
+            f'"status": {status}, "bytes": {sent}, ',
             f'"cache": {quoted(cache) or self._quote(cache)}, '
             f'"ns": {clipped(ns) or self._clip(ns)}, '
             f'"client": {quoted(client) or self._quote(client)}, '
             f'"user": {quoted(user) or self._quote(user)}, '
             f'"user_agent": {clipped(user_agent) or self._clip(user_agent)}, '
-            f'"event": "request", "level": "info", '
-            f'"timestamp": "{self._stamp}.{str(micro + 1_000_000)[1:]}Z"}}\n'
+            f'"event": "request", "level": "info", ',
         )
+        if len(self._fields) >= QUOTED_STRINGS:
+            self._fields.clear()
+        self._fields[fields] = text
+        return text
+
+    def _duration(self, hundredths: int) -> str:
+        """Milliseconds to two places, as ``f"{ms:.2f}"`` makes them, remembered."""
+        if len(self._durations) >= QUOTED_STRINGS:
+            self._durations.clear()
+        text = self._durations[hundredths] = f"{hundredths // 100}.{hundredths % 100:02d}"
+        return text
 
     def _quote(self, value: str | None) -> str:
         """``value`` as a JSON string, remembered for the next lines."""
         return _remember(self._quoted, value, value)
-
-    def _number(self, value: int) -> str:
-        if len(self._numbers) >= QUOTED_STRINGS:
-            self._numbers.clear()
-        text = self._numbers[value] = str(value)
-        return text
 
     def _clip(self, value: str | None) -> str:
         """``value`` cut short (``clip``) as a JSON string, remembered for the next lines."""

@@ -61,3 +61,15 @@ def test_lines_keep_the_order_of_the_requests_across_writes(tmp_path: Path) -> N
         )
     ids = [line["request_id"] for line in lines_of(log, path)]
     assert ids == [f"id-{number}" for number in range(1000)]
+
+
+def test_durations_are_written_in_milliseconds_to_two_places(tmp_path: Path) -> None:
+    log, path = open_log(tmp_path)
+    durations = [0.0, 0.004, 0.006, 0.35, 1.0, 1.234, 99.999, 12345.678, 0.35]
+    for number, duration in enumerate(durations):
+        log.request(f"id-{number}", "GET", "/v2/", 200, 0, duration, None, None, None, None, None)
+    written = [line["duration_ms"] for line in lines_of(log, path)]
+    assert written == [0.0, 0.0, 0.01, 0.35, 1.0, 1.23, 100.0, 12345.68, 0.35]
+    text = path.read_text()
+    assert '"duration_ms": 0.01,' in text
+    assert '"duration_ms": 12345.68,' in text
