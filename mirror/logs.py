@@ -130,8 +130,10 @@ class AccessLog:
     Through structlog a line costs about as much as answering a cached manifest; made here
     it costs a tenth of that. A request leaves only its fields (``request``); they become
     lines together when written, up to ``ACCESS_LINES`` of them or ``ACCESS_DELAY`` after
-    the first: a client-chosen string seen before is not escaped again (json's C encoder
-    does it the first time), the timestamp's seconds are formatted once a second, and the
+    the first: the fields that repeat from line to line (all but the id, the duration and
+    the time) are made text once for every line that has them, a client-chosen string seen
+    before is not escaped again (json's C encoder does it the first time), the timestamp's
+    seconds are formatted once a second, and the
     lines share one write(2) of at most ``ACCESS_WRITE`` bytes (to a pipe:
     atomic, so workers' lines never cut into each other; to a file, up to
     ``ACCESS_WRITE_FILE``, where appends do not interleave anyway). Any other log
