@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Hashable
 from contextvars import ContextVar
 from json.encoder import encode_basestring_ascii
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import structlog
 from cachetools import LRUCache
@@ -253,17 +253,11 @@ class AccessLog:
             f'"user_agent": {clipped(user_agent) or self._clip(user_agent)}, '
             f'"event": "request", "level": "info", ',
         )
-        if len(self._fields) >= QUOTED_STRINGS:
-            self._fields.clear()
-        self._fields[fields] = text
-        return text
+        return _keep(self._fields, fields, text)
 
     def _duration(self, hundredths: int) -> str:
-        """Milliseconds to two places, as ``f"{ms:.2f}"`` makes them, remembered."""
-        if len(self._durations) >= QUOTED_STRINGS:
-            self._durations.clear()
-        text = self._durations[hundredths] = f"{hundredths // 100}.{hundredths % 100:02d}"
-        return text
+        """Milliseconds to two places, remembered."""
+        return _keep(self._durations, hundredths, f"{hundredths // 100}.{hundredths % 100:02d}")
 
     def _quote(self, value: str | None) -> str:
         """``value`` as a JSON string, remembered for the next lines."""
@@ -301,12 +295,23 @@ class AccessLog:
 _escape: Callable[[str], str] = encode_basestring_ascii  # a JSON string, quotes included
 
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _keep(cache: dict[_K, _V], key: _K, value: _V) -> _V:
+    """``value``, remembered under ``key`` in a cache of the access log's: at most
+    ``QUOTED_STRINGS`` entries, a full one starting afresh."""
+    if len(cache) >= QUOTED_STRINGS:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def _remember(strings: dict[str | None, str], key: str | None, value: str | None) -> str:
-    if len(strings) >= QUOTED_STRINGS:
-        strings.clear()
-        strings[None] = "null"
     assert value is not None, "None is always remembered"
-    quoted = strings[key] = _escape(value)
+    quoted = _keep(strings, key, _escape(value))
+    strings.setdefault(None, "null")  # None stays remembered when the cache starts afresh
     return quoted
 
 

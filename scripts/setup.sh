@@ -54,7 +54,9 @@ make_venv() {
 install_bench_packages() {
     command -v valgrind >/dev/null 2>&1 && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind >/dev/null
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends valgrind >/dev/null
     else
         echo "not installed: valgrind (bench/run.py needs it)"
     fi

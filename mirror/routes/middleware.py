@@ -177,7 +177,7 @@ class AccessLogger(AbstractAccessLogger):
             request.method,
             request.path,
             response.status,
-            _body_bytes(request, response, exchange) if exchange.sent is None else exchange.sent,
+            _body_bytes(request, response, exchange),
             time * 1000,
             exchange.cache,
             exchange.registry,
