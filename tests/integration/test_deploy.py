@@ -29,6 +29,8 @@ def build(target: str) -> list[dict[str, Any]]:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    # A deprecation warning today is a build that stops working with a later kustomize.
+    assert done.stderr == "", done.stderr
     return [document for document in yaml.safe_load_all(done.stdout) if document]
 
 
