@@ -75,7 +75,8 @@ class ImageContent:
 @dataclass(slots=True)
 class ExportReport:
     exported: list[ImageContent] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (reference, why)
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (reference, why)
+    written: bool = False  # False: images were missing and that was not allowed
     blobs: int = 0
     bytes: int = 0  # blob bytes written
     held_before: int = 0  # blobs left out because the old bundle holds them
@@ -88,19 +89,25 @@ async def export(
     patterns: Sequence[Pin] = (),
     *,
     since: Path | None = None,
+    allow_missing: bool = False,
     total: Callable[[int], None] = lambda size: None,
     progress: Progress = lambda size: None,
 ) -> ExportReport:
+    """Write the bundle; an image whose blobs are not all on disk is left out, and then
+    nothing is written at all unless ``allow_missing``: a bundle silently short of an image
+    is found out on the far side of the gap."""
     report = ExportReport()
     for image in await images(engine, patterns):
         content = await _held_content(engine, image)
         missing = [d for d in content.blobs if engine.blobs.size(Digest.parse(d)) is None]
         if missing:
-            report.skipped.append(
-                (image.reference, f"blob {missing[0]} is not on disk (evicted?); pull it again")
+            report.missing.append(
+                (image.reference, f"blob {missing[0]} is not on disk (evicted?)")
             )
             continue
         report.exported.append(content)
+    if (report.missing and not allow_missing) or not report.exported:
+        return report
     held = await asyncio.to_thread(bundle_digests, since) if since is not None else set()
     manifests: dict[str, bytes] = {}
     blobs: dict[str, int] = {}
@@ -114,6 +121,7 @@ async def export(
     report.sha256 = await asyncio.to_thread(
         _write_bundle, engine, output, index, (manifests, blobs), progress
     )
+    report.written = True
     return report
 
 

@@ -166,6 +166,12 @@ def _bundle_commands(commands: Any, store: argparse.ArgumentParser) -> None:
         metavar="OLD_BUNDLE",
         help="a delta: only the blobs OLD_BUNDLE's images did not already need",
     )
+    export.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="write the bundle without the images whose blobs are not on disk (evicted),"
+        " listed at the end; without it such an export writes nothing and exits 1",
+    )
     load = commands.add_parser(
         "import",
         help="load bundles or OCI layouts (tar, tar.zst, directory); safe while serve runs",
@@ -376,7 +382,9 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
         print(f"mirror: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return asyncio.run(
-        commands.export_bundle(settings, args.output, patterns, since=args.since)
+        commands.export_bundle(
+            settings, args.output, patterns, since=args.since, allow_missing=args.allow_missing
+        )
     )
 
 

@@ -225,7 +225,12 @@ def _byte_bar(verb: str) -> tuple[Callable[[int], None], Callable[[int], None], 
 
 
 async def export_bundle(
-    settings: Settings, output: Path, patterns: Sequence[Pin], *, since: Path | None
+    settings: Settings,
+    output: Path,
+    patterns: Sequence[Pin],
+    *,
+    since: Path | None,
+    allow_missing: bool = False,
 ) -> int:
     if _no_data(settings):
         return 1
@@ -234,7 +239,13 @@ async def export_bundle(
     async with open_engine(dataclasses.replace(settings, offline=True)) as engine:
         try:
             report = await bundle.export(
-                engine, output, patterns, since=since, total=total, progress=done
+                engine,
+                output,
+                patterns,
+                since=since,
+                allow_missing=allow_missing,
+                total=total,
+                progress=done,
             )
         except (LayoutError, OSError) as exc:
             if board is not None:
@@ -243,6 +254,30 @@ async def export_bundle(
             return 1
     if board is not None:
         board.close()
+    if report.written:
+        _print_export(report, output, since)
+    # What is missing comes last, where it is read.
+    for reference, why in report.missing:
+        print(f"missing {reference}: {why}", file=sys.stderr)
+    if report.written:
+        return 0
+    print(f"mirror: error: {_not_written(report, allow_missing)}", file=sys.stderr)
+    return 1
+
+
+def _not_written(report: bundle.ExportReport, allow_missing: bool) -> str:
+    if not report.missing:
+        return "no cached image to export"
+    images = len(report.exported) + len(report.missing)
+    if allow_missing or not report.exported:
+        return "no image has all its blobs on disk, nothing written: seed them again"
+    return (
+        f"{len(report.missing)} of {images} images are missing blobs, nothing written:"
+        " seed them again (mirror seed REF), or --allow-missing to export the rest"
+    )
+
+
+def _print_export(report: bundle.ExportReport, output: Path, since: Path | None) -> None:
     for content in report.exported:
         size = sum(content.blobs.values())
         print(f"exported {content.reference}  {content.top.digest}  {human_size(size)}")
@@ -251,17 +286,11 @@ async def export_bundle(
                 f"note {content.reference}: not held, not exported: "
                 + ", ".join(content.absent_children)
             )
-    for reference, why in report.skipped:
-        print(f"skipped {reference}: {why}", file=sys.stderr)
     delta = f", {report.held_before} left out (in {since})" if since is not None else ""
     print(
         f"wrote {output}: {len(report.exported)} images, {report.blobs} blobs"
         f" ({human_size(report.bytes)}){delta}; sha256 {report.sha256}"
     )
-    if not report.exported:
-        print("mirror: error: no cached image to export", file=sys.stderr)
-        return 1
-    return 0
 
 
 async def import_bundles(settings: Settings, paths: Sequence[Path], *, pin: bool) -> int:

@@ -373,3 +373,37 @@ async def test_what_is_not_a_layout_gets_one_clear_line(tmp_path: Path) -> None:
         assert done.returncode in (1, 2), layout
         assert message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+async def test_an_export_missing_an_image_fails_unless_allowed_and_names_it(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    site = Site(fake_hub, tmp_path / "connected")
+    images = three_images(fake_hub, big=1 * MiB)
+    await site.seed(*images)
+    single = images["library/single:1.0"]
+    assert isinstance(single, Image)
+    evicted = single.layers[0].digest
+    (site.data / "blobs" / "sha256" / evicted[7:9] / evicted[7:]).unlink()
+
+    bundle = tmp_path / "bundle.tar"
+    refused = await site.mirror("export", "--output", str(bundle))
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert not bundle.exists()
+    assert not bundle.with_name(bundle.name + ".sha256").exists()
+    lines = refused.stderr.splitlines()
+    assert f"missing docker.io/library/single:1.0: blob {evicted} is not on disk" in lines[-2]
+    assert "nothing written" in lines[-1]
+    assert "--allow-missing" in lines[-1]
+
+    allowed = await site.export(bundle, "--allow-missing")
+    assert allowed.stdout.count("exported docker.io/") == 3
+    assert "wrote " in allowed.stdout
+    last = allowed.stderr.splitlines()[-1]
+    assert f"missing docker.io/library/single:1.0: blob {evicted}" in last
+    assert evicted not in bundle_blobs(bundle)
+
+    only = await site.mirror("export", "-o", str(tmp_path / "x.tar"), "--allow-missing", "single")
+    assert only.returncode == 1
+    assert "no image has all its blobs on disk, nothing written" in only.stderr
+    assert not (tmp_path / "x.tar").exists()
