@@ -396,12 +396,15 @@ async def import_layout(
     path: Path,
     *,
     pin: bool = True,
+    repository: str | None = None,
     total: Callable[[int], None] = lambda size: None,
     progress: Progress = lambda size: None,
 ) -> ImportReport:
+    """Import every image of the layout at ``path``; ``repository`` names the images whose
+    entry gives a tag alone (see ``repository_for_tags``)."""
     plan = await asyncio.to_thread(_read_plan, path)
     report = ImportReport()
-    candidates = [await _candidate(engine, plan, entry) for entry in plan.entries]
+    candidates = [await _candidate(engine, plan, entry, repository) for entry in plan.entries]
     needed: dict[str, int] = {}
     for candidate in candidates:
         if candidate.content is not None:
@@ -440,7 +443,9 @@ async def import_layout(
     return report
 
 
-async def _candidate(engine: Engine, plan: _Plan, entry: Entry) -> _Candidate:
+async def _candidate(
+    engine: Engine, plan: _Plan, entry: Entry, repository: str | None
+) -> _Candidate:
     """An index entry checked as far as manifests go: its name and what it needs."""
     candidate = _Candidate(Imported(entry.name or entry.digest, entry.digest))
     if entry.name is None:
@@ -448,8 +453,18 @@ async def _candidate(engine: Engine, plan: _Plan, entry: Entry) -> _Candidate:
             f"no image name: annotate the index entry with {REF_NAME} or {CONTAINERD_NAME}"
         )
         return candidate
+    text = entry.name
+    if _tag_alone(text):
+        if repository is None:
+            candidate.result.error = (
+                f"the index names it by the tag alone: say whose tag it is with"
+                f" mirror import --repository NAME (the image is then NAME:{text}),"
+                f" or name it REPOSITORY:{text} when writing the layout"
+            )
+            return candidate
+        text = f"{repository}:{text}"
     try:
-        name = _image_name(entry.name)
+        name = _image_name(text)
     except (ValueError, RegistryError) as exc:
         candidate.result.error = f"not an image reference: {getattr(exc, 'message', exc)}"
         return candidate
@@ -492,6 +507,29 @@ async def _manifest(
     if body is not None:
         return Manifest(body, _media_type(body, media_type), digest)
     return await engine.store.get_manifest(name.registry, name.repository, digest)
+
+
+def _tag_alone(name: str) -> bool:
+    """Whether a ref name is just a tag, as OCI layouts name images (``skopeo copy …
+    oci-archive:FILE:1.27``): one component, no registry, repository or digest."""
+    return not any(mark in name for mark in "/:@")
+
+
+def repository_for_tags(text: str) -> str:
+    """The ``--repository`` of import, checked: a repository, with no tag or digest."""
+    try:
+        name = split_image(text)
+        usable = name.tag is None and name.digest is None and "*" not in text
+        if usable:
+            _image_name(f"{text}:latest")
+    except (ValueError, RegistryError):
+        usable = False
+    if not usable:
+        raise ValueError(
+            f"--repository {text}: expected a repository such as nginx or ghcr.io/acme/tool,"
+            " without a tag or digest"
+        )
+    return text
 
 
 def _image_name(text: str) -> ImageName:

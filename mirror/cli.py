@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror import __version__, commands
+from mirror.bundle import repository_for_tags
 from mirror.config import ENV_PREFIX, FLAG_KEYS, ConfigError, Settings, load
 from mirror.logs import configure
 from mirror.pins import Pin
@@ -178,6 +179,12 @@ def _bundle_commands(commands: Any, store: argparse.ArgumentParser) -> None:
         parents=[store],
     )
     load.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    load.add_argument(
+        "--repository",
+        metavar="NAME",
+        help="the repository of images a layout names by a tag alone, as skopeo's"
+        " oci-archive:FILE:1.27 does (imported as NAME:1.27)",
+    )
     load.add_argument(
         "--no-pin", action="store_true", help="let eviction remove them like any pulled image"
     )
@@ -393,7 +400,14 @@ def _import(settings: Settings, args: argparse.Namespace) -> int:
         if not path.exists():
             print(f"mirror: error: {path}: no such file or directory", file=sys.stderr)
             return EXIT_USAGE
-    return asyncio.run(commands.import_bundles(settings, args.files, pin=not args.no_pin))
+    try:
+        repository = None if args.repository is None else repository_for_tags(args.repository)
+    except ValueError as exc:
+        print(f"mirror: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return asyncio.run(
+        commands.import_bundles(settings, args.files, pin=not args.no_pin, repository=repository)
+    )
 
 
 def _unpin(settings: Settings, args: argparse.Namespace) -> int:

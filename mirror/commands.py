@@ -293,7 +293,9 @@ def _print_export(report: bundle.ExportReport, output: Path, since: Path | None)
     )
 
 
-async def import_bundles(settings: Settings, paths: Sequence[Path], *, pin: bool) -> int:
+async def import_bundles(
+    settings: Settings, paths: Sequence[Path], *, pin: bool, repository: str | None = None
+) -> int:
     configure("warning", settings.log_format)
     failures = 0
     async with open_engine(dataclasses.replace(settings, offline=True)) as engine:
@@ -301,7 +303,7 @@ async def import_bundles(settings: Settings, paths: Sequence[Path], *, pin: bool
             total, done, board = _byte_bar(f"importing {path.name}")
             try:
                 report = await bundle.import_layout(
-                    engine, path, pin=pin, total=total, progress=done
+                    engine, path, pin=pin, repository=repository, total=total, progress=done
                 )
             except (LayoutError, OSError) as exc:
                 if board is not None:

@@ -407,3 +407,45 @@ async def test_an_export_missing_an_image_fails_unless_allowed_and_names_it(
     assert only.returncode == 1
     assert "no image has all its blobs on disk, nothing written" in only.stderr
     assert not (tmp_path / "x.tar").exists()
+
+
+@pytest.mark.usefixtures("skopeo_binary")
+async def test_a_layout_naming_an_image_by_its_tag_alone_needs_the_repository(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    site = Site(fake_hub, tmp_path / "connected")
+    image = make_image([make_layer(b"nginx, say")])
+    fake_hub.add_image("library/nginx", "1.27", image)
+    await site.seed("nginx:1.27")
+    archive = tmp_path / "n.tar"
+    with MirrorProcess(site.data, fake_hub.url) as connected:
+        # The common OCI convention: the layout's ref name is the tag alone.
+        await skopeo(
+            "copy", "--quiet", "--src-tls-verify=false",
+            f"docker://{connected.host}/library/nginx:1.27", f"oci-archive:{archive}:1.27",
+        )  # fmt: skip
+
+    offline = tmp_path / "offline"
+    refused = await load(offline, archive)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    (line,) = [line for line in refused.stderr.splitlines() if line.startswith("failed")]
+    assert line.startswith("failed 1.27: ")
+    assert "mirror import --repository NAME" in line
+    assert "library/1.27" not in refused.stdout + refused.stderr
+
+    named = await asyncio.to_thread(
+        run_mirror, "import", "--data-dir", str(offline), "--repository", "nginx", str(archive)
+    )
+    assert named.returncode == 0, named.stdout + named.stderr
+    assert f"imported docker.io/library/nginx:1.27  {image.digest}" in named.stdout
+    listed = await asyncio.to_thread(run_mirror, "ls", "--data-dir", str(offline))
+    assert "docker.io/library/nginx:1.27" in listed.stdout
+    assert "1.27:latest" not in listed.stdout
+
+    for bad in ("nginx:1.27", "nginx@sha256:" + "a" * 64, "Nginx"):
+        wrong = await asyncio.to_thread(
+            run_mirror, "import", "--data-dir", str(offline), "--repository", bad, str(archive)
+        )
+        assert wrong.returncode == 2, (bad, wrong.stderr)
+        assert wrong.stderr.startswith("mirror: error: --repository"), wrong.stderr
+        assert len(wrong.stderr.splitlines()) == 1
