@@ -107,8 +107,11 @@ ACCESS_WRITE_FILE = 64 * 1024
 ACCESS_DELAY = 0.05
 # Lines that wait, at most, to be written together.
 ACCESS_LINES = 256
-# Characters of a client-chosen value (user agent, ns) an access line carries.
+# Characters of a client-chosen value (user agent, ns, client, user) an access line carries.
 MAX_LOGGED = 200
+# ... and of a path: more than any path of the API (a 255-character name and a 128-character
+# tag), less than the 8 KiB request line the HTTP parser lets through.
+MAX_LOGGED_PATH = 1024
 # Distinct strings remembered as already escaped, at most.
 QUOTED_STRINGS = 4096
 
@@ -152,8 +155,8 @@ class AccessLog:
         self._bound = ""  # fields on every line of this process, written once
         self._limit = ACCESS_WRITE
         self._fallback = structlog.get_logger("mirror.access")
-        # Strings of recent lines (paths, addresses, user agents) as JSON strings, as they
-        # are and cut short.
+        # Strings of recent lines as JSON strings: paths (and cache states), cut at
+        # MAX_LOGGED_PATH; ns, addresses, users and user agents, cut at MAX_LOGGED.
         self._quoted: dict[str | None, str] = {None: "null"}
         self._clipped: dict[str | None, str] = {None: "null"}
         # The fields of recent lines as the text around the duration, and durations (in
@@ -189,21 +192,22 @@ class AccessLog:
     ) -> None:
         """One request's line, with its fields in this order. ``request_id``, ``method``
         and ``cache`` are the mirror's own or checked by the HTTP parser; the rest is client
-        input, cut to ``MAX_LOGGED`` characters and escaped. Called on every request, so it
-        calls nothing it can avoid: a string already seen is escaped once."""
+        input, cut to ``MAX_LOGGED`` characters (the path to ``MAX_LOGGED_PATH``) and
+        escaped. Called on every request, so it calls nothing it can avoid: a string
+        already seen is escaped (and cut) once."""
         if not self.fast:
             self._fallback.info(
                 "request",
                 request_id=request_id,
                 method=method,
-                path=path,
+                path=clip(path, MAX_LOGGED_PATH),
                 status=status,
                 bytes=sent,
                 duration_ms=round(duration_ms, 2),
                 cache=cache,
                 ns=clip(ns),
-                client=client,
-                user=user,
+                client=clip(client),
+                user=clip(user),
                 user_agent=clip(user_agent),
             )
             return
@@ -248,8 +252,8 @@ class AccessLog:
             f'"status": {status}, "bytes": {sent}, ',
             f'"cache": {quoted(cache) or self._quote(cache)}, '
             f'"ns": {clipped(ns) or self._clip(ns)}, '
-            f'"client": {quoted(client) or self._quote(client)}, '
-            f'"user": {quoted(user) or self._quote(user)}, '
+            f'"client": {clipped(client) or self._clip(client)}, '
+            f'"user": {clipped(user) or self._clip(user)}, '
             f'"user_agent": {clipped(user_agent) or self._clip(user_agent)}, '
             f'"event": "request", "level": "info", ',
         )
@@ -260,8 +264,9 @@ class AccessLog:
         return _keep(self._durations, hundredths, f"{hundredths // 100}.{hundredths % 100:02d}")
 
     def _quote(self, value: str | None) -> str:
-        """``value`` as a JSON string, remembered for the next lines."""
-        return _remember(self._quoted, value, value)
+        """A path (or the cache state) cut to ``MAX_LOGGED_PATH`` as a JSON string,
+        remembered for the next lines."""
+        return _remember(self._quoted, value, clip(value, MAX_LOGGED_PATH))
 
     def _clip(self, value: str | None) -> str:
         """``value`` cut short (``clip``) as a JSON string, remembered for the next lines."""
@@ -315,9 +320,9 @@ def _remember(strings: dict[str | None, str], key: str | None, value: str | None
     return quoted
 
 
-def clip(value: str | None) -> str | None:
+def clip(value: str | None, limit: int = MAX_LOGGED) -> str | None:
     """Client input cut short: a header of 8 KiB must not become a line of 8 KiB."""
-    return value if value is None or len(value) <= MAX_LOGGED else value[:MAX_LOGGED] + "..."
+    return value if value is None or len(value) <= limit else value[:limit] + "..."
 
 
 ACCESS = AccessLog()

@@ -6,7 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from mirror.logs import MAX_LOGGED, AccessLog
+from structlog.testing import capture_logs
+
+from mirror.logs import MAX_LOGGED, MAX_LOGGED_PATH, AccessLog
 
 
 def lines_of(log: AccessLog, path: Path) -> list[dict[str, object]]:
@@ -22,7 +24,7 @@ def open_log(tmp_path: Path) -> tuple[AccessLog, Path]:
     return log, path
 
 
-def test_client_input_is_escaped_and_cut_short_but_the_path_is_kept_whole(
+def test_client_input_is_escaped_and_cut_short_but_a_path_the_api_can_have_is_kept_whole(
     tmp_path: Path,
 ) -> None:
     log, path = open_log(tmp_path)
@@ -37,10 +39,27 @@ def test_client_input_is_escaped_and_cut_short_but_the_path_is_kept_whole(
     assert first["user_agent"] == hostile[:MAX_LOGGED] + "..."
     assert first["ns"] == hostile[:MAX_LOGGED] + "..."
     assert first["duration_ms"] == 1.23
-    assert third["path"] == hostile  # the same string as a path: not cut
     assert (third["ns"], third["user_agent"], third["client"], third["cache"]) == (None,) * 4
     assert third["user"] == "bob"
     assert len(path.read_text().splitlines()) == 3
+
+
+def test_path_client_and_user_are_cut_short_too(tmp_path: Path) -> None:
+    """A request line of 8 KiB, or a long user name, must not become a line of 8 KiB."""
+    log, path = open_log(tmp_path)
+    hostile = 'evil"\n' * 2000
+    log.request("id-1", "GET", hostile, 404, 0, 0.5, None, None, hostile, hostile, hostile)
+    log.request("id-2", "GET", "/v2/" + hostile, 404, 0, 0.5, None, None, None, None, None)
+    log.fast = False  # on a terminal: the same fields through structlog
+    with capture_logs() as captured:
+        log.request("id-3", "GET", hostile, 404, 0, 0.5, None, None, hostile, hostile, hostile)
+    for line in [*lines_of(log, path)[:1], *captured]:
+        assert line["path"] == hostile[:MAX_LOGGED_PATH] + "..."
+        assert line["client"] == hostile[:MAX_LOGGED] + "..."
+        assert line["user"] == hostile[:MAX_LOGGED] + "..."
+        assert line["user_agent"] == hostile[:MAX_LOGGED] + "..."
+    assert lines_of(log, path)[1]["path"] == ("/v2/" + hostile)[:MAX_LOGGED_PATH] + "..."
+    assert len("/v2/") + 255 + len("/manifests/") + 128 <= MAX_LOGGED_PATH  # name, tag
 
 
 def test_lines_keep_the_order_of_the_requests_across_writes(tmp_path: Path) -> None:
