@@ -7,11 +7,12 @@ the file and the environment only, so they never show up in a process listing.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,14 @@ class Settings:
 
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
+
+
+def _did_you_mean(name: str, known: Iterable[str], *, quote: bool = True) -> str:
+    """`` (did you mean 'tag_ttl'?)`` for a misspelt name, or nothing when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    if not close:
+        return ""
+    return f" (did you mean {close[0]!r}?)" if quote else f" (did you mean {close[0]}?)"
 
 
 def _url(value: Any) -> str:
@@ -250,16 +259,12 @@ def _upstreams(value: Any) -> dict[str, UpstreamSettings]:
     result: dict[str, UpstreamSettings] = {}
     for name, entry in value.items():
         fields = entry if isinstance(entry, dict) else {"url": entry}
-        unknown = set(fields) - {
-            "url",
-            "username",
-            "password",
-            "password_file",
-            "ca_file",
-            "insecure",
-        }
+        keys = {"url", "username", "password", "password_file", "ca_file", "insecure"}
+        unknown = sorted(set(fields) - keys)
         if unknown:
-            raise ValueError(f"unknown key {sorted(unknown)[0]!r} under {name!r}")
+            raise ValueError(
+                f"unknown key {unknown[0]!r} under {name!r}{_did_you_mean(unknown[0], keys)}"
+            )
         registry = _registry(str(name))
         password = _optional_str(fields.get("password"))
         if fields.get("password_file") is not None:
@@ -317,9 +322,10 @@ def _auth(value: Any) -> AuthSettings | None:
         return None
     if not isinstance(value, dict):
         raise ValueError("expected a mapping such as {htpasswd: /etc/mirror/htpasswd}")
-    unknown = set(value) - {"htpasswd", "metrics", "realm"}
+    keys = {"htpasswd", "metrics", "realm"}
+    unknown = sorted(set(value) - keys)
     if unknown:
-        raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+        raise ValueError(f"unknown key {unknown[0]!r}{_did_you_mean(unknown[0], keys)}")
     if not value.get("htpasswd"):
         raise ValueError("htpasswd: the password file is required")
     return AuthSettings(
@@ -334,9 +340,10 @@ def _access_rules(value: Any) -> AccessRules:
         return AccessRules()
     if not isinstance(value, dict):
         raise ValueError("expected {allow: [PATTERN ...], deny: [PATTERN ...]}")
-    unknown = set(value) - {"allow", "deny"}
+    keys = {"allow", "deny"}
+    unknown = sorted(set(value) - keys)
     if unknown:
-        raise ValueError(f"unknown key {sorted(unknown)[0]!r}")
+        raise ValueError(f"unknown key {unknown[0]!r}{_did_you_mean(unknown[0], keys)}")
     return AccessRules(_pins(value.get("allow") or ()), _pins(value.get("deny") or ()))
 
 
@@ -417,7 +424,9 @@ def load(
             if key not in _KEYS and _SERVICE_LINK_RE.fullmatch(name):
                 continue  # Kubernetes' own variables for a Service named "mirror"
             if key not in _KEYS or not _KEYS[key].env:
-                raise ConfigError(f"unknown environment variable {name}")
+                variables = (f"{ENV_PREFIX}{k.upper()}" for k, spec in _KEYS.items() if spec.env)
+                hint = _did_you_mean(name, variables, quote=False)
+                raise ConfigError(f"unknown environment variable {name}{hint}")
             from_env[key] = (value, name)
     sources.append(from_env)
     from_flags: dict[str, tuple[Any, str]] = {}
@@ -449,7 +458,7 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} must be a mapping of keys to values")
     for key in data:
         if key not in _KEYS:
-            raise ConfigError(f"unknown key {key!r} in {path}")
+            raise ConfigError(f"unknown key {key!r} in {path}{_did_you_mean(str(key), _KEYS)}")
     return data
 
 

@@ -266,3 +266,34 @@ def test_bad_security_keys_name_the_key(tmp_path: Path, text: str, message: str)
     config.write_text(text + "\n")
     with pytest.raises(ConfigError, match=message):
         load({}, env={}, config_file=config)
+
+
+@pytest.mark.parametrize(
+    ("env", "file_text", "message"),
+    [
+        ({}, "tag_tll: 5\n", r"unknown key 'tag_tll' in \S+ \(did you mean 'tag_ttl'\?\)$"),
+        ({}, "datadir: /x\n", r"unknown key 'datadir' in \S+ \(did you mean 'data_dir'\?\)$"),
+        ({}, "colour: blue\n", r"unknown key 'colour' in \S+$"),
+        (
+            {"MIRROR_TAG_TLL": "5"},
+            None,
+            r"^unknown environment variable MIRROR_TAG_TLL \(did you mean MIRROR_TAG_TTL\?\)$",
+        ),
+        (
+            {},
+            "upstreams: {ghcr.io: {url: 'http://x', usrename: y}}\n",
+            r"unknown key 'usrename' under 'ghcr.io' \(did you mean 'username'\?\)$",
+        ),
+        ({}, "auth: {htpasswrd: x}\n", r"unknown key 'htpasswrd' \(did you mean 'htpasswd'\?\)$"),
+        ({}, "repositories: {alow: []}\n", r"unknown key 'alow' \(did you mean 'allow'\?\)$"),
+    ],
+)
+def test_an_unknown_key_suggests_the_closest_one(
+    tmp_path: Path, env: dict[str, str], file_text: str | None, message: str
+) -> None:
+    config = None
+    if file_text is not None:
+        config = tmp_path / "mirror.yaml"
+        config.write_text(file_text)
+    with pytest.raises(ConfigError, match=message):
+        load({}, env=env, config_file=config)
