@@ -37,7 +37,8 @@ class ServerTLS:
         try:
             self.context.load_cert_chain(str(cert), str(key))
         except (OSError, ssl.SSLError) as exc:
-            raise CertificateError(f"cannot use {cert} with {key}: {_reason(exc)}") from None
+            why = _file_at_fault(cert, key, exc)
+            raise CertificateError(f"cannot use {cert} with {key}: {why}") from None
 
     async def watch(self, interval: float = RELOAD_INTERVAL) -> None:
         """Load the pair again whenever it changes on disk; runs until cancelled."""
@@ -64,6 +65,43 @@ class ServerTLS:
             info = os.stat(path)
             stamps.append((info.st_ino, info.st_mtime_ns, info.st_size))
         return tuple(stamps)
+
+
+_CERTIFICATE_PEM = b"-----BEGIN CERTIFICATE-----"
+_KEY_PEM = b"PRIVATE KEY-----"
+
+
+def _file_at_fault(cert: Path, key: Path, exc: BaseException) -> str:
+    """Why a pair does not load, naming the file to fix: OpenSSL's "PEM lib" does not."""
+    try:
+        cert_pem, key_pem = cert.read_bytes(), key.read_bytes()
+    except OSError:
+        return _reason(exc)
+    fault = _not_a_certificate(cert, cert_pem, key_pem) or _not_a_key(key, key_pem)
+    if fault is not None:
+        return fault
+    if isinstance(exc, ssl.SSLError) and exc.reason == "KEY_VALUES_MISMATCH":
+        return f"{key} is not the key of the certificate in {cert}"
+    return _reason(exc)
+
+
+def _not_a_certificate(cert: Path, cert_pem: bytes, key_pem: bytes) -> str | None:
+    if _CERTIFICATE_PEM in cert_pem:
+        return None
+    if _KEY_PEM not in cert_pem:
+        return f"{cert} holds no PEM certificate"
+    swapped = _CERTIFICATE_PEM in key_pem and _KEY_PEM not in key_pem
+    return f"{cert} is a private key, not a certificate" + (
+        " (tls_cert and tls_key swapped?)" if swapped else ""
+    )
+
+
+def _not_a_key(key: Path, key_pem: bytes) -> str | None:
+    if _KEY_PEM in key_pem:
+        return None
+    if _CERTIFICATE_PEM in key_pem:
+        return f"{key} is a certificate, not a private key"
+    return f"{key} holds no PEM private key"
 
 
 def _reason(exc: BaseException) -> str:

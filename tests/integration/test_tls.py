@@ -127,6 +127,31 @@ async def test_a_certificate_that_cannot_serve_stops_the_start_in_one_line(
     assert "tls_cert and tls_key must be given together" in only_one.stderr
 
 
+async def test_a_certificate_and_key_mixed_up_name_the_file_at_fault(
+    tmp_path: Path, certificates: Certificates
+) -> None:
+    cert, key = str(certificates.cert), str(certificates.key)
+    other = Certificates(tmp_path / "other")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a key")
+    cases = (
+        ((key, cert), f"{key} is a private key, not a certificate (tls_cert and tls_key swapped?)"),
+        ((key, key), f"{key} is a private key, not a certificate"),
+        ((cert, cert), f"{cert} is a certificate, not a private key"),
+        ((cert, str(other.key)), f"{other.key} is not the key of the certificate in {cert}"),
+        ((cert, str(garbage)), f"{garbage} holds no PEM private key"),
+    )
+    for (given_cert, given_key), message in cases:
+        done = await asyncio.to_thread(
+            run_mirror, "serve", "--data-dir", str(tmp_path / "d"),
+            "--tls-cert", given_cert, "--tls-key", given_key,
+        )  # fmt: skip
+        assert done.returncode == 2
+        assert done.stderr.startswith(f"mirror: error: cannot use {given_cert} with {given_key}: ")
+        assert done.stderr.endswith(f": {message}\n")
+        assert len(done.stderr.splitlines()) == 1
+
+
 @pytest.fixture
 def served_over_tls(
     fake_hub: FakeHub, tmp_path: Path, certificates: Certificates
