@@ -80,7 +80,7 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
                 listen=_address(settings.listen_host, settings.listen_port),
                 data_dir=str(settings.data_dir),
                 store="redis" if settings.redis_url else "embedded",
-                upstreams={name: u.url for name, u in settings.upstreams.items()},
+                **_upstreams(settings),
             )
             try:
                 yield
@@ -91,6 +91,14 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
                 metrics.flush()
 
     return lifecycle
+
+
+def _upstreams(settings: Settings) -> dict[str, Any]:
+    """The start-up line's upstreams: their URLs, or offline and the registries served
+    (no URL is contacted, so none is listed)."""
+    if settings.offline:
+        return {"offline": True, "registries": sorted(settings.upstreams)}
+    return {"upstreams": {name: u.url for name, u in settings.upstreams.items()}}
 
 
 async def _watch_health(engine: Engine, interval: float = HEALTH_INTERVAL) -> None:

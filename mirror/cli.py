@@ -20,7 +20,7 @@ from mirror.config import ENV_PREFIX, FLAG_KEYS, ConfigError, Settings, load
 from mirror.logs import configure
 from mirror.pins import Pin
 from mirror.seed import DEFAULT_JOBS, read_list
-from mirror.server import serve_one, server_tls
+from mirror.server import serve_one, server_tls, warn_at_start
 from mirror.tls import CertificateError
 from mirror.workers import run_workers
 
@@ -371,6 +371,7 @@ def serve(settings: Settings) -> int:
     except CertificateError as exc:
         print(f"mirror: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    warn_at_start(settings)
     try:
         if settings.workers > 1:
             return run_workers(settings, settings.workers)

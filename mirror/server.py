@@ -117,6 +117,16 @@ async def _serve(
         await runner.cleanup()
 
 
+def warn_at_start(settings: Settings) -> None:
+    """What an operator should read once a start, not once a worker."""
+    if settings.auth is not None and settings.tls_cert is None:
+        log.warning(
+            "logins_over_plain_http",
+            hint="passwords cross the network in clear: serve HTTPS (tls_cert, tls_key)"
+            " or put a TLS proxy in front",
+        )
+
+
 def server_tls(settings: Settings) -> ServerTLS | None:
     """The TLS the settings ask for; raises CertificateError when it cannot be had."""
     if settings.tls_cert is None or settings.tls_key is None:

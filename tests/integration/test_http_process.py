@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import bcrypt
 import pytest_asyncio
 
 from tests.support.fakehub import FakeHub
@@ -207,3 +208,27 @@ def _is_json(line: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+async def test_the_start_warns_of_logins_over_plain_http_once_and_says_offline(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    passwords = tmp_path / "htpasswd"
+    passwords.write_text(f"alice:{bcrypt.hashpw(b'secret', bcrypt.gensalt(4)).decode()}\n")
+    config = tmp_path / "mirror.yaml"
+    config.write_text(f"auth:\n  htpasswd: {passwords}\n")
+    plain = MirrorProcess(tmp_path / "plain", fake_hub.url, "--config", str(config),
+                          "--workers", "2")  # fmt: skip
+    with plain:
+        pass
+    warnings = [line for line in log_lines(plain) if line["event"] == "logins_over_plain_http"]
+    assert len(warnings) == 1
+    assert warnings[0]["level"] == "warning"
+
+    offline = MirrorProcess(tmp_path / "offline", fake_hub.url, "--offline")
+    with offline:
+        pass
+    [started] = [line for line in log_lines(offline) if line["event"] == "mirror_started"]
+    assert started["offline"] is True
+    assert fake_hub.url not in json.dumps(started)
+    assert not [line for line in log_lines(offline) if line["event"] == "logins_over_plain_http"]
