@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -184,6 +185,13 @@ def started_at(run_dir: Path, default: float) -> float:
 def disk(data_dir: Path) -> dict[str, int]:
     usage = shutil.disk_usage(data_dir)
     return {"free": usage.free, "total": usage.total}
+
+
+def shown_url(url: str) -> str:
+    """An upstream's URL as the page shows it: without a user or password it may carry."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def document(

@@ -77,7 +77,10 @@ async def collect(app: web.Application) -> dict[str, Any]:
         now=now,
         hour=hour,
         chart=chart,
-        upstreams={name: asdict(await c.health()) for name, c in engine.upstreams.items()},
+        upstreams={
+            name: asdict(await c.health()) | {"url": status.shown_url(settings.upstreams[name].url)}
+            for name, c in engine.upstreams.items()
+        },
         offline=settings.offline,
         disk_state=disk,
         top_images=top,

@@ -102,7 +102,7 @@ PAGE = """<!doctype html>
   </section>
   <section>
     <h2>Upstreams</h2>
-    <table><thead><tr><th>registry</th><th>state</th><th class="num">quota left</th>
+    <table><thead><tr><th>registry</th><th>URL</th><th>state</th><th class="num">quota left</th>
       <th class="num">retry after</th></tr></thead><tbody id="upstreams"></tbody></table>
   </section>
   <section>
@@ -206,7 +206,7 @@ function draw(s) {
       : u.reachable === false ? ["circuit open", "state bad"]
       : u.reachable === "offline" ? ["offline", "state offline"]
       : ["not asked yet", "state unknown"];
-    return [[name, ""], state,
+    return [[name, ""], [u.url, "muted"], state,
             [u.ratelimit_remaining === null ? "-" : count(u.ratelimit_remaining), "num"],
             [u.retry_after ? u.retry_after + " s" : "-", "num"]];
   });

@@ -88,6 +88,7 @@ async def test_the_page_shows_all_workers_pulls_hit_ratio_and_images(
         assert document["since_start"]["upstream_pulls_saved"] == 2
         assert document["top_images"] == [{"image": "docker.io/library/app:1.0", "pulls": 3}]
         assert document["upstreams"]["docker.io"]["reachable"] is True
+        assert document["upstreams"]["docker.io"]["url"] == fake_hub.url
         assert document["disk"]["used"] == sum(blob.size for blob in image.blobs)
         again = await status_of(mirror)
         assert again["since_start"]["requests"] == document["since_start"]["requests"]
@@ -112,6 +113,7 @@ async def test_the_page_shows_all_workers_pulls_hit_ratio_and_images(
     ratio = f"{100 * 2 / 3:.1f}%"
     assert ratio in shown  # hit ratio since start (and in the last hour)
     assert "reachable" in shown
+    assert fake_hub.url in shown  # where each upstream is
     assert HOSTILE in shown  # drawn as text
     assert hostile_images == []
     assert title == "mirror status"
