@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mirror.engine import Engine
 from mirror.errors import RegistryError
-from mirror.inventory import Image, images
+from mirror.inventory import Image, image_size, images
 from mirror.layout import (
     CONTAINERD_NAME,
     INDEX_FILE,
@@ -434,7 +434,7 @@ async def import_layout(
         if pin:
             await engine.store.add_pins([content.reference])
         candidate.result.blobs = len(content.blobs)
-        candidate.result.size = sum(content.blobs.values())
+        candidate.result.size = image_size(content.blobs)
         if candidate.name.registry not in engine.upstreams:
             candidate.result.notes.append(
                 f"{candidate.name.registry} is not an upstream here: serve needs"

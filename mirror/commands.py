@@ -12,7 +12,7 @@ from pathlib import Path
 from mirror import bundle, inventory, maintenance
 from mirror.config import Settings
 from mirror.engine import open_engine
-from mirror.inventory import human_size
+from mirror.inventory import human_size, image_size
 from mirror.layout import LayoutError
 from mirror.logs import configure
 from mirror.pins import Pin, split_image
@@ -279,7 +279,7 @@ def _not_written(report: bundle.ExportReport, allow_missing: bool) -> str:
 
 def _print_export(report: bundle.ExportReport, output: Path, since: Path | None) -> None:
     for content in report.exported:
-        size = sum(content.blobs.values())
+        size = image_size(content.blobs)
         print(f"exported {content.reference}  {content.top.digest}  {human_size(size)}")
         if content.absent_children:
             print(

@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from mirror.engine import Engine
-from mirror.manifests import ManifestParseError, parse
+from mirror.manifests import ManifestParseError, config_platform, parse
 from mirror.pins import Pin, pinned, with_stored
 from mirror.reference import Digest
+
+# An image config is a few KiB; more is not read for its platform.
+MAX_CONFIG_READ = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +48,7 @@ class ImageRow:
     digest: str
     media_type: str
     platforms: list[str]
-    size: int  # bytes of the unique blobs whose size the manifests declare
+    size: int  # image_size: bytes of the unique blobs whose size the manifests declare
     blobs: int
     blobs_present: int
     manifests_missing: int  # an index's children the mirror does not hold
@@ -98,6 +101,7 @@ async def _row(engine: Engine, image: Image, pins: Sequence[Pin]) -> ImageRow:
     blobs: dict[str, int | None] = {}
     platforms: list[str] = []
     missing = 0
+    config: str | None = None  # of an image that is not an index: it names the platform
     pending = [image.digest]
     while pending:
         digest = pending.pop()
@@ -114,9 +118,14 @@ async def _row(engine: Engine, image: Image, pins: Sequence[Pin]) -> ImageRow:
             pending.append(child.digest)
         for blob in refs.blobs:
             blobs.setdefault(blob.digest, blob.size)
+        if digest == image.digest and refs.blobs and not refs.is_index:
+            config = refs.blobs[0].digest
     present = await asyncio.to_thread(
         lambda: sum(engine.blobs.size(Digest.parse(d)) is not None for d in blobs)
     )
+    if config is not None:
+        platform = await asyncio.to_thread(_platform_of, engine, config)
+        platforms += [platform] if platform is not None else []
     return ImageRow(
         registry=registry,
         repository=repository,
@@ -124,7 +133,7 @@ async def _row(engine: Engine, image: Image, pins: Sequence[Pin]) -> ImageRow:
         digest=image.digest,
         media_type=image.media_type,
         platforms=sorted(platforms),
-        size=sum(size for size in blobs.values() if size is not None),
+        size=image_size(blobs),
         blobs=len(blobs),
         blobs_present=present,
         manifests_missing=missing,
@@ -132,6 +141,23 @@ async def _row(engine: Engine, image: Image, pins: Sequence[Pin]) -> ImageRow:
         last_pulled=(await engine.store.graph.last_pulls(registry, repository)).get(image.digest),
         pinned=pinned(pins, registry, repository, image.tag, image.digest),
     )
+
+
+def image_size(blobs: Mapping[str, int | None]) -> int:
+    """An image's size as ls, seed, export and import give it: the bytes of the unique blobs
+    (configs and layers of every platform held) as the manifests declare them; the
+    manifests themselves are not counted."""
+    return sum(size for size in blobs.values() if size is not None)
+
+
+def _platform_of(engine: Engine, config: str) -> str | None:
+    """The platform an image's config names, when the config is on disk."""
+    try:
+        with engine.blobs.path(Digest.parse(config)).open("rb") as file:
+            body = file.read(MAX_CONFIG_READ + 1)
+    except OSError:
+        return None
+    return config_platform(body) if len(body) <= MAX_CONFIG_READ else None
 
 
 def as_json(rows: Sequence[ImageRow]) -> str:

@@ -123,6 +123,15 @@ def _digest(value: object) -> str:
         raise ManifestParseError(f"bad digest {str(value)[:100]!r}") from None
 
 
+def config_platform(body: bytes) -> str | None:
+    """An image's platform (os/arch[/variant]) from its config blob, which names it with
+    the keys an index's platform has."""
+    try:
+        return _platform(json.loads(body))
+    except (ValueError, RecursionError):
+        return None
+
+
 def _platform(value: object) -> str | None:
     if not isinstance(value, dict):
         return None

@@ -18,6 +18,7 @@ from typing import Protocol
 from mirror.engine import Engine
 from mirror.errors import RegistryError
 from mirror.fills import Fill, FillState
+from mirror.inventory import image_size
 from mirror.manifests import ManifestParseError, parse
 from mirror.mediatypes import MANIFEST_TYPES
 from mirror.pins import ImageName, split_image
@@ -36,7 +37,7 @@ class Seeded:
     reference: str  # as the user wrote it
     name: ImageName | None = None  # completed, with the digest it resolved to
     digest: str | None = None
-    size: int = 0  # bytes of the manifests and blobs it needs
+    size: int = 0  # inventory.image_size: bytes of the blobs it needs, as ls counts them
     fetched: int = 0  # of which newly fetched from upstream
     blobs: int = 0
     error: str | None = None
@@ -129,10 +130,12 @@ class _Seeder:
         seeded.digest = top.digest
         seeded.name = ImageName(name.registry, name.repository, name.tag, name.digest)
         manifests, blobs = await self._walk(name, top, seeded)
-        seeded.size = sum(len(m.body) for m in manifests) + sum(blobs.values())
+        seeded.size = image_size(blobs)
         seeded.blobs = len(blobs)
-        self._progress.bytes_known(seeded, seeded.size)
-        self._progress.bytes_done(seeded, sum(len(m.body) for m in manifests))
+        # Progress counts the manifests too: they were transferred.
+        manifest_bytes = sum(len(m.body) for m in manifests)
+        self._progress.bytes_known(seeded, manifest_bytes + seeded.size)
+        self._progress.bytes_done(seeded, manifest_bytes)
         await asyncio.gather(
             *(self._blob(name, digest, size, seeded) for digest, size in blobs.items())
         )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import aiohttp
 
+from mirror.inventory import human_size
 from tests.support.fakehub import FakeHub
 from tests.support.oci import OCI_MANIFEST, make_image, make_index, make_layer
 from tests.support.process import MirrorProcess, run_mirror
@@ -141,3 +143,30 @@ async def test_seed_beside_a_running_server_fetches_nothing_twice(
                     assert response.status == 200
     assert fake_hub.count(path_contains="/blobs/") == 0
     assert fake_hub.count("GET", path_contains="/manifests/") == 0
+
+
+async def test_seed_and_ls_give_an_image_the_same_size_and_its_platform(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    single = make_image([make_layer(b"one" * 1000), make_layer(b"two" * 1000)], arch="arm64")
+    index = make_index([make_image([make_layer(b"amd" * 900)]),
+                        make_image([make_layer(b"arm" * 700)], arch="arm64")])  # fmt: skip
+    fake_hub.add_image("library/app", "1.0", single)
+    fake_hub.add_index("acme/multi", "latest", index)
+    data = tmp_path / "data"
+    seeded = await asyncio.to_thread(
+        run_mirror, "seed", "--data-dir", str(data), "--upstream", fake_hub.url,
+        "app:1.0", "acme/multi",
+    )  # fmt: skip
+    assert seeded.returncode == 0, seeded.stderr
+    table = await asyncio.to_thread(run_mirror, "ls", "--data-dir", str(data))
+    header, *rows = [re.split(r"\s{2,}", line) for line in table.stdout.splitlines()]
+    listed = {row[0]: dict(zip(header, row, strict=False)) for row in rows}
+
+    lines = [line.split("  ") for line in seeded.stdout.splitlines() if "  fetched " in line]
+    sizes = {line[0]: line[2] for line in lines}
+    app, multi = listed["docker.io/library/app:1.0"], listed["docker.io/acme/multi:latest"]
+    assert app["SIZE"] == sizes["app:1.0"] == human_size(sum(b.size for b in single.blobs))
+    assert multi["SIZE"] == sizes["acme/multi"]
+    assert app["PLATFORMS"] == "linux/arm64"  # from the image's config: there is no index
+    assert multi["PLATFORMS"] == "linux/amd64,linux/arm64"
