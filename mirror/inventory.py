@@ -118,8 +118,8 @@ async def _row(engine: Engine, image: Image, pins: Sequence[Pin]) -> ImageRow:
             pending.append(child.digest)
         for blob in refs.blobs:
             blobs.setdefault(blob.digest, blob.size)
-        if digest == image.digest and refs.blobs and not refs.is_index:
-            config = refs.blobs[0].digest
+        if digest == image.digest and refs.blobs and refs.blobs[0].media_type.endswith("json"):
+            config = refs.blobs[0].digest  # an image config (schema 1 has none)
     present = await asyncio.to_thread(
         lambda: sum(engine.blobs.size(Digest.parse(d)) is not None for d in blobs)
     )
