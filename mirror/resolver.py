@@ -44,7 +44,7 @@ from mirror.errors import (
 from mirror.fills import Fill, FillHandover, Fills
 from mirror.logs import LogThrottle
 from mirror.manifests import ManifestParseError, parse
-from mirror.mediatypes import MANIFEST_TYPES, accepts, upstream_accept
+from mirror.mediatypes import MANIFEST_TYPES, UNACCEPTED_OCI, accepts, upstream_accept
 from mirror.pulls import PullRecorder
 from mirror.reference import Digest, Reference
 from mirror.singleflight import SingleFlight
@@ -164,10 +164,14 @@ class Resolver:
             return manifest, outcome  # a digest names these bytes, whatever the Accept
         # The client cannot read what the tag resolves to for everyone (an old client and a
         # multi-platform index): give it what Docker Hub gives it, the index's linux/amd64
-        # manifest, held by digest; ask upstream only when the index has none it can read.
+        # manifest, held by digest, or the 404 it gives for an OCI type it cannot read; ask
+        # upstream only when what is held does not say.
         chosen = await self._default_platform(client, registry, repository, manifest, accept)
         if chosen is not None:
             return chosen, outcome
+        refusal = UNACCEPTED_OCI.get(manifest.media_type)
+        if refusal is not None:
+            raise ManifestUnknown(refusal, detail={"tag": reference.tag, "held": manifest.digest})
         wanted = upstream_accept(accept)
         return await self._fetch(client, registry, repository, str(reference), wanted)
 
