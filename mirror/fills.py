@@ -41,6 +41,8 @@ log = structlog.get_logger(__name__)
 WRITE_BATCH = 1024 * 1024
 # How often a follower looks at another process's partial file.
 FOLLOW_POLL = 0.02
+# How long closing waits for fills whose bytes are verified to land and be recorded.
+LANDING_WAIT = 5.0
 
 
 class FillState(enum.Enum):
@@ -63,6 +65,7 @@ class Fill:
     written: int = 0
     state: FillState = FillState.RUNNING
     error: RegistryError | None = None
+    verified: bool = False  # every byte is in and matches the digest: only landing is left
     _fd: int | None = None
     _readers: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -135,7 +138,7 @@ class Fills:
         self._coordinator = coordinator
         self._stall_timeout = stall_timeout
         self._active: dict[Digest, Fill] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Fill] = {}
         # One line per kind of failure a minute: a client asking for missing blobs or an
         # upstream outage must not flood the log.
         self._log_throttle = LogThrottle()
@@ -160,7 +163,7 @@ class Fills:
             fill = Fill(digest)
             self._active[digest] = fill
             self._on_change(len(self._active))
-            self._spawn(self._start(fill, client, repository))
+            self._spawn(fill, self._start(fill, client, repository))
         fill.attach()
         return fill
 
@@ -182,14 +185,22 @@ class Fills:
             await self._follow(fill, key)
 
     async def close(self) -> None:
+        """Stop the fills still downloading. One whose bytes are verified is let land and be
+        recorded in the content graph (up to LANDING_WAIT): stopping right after a pull
+        must not lose, nor report as failed, a blob that was fetched whole."""
+        for task, fill in list(self._tasks.items()):
+            if not fill.verified:
+                task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=LANDING_WAIT)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, fill: Fill, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = fill
+        task.add_done_callback(lambda done: self._tasks.pop(done, None))
 
     def _done(self, fill: Fill) -> None:
         self._active.pop(fill.digest, None)
@@ -198,6 +209,31 @@ class Fills:
     async def _fill(
         self, fill: Fill, client: Upstream, repository: str, lease: Lease
     ) -> None:
+        try:
+            if await self._download(fill, client, repository, lease):
+                await self._landed(fill)
+        finally:
+            await asyncio.shield(lease.release())
+
+    async def _landed(self, fill: Fill) -> None:
+        """The blob is at its final path, verified: whatever happens now, it did not fail."""
+        self._done(fill)
+        fill._finish()
+        if not self._keep(fill.written):
+            # Larger than the whole budget: its readers finish from the open file,
+            # and nothing stays behind.
+            await asyncio.to_thread(self._blobs.path(fill.digest).unlink, missing_ok=True)
+            log.info("blob_not_kept", digest=str(fill.digest), size=fill.written)
+        else:
+            log.info("blob_stored", digest=str(fill.digest), size=fill.written)
+            if self._on_stored is not None:
+                await self._on_stored(fill.digest, fill.written)
+
+    async def _download(
+        self, fill: Fill, client: Upstream, repository: str, lease: Lease
+    ) -> bool:
+        """Fetch, verify and commit the blob: whether it landed. A failure is reported here,
+        and ends the fill."""
         partial: Partial | None = None
         try:
             async with client.open_blob(repository, fill.digest) as response:
@@ -206,18 +242,9 @@ class Fills:
                 fill._started(fd, response.size)
                 await lease.publish({"partial": partial.path.name, "size": response.size})
                 await _copy(fill, partial, response.content)
+            fill.verified = True
             await asyncio.to_thread(partial.commit)
-            self._done(fill)
-            fill._finish()
-            if not self._keep(fill.written):
-                # Larger than the whole budget: its readers finish from the open file,
-                # and nothing stays behind.
-                await asyncio.to_thread(self._blobs.path(fill.digest).unlink, missing_ok=True)
-                log.info("blob_not_kept", digest=str(fill.digest), size=fill.written)
-            else:
-                log.info("blob_stored", digest=str(fill.digest), size=fill.written)
-                if self._on_stored is not None:
-                    await self._on_stored(fill.digest, fill.written)
+            return True
         except BaseException as exc:
             error = _as_registry_error(exc)
             if partial is not None:
@@ -236,8 +263,7 @@ class Fills:
                 )
             if not isinstance(exc, Exception):
                 raise
-        finally:
-            await asyncio.shield(lease.release())
+            return False
 
     async def _follow(self, fill: Fill, key: str) -> None:
         """Stream another process's fill from its partial file, by polling its size."""

@@ -20,6 +20,13 @@ BLOB_TYPE = "application/octet-stream"
 # GENERIC_TYPE (a text/html "manifest" must not become a page of the mirror's origin).
 KNOWN_MANIFEST_TYPES = frozenset((*MANIFEST_TYPES, DOCKER_SCHEMA1_SIGNED, DOCKER_SCHEMA1))
 GENERIC_TYPE = "application/octet-stream"
+# What the distribution registry and Docker Hub answer, with a 404, a client that pulls a tag
+# held as an OCI index or manifest its Accept leaves out: never a conversion, so the mirror
+# gives the same answer from what it holds without asking.
+UNACCEPTED_OCI = {
+    OCI_INDEX: "OCI index found, but accept header does not support OCI indexes",
+    OCI_MANIFEST: "OCI manifest found, but accept header does not support OCI manifests",
+}
 
 
 def served_manifest_type(media_type: str) -> str:

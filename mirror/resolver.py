@@ -44,11 +44,11 @@ from mirror.errors import (
 from mirror.fills import Fill, FillHandover, Fills
 from mirror.logs import LogThrottle
 from mirror.manifests import ManifestParseError, parse
-from mirror.mediatypes import MANIFEST_TYPES, accepts, upstream_accept
+from mirror.mediatypes import MANIFEST_TYPES, UNACCEPTED_OCI, accepts, upstream_accept
 from mirror.pulls import PullRecorder
 from mirror.reference import Digest, Reference
 from mirror.singleflight import SingleFlight
-from mirror.store.blobs import BlobStore
+from mirror.store.blobs import BlobStore, MemoryCopy
 from mirror.store.cached import CachedStore
 from mirror.store.protocols import (
     REPOSITORY_MISSING,
@@ -132,7 +132,9 @@ class Resolver:
         # (registry, repository, blob) found allowed: a manifest there references the blob,
         # or the upstream said the repository has it.
         self._blob_grants: LRUCache[tuple[str, str, str], bool] = LRUCache(BLOB_GRANTS)
-        self._small: LRUCache[Digest, bytes] = LRUCache(SMALL_BLOBS_BYTES, getsizeof=len)
+        self._small: LRUCache[Digest, MemoryCopy] = LRUCache(
+            SMALL_BLOBS_BYTES, getsizeof=lambda copy: len(copy.data)
+        )
 
     def upstream(self, registry: str) -> Upstream:
         try:
@@ -164,10 +166,14 @@ class Resolver:
             return manifest, outcome  # a digest names these bytes, whatever the Accept
         # The client cannot read what the tag resolves to for everyone (an old client and a
         # multi-platform index): give it what Docker Hub gives it, the index's linux/amd64
-        # manifest, held by digest; ask upstream only when the index has none it can read.
+        # manifest, held by digest, or the 404 it gives for an OCI type it cannot read; ask
+        # upstream only when what is held does not say.
         chosen = await self._default_platform(client, registry, repository, manifest, accept)
         if chosen is not None:
             return chosen, outcome
+        refusal = UNACCEPTED_OCI.get(manifest.media_type)
+        if refusal is not None:
+            raise ManifestUnknown(refusal, detail={"tag": reference.tag, "held": manifest.digest})
         wanted = upstream_accept(accept)
         return await self._fetch(client, registry, repository, str(reference), wanted)
 
@@ -395,19 +401,21 @@ class Resolver:
         """A cached blob, or the running fill for it (the caller is attached as a reader)."""
         client = self.upstream(registry)
         await self._may_read(client, registry, repository, digest)
-        data = self._small.get(digest)
-        if data is not None:
+        held = self._small_blob(digest)
+        if held is not None:
             self.pulls.blob(str(digest))
-            return CachedBlob(None, len(data), data)
+            return CachedBlob(None, len(held), held)
         for _ in range(3):
             size = self.blobs.size(digest)
             if size is not None:
                 self.pulls.blob(str(digest))
                 path = self.blobs.path(digest)
+                data = None
                 if size <= SMALL_BLOB:
-                    data = await asyncio.to_thread(_read_verified, path, digest)
-                    if data is not None:
-                        self._small[digest] = data
+                    copy = await asyncio.to_thread(_read_verified, self.blobs, digest)
+                    if copy is not None:
+                        self._small[digest] = copy
+                        data = copy.data
                 return CachedBlob(path, size, data)
             await self._blob_not_known_missing(registry, repository, digest)
             fill = await self.fills.open(client, repository, digest)
@@ -430,6 +438,18 @@ class Resolver:
         raise UpstreamError(
             "the blob transfer could not be started", detail={"digest": str(digest)}
         )
+
+    def _small_blob(self, digest: Digest) -> bytes | None:
+        """A small blob's bytes from memory, while the file they were read from is in place:
+        ``verify --repair``, gc, eviction or another process taking it out of service takes
+        this copy out too, and the next pull fetches the blob again."""
+        copy = self._small.get(digest)
+        if copy is None:
+            return None
+        if not copy.in_place():
+            del self._small[digest]
+            return None
+        return copy.data
 
     async def blob_size(self, registry: str, repository: str, digest: Digest) -> int | None:
         """For HEAD: the size of a blob, from disk or upstream, without downloading it."""
@@ -522,12 +542,11 @@ class Resolver:
         return TagsPage(body, "application/json", link)
 
 
-def _read_verified(path: Path, digest: Digest) -> bytes | None:
+def _read_verified(blobs: BlobStore, digest: Digest) -> MemoryCopy | None:
     """A small blob's bytes, checked against its digest once, before memory keeps them (a
     file damaged on disk since its fill is then not served from memory for ever); None when
     it is gone or does not match."""
-    try:
-        data = path.read_bytes()
-    except OSError:
+    copy = blobs.read(digest)
+    if copy is None or Digest.of(copy.data, digest.algorithm) != digest:
         return None
-    return data if Digest.of(data, digest.algorithm) == digest else None
+    return copy

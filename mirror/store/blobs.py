@@ -59,6 +59,26 @@ class Partial:
             os.close(self.fd)
 
 
+@dataclass(frozen=True, slots=True)
+class MemoryCopy:
+    """A blob's bytes read into memory, and which file they were read from."""
+
+    data: bytes
+    path: str
+    device: int
+    inode: int
+
+    def in_place(self) -> bool:
+        """Whether the file the bytes were read from is still the blob's file (one stat): a
+        copy must not outlive its file, which ``verify --repair``, gc or eviction in any
+        process may have taken out of service."""
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return False
+        return stat.st_ino == self.inode and stat.st_dev == self.device
+
+
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -72,6 +92,17 @@ class BlobStore:
             return self.path(digest).stat().st_size
         except FileNotFoundError:
             return None
+
+    def read(self, digest: Digest) -> MemoryCopy | None:
+        """A blob's whole content (blocking: for small blobs, off the loop); None when it
+        is not on disk."""
+        path = str(self.path(digest))
+        try:
+            with open(path, "rb") as file:
+                data, stat = file.read(), os.fstat(file.fileno())
+        except OSError:
+            return None
+        return MemoryCopy(data, path, stat.st_dev, stat.st_ino)
 
     def quarantine(self, digest: Digest, opened: os.stat_result | None = None) -> bool:
         """Take a damaged blob out of service, so the next pull fetches it again; returns

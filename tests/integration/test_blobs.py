@@ -8,8 +8,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from mirror.store.embedded import EmbeddedStore
+from mirror.store.graph_embedded import EmbeddedGraph
 from tests.support.fakehub import FakeHub
-from tests.support.mirror import RunningMirror
+from tests.support.mirror import RunningMirror, settings_for
 from tests.support.oci import Blob, make_image, make_layer, make_random_layer
 
 
@@ -228,3 +230,43 @@ async def test_unknown_blob_is_404_blob_unknown(fake_hub: FakeHub, mirror: Runni
     assert status == 404
     assert b'"BLOB_UNKNOWN"' in body
     assert stored_files(mirror) == []
+
+
+class SlowBlobRecords(EmbeddedGraph):
+    """A content graph slow to record a stored blob, as one busy with other writes is."""
+
+    async def blob_stored(self, digest: str, size: int, at: float) -> None:
+        await asyncio.sleep(0.5)
+        await super().blob_stored(digest, size, at)
+
+
+class SlowlyRecordingStore(EmbeddedStore):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.graph = SlowBlobRecords(self._db, self._run)
+
+
+async def test_a_stop_right_after_a_fill_neither_fails_it_nor_forgets_it(
+    fake_hub: FakeHub,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    layer = make_random_layer(256 * 1024, seed=15)
+    publish(fake_hub, layer)
+    data = tmp_path / "data"
+    data.mkdir()
+    store = await asyncio.to_thread(SlowlyRecordingStore, data / "metadata.sqlite3")
+    async with RunningMirror(settings_for(fake_hub.url, data), store=store) as mirror:
+        status, _, body = await mirror.get(f"/v2/app/blobs/{layer.digest}")
+        assert (status, body) == (200, layer.data)
+    # Stopped while the blob, stored and verified, was still being recorded.
+
+    logged = capsys.readouterr().out + caplog.text
+    assert "blob_stored" in logged
+    assert "blob_fill_failed" not in logged
+    reopened = await EmbeddedStore.open(data)
+    try:
+        assert [entry.digest for entry in await reopened.graph.oldest_blobs(10)] == [layer.digest]
+    finally:
+        await reopened.close()

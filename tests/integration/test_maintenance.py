@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.support.fakehub import FakeHub
 from tests.support.oci import OCI_MANIFEST, Image, make_image, make_random_layer
@@ -116,3 +117,29 @@ async def test_gc_and_verify_while_pulls_go_on(
         for number, image in enumerate(images):
             await pull(mirror.url, f"app{number}", image)
         assert fake_hub.count("GET", "cdn") == cdn_before
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_repair_takes_a_small_blob_out_of_every_servers_memory(
+    fake_hub: FakeHub, tmp_path: Path, workers: str
+) -> None:
+    # Blobs up to 64 KiB are kept in memory once read: a repaired one must not stay there.
+    image = make_image([make_random_layer(8 * 1024, seed=43)])
+    fake_hub.add_image("library/small", "latest", image)
+    layer = image.blobs[-1]
+    data = tmp_path / "data"
+    with MirrorProcess(data, fake_hub.url, "--workers", workers) as mirror:
+        for _ in range(6):  # fetched, then read from disk into each process's memory
+            await pull(mirror.url, "small", image)
+        path = blob_path(data, layer.digest)
+        content = bytearray(path.read_bytes())
+        content[100] ^= 0xFF
+        path.write_bytes(bytes(content))
+        repaired = await run("verify", "--repair", "--data-dir", str(data))
+        assert "1 taken out of service" in repaired.stdout, repaired.stdout + repaired.stderr
+
+        cdn_before = fake_hub.count("GET", "cdn")
+        for _ in range(4):
+            await pull(mirror.url, "small", image)  # checks every digest
+        assert fake_hub.count("GET", "cdn") == cdn_before + 1
+        assert blob_path(data, layer.digest).read_bytes() == layer.data

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
+import pytest
+
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import FakeClock, RunningMirror
 from tests.support.oci import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
+    OCI_INDEX,
     OCI_MANIFEST,
+    Image,
+    Index,
     make_image,
     make_index,
     make_layer,
@@ -51,3 +59,44 @@ async def test_narrow_pulls_obey_the_freshness_window_and_stale_serving(
     clock.advance(3600)
     status, _, body = await mirror.get("/v2/app/manifests/1.0", accept=NARROW)
     assert (status, body) == (200, amd64.manifest)
+
+
+
+def _oci_index() -> Index:
+    arches = ("amd64", "arm64")
+    return make_index([make_image([make_layer(arch.encode())], arch=arch) for arch in arches])
+
+
+def _oci_image() -> Image:
+    return make_image([make_layer(b"oci single")])
+
+
+@pytest.mark.parametrize("content", [_oci_index, _oci_image], ids=["oci-index", "oci-image"])
+async def test_narrow_pulls_of_an_oci_tag_are_answered_from_the_cache(
+    fake_hub: FakeHub, mirror: RunningMirror, clock: FakeClock, content: Callable[[], Image | Index]
+) -> None:
+    # The distribution registry and Docker Hub answer a client that cannot read an OCI
+    # index or manifest with a 404: what the mirror holds tells it so without asking again.
+    held = content()
+    if isinstance(held, Index):
+        fake_hub.add_index("library/oci", "1.0", held)
+    else:
+        fake_hub.add_image("library/oci", "1.0", held)
+    status, _, body = await mirror.get("/v2/oci/manifests/1.0", accept=[OCI_INDEX, OCI_MANIFEST])
+    assert status == 200
+    fake_hub.clear_log()
+
+    answers = [await mirror.get("/v2/oci/manifests/1.0", accept=NARROW) for _ in range(5)]
+    assert {status for status, _, _ in answers} == {404}
+    assert {body for _, _, body in answers} == {answers[0][2]}
+    assert json.loads(answers[0][2])["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert manifest_gets(fake_hub) <= 1
+
+    # Upstream down past the window: the same answer, not a 503.
+    fake_hub.down = True
+    clock.advance(3600)
+    status, _, body = await mirror.get("/v2/oci/manifests/1.0", accept=NARROW)
+    assert (status, body) == (404, answers[0][2])
+    # By digest the held bytes are served whatever the Accept, as before.
+    status, _, body = await mirror.get(f"/v2/oci/manifests/{held.digest}", accept=NARROW)
+    assert status == 200

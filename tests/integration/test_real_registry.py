@@ -1,13 +1,16 @@
 """Debian's docker-registry as the upstream, skopeo pulling through the mirror."""
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import pytest_asyncio
 
-from tests.support.oci import Image, Index, make_image, make_index, make_layer
+from tests.support.binaries import require_binary
+from tests.support.oci import DOCKER_MANIFEST, Image, Index, make_image, make_index, make_layer
 from tests.support.process import (
     MirrorProcess,
     dir_blobs_verified,
@@ -58,3 +61,33 @@ async def test_skopeo_copy_all_through_the_mirror_keeps_upstream_digests(
 
     assert dir_manifest_digest(tmp_path / "pulled") == pushed
     assert dir_blobs_verified(tmp_path / "pulled") >= 2
+
+
+async def _narrow_answer(url: str, repository: str) -> tuple[int, str]:
+    """(status, first error code or "") for a client accepting only Docker schema 2."""
+    headers = {"Accept": DOCKER_MANIFEST}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{url}/v2/{repository}/manifests/v1", headers=headers) as response,
+    ):
+        body = await response.read()
+        code = json.loads(body)["errors"][0]["code"] if response.status >= 400 else ""
+        return response.status, code
+
+
+async def test_a_narrow_accept_gets_the_registrys_answer_from_the_cache(tmp_path: Path) -> None:
+    # An upstream of its own, stopped half-way: the session's registry serves other tests.
+    require_binary("docker-registry")
+    require_binary("skopeo")
+    with RealRegistry() as registry, MirrorProcess(tmp_path / "data", registry.url) as mirror:
+        upstream: dict[str, tuple[int, str]] = {}
+        for repository in ("library/oci-single", "library/oci-index"):
+            content, _ = IMAGES[repository]
+            await asyncio.to_thread(registry.push_image, content, repository, "v1")
+            upstream[repository] = await _narrow_answer(registry.url, repository)
+            await _narrow_answer(mirror.url, repository.removeprefix("library/"))  # now cached
+
+        registry.stop()
+        for repository, answer in upstream.items():
+            assert answer == (404, "MANIFEST_UNKNOWN")
+            assert await _narrow_answer(mirror.url, repository.removeprefix("library/")) == answer
