@@ -6,6 +6,9 @@ With it, ``/v2/`` and everything under it, the status page (``/``, ``/status.jso
 answers 401 ``UNAUTHORIZED`` with a Basic challenge unless the request carries valid
 credentials; ``/healthz`` and ``/readyz`` stay open for probes. An address whose logins keep
 failing waits longer and longer for its answers (``mirror.clients.FailedLogins``).
+
+What may be pulled (``repositories:``, :mod:`mirror.rules`) is decided by :func:`screen`
+for every ``/v2/`` route, before anything is looked up or asked upstream.
 """
 
 from __future__ import annotations
@@ -15,8 +18,13 @@ import asyncio
 from aiohttp import web
 
 from mirror.clients import CLIENT, Credentials
-from mirror.errors import Unauthorized
-from mirror.routes.state import EXCHANGE, FAILED_LOGINS, HTPASSWD, SETTINGS
+from mirror.errors import Denied, Unauthorized, UpstreamError
+from mirror.manifests import ManifestParseError, parse
+from mirror.pins import Pin
+from mirror.reference import Digest, Reference
+from mirror.routes.state import EXCHANGE, FAILED_LOGINS, HTPASSWD, RESOLVER, SETTINGS
+from mirror.rules import Scope
+from mirror.store.protocols import MetadataStore, StoreUnavailable
 
 
 async def admit(request: web.Request) -> None:
@@ -52,4 +60,84 @@ async def _authenticate(request: web.Request) -> None:
     raise Unauthorized(
         "authentication required" if credentials is None else "invalid username or password",
         headers={"WWW-Authenticate": f'Basic realm="{auth.realm}"'},
+    )
+
+
+async def screen(
+    request: web.Request, registry: str, repository: str, reference: Reference | Digest | None
+) -> Scope:
+    """Refuse with 403 ``DENIED`` what the access rules do not let through: the repository,
+    the tag or digest of a manifest, a blob by the manifests that hold it. The scope it
+    returns still decides a manifest pulled by tag once its digest is known
+    (:func:`screen_resolved`)."""
+    scope = request.app[SETTINGS].repositories.scope(registry, repository)
+    if scope is None:
+        raise _denied(registry, repository)
+    if scope.open or reference is None:
+        return scope
+    if isinstance(reference, Reference) and reference.tag is not None:
+        tag = reference.tag
+        if scope.denies_tag(registry, repository, tag) or not scope.allows_tag(
+            registry, repository, tag
+        ):
+            raise _denied(registry, repository, tag)
+        return scope
+    digest = reference.digest if isinstance(reference, Reference) else reference
+    assert digest is not None
+    blob = isinstance(reference, Digest)
+    store = request.app[RESOLVER].store
+    try:
+        denied = scope.deny and digest.text in await _reach(
+            store, registry, repository, scope.deny, blob
+        )
+        if denied or not (
+            scope.allow_all
+            or digest.text in await _reach(store, registry, repository, scope.allow, blob)
+        ):
+            raise _denied(registry, repository, digest.text)
+    except StoreUnavailable:
+        raise UpstreamError("the metadata store is unavailable: access cannot be decided") from None
+    return scope
+
+
+def screen_resolved(scope: Scope, registry: str, repository: str, digest: str) -> None:
+    """A manifest pulled by tag is refused when a deny rule names its digest."""
+    if scope.deny and scope.denied_digest(digest):
+        raise _denied(registry, repository, digest)
+
+
+async def _reach(
+    store: MetadataStore, registry: str, repository: str, rules: tuple[Pin, ...], blobs: bool
+) -> set[str]:
+    """What the rules' tags and digests cover in the repository, as far as the store knows:
+    the manifests (an index's platforms with it), or the blobs they hold."""
+    roots = {pin.pattern.digest for pin in rules if pin.pattern.digest is not None}
+    if any(pin.pattern.tag is not None for pin in rules):
+        for tagged in await store.list_tags(registry, repository):
+            if any(pin.matches(registry, repository, tagged.tag) for pin in rules):
+                roots.add(tagged.record.digest)
+    found: set[str] = set()
+    for root in roots:
+        if blobs:
+            found.update(await store.graph.blobs_of(registry, repository, root))
+            continue
+        found.add(root)
+        manifest = await store.get_manifest(registry, repository, root)
+        if manifest is None:
+            continue
+        try:
+            children = parse(manifest.body, manifest.media_type).children
+        except ManifestParseError:
+            continue
+        found.update(child.digest for child in children)
+    return found
+
+
+def _denied(registry: str, repository: str, reference: str | None = None) -> Denied:
+    name = f"{registry}/{repository}"
+    if reference is None:
+        return Denied("this mirror does not serve that repository", detail={"repository": name})
+    return Denied(
+        "this mirror does not serve that image",
+        detail={"repository": name, "reference": reference},
     )
