@@ -4,8 +4,9 @@ charged to. Without ``auth``, pulls are anonymous and ``/v2/`` answers 200 with 
 With it, ``/v2/`` and everything under it, the status page (``/``, ``/status.json``), and
 ``/metrics`` with ``auth: {metrics: true}``,
 answers 401 ``UNAUTHORIZED`` with a Basic challenge unless the request carries valid
-credentials; ``/healthz`` and ``/readyz`` stay open for probes. An address whose logins keep
-failing waits longer and longer for its answers (``mirror.clients.FailedLogins``).
+credentials; ``/healthz`` and ``/readyz`` stay open for probes. A login not verified before
+is checked only when the throttle on guessing admits it (``mirror.clients.LoginThrottle``),
+else answered 429 with no check; with the password file unreadable, 503.
 
 What may be pulled (``repositories:``, :mod:`mirror.rules`) is decided by :func:`screen`
 for every ``/v2/`` route, before anything is looked up or asked upstream.
@@ -13,16 +14,21 @@ for every ``/v2/`` route, before anything is looked up or asked upstream.
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from mirror.clients import CLIENT, Credentials
-from mirror.errors import Denied, Unauthorized, UpstreamError
+from mirror.errors import Denied, TooManyRequests, Unauthorized, UpstreamError
 from mirror.manifests import ManifestParseError, parse
 from mirror.pins import Pin
 from mirror.reference import Digest, Reference
-from mirror.routes.state import EXCHANGE, FAILED_LOGINS, HTPASSWD, RESOLVER, SETTINGS
+from mirror.routes.state import (
+    EXCHANGE,
+    HTPASSWD,
+    LOGIN_THROTTLE,
+    METRICS,
+    RESOLVER,
+    SETTINGS,
+)
 from mirror.rules import Scope
 from mirror.store.protocols import MetadataStore, StoreUnavailable
 
@@ -44,23 +50,47 @@ def _protected(request: web.Request) -> bool:
 
 
 async def _authenticate(request: web.Request) -> None:
-    htpasswd, failed = request.app[HTPASSWD], request.app[FAILED_LOGINS]
     auth = request.app[SETTINGS].auth
     assert auth is not None
-    address = request.remote or "unknown"
     credentials = Credentials.from_header(request.headers.get("Authorization"))
     if credentials is not None:
-        delay = failed.delay(address)
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if await htpasswd.verify(credentials):
+        result = await _login(request, credentials)
+        request.app[METRICS].logins.labels(result).inc()
+        if result in ("ok", "remembered"):
             request[EXCHANGE].user = credentials.user
             return
-        failed.failed(address)
     raise Unauthorized(
         "authentication required" if credentials is None else "invalid username or password",
         headers={"WWW-Authenticate": f'Basic realm="{auth.realm}"'},
     )
+
+
+async def _login(request: web.Request, credentials: Credentials) -> str:
+    """How a login went: ok or failed (checked), remembered (verified before); or raise
+    when it is not checked at all (the password file unreadable, too many attempts)."""
+    htpasswd, throttle = request.app[HTPASSWD], request.app[LOGIN_THROTTLE]
+    await htpasswd.refresh()
+    if htpasswd.problem is not None:
+        request.app[METRICS].logins.labels("unavailable").inc()
+        raise UpstreamError("logins are unavailable: the mirror cannot read its password file")
+    if htpasswd.remembered(credentials):
+        return "remembered"
+    if htpasswd.checking(credentials):  # the very same pair: its answer, at no cost
+        return "ok" if await htpasswd.check(credentials) else "failed"
+    address, user = request.remote or "unknown", credentials.user
+    wait = throttle.admit(address, user) or (1.0 if htpasswd.busy else 0.0)
+    if wait > 0:
+        request.app[METRICS].logins.labels("throttled").inc()
+        raise TooManyRequests(
+            "too many login attempts; retry later",
+            headers={"Retry-After": str(max(int(wait + 0.999), 1))},
+        )
+    ok = False
+    try:
+        ok = await htpasswd.check(credentials)
+    finally:
+        throttle.done(address, user, ok)
+    return "ok" if ok else "failed"
 
 
 async def screen(
