@@ -138,10 +138,9 @@ class Htpasswd:
             self._pool, _checkpw, password, stored or self._stand_in
         )
         self._running[key] = future
-        try:
-            ok = await asyncio.shield(future) and stored is not None
-        finally:
-            self._running.pop(key, None)
+        # Counted until the thread is done, even if the request that asked is not.
+        future.add_done_callback(lambda _: self._running.pop(key, None))
+        ok = await asyncio.shield(future) and stored is not None
         if ok and self.problem is None:
             self._verified[key] = True
         return ok

@@ -120,9 +120,9 @@ class Metrics:
         )
         self.logins = Counter(
             "mirror_logins",
-            "Login attempts by result: ok, failed (a wrong password, or one over 72 bytes), "
-            "remembered (verified before: no bcrypt), throttled (refused with no check), "
-            "unavailable (the password file unreadable).",
+            "Logins not verified before, by result: ok, failed (a wrong password, or one "
+            "over 72 bytes), throttled (refused with no check), unavailable (the password "
+            "file unreadable).",
             ["result"],
             registry=self.registry,
         )

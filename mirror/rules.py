@@ -21,11 +21,14 @@ match stops the start with one line naming it.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from cachetools import LRUCache
 
 from mirror.pins import ANY, Pin, check_pattern
+
+SCOPES_KEPT = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,10 @@ class AccessRules:
 
     allow: tuple[Pin, ...] = ()
     deny: tuple[Pin, ...] = ()
+    # Scopes by (registry, repository): clients ask for the same few over and over.
+    _scopes: LRUCache[tuple[str, str], Scope | None] = field(
+        default_factory=lambda: LRUCache(SCOPES_KEPT), compare=False, repr=False
+    )
 
     @classmethod
     def parse(cls, allow: Iterable[str], deny: Iterable[str]) -> AccessRules:
@@ -70,11 +77,34 @@ class AccessRules:
         """None when the repository is refused whole; otherwise the rules left to apply."""
         if not self.allow and not self.deny:
             return OPEN
-        return _scope(self, registry, repository)
+        key = (registry, repository)
+        try:
+            return self._scopes[key]
+        except KeyError:
+            scope = self._scopes[key] = self._decide(registry, repository)
+            return scope
 
     def permits(self, registry: str, repository: str) -> bool:
         """May anything of the repository be served?"""
         return self.scope(registry, repository) is not None
+
+    def _decide(self, registry: str, repository: str) -> Scope | None:
+        deny, allow, allow_all = [], [], not self.allow
+        for pin in self.deny:
+            if pin.matches(registry, repository, None):
+                return None  # a whole-repository rule: the tag-less match
+            if pin.names(registry, repository):
+                deny.append(pin)
+        for pin in self.allow:
+            if pin.matches(registry, repository, None):
+                allow_all = True
+            elif pin.names(registry, repository):
+                allow.append(pin)
+        if not allow_all and not allow:
+            return None
+        if allow_all and not deny:
+            return OPEN
+        return Scope(tuple(deny), tuple(allow), allow_all)
 
     def unknown_registries(self, upstreams: Sequence[str]) -> list[str]:
         """The patterns naming a registry that is no upstream: they could never match."""
@@ -83,24 +113,6 @@ class AccessRules:
             for pin in (*self.allow, *self.deny)
             if ANY not in pin.pattern.registry and pin.pattern.registry not in upstreams
         ]
-
-
-@functools.lru_cache(maxsize=4096)
-def _scope(rules: AccessRules, registry: str, repository: str) -> Scope | None:
-    deny, allow, allow_all = [], [], not rules.allow
-    for pin in rules.deny:
-        if pin.matches(registry, repository, None):
-            return None  # a whole-repository rule: the tag-less match
-        if pin.names(registry, repository):
-            deny.append(pin)
-    for pin in rules.allow:
-        if pin.matches(registry, repository, None):
-            allow_all = True
-        elif pin.names(registry, repository):
-            allow.append(pin)
-    if not allow_all and not allow:
-        return None
-    return Scope(tuple(deny), tuple(allow), allow_all)
 
 
 def _patterns(items: Iterable[str]) -> tuple[Pin, ...]:

@@ -55,7 +55,8 @@ async def _authenticate(request: web.Request) -> None:
     credentials = Credentials.from_header(request.headers.get("Authorization"))
     if credentials is not None:
         result = await _login(request, credentials)
-        request.app[METRICS].logins.labels(result).inc()
+        if result != "remembered":  # that is every request of a logged-in client: not counted
+            request.app[METRICS].logins.labels(result).inc()
         if result in ("ok", "remembered"):
             request[EXCHANGE].user = credentials.user
             return
@@ -78,7 +79,8 @@ async def _login(request: web.Request, credentials: Credentials) -> str:
     if htpasswd.checking(credentials):  # the very same pair: its answer, at no cost
         return "ok" if await htpasswd.check(credentials) else "failed"
     address, user = request.remote or "unknown", credentials.user
-    wait = throttle.admit(address, user) or (1.0 if htpasswd.busy else 0.0)
+    # Busy first: an attempt the throttle admits is counted, and must reach its check.
+    wait = 1.0 if htpasswd.busy else throttle.admit(address, user)
     if wait > 0:
         request.app[METRICS].logins.labels("throttled").inc()
         raise TooManyRequests(
@@ -94,13 +96,16 @@ async def _login(request: web.Request, credentials: Credentials) -> str:
 
 
 async def screen(
-    request: web.Request, registry: str, repository: str, reference: Reference | Digest | None
+    request: web.Request,
+    scope: Scope | None,
+    registry: str,
+    repository: str,
+    reference: Reference | Digest | None,
 ) -> Scope:
-    """Refuse with 403 ``DENIED`` what the access rules do not let through: the repository,
-    the tag or digest of a manifest, a blob by the manifests that hold it. The scope it
-    returns still decides a manifest pulled by tag once its digest is known
-    (:func:`screen_resolved`)."""
-    scope = request.app[SETTINGS].repositories.scope(registry, repository)
+    """Refuse with 403 ``DENIED`` what the access rules do not let through: the repository
+    (``scope`` None), the tag or digest of a manifest, a blob by the manifests that hold it.
+    The scope still decides a manifest pulled by tag once its digest is known
+    (:func:`screen_resolved`). Called only for a scope that is not ``OPEN``."""
     if scope is None:
         raise _denied(registry, repository)
     if scope.open or reference is None:
@@ -132,7 +137,7 @@ async def screen(
 
 def screen_resolved(scope: Scope, registry: str, repository: str, digest: str) -> None:
     """A manifest pulled by tag is refused when a deny rule names its digest."""
-    if scope.deny and scope.denied_digest(digest):
+    if scope.denied_digest(digest):
         raise _denied(registry, repository, digest)
 
 

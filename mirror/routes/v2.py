@@ -39,7 +39,7 @@ from mirror.routes.middleware import (
     NOSNIFF_HEADER,
     add_route,
 )
-from mirror.routes.state import EXCHANGE, RESOLVER
+from mirror.routes.state import EXCHANGE, RESOLVER, SETTINGS
 from mirror.rules import OPEN, Scope
 from mirror.store.protocols import Manifest
 
@@ -85,7 +85,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     exchange.registry = registry
     route, repository, reference = _parse_path(path, registry)
     exchange.route = route
-    scope = await screen(request, registry, repository, reference)
+    scope = request.app[SETTINGS].repositories.scope(registry, repository)
+    if scope is not OPEN:  # rules that name this repository: the slow path
+        scope = await screen(request, scope, registry, repository, reference)
     if isinstance(reference, Reference):
         return await manifest(request, registry, repository, reference, scope)
     if isinstance(reference, Digest):
@@ -119,7 +121,8 @@ async def manifest(
 ) -> web.Response:
     accept = parse_accept(tuple(request.headers.getall("Accept", ())))
     found, outcome = await request.app[RESOLVER].manifest(registry, repository, reference, accept)
-    screen_resolved(scope, registry, repository, found.digest)
+    if scope.deny:
+        screen_resolved(scope, registry, repository, found.digest)
     request[EXCHANGE].cache = outcome.value
     return _manifest_response(request, found)
 
