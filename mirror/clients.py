@@ -57,7 +57,7 @@ MAX_CHECKS = 16
 MAX_PASSWORD_BYTES = 72
 DEFAULT_COST = 10  # for the stand-in hash when the file has no entries
 # The throttle on guessing, all per FAILURE_WINDOW: failures one address may make for one
-# user name before each further check waits (a quarter second, doubling, up to
+# user name before each further check waits (a second, doubling, up to
 # MAX_FAILURE_DELAY); failures from one address, or for one user name, over all the others;
 # and checks one address or one user name may have under way at once.
 FREE_FAILURES = 5
@@ -289,7 +289,7 @@ class LoginThrottle:
         over = len(recent) - FREE_FAILURES
         if over < 0:
             return 0.0
-        return max(recent[-1] + min(2.0**over * 0.25, MAX_FAILURE_DELAY) - now, 0.0)
+        return max(recent[-1] + min(2.0**over, MAX_FAILURE_DELAY) - now, 0.0)
 
     def _over(self, key: tuple[str, ...], limit: int, now: float) -> float:
         recent = self._recent(key, now)
