@@ -50,8 +50,9 @@ CLIENT: ContextVar[str | None] = ContextVar("client", default=None)
 RECHECK_INTERVAL = 2.0
 VERIFIED_ENTRIES = 4096
 # bcrypt runs on threads of its own, so guesses never queue behind blob opens (nor these
-# behind guesses); checks running or waiting for them, all clients together, are bounded.
-BCRYPT_THREADS = 2
+# behind guesses), on half the cores at most, so the event loop keeps one; checks running
+# or waiting for them, all clients together, are bounded.
+BCRYPT_THREADS = max(1, (os.cpu_count() or 2) // 2)
 MAX_CHECKS = 16
 # bcrypt reads at most 72 bytes; a longer password is refused rather than cut short.
 MAX_PASSWORD_BYTES = 72
