@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from mirror.clients import FailedLogins, Htpasswd
+from mirror.clients import Htpasswd, LoginThrottle
 from mirror.config import Settings
 from mirror.engine import Engine, Overrides, open_engine
 from mirror.logs import LogThrottle
@@ -24,10 +24,10 @@ from mirror.routes import ops, status, v2
 from mirror.routes.middleware import add_fallback_route, server_logger
 from mirror.routes.state import (
     ENGINE,
-    FAILED_LOGINS,
     HISTORY,
     HTPASSWD,
     LOG_THROTTLE,
+    LOGIN_THROTTLE,
     METRICS,
     RESOLVER,
     SETTINGS,
@@ -52,7 +52,8 @@ def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web
     app[LOG_THROTTLE] = throttle
     if settings.auth is not None:
         app[HTPASSWD] = Htpasswd(settings.auth.htpasswd)
-    app[FAILED_LOGINS] = FailedLogins()
+        app.cleanup_ctx.append(_closing(app[HTPASSWD]))
+    app[LOGIN_THROTTLE] = LoginThrottle()
     app.cleanup_ctx.append(_lifecycle(settings, overrides or Overrides()))
     v2.add_routes(app)
     ops.add_routes(app)
@@ -99,6 +100,14 @@ def _upstreams(settings: Settings) -> dict[str, Any]:
     if settings.offline:
         return {"offline": True, "registries": sorted(settings.upstreams)}
     return {"upstreams": {name: u.url for name, u in settings.upstreams.items()}}
+
+
+def _closing(htpasswd: Htpasswd) -> Any:
+    async def closing(app: web.Application) -> AsyncIterator[None]:
+        yield
+        htpasswd.close()  # its bcrypt threads
+
+    return closing
 
 
 async def _watch_health(engine: Engine, interval: float = HEALTH_INTERVAL) -> None:

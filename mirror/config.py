@@ -22,6 +22,7 @@ import yaml
 
 from mirror.pins import Pin
 from mirror.reference import DOCKER_HUB
+from mirror.rules import AccessRules
 from mirror.units import (
     SizeOrShare,
     parse_duration,
@@ -61,19 +62,6 @@ class AuthSettings:
     htpasswd: Path
     metrics: bool = False  # /metrics behind the same logins
     realm: str = "mirror"
-
-
-@dataclass(frozen=True, slots=True)
-class AccessRules:
-    """Which repositories may be pulled: ``registry/repository`` patterns with ``*``."""
-
-    allow: tuple[Pin, ...] = ()  # empty: every repository not denied
-    deny: tuple[Pin, ...] = ()
-
-    def permits(self, registry: str, repository: str) -> bool:
-        if self.deny and any(pin.matches(registry, repository, None) for pin in self.deny):
-            return False
-        return not self.allow or any(pin.matches(registry, repository, None) for pin in self.allow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,9 +175,13 @@ def _optional_duration(value: Any) -> float | None:
 
 
 def _pins(value: Any) -> tuple[Pin, ...]:
+    return tuple(Pin.parse(item) for item in _items(value))
+
+
+def _items(value: Any) -> list[str]:
     """A list of image patterns (YAML, repeated --pin) or one comma-separated string (env)."""
     items = value if isinstance(value, list | tuple) else str(value).split(",")
-    return tuple(Pin.parse(str(item)) for item in items if str(item).strip())
+    return [str(item) for item in items if str(item).strip()]
 
 
 def _count(value: Any) -> int:
@@ -344,7 +336,7 @@ def _access_rules(value: Any) -> AccessRules:
     unknown = sorted(set(value) - keys)
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r}{_did_you_mean(unknown[0], keys)}")
-    return AccessRules(_pins(value.get("allow") or ()), _pins(value.get("deny") or ()))
+    return AccessRules.parse(_items(value.get("allow") or ()), _items(value.get("deny") or ()))
 
 
 def _upstream_settings(
@@ -491,6 +483,12 @@ def _build(values: Mapping[str, Any]) -> Settings:
             ca_file=hub.ca_file,
             insecure=hub.insecure,
         )
+    rules: AccessRules = values.get("repositories", defaults.repositories)
+    unmatched = rules.unknown_registries(list(upstreams))
+    if unmatched:
+        raise ConfigError(
+            f"repositories: pattern {unmatched[0]!r} names a registry that is no upstream"
+        )
     if ("tls_cert" in values) != ("tls_key" in values):
         raise ConfigError("tls_cert and tls_key must be given together")
     host, port = values.get("listen", (defaults.listen_host, defaults.listen_port))
@@ -521,7 +519,7 @@ def _build(values: Mapping[str, Any]) -> Settings:
         tls_cert=values.get("tls_cert"),
         tls_key=values.get("tls_key"),
         auth=values.get("auth"),
-        repositories=values.get("repositories", defaults.repositories),
+        repositories=rules,
         client_miss_limit=values.get("client_miss_limit", defaults.client_miss_limit),
         client_max_transfers=values.get("client_max_transfers", defaults.client_max_transfers),
         event_loop=values.get("event_loop", defaults.event_loop),

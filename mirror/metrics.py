@@ -118,6 +118,14 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="mostrecent",
         )
+        self.logins = Counter(
+            "mirror_logins",
+            "Logins not verified before, by result: ok, failed (a wrong password, or one "
+            "over 72 bytes), throttled (refused with no check), unavailable (the password "
+            "file unreadable).",
+            ["result"],
+            registry=self.registry,
+        )
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # CPU, memory, open files of this process (one process: workers are summed
             # by name only for the mirror's own metrics).

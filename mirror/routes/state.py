@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from mirror.clients import FailedLogins, Htpasswd
+from mirror.clients import Htpasswd, LoginThrottle
 from mirror.config import Settings
 from mirror.engine import Engine
 from mirror.logs import LogThrottle
@@ -22,9 +22,9 @@ RESOLVER = web.AppKey("resolver", Resolver)
 # Lines the request path logs for events a client or a broken part can repeat endlessly.
 LOG_THROTTLE = web.AppKey("log_throttle", LogThrottle)
 
-# Logins (absent: anonymous pulls) and failed logins per address.
+# Logins (absent: anonymous pulls) and the throttle on guessing them.
 HTPASSWD = web.AppKey("htpasswd", Htpasswd)  # absent without ``auth``
-FAILED_LOGINS = web.AppKey("failed_logins", FailedLogins)
+LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)
 
 # The last hour of request totals, and when the service started (the status page).
 HISTORY = web.AppKey("history", History)

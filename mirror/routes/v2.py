@@ -21,7 +21,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from mirror.errors import (
     BlobUnknown,
-    Denied,
     PaginationNumberInvalid,
     RangeInvalid,
     RegistryError,
@@ -32,6 +31,7 @@ from mirror.fills import Fill, FillState
 from mirror.mediatypes import BLOB_TYPE, parse_accept, served_manifest_type
 from mirror.reference import DOCKER_HUB, Digest, Reference, normalize_name
 from mirror.resolver import CachedBlob
+from mirror.routes.access import screen, screen_resolved
 from mirror.routes.middleware import (
     API_VERSION,
     API_VERSION_HEADER,
@@ -40,6 +40,7 @@ from mirror.routes.middleware import (
     add_route,
 )
 from mirror.routes.state import EXCHANGE, RESOLVER, SETTINGS
+from mirror.rules import OPEN, Scope
 from mirror.store.protocols import Manifest
 
 log = structlog.get_logger(__name__)
@@ -84,13 +85,11 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     exchange.registry = registry
     route, repository, reference = _parse_path(path, registry)
     exchange.route = route
-    if not request.app[SETTINGS].repositories.permits(registry, repository):
-        raise Denied(
-            "this mirror does not serve that repository",
-            detail={"repository": f"{registry}/{repository}"},
-        )
+    scope = request.app[SETTINGS].repositories.scope(registry, repository)
+    if scope is not OPEN:  # rules that name this repository: the slow path
+        scope = await screen(request, scope, registry, repository, reference)
     if isinstance(reference, Reference):
-        return await manifest(request, registry, repository, reference)
+        return await manifest(request, registry, repository, reference, scope)
     if isinstance(reference, Digest):
         return await blob(request, registry, repository, reference)
     return await tags(request, registry, repository)
@@ -118,10 +117,12 @@ def check_method(request: web.Request) -> None:
 
 
 async def manifest(
-    request: web.Request, registry: str, repository: str, reference: Reference
+    request: web.Request, registry: str, repository: str, reference: Reference, scope: Scope = OPEN
 ) -> web.Response:
     accept = parse_accept(tuple(request.headers.getall("Accept", ())))
     found, outcome = await request.app[RESOLVER].manifest(registry, repository, reference, accept)
+    if scope.deny:
+        screen_resolved(scope, registry, repository, found.digest)
     request[EXCHANGE].cache = outcome.value
     return _manifest_response(request, found)
 

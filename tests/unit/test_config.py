@@ -9,6 +9,7 @@ import pytest
 
 from mirror.config import DEFAULT_UPSTREAM, ConfigError, load
 from mirror.reference import DOCKER_HUB
+from mirror.rules import AccessRules
 
 
 def test_defaults() -> None:
@@ -297,3 +298,45 @@ def test_an_unknown_key_suggests_the_closest_one(
         config.write_text(file_text)
     with pytest.raises(ConfigError, match=message):
         load({}, env=env, config_file=config)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        ("docker.io/library/Busybox", "lowercase"),
+        ("acme/", "empty component"),
+        ("acme//tool", "empty component"),
+        ("/acme", "empty component"),
+        ("busybox:1.36@sha256:" + "a" * 64, "a tag and a digest"),
+        ("busybox@sha256:abc", "invalid sha256 digest"),
+        ("busybox:bad tag", "is not a tag"),
+        ("acme/too?", "not a name component"),
+        ("quay.io/acme/*", "no upstream"),
+    ],
+)
+def test_access_patterns_that_cannot_match_stop_the_start(
+    tmp_path: Path, pattern: str, reason: str
+) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text(f"repositories: {{deny: ['{pattern}']}}\n")
+    with pytest.raises(ConfigError, match=reason) as raised:
+        load({}, env={}, config_file=config)
+    assert pattern in str(raised.value)
+    assert "\n" not in str(raised.value)
+    result = run_cli("serve", "--config", str(config), "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert pattern in result.stderr
+
+
+def test_access_patterns_keep_their_reach() -> None:
+    everything = AccessRules.parse(["*"], [])
+    assert everything.permits("ghcr.io", "acme/tool")
+    assert everything.permits(DOCKER_HUB, "acme/tool")
+    hub = AccessRules.parse([], ["docker.io/*"])
+    assert not hub.permits(DOCKER_HUB, "acme/private")
+    assert not hub.permits(DOCKER_HUB, "library/busybox")
+    assert hub.permits("ghcr.io", "acme/private")
+    tagged = AccessRules.parse(["busybox:1.*"], [])
+    assert tagged.permits(DOCKER_HUB, "library/busybox")  # its tags 1.*, not the rest
+    assert not tagged.permits(DOCKER_HUB, "library/alpine")
