@@ -13,7 +13,7 @@ from mirror import bundle, inventory, maintenance
 from mirror.config import Settings
 from mirror.engine import open_engine
 from mirror.inventory import human_size
-from mirror.layout import LayoutError
+from mirror.layout import DEFAULT_BOUNDS, Bounds, LayoutError
 from mirror.logs import configure
 from mirror.pins import Pin, split_image
 from mirror.progress import Board, amount, bar
@@ -264,7 +264,14 @@ async def export_bundle(
     return 0
 
 
-async def import_bundles(settings: Settings, paths: Sequence[Path], *, pin: bool) -> int:
+async def import_bundles(
+    settings: Settings,
+    paths: Sequence[Path],
+    *,
+    pin: bool,
+    trust_held_blobs: bool = False,
+    bounds: Bounds = DEFAULT_BOUNDS,
+) -> int:
     configure("warning", settings.log_format)
     failures = 0
     async with open_engine(dataclasses.replace(settings, offline=True)) as engine:
@@ -272,7 +279,13 @@ async def import_bundles(settings: Settings, paths: Sequence[Path], *, pin: bool
             total, done, board = _byte_bar(f"importing {path.name}")
             try:
                 report = await bundle.import_layout(
-                    engine, path, pin=pin, total=total, progress=done
+                    engine,
+                    path,
+                    pin=pin,
+                    trust_held_blobs=trust_held_blobs,
+                    bounds=bounds,
+                    total=total,
+                    progress=done,
                 )
             except (LayoutError, OSError) as exc:
                 if board is not None:
