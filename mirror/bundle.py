@@ -481,7 +481,7 @@ async def import_layout(
     report.present = len(needed) - len(wanted)
     verify = await _held_elsewhere(engine, candidates, trust_held_blobs)
     await _room(engine, path, plan, needed, wanted, pin=pin)
-    total(sum(plan.members.get(d, 0) for d in (*wanted, *verify)))
+    total(sum(plan.members.get(d, needed[d]) for d in (*wanted, *verify)))
     failed: dict[str, str] = dict.fromkeys(plan.corrupt, "corrupt in the bundle")
     if wanted or verify:
         written, bad = await asyncio.to_thread(
@@ -564,7 +564,9 @@ async def _room(
     """Refuse an import that cannot fit: on the disk above ``min_free_space``, or, pinned,
     in ``max_cache_size`` beside what pins keep already (eviction could free none of it)."""
     settings = engine.settings
-    writing = sum(plan.members.get(d, 0) for d in wanted)
+    # The first pass may have stopped before the layers: their sizes are those declared,
+    # which the copy holds the bytes to.
+    writing = sum(plan.members.get(d, s) for d, s in wanted.items())
     disk = await asyncio.to_thread(shutil.disk_usage, settings.data_dir)
     room = disk.free - settings.min_free_space.of(disk.total)
     if writing > room:
@@ -576,7 +578,9 @@ async def _room(
         return
     pinned = await engine.evictor.pinned()
     held = {d: s for d, s in pinned.items() if engine.blobs.size(Digest.parse(d)) is not None}
-    sizes = {d: plan.members.get(d, s) if d in wanted else s for d, s in needed.items()}
+    sizes = {
+        d: engine.blobs.size(Digest.parse(d)) or plan.members.get(d, s) for d, s in needed.items()
+    }
     after = sum(held.values()) + sum(s for d, s in sizes.items() if d not in held)
     if after > settings.max_cache_size:
         raise ImportRefused(

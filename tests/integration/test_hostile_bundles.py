@@ -235,6 +235,15 @@ async def test_an_import_that_cannot_fit_beside_the_pins_is_refused(tmp_path: Pa
     assert unpinned.returncode == 0, unpinned.stderr
 
 
+async def test_an_import_that_cannot_fit_on_the_disk_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text("min_free_space: 100%\n")  # no room at all
+    image = make_image([make_random_layer(1 * MiB, seed=6)])
+    path = image_bundle(tmp_path / "big.tar", "big:1", image)
+    refused = await load(tmp_path / "d", path, "--config", str(config), "--no-pin")
+    one_line_refusal(refused, "1.0 MiB to write, 0 B free on the data dir above min_free_space")
+
+
 # -- item 12: blobs follow their repository, imports included ----------------------------
 
 
