@@ -136,14 +136,16 @@ def manifests_first(path: Path, rng: random.Random) -> tuple[Path, str]:
     for number in range(40):
         tar.blob(json.dumps({"schemaVersion": 2, "n": number, "f": filler}).encode())
     tar.add("index.json", index_json([]))
-    return tar.close(), "manifests of more than"
+    # Refused for the memory it would keep, or first for how far it expands.
+    return tar.close(), "mirror: error: "
 
 
 def many_members(path: Path, rng: random.Random, count: int = 200_001) -> tuple[Path, str]:
     tar = RawTar(path)
     for number in range(count):
         tar.header(f"e{number}", 0)
-    return tar.close(), "tar entries"
+    # Headers alone compress two-hundredfold: the expansion bound may answer first.
+    return tar.close(), "tar entries|expand to more than"
 
 
 def zero_bomb(path: Path, rng: random.Random) -> tuple[Path, str]:
@@ -242,18 +244,21 @@ def wrong_sizes(path: Path, rng: random.Random) -> tuple[Path, str]:
     tar.blob(manifest)
     tar.blob(config_body)
     tar.blob(layer.data)
-    return tar.close(), "expected"
+    # 2^62 bytes cannot fit on the disk: refused before anything is read.
+    return tar.close(), "expected|to write"
 
 
 def wide_index(path: Path, rng: random.Random, children: int = 5000) -> tuple[Path, str]:
-    """Twenty entries naming one index of thousands of children the bundle leaves out."""
+    """Twenty entries naming one index of thousands of children the bundle leaves out (and
+    one naming a manifest that is not there, so that the import fails)."""
     body = _wide_index_body(rng, children)
     digest = sha256_digest(body)
     tar = RawTar(path)
     entries = [entry(f"wide{n % 4}:{n}", digest, len(body), OCI_INDEX) for n in range(20)]
+    entries.append(entry("wide:absent", "sha256:" + "0" * 64, 100))
     tar.add("index.json", index_json(entries))
     tar.blob(body)
-    return tar.close(), "and"
+    return tar.close(), "wide:absent"
 
 
 def _wide_index_body(rng: random.Random, children: int) -> bytes:
@@ -278,7 +283,27 @@ def absent_blob(path: Path, rng: random.Random) -> tuple[Path, str]:
     return tar.close(), "not in the bundle"
 
 
+# An image a fuzzed mirror holds (imported first), whose layer other bundles name.
+HELD = make_image([make_layer(b"held by the mirror under library/held")])
+
+
+def foreign_blob(path: Path, rng: random.Random) -> tuple[Path, str]:
+    """HELD's layer named under another repository, not carried (or carried wrong)."""
+    layer = HELD.layers[0]
+    image = make_image([layer])
+    tar = RawTar(path)
+    tar.add("index.json", index_json([entry("foreign:1", image.digest, image.size)]))
+    write_image(tar, image, blobs=False)
+    tar.blob(image.config.data)
+    if rng.random() < 0.5:
+        tar.add(f"blobs/sha256/{layer.digest[7:]}", b"other bytes")
+        return tar.close(), "corrupt"
+    return tar.close(), "held only for other repositories"
+
+
 KINDS: dict[str, Builder] = {
+    "foreign_blob": foreign_blob,
+    "many_members": many_members,
     "big_header": big_header,
     "manifests_first": manifests_first,
     "zero_bomb": zero_bomb,
@@ -292,5 +317,6 @@ KINDS: dict[str, Builder] = {
 
 
 def hostile(kind: str, directory: Path, rng: random.Random) -> tuple[Path, str]:
-    """A hostile bundle of ``kind`` in ``directory``: (its path, a piece of the one line)."""
+    """A hostile bundle of ``kind`` in ``directory``: (its path, a piece of the one line;
+    ``|`` between pieces that may each be the answer)."""
     return KINDS[kind](directory / f"{kind}.tar.zst", rng)
