@@ -569,7 +569,7 @@ async def _room(
     writing = sum(plan.members.get(d, s) for d, s in wanted.items())
     disk = await asyncio.to_thread(shutil.disk_usage, settings.data_dir)
     room = disk.free - settings.min_free_space.of(disk.total)
-    if writing > room:
+    if writing > 0 and writing > room:
         raise ImportRefused(
             f"{path}: {human_size(writing)} to write, {human_size(max(room, 0))} free on"
             " the data dir above min_free_space"
@@ -581,8 +581,10 @@ async def _room(
     sizes = {
         d: engine.blobs.size(Digest.parse(d)) or plan.members.get(d, s) for d, s in needed.items()
     }
-    after = sum(held.values()) + sum(s for d, s in sizes.items() if d not in held)
-    if after > settings.max_cache_size:
+    added = sum(s for d, s in sizes.items() if d not in held)
+    after = sum(held.values()) + added
+    # Pins over the budget already (the log says so) do not stop an import that adds none.
+    if added > 0 and after > settings.max_cache_size:
         raise ImportRefused(
             f"{path}: pinned images would take {human_size(after)}, more than max_cache_size"
             f" ({human_size(settings.max_cache_size)}); import with --no-pin, or unpin some"

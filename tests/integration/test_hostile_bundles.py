@@ -222,6 +222,11 @@ async def test_an_import_that_cannot_fit_on_the_disk_is_refused(tmp_path: Path) 
     path = image_bundle(tmp_path / "big.tar", "big:1", image)
     refused = await load(tmp_path / "d", path, "--config", str(config), "--no-pin")
     one_line_refusal(refused, "1.0 MiB to write, 0 B free on the data dir above min_free_space")
+    # What writes nothing is never refused for room.
+    assert (await load(tmp_path / "d", path)).returncode == 0
+    again = await load(tmp_path / "d", path, "--config", str(config))
+    assert again.returncode == 0, again.stderr
+    assert "0 blobs copied in" in again.stdout
 
 
 # -- item 12: blobs follow their repository, imports included ----------------------------
