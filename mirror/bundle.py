@@ -489,9 +489,16 @@ async def import_layout(
         )
         report.written, report.bytes = len(written), sum(written.values())
         failed.update(bad)
+    report.images = await _commit_usable(engine, candidates, failed, pin=pin)
+    return report
+
+
+async def _commit_usable(
+    engine: Engine, candidates: list[_Candidate], failed: dict[str, str], *, pin: bool
+) -> list[Imported]:
+    """Commit (and pin) the images whose blobs are all there, of the sizes declared."""
     now = time.time()
     for candidate in candidates:
-        report.images.append(candidate.result)
         if candidate.content is None or candidate.name is None:
             continue
         content = candidate.content
@@ -509,7 +516,7 @@ async def import_layout(
                 f"{candidate.name.registry} is not an upstream here: serve needs"
                 f" --upstream {candidate.name.registry}=URL to offer it"
             )
-    return report
+    return [candidate.result for candidate in candidates]
 
 
 def _blobs_unusable(
