@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 from mirror import __version__, commands
 from mirror.bundle import repository_for_tags
 from mirror.config import ENV_PREFIX, FLAG_KEYS, ConfigError, Settings, load
+from mirror.layout import DEFAULT_BOUNDS
 from mirror.logs import configure
 from mirror.pins import Pin
 from mirror.seed import DEFAULT_JOBS, read_list
@@ -187,6 +189,20 @@ def _bundle_commands(commands: Any, store: argparse.ArgumentParser) -> None:
     )
     load.add_argument(
         "--no-pin", action="store_true", help="let eviction remove them like any pulled image"
+    )
+    load.add_argument(
+        "--trust-held-blobs",
+        action="store_true",
+        help="let an image use a blob its bundle does not carry that the mirror holds for"
+        " another repository (a bundle cannot prove it may read that blob)",
+    )
+    load.add_argument(
+        "--max-expansion",
+        type=_ratio,
+        default=DEFAULT_BOUNDS.expansion,
+        metavar="RATIO",
+        help="refuse a .tar.zst that decompresses to more than RATIO times its size"
+        f" (default {DEFAULT_BOUNDS.expansion:g}; 0: no bound)",
     )
     unpin = commands.add_parser(
         "unpin", help="let eviction remove images that seed or import pinned", parents=[store]
@@ -407,8 +423,25 @@ def _import(settings: Settings, args: argparse.Namespace) -> int:
         print(f"mirror: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return asyncio.run(
-        commands.import_bundles(settings, args.files, pin=not args.no_pin, repository=repository)
+        commands.import_bundles(
+            settings,
+            args.files,
+            pin=not args.no_pin,
+            repository=repository,
+            trust_held_blobs=args.trust_held_blobs,
+            bounds=dataclasses.replace(DEFAULT_BOUNDS, expansion=args.max_expansion),
+        )
     )
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ratio (a number, 0 or more)")
+    return value
 
 
 def _unpin(settings: Settings, args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from mirror import bundle, inventory, maintenance
 from mirror.config import Settings
 from mirror.engine import open_engine
 from mirror.inventory import human_size, image_size
-from mirror.layout import LayoutError
+from mirror.layout import DEFAULT_BOUNDS, Bounds, LayoutError
 from mirror.logs import configure
 from mirror.pins import Pin, split_image
 from mirror.progress import Board, amount, bar
@@ -294,7 +294,13 @@ def _print_export(report: bundle.ExportReport, output: Path, since: Path | None)
 
 
 async def import_bundles(
-    settings: Settings, paths: Sequence[Path], *, pin: bool, repository: str | None = None
+    settings: Settings,
+    paths: Sequence[Path],
+    *,
+    pin: bool,
+    repository: str | None = None,
+    trust_held_blobs: bool = False,
+    bounds: Bounds = DEFAULT_BOUNDS,
 ) -> int:
     configure("warning", settings.log_format)
     failures = 0
@@ -303,7 +309,14 @@ async def import_bundles(
             total, done, board = _byte_bar(f"importing {path.name}")
             try:
                 report = await bundle.import_layout(
-                    engine, path, pin=pin, repository=repository, total=total, progress=done
+                    engine,
+                    path,
+                    pin=pin,
+                    repository=repository,
+                    trust_held_blobs=trust_held_blobs,
+                    bounds=bounds,
+                    total=total,
+                    progress=done,
                 )
             except (LayoutError, OSError) as exc:
                 if board is not None:

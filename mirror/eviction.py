@@ -203,6 +203,10 @@ class Evictor:
         return over, "budget"
 
     async def _pinned_blobs(self) -> set[str]:
+        return set(await self.pinned())
+
+    async def pinned(self) -> dict[str, int]:
+        """Every blob a pinned image needs, with its size: what eviction never removes."""
         graph = self._store.graph
         pins = with_stored(self._budget.pins, await self._store.pins())
         self._pinning = bool(pins)
@@ -218,7 +222,7 @@ class Evictor:
                     await graph.blobs_of(tagged.registry, tagged.repository, tagged.record.digest)
                 )
         self._metrics.pinned_bytes.set(sum(needed.values()))
-        return set(needed)
+        return needed
 
     async def _report(self, result: Pass) -> None:
         usage = await self._store.graph.usage()

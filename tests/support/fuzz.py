@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.fakehub import FakeHub
+from tests.support.fuzz_bundles import run_bundles
 from tests.support.oci import Image, make_image, make_random_layer
 from tests.support.process import MirrorProcess
 
@@ -388,10 +389,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--keep", type=Path, help="keep the data dir and log here")
     parser.add_argument("--workers", type=int, default=1, help="mirror serve --workers")
+    parser.add_argument(
+        "--bundles", type=int, metavar="N", help="instead: N hostile bundles for mirror import"
+    )
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
         work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
+        if args.bundles is not None:
+            bundles = run_bundles(args.bundles, seed=args.seed, work_dir=work)
+            print(bundles.render())
+            return 0 if bundles.ok else 1
         serve_args = ("--workers", str(args.workers)) if args.workers > 1 else ()
         report = asyncio.run(
             run(
