@@ -1,9 +1,11 @@
 """Run one mirror process: the app on its port (or on a socket it is handed).
 
 Besides serving, the process looks after its file descriptors, which every connection
-costs one of: it raises its soft limit to the hard limit at start, and when connections
-near that limit it closes idle keep-alive connections first, so an idle crowd cannot lock
-everyone out. At the limit itself asyncio cannot accept and would log a traceback per
+costs one of and every blob download two more (``mirror.routes.transfers``): it raises its
+soft limit to the hard limit at start, and when connections and downloads near that limit
+it closes idle keep-alive connections first, then the downloads that have gone longest
+without the client accepting a byte, so an idle crowd or a crowd that never reads cannot
+lock everyone out. At the limit itself asyncio cannot accept and would log a traceback per
 attempt; those become one short line per interval.
 """
 
@@ -26,6 +28,8 @@ from mirror.app import create_app
 from mirror.config import Settings
 from mirror.logs import LogThrottle, configure
 from mirror.routes.middleware import AccessLogger
+from mirror.routes.state import TRANSFERS
+from mirror.routes.transfers import DESCRIPTORS, Transfers
 from mirror.tls import ServerTLS
 
 log = structlog.get_logger(__name__)
@@ -35,6 +39,8 @@ KEEPALIVE_TIMEOUT = 75.0
 # Descriptors kept for everything but client connections: blob files, upstream, stores.
 RESERVED_FDS = 64
 SHED_INTERVAL = 0.1
+# A download shed to free descriptors has gone at least this long without progress.
+STALLED_FOR = 2.0
 _FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -107,7 +113,8 @@ async def _serve(
         for signum in stop_signals:
             loop.add_signal_handler(signum, stop.set)
         assert runner.server is not None
-        tasks = [asyncio.create_task(_shed_idle(runner.server, limit))]
+        shedding = _shed_idle(runner.server, runner.app[TRANSFERS], limit)
+        tasks = [asyncio.create_task(shedding)]
         if tls is not None:
             tasks.append(asyncio.create_task(tls.watch()))
         await stop.wait()
@@ -124,26 +131,38 @@ def server_tls(settings: Settings) -> ServerTLS | None:
     return ServerTLS(settings.tls_cert, settings.tls_key)
 
 
-async def _shed_idle(server: web.Server, fd_limit: int) -> None:
-    """Close idle keep-alive connections while connections crowd the descriptor limit."""
+async def _shed_idle(server: web.Server, transfers: Transfers, fd_limit: int) -> None:
+    """Close idle keep-alive connections, then stalled downloads, while connections and
+    downloads crowd the descriptor limit; downloads beyond it are refused (503)."""
     high = max(fd_limit - RESERVED_FDS, fd_limit * 3 // 4)
     low = high * 4 // 5
+    # aiohttp's public ``connections`` copies the list; downloads ask at every start.
+    transfers.share(high, lambda: len(server._connections))
     throttle = LogThrottle(10.0)
+    seen: set[RequestHandler] = set()
     while True:
         await asyncio.sleep(SHED_INTERVAL)
         connections = server.connections
-        if len(connections) < high:
+        used = len(connections) + transfers.descriptors
+        if used < high:
+            seen.clear()
             continue
-        idle = [handler for handler in connections if _idle(handler)]
-        shed = idle[: len(connections) - low]
+        # Oldest first; one accepted since the last look has had no time to send its request.
+        idle = [handler for handler in connections if handler in seen and _idle(handler)]
+        seen = set(connections)
+        shed = idle[: used - low]
         for handler in shed:
             handler.force_close()
+        # A download ended frees its connection's descriptor too.
+        stalled = transfers.shed(-(-(used - low - len(shed)) // (DESCRIPTORS + 1)), STALLED_FOR)
         suppressed = throttle.admit("shed")
         if suppressed is not None:
             log.warning(
                 "idle_connections_shed",
                 closed=len(shed),
+                stalled_downloads_ended=stalled,
                 connections=len(connections),
+                downloads=transfers.descriptors // DESCRIPTORS,
                 fd_limit=fd_limit,
                 suppressed=suppressed,
             )

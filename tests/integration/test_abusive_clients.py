@@ -6,6 +6,8 @@ tells clients apart by the address a connection comes from."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -13,7 +15,8 @@ import pytest
 
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror, settings_for
-from tests.support.oci import OCI_MANIFEST, Image, make_image, make_layer
+from tests.support.oci import OCI_MANIFEST, Image, make_image, make_layer, make_random_layer
+from tests.support.process import MirrorProcess
 
 
 async def fetch(url: str, *, source: str = "127.0.0.1") -> tuple[int, bytes]:
@@ -61,3 +64,107 @@ async def test_one_address_flooding_cold_lookups_leaves_the_budget_to_the_others
     statuses = [status for statuses in pulls for status in statuses]
     assert statuses.count(429) == 0, pulls
     assert set(statuses) == {200}
+
+
+async def stalled_get(port: int, path: str) -> socket.socket:
+    """A GET whose client never reads: a receive buffer as small as the kernel allows, so
+    the server's sends stall after a few KiB."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+def first_bytes(sock: socket.socket) -> bytes:
+    """What the server had sent first, or b"" when it sent nothing or cut the connection."""
+    try:
+        return sock.recv(12)
+    except OSError:
+        return b""
+
+
+async def fetch_blob(url: str) -> tuple[int, bytes]:
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as answer:
+        return answer.status, await answer.read()
+
+
+async def fetch_blob_as_clients_do(url: str) -> tuple[list[int], bytes]:
+    """A blob, asked again after a 503 as pulling clients do (Retry-After seconds later, a
+    bounded number of times); the statuses on the way, and the last body."""
+    statuses: list[int] = []
+    for _ in range(10):
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as answer:
+            statuses.append(answer.status)
+            body = await answer.read()
+            if answer.status != 503:
+                return statuses, body
+            await asyncio.sleep(float(answer.headers["Retry-After"]))
+    return statuses, body
+
+
+def log_statuses(mirror: MirrorProcess) -> list[object]:
+    return [line.get("status") for line in mirror.access_log()]
+
+
+async def test_downloads_that_never_read_are_shed_before_descriptors_run_out(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    layer = make_random_layer(8 * 1024 * 1024, seed=211)
+    fake_hub.add_image("library/app", "latest", make_image([layer]))
+    url_path = f"/v2/library/app/blobs/{layer.digest}"
+    limit = ("prlimit", "--nofile=256:256", "--")
+    extra = ("--client-max-transfers", "1000")
+    with MirrorProcess(tmp_path / "data", fake_hub.url, *extra, prefix=limit) as mirror:
+        assert await fetch_blob(mirror.url + url_path) == (200, layer.data)
+        crowd = [await stalled_get(mirror.port, url_path) for _ in range(150)]
+        try:
+            # Three descriptors each (socket, blob file, the socket's duplicate): far more
+            # than the process has; new pulls must still get their bytes.
+            for _ in range(3):
+                statuses, body = await fetch_blob_as_clients_do(mirror.url + url_path)
+                assert statuses[-1] == 200, statuses
+                assert body == layer.data
+            answers = [first_bytes(sock) for sock in crowd]
+        finally:
+            for sock in crowd:
+                sock.close()
+        statuses = log_statuses(mirror)
+        log = mirror.log()
+    assert not [a for a in answers if a.startswith(b"HTTP/1.1 5") and b" 503" not in a]
+    assert 500 not in statuses
+    assert "Traceback" not in log
+    assert "idle_connections_shed" in log
+
+
+async def test_a_download_the_client_stops_reading_ends_after_send_timeout(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    layer = make_random_layer(8 * 1024 * 1024, seed=212)
+    fake_hub.add_image("library/app", "latest", make_image([layer]))
+    url_path = f"/v2/library/app/blobs/{layer.digest}"
+    with MirrorProcess(tmp_path / "data", fake_hub.url, "--send-timeout", "1") as mirror:
+        assert await fetch_blob(mirror.url + url_path) == (200, layer.data)
+        sock = await stalled_get(mirror.port, url_path)
+        try:
+            for _ in range(300):  # the deadline is 1 s; 30 s is only a bound for a broken run
+                if "download_stalled_ended" in mirror.log():
+                    break
+                await asyncio.sleep(0.1)
+            received = b""
+            with contextlib.suppress(OSError):
+                sock.setblocking(True)
+                sock.settimeout(10)
+                while chunk := sock.recv(1 << 20):
+                    received += chunk
+        finally:
+            sock.close()
+        log = mirror.log()
+    assert "download_stalled_ended" in log
+    assert received.startswith(b"HTTP/1.1 200")
+    assert len(received) < layer.size  # cut, not completed
+    assert "Traceback" not in log
