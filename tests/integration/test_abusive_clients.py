@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from pathlib import Path
 
@@ -168,3 +169,48 @@ async def test_a_download_the_client_stops_reading_ends_after_send_timeout(
     assert received.startswith(b"HTTP/1.1 200")
     assert len(received) < layer.size  # cut, not completed
     assert "Traceback" not in log
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time the process has used (/proc/PID/stat, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_pipelined_requests_never_read_pile_up_nothing_and_cost_no_cpu(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    layer = make_random_layer(8 * 1024 * 1024, seed=213)
+    fake_hub.add_image("library/app", "latest", make_image([layer]))
+    path = f"/v2/library/app/blobs/{layer.digest}"
+    ranged = f"GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-59999\r\n\r\n".encode()
+    whole = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with MirrorProcess(tmp_path / "data", fake_hub.url) as mirror:
+        assert await fetch_blob(mirror.url + path) == (200, layer.data)
+        before = rss_bytes(mirror.pid)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", mirror.port))
+            # 2,000 answers of 60 kB the client never reads (115 MiB), then a whole blob.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(loop.sock_sendall(sock, ranged * 2000 + whole), 5)
+            await asyncio.sleep(1)
+            cpu, window = cpu_seconds(mirror.pid), 3.0
+            await asyncio.sleep(window)
+            spent = cpu_seconds(mirror.pid) - cpu
+            grown = rss_bytes(mirror.pid) - before
+        finally:
+            sock.close()
+        assert await fetch_blob(mirror.url + path) == (200, layer.data)
+    assert spent < window / 6, spent  # waiting for a client that does not read is free
+    assert grown < 32 * 1024 * 1024, grown  # was 114 MiB: every answer kept in memory
