@@ -8,9 +8,9 @@ write), so the server counts downloads against the descriptor limit and, when de
 run short, ends first the ones that have gone longest without progress
 (``mirror.server``).
 
-A connection's earlier answers must have left before the next pipelined request is
-answered (:meth:`Transfers.drained`): what one connection can have queued is bounded by
-the transport's high-water mark plus one answer.
+While a connection's transport holds more than its high-water mark, the next pipelined
+request waits for it to drain (:meth:`Transfers.drained`): what one connection can have
+queued is bounded by that mark plus one answer.
 """
 
 from __future__ import annotations
@@ -131,15 +131,14 @@ class Transfers:
         return len(stalled)
 
     async def drained(self, request: web.Request) -> None:
-        """Wait while the connection holds more unsent bytes than its transport's high-water
-        mark (answers to earlier pipelined requests the client has not read), within the
-        deadline; cheap when it holds fewer, which is nearly always."""
-        if request.protocol.writing_paused:
-            try:
-                await Transfer(request.transport, self.send_timeout).wait(request.writer.drain())
-            except SendStalled:
-                self._note("unread_answers_connection_cut", after=self.send_timeout)
-                raise
+        """Wait, within the deadline, until the connection holds fewer unsent bytes than its
+        transport's low-water mark: for a connection whose writing is paused (answers to
+        earlier pipelined requests the client has not read)."""
+        try:
+            await Transfer(request.transport, self.send_timeout).wait(request.writer.drain())
+        except SendStalled:
+            self._note("unread_answers_connection_cut", after=self.send_timeout)
+            raise
 
     def _note(self, event: str, **values: float) -> None:
         suppressed = self._log.admit(event)

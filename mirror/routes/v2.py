@@ -80,9 +80,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if _UPLOADS_RE.fullmatch(path):
         raise Unsupported("pushing is not supported: this registry is a read-only mirror")
     check_method(request)
-    # Earlier answers on this connection the client has not read come first: pipelined
-    # requests must not pile answers up in memory.
-    await request.app[TRANSFERS].drained(request)
+    if request.protocol.writing_paused:
+        # Earlier answers on this connection the client has not read come first:
+        # pipelined requests must not pile answers up in memory.
+        await request.app[TRANSFERS].drained(request)
     # Most requests carry no query: parsing an empty one still costs a mapping.
     registry = (request.query_string and request.query.get("ns")) or DOCKER_HUB
     exchange = request[EXCHANGE]

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
+import ssl
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from tests.integration.test_tls import Certificates
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror, settings_for
 from tests.support.oci import OCI_MANIFEST, Image, make_image, make_layer, make_random_layer
@@ -93,13 +96,19 @@ async def fetch_blob(url: str) -> tuple[int, bytes]:
         return answer.status, await answer.read()
 
 
-async def fetch_blob_as_clients_do(url: str) -> tuple[list[int], bytes]:
+async def fetch_blob_as_clients_do(
+    url: str, tls: ssl.SSLContext | None = None
+) -> tuple[list[int], bytes]:
     """A blob, asked again after a 503 as pulling clients do (Retry-After seconds later, a
     bounded number of times); the statuses on the way, and the last body."""
     statuses: list[int] = []
     for _ in range(10):
         timeout = aiohttp.ClientTimeout(total=60)
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as answer:
+        connector = aiohttp.TCPConnector(ssl=tls if tls is not None else True)
+        async with (
+            aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
+            session.get(url) as answer,
+        ):
             statuses.append(answer.status)
             body = await answer.read()
             if answer.status != 503:
@@ -214,3 +223,56 @@ async def test_pipelined_requests_never_read_pile_up_nothing_and_cost_no_cpu(
         assert await fetch_blob(mirror.url + path) == (200, layer.data)
     assert spent < window / 6, spent  # waiting for a client that does not read is free
     assert grown < 32 * 1024 * 1024, grown  # was 114 MiB: every answer kept in memory
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> Certificates:
+    return Certificates(tmp_path / "tls")
+
+
+async def test_half_finished_tls_handshakes_are_shed_at_the_descriptor_limit(
+    fake_hub: FakeHub, tmp_path: Path, certificates: Certificates
+) -> None:
+    layer = make_layer(b"over tls")
+    fake_hub.add_image("library/app", "latest", make_image([layer]))
+    path = f"/v2/library/app/blobs/{layer.digest}"
+    limit = ("prlimit", "--nofile=256:256", "--")
+    with MirrorProcess(
+        tmp_path / "data",
+        fake_hub.url,
+        *certificates.options,
+        ca_file=certificates.ca_file,
+        prefix=limit,
+    ) as mirror:
+        tls = ssl.create_default_context(cafile=str(certificates.ca_file))
+        crowd = []
+        for _ in range(300):  # connections that never send their ClientHello
+            with contextlib.suppress(OSError):
+                crowd.append(await asyncio.open_connection("127.0.0.1", mirror.port))
+        try:
+            for _ in range(3):
+                statuses, body = await fetch_blob_as_clients_do(mirror.url + path, tls)
+                assert statuses[-1] == 200, statuses
+                assert body == layer.data
+        finally:
+            for _, writer in crowd:
+                writer.close()
+        log = mirror.log()
+    assert "Traceback" not in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert sum(line.get("tls_handshakes_shed", 0) for line in lines) > 0
+
+
+async def test_a_tls_handshake_never_finished_is_closed_within_its_bound(
+    fake_hub: FakeHub, tmp_path: Path, certificates: Certificates
+) -> None:
+    with MirrorProcess(
+        tmp_path / "data", fake_hub.url, *certificates.options, ca_file=certificates.ca_file
+    ) as mirror:
+        reader, writer = await asyncio.open_connection("127.0.0.1", mirror.port)
+        try:
+            # The bound is 10 s; 40 s only keeps a broken run from hanging (it was 60 s).
+            data = await asyncio.wait_for(reader.read(), 40)
+        finally:
+            writer.close()
+    assert data == b""
