@@ -3,10 +3,10 @@ holding one for ever.
 
 A download goes as fast as its client accepts bytes. One whose client accepts nothing for
 ``send_timeout`` seconds is ended, its connection cut. Each download also holds descriptors
-beside its connection's (the blob file, and a duplicate of the socket while it waits to
-write), so the server counts downloads against the descriptor limit and, when descriptors
-run short, ends first the ones that have gone longest without progress
-(``mirror.server``).
+beside its connection's (the blob file, and a duplicate of the socket for sendfile(2)), so
+the server counts downloads against the descriptor limit: one that would not fit is refused
+with a 503 before it takes any, and when descriptors run short the server ends first the
+ones that have gone longest without progress (``mirror.server``).
 
 While a connection's transport holds more than its high-water mark, the next pipelined
 request waits for it to drain (:meth:`Transfers.drained`): what one connection can have
