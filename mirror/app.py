@@ -32,7 +32,9 @@ from mirror.routes.state import (
     RESOLVER,
     SETTINGS,
     STARTED,
+    TRANSFERS,
 )
+from mirror.routes.transfers import Transfers
 from mirror.status import History, started_at, totals
 
 __all__ = ["Overrides", "create_app"]
@@ -50,6 +52,7 @@ def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web
     app[SETTINGS] = settings
     app[METRICS] = Metrics(upstreams=tuple(settings.upstreams))
     app[LOG_THROTTLE] = throttle
+    app[TRANSFERS] = Transfers(settings.send_timeout)
     if settings.auth is not None:
         app[HTPASSWD] = Htpasswd(settings.auth.htpasswd)
         app.cleanup_ctx.append(_closing(app[HTPASSWD]))

@@ -238,6 +238,11 @@ def _parser() -> argparse.ArgumentParser:
         help="blob downloads one client address may have under way (default 64)",
     )
     serve.add_argument(
+        "--send-timeout",
+        metavar="SECONDS",
+        help="seconds a download may go without the client accepting a byte (default 60)",
+    )
+    serve.add_argument(
         "--event-loop", help="auto (uvloop when installed), uvloop or asyncio"
     )
     serve.add_argument(
@@ -299,6 +304,7 @@ _DEFAULTS = {
     "tls_key": "none",
     "client_miss_limit": "off",
     "client_max_transfers": "64",
+    "send_timeout": "60",
     "offline": "off",
     "event_loop": "auto",
     "max_cache_size": "none",

@@ -333,11 +333,16 @@ class PerClient:
 
     def miss(self, address: str | None) -> float:
         """Charge a miss to ``address``: 0 if allowed, else seconds until it would be."""
+        bucket = self.misses_of(address)
+        return 0.0 if bucket is None else bucket.take()
+
+    def misses_of(self, address: str | None) -> TokenBucket | None:
+        """The misses ``address`` may still cause; None when they are not limited."""
         if self._miss_rate <= 0 or address is None:
-            return 0.0
+            return None
         bucket = self._misses.get(address)
         if bucket is None:
             # A minute's worth at once, at least one: a pull of a fresh image is several.
             bucket = TokenBucket(self._miss_rate, max(self._miss_rate * 60, 1.0))
             self._misses[address] = bucket
-        return bucket.take()
+        return bucket

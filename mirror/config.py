@@ -103,6 +103,8 @@ class Settings:
     client_miss_limit: float = 0.0
     # Blob transfers one client address may have under way at once.
     client_max_transfers: int = 64
+    # Seconds a download may go without the client accepting a byte before it is ended.
+    send_timeout: float = 60.0
     # auto: uvloop when it is installed; uvloop or asyncio to choose.
     event_loop: str = "auto"
 
@@ -387,6 +389,7 @@ _KEYS: dict[str, _Key] = {
     "upstream_password_file": _Key(read_secret, flag=False),
     "client_miss_limit": _Key(parse_rate),
     "client_max_transfers": _Key(_positive_int),
+    "send_timeout": _Key(_positive),
     "event_loop": _Key(_choice("auto", "uvloop", "asyncio")),
 }
 FLAG_KEYS = tuple(key for key, spec in _KEYS.items() if spec.flag)
@@ -522,6 +525,7 @@ def _build(values: Mapping[str, Any]) -> Settings:
         repositories=rules,
         client_miss_limit=values.get("client_miss_limit", defaults.client_miss_limit),
         client_max_transfers=values.get("client_max_transfers", defaults.client_max_transfers),
+        send_timeout=values.get("send_timeout", defaults.send_timeout),
         event_loop=values.get("event_loop", defaults.event_loop),
     )
 

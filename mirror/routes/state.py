@@ -12,6 +12,7 @@ from mirror.engine import Engine
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
 from mirror.resolver import Resolver
+from mirror.routes.transfers import Transfers
 from mirror.status import History
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -21,6 +22,9 @@ ENGINE = web.AppKey("engine", Engine)
 RESOLVER = web.AppKey("resolver", Resolver)
 # Lines the request path logs for events a client or a broken part can repeat endlessly.
 LOG_THROTTLE = web.AppKey("log_throttle", LogThrottle)
+# Blob downloads under way: their send deadline, and what the server sheds when descriptors
+# run short.
+TRANSFERS = web.AppKey("transfers", Transfers)
 
 # Logins (absent: anonymous pulls) and the throttle on guessing them.
 HTPASSWD = web.AppKey("htpasswd", Htpasswd)  # absent without ``auth``
