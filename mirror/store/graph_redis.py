@@ -73,12 +73,41 @@ end
 return 1
 """
 
+# The page after (score, digest): members tied at a score sort by their bytes, so the first
+# one past ``digest`` is found by bisecting the tied run of ranks (ZCOUNT gives its ends),
+# and the page is read by rank. Bytes are compared one by one: Lua's ``<`` on strings
+# follows the server's locale. One script, so the ranks do not move under the reads.
+_AFTER = """
+local function before(a, b)
+    for i = 1, math.min(#a, #b) do
+        local x, y = string.byte(a, i), string.byte(b, i)
+        if x ~= y then return x < y end
+    end
+    return #a < #b
+end
+local lo = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. ARGV[1])
+local hi = redis.call('ZCOUNT', KEYS[1], '-inf', ARGV[1])
+while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if before(ARGV[2], redis.call('ZRANGE', KEYS[1], mid, mid)[1]) then
+        hi = mid
+    else
+        lo = mid + 1
+    end
+end
+return redis.call('ZRANGE', KEYS[1], lo, lo + tonumber(ARGV[3]) - 1, 'WITHSCORES')
+"""
+
 
 _LATER = """
 local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if tonumber(ARGV[2]) > old then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return 1
 """
+
+
+def _text(value: bytes | str | float) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _part(text: str) -> str:
@@ -104,6 +133,7 @@ class RedisGraph:
         self._stored = client.register_script(_STORED)
         self._removed = client.register_script(_REMOVED)
         self._pulled = client.register_script(_PULLED)
+        self._after = client.register_script(_AFTER)
 
     async def add_manifest(
         self, registry: str, repository: str, digest: str, refs: References
@@ -172,20 +202,12 @@ class RedisGraph:
     async def oldest_blobs(
         self, limit: int, after: tuple[float, str] | None = None
     ) -> list[BlobEntry]:
-        since = after[0] if after is not None else "-inf"
-        # Ties at ``since`` are read again and skipped: a page is its limit plus some slack.
-        rows = await self._redis.zrangebyscore(
-            LRU, since, "+inf", start=0, num=limit + 1000, withscores=True
-        )
-        entries: list[tuple[str, float]] = []
-        for row in rows:
-            member, score = row[0], row[1]
-            digest = member.decode() if isinstance(member, bytes) else str(member)
-            if after is not None and (score, digest) <= after:
-                continue
-            entries.append((digest, float(score)))
-            if len(entries) == limit:
-                break
+        if after is None:
+            rows = await self._redis.zrange(LRU, 0, limit - 1, withscores=True)
+            flat = [value for row in rows for value in row]
+        else:
+            flat = await self._after(keys=[LRU], args=[repr(after[0]), after[1], limit])
+        entries = [(_text(flat[n]), float(flat[n + 1])) for n in range(0, len(flat), 2)]
         async with self._redis.pipeline(transaction=False) as pipe:
             for digest, _ in entries:
                 pipe.hget(_blob_key(digest), "size")

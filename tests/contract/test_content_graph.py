@@ -56,6 +56,21 @@ async def test_blobs_come_out_least_recently_pulled_first(store: MetadataStore) 
     assert await graph.usage() == Usage(5, 1500)
 
 
+async def test_paging_goes_through_blobs_pulled_at_one_instant(store: MetadataStore) -> None:
+    """``import`` stamps every blob with one time: paging must not stop inside the tie."""
+    graph = store.graph
+    tied = {f"sha256:{n:064x}": (10, 1000.0) for n in range(2000)}
+    newer = "sha256:" + "f" * 64
+    await graph.reconcile({**tied, newer: (10, 2000.0)})
+    seen: list[str] = []
+    after: tuple[float, str] | None = None
+    while page := await graph.oldest_blobs(500, after):  # as eviction and verify page
+        seen.extend(entry.digest for entry in page)
+        after = (page[-1].last_pulled, page[-1].digest)
+    assert len(seen) == 2001
+    assert seen == [*sorted(tied), newer]
+
+
 async def test_reconcile_aligns_records_with_the_disk(store: MetadataStore) -> None:
     graph = store.graph
     kept, gone, found = (f"sha256:{n:064x}" for n in range(3))
