@@ -17,9 +17,10 @@ the LRU order and the usage counters in step run atomically.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping, Sequence
-from typing import cast
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar, cast
 from urllib.parse import quote, unquote
 
 from redis.asyncio import Redis
@@ -28,6 +29,9 @@ from redis.exceptions import RedisError
 from mirror.manifests import References
 from mirror.store.graph import BlobEntry, ImageKey, TagKey, Usage
 from mirror.store.protocols import StoreUnavailable
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 PREFIX = "mirror:v1:"
 GRAPH = f"{PREFIX}{{graph}}:"
@@ -106,6 +110,21 @@ return 1
 """
 
 
+def _unavailable(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Redis failures raised as :class:`StoreUnavailable`, as the metadata store raises
+    them: the store's outage mode then covers the graph too."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except RedisError as error:
+            name = method.__name__
+            raise StoreUnavailable(f"redis {name}: {type(error).__name__}: {error}") from error
+
+    return call
+
+
 def _text(value: bytes | str | float) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -135,6 +154,7 @@ class RedisGraph:
         self._pulled = client.register_script(_PULLED)
         self._after = client.register_script(_AFTER)
 
+    @_unavailable
     async def add_manifest(
         self, registry: str, repository: str, digest: str, refs: References
     ) -> None:
@@ -156,13 +176,16 @@ class RedisGraph:
                 pipe.sadd(_holders_key(child), holder)
             await pipe.execute()
 
+    @_unavailable
     async def blob_stored(self, digest: str, size: int, at: float) -> None:
         await self._stored(keys=[_blob_key(digest), LRU, USAGE], args=[digest, size, repr(at)])
 
+    @_unavailable
     async def blobs_removed(self, digests: Sequence[str]) -> None:
         for digest in digests:
             await self._removed(keys=[_blob_key(digest), LRU, USAGE], args=[digest])
 
+    @_unavailable
     async def record_pulls(
         self,
         blobs: Mapping[str, float],
@@ -183,6 +206,7 @@ class RedisGraph:
                 pipe.eval(_LATER, 1, _repo_key(registry, repository, "pulls"), reference, repr(at))
             await pipe.execute()
 
+    @_unavailable
     async def most_pulled(self, limit: int) -> list[tuple[TagKey, int]]:
         found = await self._redis.zrevrange(POPULAR, 0, limit - 1, withscores=True)
         result = []
@@ -192,6 +216,7 @@ class RedisGraph:
             result.append(((parts[0], parts[1], parts[2]), int(score)))
         return result
 
+    @_unavailable
     async def last_pulls(self, registry: str, repository: str) -> dict[str, float]:
         raw = await self._redis.hgetall(_repo_key(registry, repository, "pulls"))
         return {
@@ -199,6 +224,7 @@ class RedisGraph:
             for key, value in raw.items()
         }
 
+    @_unavailable
     async def oldest_blobs(
         self, limit: int, after: tuple[float, str] | None = None
     ) -> list[BlobEntry]:
@@ -217,10 +243,12 @@ class RedisGraph:
             for (digest, score), size in zip(entries, sizes, strict=True)
         ]
 
+    @_unavailable
     async def usage(self) -> Usage:
         values = await self._redis.hmget(USAGE, ["blobs", "bytes"])
         return Usage(int(values[0] or 0), int(values[1] or 0))
 
+    @_unavailable
     async def blobs_of(self, registry: str, repository: str, digest: str) -> dict[str, int]:
         needed: dict[str, int] = {}
         pending, seen = [digest], set()
@@ -239,11 +267,9 @@ class RedisGraph:
                     needed[child] = max(needed.get(child, 0), int(size or 0))
         return needed
 
+    @_unavailable
     async def holders(self, blob: str) -> set[tuple[str, str]]:
-        try:
-            members = await self._redis.smembers(_holders_key(blob))
-        except RedisError as error:  # asked on the request path: the caller degrades
-            raise StoreUnavailable(f"redis holders: {type(error).__name__}: {error}") from error
+        members = await self._redis.smembers(_holders_key(blob))
         pairs = set()
         for member in members:
             text = member.decode() if isinstance(member, bytes) else str(member)
@@ -251,6 +277,7 @@ class RedisGraph:
             pairs.add((unquote(registry), unquote(repository)))
         return pairs
 
+    @_unavailable
     async def unreferenced(self, digests: Sequence[str]) -> set[str]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for digest in digests:
@@ -258,6 +285,7 @@ class RedisGraph:
             found = await pipe.execute()
         return {digest for digest, exists in zip(digests, found, strict=True) if not exists}
 
+    @_unavailable
     async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> None:
         present = await self._redis.zrange(LRU, 0, -1)
         gone = [
