@@ -46,6 +46,7 @@ from mirror.resolver import Resolver
 from mirror.status import RecentErrors
 from mirror.store.blobs import BlobStore
 from mirror.store.cached import CachedStore
+from mirror.store.content import Content
 from mirror.store.embedded import EmbeddedStore
 from mirror.store.protocols import MetadataStore
 from mirror.store.redis_store import RedisStore
@@ -135,9 +136,11 @@ async def open_engine(
             before_pass=pulls.flush,
         )
 
+        content = Content(blobs, store.graph, clock)
+
         async def stored(digest: Digest, size: int) -> None:
             try:
-                await store.graph.blob_stored(str(digest), size, clock())
+                await content.landed(digest, size)
             except Exception as exc:  # the graph serves eviction and listing, not the pull
                 log.warning("graph_not_updated", digest=str(digest), error=str(exc))
             evictor.poke()

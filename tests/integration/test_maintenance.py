@@ -8,10 +8,14 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import aiohttp
 
+from mirror import maintenance
+from mirror.reference import Digest
 from tests.support.fakehub import FakeHub
+from tests.support.mirror import RunningMirror, settings_for
 from tests.support.oci import OCI_MANIFEST, Image, make_image, make_random_layer
 from tests.support.process import MirrorProcess, run_mirror
 
@@ -72,9 +76,7 @@ async def test_verify_finds_a_flipped_byte_and_repair_brings_the_right_bytes_bac
         assert again.returncode == 0
 
 
-async def test_gc_and_verify_while_pulls_go_on(
-    fake_hub: FakeHub, tmp_path: Path
-) -> None:
+async def test_gc_and_verify_while_pulls_go_on(fake_hub: FakeHub, tmp_path: Path) -> None:
     images = [make_image([make_random_layer(512 * 1024, seed=s)]) for s in range(50, 54)]
     for number, image in enumerate(images):
         fake_hub.add_image(f"library/app{number}", "latest", image)
@@ -116,3 +118,32 @@ async def test_gc_and_verify_while_pulls_go_on(
         for number, image in enumerate(images):
             await pull(mirror.url, f"app{number}", image)
         assert fake_hub.count("GET", "cdn") == cdn_before
+
+
+async def test_verify_repair_keeps_a_blob_that_lands_while_it_hashes(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    first, later = (make_image([make_random_layer(256 * 1024, seed=s)]) for s in (60, 61))
+    fake_hub.add_image("library/first", "latest", first)
+    fake_hub.add_image("library/later", "latest", later)
+    async with RunningMirror(settings_for(fake_hub.url, tmp_path / "data")) as mirror:
+        await pull(mirror.url, "first", first)
+        loop = asyncio.get_running_loop()
+        hashes_to = maintenance._hashes_to
+
+        def pulled_meanwhile(path: Path, digest: Digest) -> tuple[bool, os.stat_result] | None:
+            if not on_disk(mirror, later):  # a client pulls while verify reads the disk
+                asyncio.run_coroutine_threadsafe(pull(mirror.url, "later", later), loop).result()
+            return hashes_to(path, digest)
+
+        with patch.object(maintenance, "_hashes_to", pulled_meanwhile):
+            report = await maintenance.verify(mirror.engine, repair=True)
+        assert on_disk(mirror, later)
+        assert report.missing == []
+        disk = await asyncio.to_thread(mirror.engine.blobs.on_disk)
+        usage = await mirror.engine.store.graph.usage()
+        assert (usage.blobs, usage.bytes) == (len(disk), sum(size for size, _ in disk.values()))
+
+
+def on_disk(mirror: RunningMirror, image: Image) -> bool:
+    return all(blob_path(mirror.settings.data_dir, blob.digest).exists() for blob in image.blobs)
