@@ -364,3 +364,41 @@ async def test_workers_and_replicas_on_one_data_dir_keep_one_budget(
     stored = sum(log.count('"blob_stored"') for log in logs)
     remaining = len(BlobStore(data / "blobs").on_disk())
     assert stored - sum(evicted) == remaining  # every removal counted once, by one evictor
+
+
+async def test_replicas_with_data_dirs_of_their_own_sharing_redis_keep_their_own_budgets(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
+) -> None:
+    """One replica's first pass must not take the other's blobs for gone: each keeps the
+    records of its own disk, and its budget."""
+    images = [image_of(seed) for seed in range(50, 57)]  # seven images of 1 MiB
+    for number, image in enumerate(images):
+        fake_hub.add_image(f"library/app{number}", "latest", image)
+    budget = int(3.5 * MIB)
+    with RedisServer(require_binary("redis-server")) as redis:
+        first, second = (
+            RunningMirror(
+                settings_for(
+                    fake_hub.url, tmp_path / name, max_cache_size=budget, redis_url=redis.url()
+                ),
+                clock=clock,
+                eviction_interval=3600,
+            )
+            for name in ("a", "b")
+        )
+        async with first, second:
+            for number in (0, 1, 2):
+                await pull(first, f"app{number}", images[number])
+                clock.advance(60)
+            await pull(second, "app3", images[3])
+            await evict(second)  # its first pass aligns the records with its disk
+            for number in (4, 5, 6):
+                await pull(first, f"app{number}", images[number])
+                clock.advance(60)
+            for mirror in (first, second):
+                await evict(mirror)
+                async with no_pass_running(mirror):
+                    disk = await asyncio.to_thread(mirror.engine.blobs.on_disk)
+                    usage = await mirror.engine.store.graph.usage()
+                assert usage.bytes == sum(size for size, _ in disk.values())
+                assert usage.bytes <= budget
