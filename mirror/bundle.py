@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from mirror.engine import Engine
 from mirror.errors import RegistryError
+from mirror.fills import writer_lease
 from mirror.inventory import Image, images
 from mirror.layout import (
     CONTAINERD_NAME,
@@ -52,8 +54,11 @@ from mirror.mediatypes import (
 )
 from mirror.pins import ImageName, Pin, split_image
 from mirror.reference import Digest, Reference, normalize_name
+from mirror.store.content import Content
 from mirror.store.protocols import Manifest, TagRecord
 from mirror.upstream.client import MAX_MANIFEST_SIZE
+
+T = TypeVar("T")
 
 Progress = Callable[[int], None]
 
@@ -405,7 +410,8 @@ async def import_layout(
     total(sum(plan.members.get(d, 0) for d in wanted))
     failed: dict[str, str] = dict.fromkeys(plan.corrupt, "corrupt in the bundle")
     if wanted:
-        written, bad = await asyncio.to_thread(_copy_blobs, engine, path, wanted, progress)
+        loop = asyncio.get_running_loop()
+        written, bad = await asyncio.to_thread(_copy_blobs, engine, path, wanted, progress, loop)
         report.written, report.bytes = len(written), sum(written.values())
         failed.update(bad)
     now = time.time()
@@ -429,6 +435,9 @@ async def import_layout(
                 f"{candidate.name.registry} is not an upstream here: serve needs"
                 f" --upstream {candidate.name.registry}=URL to offer it"
             )
+    if report.written:  # the budget is kept now, not at the evictor's next interval
+        engine.evictor.poke()
+        await engine.evictor.run_once()
     return report
 
 
@@ -501,9 +510,18 @@ def _image_name(text: str) -> ImageName:
 
 
 def _copy_blobs(
-    engine: Engine, path: Path, wanted: dict[str, int], progress: Progress
+    engine: Engine,
+    path: Path,
+    wanted: dict[str, int],
+    progress: Progress,
+    loop: asyncio.AbstractEventLoop,
 ) -> tuple[dict[str, int], dict[str, str]]:
-    """Second pass: the wanted blobs copied in, verified; (written, failed with why)."""
+    """Second pass: the wanted blobs copied in, verified; (written, failed with why). Each
+    under the blob's writer lease, as a fill writes it (``loop`` runs the lease calls)."""
+
+    def run(call: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(call, loop).result()
+
     written: dict[str, int] = {}
     failed: dict[str, str] = {}
     for member in members(path):
@@ -518,28 +536,36 @@ def _copy_blobs(
         if expected and member.size != expected:
             failed[str(digest)] = f"{member.size} bytes in the bundle, {expected} expected"
             continue
-        partial = engine.blobs.new_partial(digest)
+        lease = run(writer_lease(engine.coordinator, engine.blobs, digest))
+        if lease is None:
+            continue  # a fill brought it while we waited for its lease
         try:
-            if copy_verified(member, digest, partial.fd, progress):
-                partial.written = member.size
-                partial.commit()
-                written[str(digest)] = member.size
-            else:
+            partial = engine.blobs.new_partial(digest)
+            run(lease.publish({"partial": partial.path.name, "size": member.size}))
+            try:
+                if copy_verified(member, digest, partial.fd, progress):
+                    partial.written = member.size
+                    partial.commit()
+                    written[str(digest)] = member.size
+                else:
+                    partial.discard()
+                    failed[str(digest)] = "corrupt in the bundle (its bytes do not match it)"
+            except BaseException:
                 partial.discard()
-                failed[str(digest)] = "corrupt in the bundle (its bytes do not match it)"
-        except BaseException:
-            partial.discard()
-            raise
+                raise
+        finally:
+            run(lease.release())
     return written, failed
 
 
 async def _commit(engine: Engine, name: ImageName, content: ImageContent, now: float) -> None:
     """Make an image whose blobs are all on disk known: manifests, tag, graph."""
     store, graph = engine.store, engine.store.graph
+    landed = Content(engine.blobs, graph)
     for digest in content.blobs:
         size = engine.blobs.size(Digest.parse(digest))
         if size is not None:
-            await graph.blob_stored(digest, size, now)
+            await landed.landed(Digest.parse(digest), size, now)
     for manifest in content.manifests.values():
         await store.put_manifest(name.registry, name.repository, manifest)
         await graph.add_manifest(

@@ -157,12 +157,9 @@ async def test_a_client_reading_a_blob_that_is_evicted_gets_every_byte(
     async with RunningMirror(settings, clock=clock, eviction_interval=3600) as mirror:
         await pull(mirror, "first", first)
         clock.advance(60)
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(
-                f"{mirror.url}/v2/first/blobs/{layer.digest}", read_bufsize=64 * 1024
-            ) as response,
-        ):
+        async with aiohttp.ClientSession() as session, session.get(
+            f"{mirror.url}/v2/first/blobs/{layer.digest}", read_bufsize=64 * 1024
+        ) as response:
             start = await response.content.read(64 * 1024)  # a slow client, mid-transfer
             await pull(mirror, "second", second)  # over the budget: first must go
             await evict(mirror)

@@ -76,7 +76,9 @@ async def test_verify_finds_a_flipped_byte_and_repair_brings_the_right_bytes_bac
         assert again.returncode == 0
 
 
-async def test_gc_and_verify_while_pulls_go_on(fake_hub: FakeHub, tmp_path: Path) -> None:
+async def test_gc_and_verify_while_pulls_go_on(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
     images = [make_image([make_random_layer(512 * 1024, seed=s)]) for s in range(50, 54)]
     for number, image in enumerate(images):
         fake_hub.add_image(f"library/app{number}", "latest", image)
