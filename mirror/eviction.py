@@ -92,7 +92,6 @@ class Evictor:
         # Writes the pull times gathered so far (PullRecorder.flush): a pass must not take
         # a blob pulled a moment ago for an old one.
         self._before_pass = before_pass
-        self._blobs = blobs
         self._coordinator = coordinator
         self._budget = budget
         self._metrics = metrics
@@ -150,11 +149,10 @@ class Evictor:
             await lease.release()
 
     async def _pass(self) -> Pass:
-        graph = self._store.graph
         if self._before_pass is not None:
             await self._before_pass()
         if not self._reconciled:
-            await graph.reconcile(await asyncio.to_thread(self._blobs.on_disk))
+            await self._content.reconcile()
             self._reconciled = True
         result = Pass(ran=True)
         began = self._clock()

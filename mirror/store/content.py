@@ -5,8 +5,9 @@ present when it has landed, and absent only after the copy that was inspected is
 whoever records an absence then looks at the disk again, so a copy that a fill or an
 import landed meanwhile stays recorded present (and counted, and evictable).
 
-Eviction, ``gc``, ``verify``, fills and ``import`` all go through :class:`Content`;
-nobody else writes ``blob_stored`` or ``blobs_removed``.
+Eviction (and its reconciliation at start), ``gc``, ``verify``, fills and ``import`` all
+go through :class:`Content`; nobody else writes ``blob_stored``, ``blobs_removed`` or
+``reconcile``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class Content:
         removed = await asyncio.to_thread(self.blobs.remove, digest, inspected)
         await self.gone(digest)
         return removed
+
+    async def reconcile(self) -> None:
+        """Align every record with the disk (a walk of it: once, at start)."""
+        await self._graph.reconcile(await asyncio.to_thread(self.blobs.on_disk))
 
     async def gone(self, digest: Digest) -> None:
         """A blob was found missing, or was removed: record it absent, then look again."""
