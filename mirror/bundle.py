@@ -436,8 +436,7 @@ async def import_layout(
                 f" --upstream {candidate.name.registry}=URL to offer it"
             )
     if report.written:  # the budget is kept now, not at the evictor's next interval
-        engine.evictor.poke()
-        await engine.evictor.run_once()
+        await engine.evictor.make_room()
     return report
 
 

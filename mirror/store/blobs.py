@@ -116,8 +116,11 @@ class BlobStore:
             with contextlib.suppress(FileExistsError):
                 os.link(aside, path)
             return False
+        except FileNotFoundError:
+            return False  # swept meanwhile: unlocked, it looked like a crashed write's
         finally:
-            os.unlink(aside)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(aside)
 
     def on_disk(self) -> dict[str, tuple[int, float]]:
         """Every blob file: digest -> (size, modification time). Partial files are not
