@@ -113,6 +113,8 @@ async def open_engine(
         stack.push_async_callback(store.close)
         coordinator = await asyncio.to_thread(_coordinator, settings, inner)
         stack.push_async_callback(coordinator.close)
+        if isinstance(coordinator, RedisCoordinator):  # one Redis: one verdict on its health
+            coordinator.on_down, store.on_down = store.failed, coordinator.failed
         errors = RecentErrors(settings.data_dir / "run", clock=clock)
         upstreams = await stack.enter_async_context(
             _upstreams(settings, metrics, coordinator, overrides, errors)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 import structlog
@@ -86,6 +86,9 @@ class CachedStore:
         self._down_since: float | None = None
         self._probe: asyncio.Task[None] | None = None
         self._graph = _GuardedGraph(self)
+        # Told when the store goes down: the other users of the same Redis (the leases)
+        # then stop asking it too, so one timeout is all an outage costs.
+        self.on_down: Callable[[Exception], None] = lambda exc: None
 
     @property
     def manifest_bytes(self) -> int:
@@ -199,11 +202,16 @@ class CachedStore:
     def _available(self) -> bool:
         return self._down_since is None
 
-    def _went_down(self, exc: StoreUnavailable) -> None:
+    def failed(self, exc: Exception) -> None:
+        """Another user of the same Redis saw it fail: go down too, and probe until back."""
+        self._went_down(exc)
+
+    def _went_down(self, exc: Exception) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()
             log.warning("store_unavailable", error=str(exc), retry_interval=self._retry_interval)
             self._probe = asyncio.create_task(self._probe_until_back())
+            self.on_down(exc)
 
     async def _probe_until_back(self) -> None:
         while True:
