@@ -25,13 +25,14 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mirror.engine import Engine
 from mirror.errors import RegistryError
+from mirror.fills import writer_lease
 from mirror.inventory import Image, human_size, image_size, images
 from mirror.layout import (
     CONTAINERD_NAME,
@@ -59,8 +60,11 @@ from mirror.mediatypes import (
 )
 from mirror.pins import ImageName, Pin, split_image
 from mirror.reference import Digest, Reference, normalize_name, validate_registry, validate_tag
+from mirror.store.content import Content
 from mirror.store.protocols import Manifest, TagRecord
 from mirror.upstream.client import MAX_MANIFEST_SIZE
+
+T = TypeVar("T")
 
 Progress = Callable[[int], None]
 
@@ -495,12 +499,21 @@ async def import_layout(
     total(sum(plan.members.get(d, needed[d]) for d in (*wanted, *verify)))
     failed: dict[str, str] = dict.fromkeys(plan.corrupt, "corrupt in the bundle")
     if wanted or verify:
+        loop = asyncio.get_running_loop()
         written, bad = await asyncio.to_thread(
-            _copy_blobs, engine, path, (wanted, verify), progress, bounds
+            _copy_blobs,
+            engine,
+            path,
+            (wanted, verify),
+            progress=progress,
+            bounds=bounds,
+            loop=loop,
         )
         report.written, report.bytes = len(written), sum(written.values())
         failed.update(bad)
     report.images = await _commit_usable(engine, candidates, failed, pin=pin)
+    if report.written:  # the budget is kept now, not at the evictor's next interval
+        await engine.evictor.make_room()
     return report
 
 
@@ -751,11 +764,18 @@ def _copy_blobs(
     engine: Engine,
     path: Path,
     blobs: tuple[dict[str, int], set[str]],
+    *,
     progress: Progress,
     bounds: Bounds,
+    loop: asyncio.AbstractEventLoop,
 ) -> tuple[dict[str, int], dict[str, str]]:
-    """Second pass: the wanted blobs copied in, verified, and the blobs to verify only
+    """Second pass: the wanted blobs copied in, verified, each under the blob's writer
+    lease as a fill writes it (``loop`` runs the lease calls), and the blobs to verify only
     hashed; (written, failed with why)."""
+
+    def run(call: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(call, loop).result()
+
     wanted, verify = blobs
     written: dict[str, int] = {}
     failed: dict[str, str] = {}
@@ -777,18 +797,11 @@ def _copy_blobs(
         if expected and member.size != expected:
             failed[str(digest)] = f"{member.size} bytes in the bundle, {expected} expected"
             continue
-        partial = engine.blobs.new_partial(digest)
-        try:
-            if copy_verified(member, digest, partial.fd, progress):
-                partial.written = member.size
-                partial.commit()
-                written[str(digest)] = member.size
-            else:
-                partial.discard()
-                failed[str(digest)] = "corrupt in the bundle (its bytes do not match it)"
-        except BaseException:
-            partial.discard()
-            raise
+        landed = _land(engine, member, digest, progress, run)
+        if landed:
+            written[str(digest)] = member.size
+        elif landed is not None:
+            failed[str(digest)] = "corrupt in the bundle (its bytes do not match it)"
     for lost in left & verify:
         failed[lost] = (
             "not in the bundle, and held only for other repositories"
@@ -797,13 +810,43 @@ def _copy_blobs(
     return written, failed
 
 
+def _land(
+    engine: Engine,
+    member: Member,
+    digest: Digest,
+    progress: Progress,
+    run: Callable[[Coroutine[Any, Any, Any]], Any],
+) -> bool | None:
+    """One blob copied in under its writer lease: whether it matched its digest, or None
+    when a fill brought it while the lease was awaited."""
+    lease = run(writer_lease(engine.coordinator, engine.blobs, digest))
+    if lease is None:
+        return None
+    try:
+        partial = engine.blobs.new_partial(digest)
+        run(lease.publish({"partial": partial.path.name, "size": member.size}))
+        try:
+            if not copy_verified(member, digest, partial.fd, progress):
+                partial.discard()
+                return False
+            partial.written = member.size
+            partial.commit()
+            return True
+        except BaseException:
+            partial.discard()
+            raise
+    finally:
+        run(lease.release())
+
+
 async def _commit(engine: Engine, name: ImageName, content: ImageContent, now: float) -> None:
     """Make an image whose blobs are all on disk known: manifests, tag, graph."""
     store, graph = engine.store, engine.store.graph
+    landed = Content(engine.blobs, graph)
     for digest in content.blobs:
         size = engine.blobs.size(Digest.parse(digest))
         if size is not None:
-            await graph.blob_stored(digest, size, now)
+            await landed.landed(Digest.parse(digest), size, now)
     for manifest in content.manifests.values():
         await store.put_manifest(name.registry, name.repository, manifest)
         await graph.add_manifest(
