@@ -20,6 +20,7 @@ from mirror.config import Settings
 from mirror.engine import Engine, Overrides, open_engine
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
+from mirror.referrers import Referrers
 from mirror.routes import ops, status, v2
 from mirror.routes.middleware import add_fallback_route, server_logger
 from mirror.routes.state import (
@@ -29,6 +30,7 @@ from mirror.routes.state import (
     HTPASSWD,
     LOG_THROTTLE,
     METRICS,
+    REFERRERS,
     RESOLVER,
     SETTINGS,
     STARTED,
@@ -68,6 +70,7 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
         ) as engine:
             app[ENGINE] = engine
             app[RESOLVER] = engine.resolver
+            app[REFERRERS] = Referrers(engine.resolver)
             metrics = app[METRICS]
             app[STARTED] = started_at(settings.data_dir / "run", time.time())
             app[HISTORY] = History(lambda: totals(metrics.render(), time.time()), app[STARTED])

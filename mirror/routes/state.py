@@ -11,6 +11,7 @@ from mirror.config import Settings
 from mirror.engine import Engine
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
+from mirror.referrers import Referrers
 from mirror.resolver import Resolver
 from mirror.status import History
 
@@ -19,6 +20,8 @@ METRICS = web.AppKey("metrics", Metrics)
 ENGINE = web.AppKey("engine", Engine)
 # The engine's resolver, kept under its own key: the request path reads it on every request.
 RESOLVER = web.AppKey("resolver", Resolver)
+# The referrers API over the resolver (``mirror.referrers``).
+REFERRERS = web.AppKey("referrers", Referrers)
 # Lines the request path logs for events a client or a broken part can repeat endlessly.
 LOG_THROTTLE = web.AppKey("log_throttle", LogThrottle)
 
