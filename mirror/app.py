@@ -33,8 +33,10 @@ from mirror.routes.state import (
     REFERRERS,
     RESOLVER,
     SETTINGS,
+    SIGNATURES,
     STARTED,
 )
+from mirror.signatures import SignaturePolicy
 from mirror.status import History, started_at, totals
 
 __all__ = ["Overrides", "create_app"]
@@ -71,6 +73,14 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
             app[ENGINE] = engine
             app[RESOLVER] = engine.resolver
             app[REFERRERS] = Referrers(engine.resolver)
+            if settings.signatures is not None:
+                app[SIGNATURES] = SignaturePolicy(
+                    settings.signatures.keys,
+                    settings.signatures.repositories,
+                    engine.resolver,
+                    app[REFERRERS],
+                    recheck=settings.tag_ttl,
+                )
             metrics = app[METRICS]
             app[STARTED] = started_at(settings.data_dir / "run", time.time())
             app[HISTORY] = History(lambda: totals(metrics.render(), time.time()), app[STARTED])

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from mirror.cosign import load_public_key
 from mirror.pins import Pin
 from mirror.reference import DOCKER_HUB
 from mirror.units import (
@@ -77,6 +78,15 @@ class AccessRules:
 
 
 @dataclass(frozen=True, slots=True)
+class SignatureSettings:
+    """The signature policy: in ``repositories``, only images cosign-signed by one of
+    ``keys`` (PEM public key files) are served."""
+
+    keys: tuple[Path, ...]
+    repositories: tuple[Pin, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     listen_host: str = "0.0.0.0"  # a mirror serves a whole site by default
     listen_port: int = 5000
@@ -117,6 +127,7 @@ class Settings:
     client_max_transfers: int = 64
     # auto: uvloop when it is installed; uvloop or asyncio to choose.
     event_loop: str = "auto"
+    signatures: SignatureSettings | None = None
 
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
@@ -347,6 +358,26 @@ def _access_rules(value: Any) -> AccessRules:
     return AccessRules(_pins(value.get("allow") or ()), _pins(value.get("deny") or ()))
 
 
+def _signatures(value: Any) -> SignatureSettings | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("expected {keys: [FILE ...], repositories: [PATTERN ...]}")
+    keys = {"keys", "repositories"}
+    unknown = sorted(set(value) - keys)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r}{_did_you_mean(unknown[0], keys)}")
+    files, patterns = value.get("keys"), value.get("repositories")
+    if not isinstance(files, list) or not files:
+        raise ValueError("keys: a list of one or more PEM public key files is required")
+    if not isinstance(patterns, list) or not patterns:
+        raise ValueError("repositories: a list of one or more patterns is required")
+    paths = tuple(Path(str(file)) for file in files)
+    for path in paths:
+        load_public_key(path)  # refused now, with the reason, rather than at the first pull
+    return SignatureSettings(paths, _pins(patterns))
+
+
 def _upstream_settings(
     registry: str, url: str, username: str | None, password: str | None
 ) -> UpstreamSettings:
@@ -396,6 +427,7 @@ _KEYS: dict[str, _Key] = {
     "client_miss_limit": _Key(parse_rate),
     "client_max_transfers": _Key(_positive_int),
     "event_loop": _Key(_choice("auto", "uvloop", "asyncio")),
+    "signatures": _Key(_signatures, flag=False, env=False),
 }
 FLAG_KEYS = tuple(key for key, spec in _KEYS.items() if spec.flag)
 
@@ -525,6 +557,7 @@ def _build(values: Mapping[str, Any]) -> Settings:
         client_miss_limit=values.get("client_miss_limit", defaults.client_miss_limit),
         client_max_transfers=values.get("client_max_transfers", defaults.client_max_transfers),
         event_loop=values.get("event_loop", defaults.event_loop),
+        signatures=values.get("signatures"),
     )
 
 

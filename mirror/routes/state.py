@@ -13,6 +13,7 @@ from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
 from mirror.referrers import Referrers
 from mirror.resolver import Resolver
+from mirror.signatures import SignaturePolicy
 from mirror.status import History
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -22,6 +23,8 @@ ENGINE = web.AppKey("engine", Engine)
 RESOLVER = web.AppKey("resolver", Resolver)
 # The referrers API over the resolver (``mirror.referrers``).
 REFERRERS = web.AppKey("referrers", Referrers)
+# The signature policy (absent without ``signatures``).
+SIGNATURES = web.AppKey("signatures", SignaturePolicy)
 # Lines the request path logs for events a client or a broken part can repeat endlessly.
 LOG_THROTTLE = web.AppKey("log_throttle", LogThrottle)
 

@@ -40,7 +40,7 @@ from mirror.routes.middleware import (
     NOSNIFF_HEADER,
     add_route,
 )
-from mirror.routes.state import EXCHANGE, REFERRERS, RESOLVER, SETTINGS
+from mirror.routes.state import EXCHANGE, REFERRERS, RESOLVER, SETTINGS, SIGNATURES
 from mirror.store.protocols import Manifest
 
 log = structlog.get_logger(__name__)
@@ -131,6 +131,9 @@ async def manifest(
     accept = parse_accept(tuple(request.headers.getall("Accept", ())))
     found, outcome = await request.app[RESOLVER].manifest(registry, repository, reference, accept)
     request[EXCHANGE].cache = outcome.value
+    policy = request.app.get(SIGNATURES)
+    if policy is not None:
+        await policy.check(registry, repository, found)
     return _manifest_response(request, found)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from tests.support.oci import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Blob, Image
+from tests.support.oci import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Blob, Image, Index
 
 EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
 COSIGN_SIG_TYPE = "application/vnd.dev.cosign.artifact.sig.v1+json"
@@ -102,7 +102,7 @@ def sign(key: PrivateKey, payload: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
-def cosign_signature(key: PrivateKey, reference: str, subject: Image) -> Image:
+def cosign_signature(key: PrivateKey, reference: str, subject: Image | Index) -> Image:
     """What ``cosign sign`` pushes as the ``sha256-<hex>.sig`` tag: a manifest whose layer is
     the payload, signed in its annotation."""
     payload = simple_signing_payload(reference, subject.digest)
@@ -131,5 +131,5 @@ def cosign_referrer(key: PrivateKey, reference: str, subject: Image) -> Image:
     )
 
 
-def sig_tag(image: Image, suffix: str = "sig") -> str:
+def sig_tag(image: Image | Index, suffix: str = "sig") -> str:
     return image.digest.replace(":", "-") + f".{suffix}"
