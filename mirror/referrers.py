@@ -12,21 +12,28 @@
 
 The referring manifests and their blobs are ordinary manifests and blobs of the repository:
 they pull through the resolver, under the same access rules as any image.
+
+Across the air gap (``seed``, ``export``, ``import``) the kept answer travels as the fallback
+tag ``sha256-<hex>`` (an image index whose children are the referrers, so the bundle carries
+them and their blobs, and other tools read it as the OCI spec says), beside cosign's own
+``.sig``, ``.att`` and ``.sbom`` tags; ``import`` keeps it as the answer again, so an offline
+mirror answers the API. Offline, an image held with no answer kept has none: an empty index.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import structlog
 
-from mirror.errors import ManifestUnknown, TooManyRequests, UpstreamError
+from mirror.errors import ManifestUnknown, Offline, RegistryError, TooManyRequests, UpstreamError
 from mirror.mediatypes import OCI_INDEX
 from mirror.reference import Digest, Reference
 from mirror.resolver import Outcome, Resolver
-from mirror.store.protocols import Manifest, TagRecord, referrers_key
+from mirror.store.protocols import Manifest, MetadataStore, TagRecord, referrers_key
 from mirror.upstream.protocol import Upstream
 
 log = structlog.get_logger(__name__)
@@ -34,12 +41,72 @@ log = structlog.get_logger(__name__)
 # Pages of an upstream's answer followed (each up to 4 MiB): enough for any real image.
 MAX_PAGES = 16
 FILTERS_HEADER = "OCI-Filters-Applied"
+# cosign's tags beside an image: signatures, attestations, SBOMs.
+COSIGN_SUFFIXES = (".sig", ".att", ".sbom")
+_REFERRERS_TAG = re.compile(r"(?:sha256|sha512)-[0-9a-f]{64}(?:\.(?:sig|att|sbom))?")
 
 
 def fallback_tag(digest: Digest) -> str:
     """The tag the OCI spec names for the referrers of ``digest`` on a registry without
     the API: ``sha256-<hex>`` (the spec truncates each part, for sha512 to fit a tag)."""
     return f"{digest.algorithm[:32]}-{digest.hex[:64]}"
+
+
+def is_referrers_tag(tag: str | None) -> bool:
+    """Is ``tag`` a fallback tag or one of cosign's tags (what ``--no-referrers`` leaves out)?"""
+    return tag is not None and _REFERRERS_TAG.fullmatch(tag) is not None
+
+
+def subject_of_fallback_tag(tag: str) -> Digest | None:
+    """The digest a fallback tag ``sha256-<hex>`` is named after (None for any other tag)."""
+    if "." in tag or not is_referrers_tag(tag):
+        return None
+    try:
+        return Digest.parse(tag.replace("-", ":", 1))
+    except RegistryError:
+        return None  # truncated (sha512): the subject cannot be read back
+
+
+async def kept_answer(
+    store: MetadataStore, registry: str, repository: str, digest: Digest
+) -> Manifest | None:
+    """The referrers answer kept for ``digest``, whatever its age."""
+    record = await store.get_tag(registry, repository, referrers_key(str(digest)))
+    if record is None:
+        return None
+    return await store.get_manifest(registry, repository, record.digest)
+
+
+async def held_referrers(
+    store: MetadataStore, registry: str, repository: str, digest: Digest
+) -> list[tuple[str, Manifest]]:
+    """What travels with an image across the air gap, as (tag, manifest): its referrers
+    (the upstream's fallback tag if held, else the kept answer, unless it is empty) and
+    cosign's tags that are held."""
+    found: list[tuple[str, Manifest]] = []
+    for tag in (fallback_tag(digest), *(fallback_tag(digest) + s for s in COSIGN_SUFFIXES)):
+        record = await store.get_tag(registry, repository, tag)
+        manifest = None
+        if record is not None:
+            manifest = await store.get_manifest(registry, repository, record.digest)
+        elif "." not in tag:
+            manifest = await kept_answer(store, registry, repository, digest)
+            if manifest is not None and not descriptors_of(manifest.body):
+                manifest = None  # nothing refers to it: nothing to carry
+        if manifest is not None:
+            found.append((tag, manifest))
+    return found
+
+
+async def count_held(store: MetadataStore, registry: str, repository: str, digest: Digest) -> int:
+    """How many referrers an image has, as far as the mirror knows (``mirror ls``): those of
+    its kept answer, and cosign's tags held beside it."""
+    answer = await kept_answer(store, registry, repository, digest)
+    count = len(descriptors_of(answer.body)) if answer is not None else 0
+    for suffix in COSIGN_SUFFIXES:
+        if await store.get_tag(registry, repository, fallback_tag(digest) + suffix) is not None:
+            count += 1
+    return count
 
 
 def index_of(descriptors: list[dict[str, Any]]) -> bytes:
@@ -92,7 +159,7 @@ class Referrers:
         except (UpstreamError, TooManyRequests) as exc:
             stale = await resolver._stale(registry, repository, record)
             if stale is None:
-                raise
+                return await self._offline_answer(registry, repository, digest, exc)
             log.warning(
                 "serving_stale_referrers",
                 repository=repository,
@@ -100,6 +167,17 @@ class Referrers:
                 reason=exc.message,
             )
             return stale[0], Outcome.STALE
+
+    async def _offline_answer(
+        self, registry: str, repository: str, digest: Digest, exc: RegistryError
+    ) -> tuple[Manifest, Outcome]:
+        """Offline, an image held with no answer kept has no referrers: they travel with it
+        (``import``). Anything else re-raises the failure."""
+        held = await self._resolver.store.get_manifest(registry, repository, str(digest))
+        if not isinstance(exc, Offline) or held is None:
+            raise exc
+        body = index_of([])
+        return Manifest(body, OCI_INDEX, str(Digest.of(body))), Outcome.HIT
 
     async def _refresh(
         self, client: Upstream, registry: str, repository: str, digest: Digest

@@ -481,6 +481,18 @@ class FakeHub:
             headers["Link"] = f'</v2/{name}/tags/list?{query}>; rel="next"'
         return web.json_response({"name": name, "tags": page}, headers=headers)
 
+    def referrers_of(
+        self, repo: Repo, digest: str, artifact_type: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The descriptors the referrers API lists for ``digest``."""
+        found = [_referrer_descriptor(data, kind) for data, kind in repo.manifests.values()]
+        return [
+            entry
+            for entry, subject in found
+            if subject == digest
+            and (artifact_type is None or entry.get("artifactType") == artifact_type)
+        ]
+
     async def _referrers(self, request: web.Request) -> web.Response:
         """The OCI 1.1 referrers API, from the manifests whose ``subject`` names the digest."""
         if not self.referrers_api:
@@ -488,14 +500,8 @@ class FakeHub:
         _, repo = self._lookup(request)
         if isinstance(repo, web.Response):
             return repo
-        digest = request.match_info["digest"]
         wanted = request.query.get("artifactType")
-        found = [_referrer_descriptor(data, kind) for data, kind in repo.manifests.values()]
-        manifests = [
-            entry
-            for entry, subject in found
-            if subject == digest and (wanted is None or entry.get("artifactType") == wanted)
-        ]
+        manifests = self.referrers_of(repo, request.match_info["digest"], wanted)
         headers = {"OCI-Filters-Applied": "artifactType"} if wanted is not None else {}
         body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
         return web.json_response(body, content_type=OCI_INDEX, headers=headers)
