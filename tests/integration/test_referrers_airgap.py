@@ -21,10 +21,18 @@ from tests.support.artifacts import (
     make_referrer,
     new_key,
     public_pem,
+    referrers_index,
     sig_tag,
 )
 from tests.support.fakehub import FakeHub
-from tests.support.oci import OCI_INDEX, OCI_MANIFEST, Image, make_image, make_layer
+from tests.support.oci import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Image,
+    make_image,
+    make_layer,
+    sha256_digest,
+)
 from tests.support.process import MirrorProcess, run_mirror
 
 ACCEPT = f"{OCI_INDEX}, {OCI_MANIFEST}"
@@ -122,4 +130,34 @@ async def test_referrers_cross_the_air_gap_byte_exact_and_are_served_offline(
         assert (status, body) == (200, image.manifest)
         status, body = await fetch(f"{served.url}/v2/plain/referrers/{plain.digest}")
         assert (status, json.loads(body)["manifests"]) == (200, [])
+    assert fake_hub.log == []
+
+
+async def test_an_upstream_fallback_tag_crosses_the_gap_as_it_is(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    fake_hub.referrers_api = False  # the CNCF registry 2.8: only the fallback tag
+    image = make_image([make_layer(b"signed on an old registry")])
+    fake_hub.add_image("library/old", "1.0", image)
+    sbom = make_referrer(image, SBOM_TYPE, b'{"spdxVersion": "SPDX-2.3"}')
+    fake_hub.add_image("library/old", None, sbom)
+    fallback = referrers_index([sbom])
+    fallback_tag = image.digest.replace(":", "-")
+    fake_hub.repo("library/old").manifests[sha256_digest(fallback)] = (fallback, OCI_INDEX)
+    fake_hub.set_tag("library/old", fallback_tag, sha256_digest(fallback))
+    connected, offline = tmp_path / "connected", tmp_path / "offline"
+
+    seeded = await mirror(connected, "seed", "--upstream", fake_hub.url, "old:1.0")
+    assert "1 referrers" in seeded.stdout
+    bundle = tmp_path / "bundle.tar"
+    await mirror(connected, "export", "--output", str(bundle), "old:1.0")
+    await mirror(offline, "import", str(bundle))
+    fake_hub.clear_log()
+    with MirrorProcess(offline, fake_hub.url, "--offline") as served:
+        status, body = await fetch(f"{served.url}/v2/old/manifests/{fallback_tag}")
+        assert (status, body) == (200, fallback)
+        status, body = await fetch(f"{served.url}/v2/old/referrers/{image.digest}")
+        assert json.loads(body)["manifests"] == json.loads(fallback)["manifests"]
+        status, body = await fetch(f"{served.url}/v2/old/manifests/{sbom.digest}")
+        assert (status, body) == (200, sbom.manifest)
     assert fake_hub.log == []
