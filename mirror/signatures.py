@@ -33,7 +33,14 @@ from mirror.cosign import (
     signatures_in,
     signed_by,
 )
-from mirror.errors import Denied, DigestInvalid, ManifestUnknown, Offline, UpstreamError
+from mirror.errors import (
+    Denied,
+    DigestInvalid,
+    ManifestUnknown,
+    NotFound,
+    Offline,
+    UpstreamError,
+)
 from mirror.fills import FillState
 from mirror.manifests import ManifestParseError, parse
 from mirror.mediatypes import DOCKER_MANIFEST, OCI_MANIFEST
@@ -188,7 +195,10 @@ class SignaturePolicy:
         except DigestInvalid:
             return None
         for _ in range(3):
-            source = await self._resolver.blob(registry, repository, digest)
+            try:
+                source = await self._resolver.blob(registry, repository, digest)
+            except (NotFound, Offline):
+                return None  # a signature whose payload is gone proves nothing
             if isinstance(source, CachedBlob):
                 if source.size > MAX_PAYLOAD:
                     return None

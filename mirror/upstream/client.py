@@ -171,6 +171,14 @@ class UpstreamClient:
     async def get_referrers(
         self, repository: str, digest: Digest, query: Mapping[str, str]
     ) -> ReferrersPage:
+        # Free on Docker Hub, but after a 429 nothing is sent until Retry-After has passed.
+        await self.ratelimit.sync()
+        wait = self.ratelimit.retry_after()
+        if wait > 0:
+            raise TooManyRequests(
+                detail={"upstream": self.name},
+                headers={"Retry-After": str(max(int(wait), 1))},
+            )
         async with self._call(
             "referrers",
             "GET",

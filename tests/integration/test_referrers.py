@@ -126,17 +126,24 @@ async def test_referrers_are_served_stale_while_the_upstream_is_down(
     status, _, body = await mirror.get(path)
     assert (status, body) == (200, first)
     assert _digests(body) == sorted(a.digest for a in artifacts)
+    # Nothing held for another digest: the failure is the client's to see, not an empty list.
+    status, _, body = await mirror.get(f"/v2/app/referrers/{artifacts[0].digest}")
+    assert (status, json.loads(body)["errors"][0]["code"]) == (503, "UNAVAILABLE")
 
     fake_hub.down = False
     fake_hub.status_override = 429
     status, _, body = await mirror.get(path)
     assert (status, body) == (200, first)
-
-    # Nothing held for another digest: the failure is the client's to see, not an empty list.
-    fake_hub.status_override = None
-    fake_hub.down = True
-    status, _, body = await mirror.get(f"/v2/app/referrers/{artifacts[0].digest}")
-    assert (status, json.loads(body)["errors"][0]["code"]) == (503, "UNAVAILABLE")
+    # Until Retry-After has passed, nothing more is sent upstream: the answer stays stale,
+    # and what is not held gets the 429 with its Retry-After.
+    asked = _asked(fake_hub)
+    for _ in range(3):
+        status, _, body = await mirror.get(path)
+        assert (status, body) == (200, first)
+    status, headers, body = await mirror.get(f"/v2/app/referrers/{artifacts[1].digest}")
+    assert (status, json.loads(body)["errors"][0]["code"]) == (429, "TOOMANYREQUESTS")
+    assert int(headers["Retry-After"]) > 0
+    assert _asked(fake_hub) == asked
 
 
 async def test_referrers_from_the_fallback_tag_when_the_upstream_has_no_api(

@@ -146,6 +146,20 @@ async def test_a_signature_of_another_image_does_not_count(
         assert "trusted key" in _refusal(status, body)
 
 
+async def test_a_signature_whose_payload_is_gone_proves_nothing(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
+) -> None:
+    key = new_key()
+    image = make_image([make_layer(b"payload lost")])
+    fake_hub.add_image("library/signed", "1.0", image)
+    signature = _sign_with_tag(fake_hub, "library/signed", key, image)
+    del fake_hub.repo("library/signed").blobs[signature.layers[0].digest]
+    settings = settings_for(fake_hub.url, tmp_path / "data", signatures=_policy(tmp_path, key))
+    async with RunningMirror(settings, clock=clock) as mirror:
+        status, _, body = await mirror.get("/v2/signed/manifests/1.0", accept=ACCEPT)
+        assert "trusted key" in _refusal(status, body)
+
+
 async def test_an_unsigned_verdict_is_asked_again_after_the_window(
     fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
 ) -> None:
