@@ -89,21 +89,36 @@ class SignaturePolicy:
     def covers(self, registry: str, repository: str) -> bool:
         return any(pin.matches(registry, repository, None) for pin in self._repositories)
 
-    async def check(self, registry: str, repository: str, manifest: Manifest) -> None:
-        """Return when ``manifest`` may be served; raise ``Denied`` saying why not."""
+    async def check(
+        self, registry: str, repository: str, manifest: Manifest, tag: str | None = None
+    ) -> None:
+        """Return when ``manifest`` (pulled as ``tag``, if by tag) may be served; raise
+        ``Denied`` saying why not."""
         if not self.covers(registry, repository) or _exempt(manifest):
             return
+        if tag is not None:
+            # An old client pulling a signed index's tag is given its linux/amd64 image:
+            # judge the index first, which passes its images.
+            record = await self._resolver.store.get_tag(registry, repository, tag)
+            if record is not None and record.digest != manifest.digest:
+                top = await self._resolver.store.get_manifest(registry, repository, record.digest)
+                if top is not None:
+                    await self._verdict(registry, repository, top)
+        verdict = await self._verdict(registry, repository, manifest)
+        if not verdict.signed:
+            raise Denied(
+                f"the signature policy refuses this image: {verdict.reason}",
+                detail={"repository": f"{registry}/{repository}", "digest": manifest.digest},
+            )
+
+    async def _verdict(self, registry: str, repository: str, manifest: Manifest) -> Verdict:
         key = (registry, repository, manifest.digest)
         verdict = self._verdicts.get(key)
         if verdict is None or (not verdict.signed and self._expired(verdict)):
             verdict, _ = await self._flights.run(
                 key, lambda: self._judge(registry, repository, manifest)
             )
-        if not verdict.signed:
-            raise Denied(
-                f"the signature policy refuses this image: {verdict.reason}",
-                detail={"repository": f"{registry}/{repository}", "digest": manifest.digest},
-            )
+        return verdict
 
     def _expired(self, verdict: Verdict) -> bool:
         return self._resolver.now() - verdict.at >= self._recheck

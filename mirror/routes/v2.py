@@ -133,7 +133,7 @@ async def manifest(
     request[EXCHANGE].cache = outcome.value
     policy = request.app.get(SIGNATURES)
     if policy is not None:
-        await policy.check(registry, repository, found)
+        await policy.check(registry, repository, found, reference.tag)
     return _manifest_response(request, found)
 
 

@@ -20,6 +20,7 @@ from tests.support.artifacts import (
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import FakeClock, RunningMirror, settings_for
 from tests.support.oci import (
+    DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
     Image,
@@ -127,6 +128,21 @@ async def test_an_oci_referrer_signature_passes_and_a_signed_index_passes_its_im
             f"/v2/signed-multi/manifests/{arm64.digest}", accept=ACCEPT
         )
         assert (status, body) == (200, arm64.manifest)
+
+
+async def test_an_old_client_gets_the_image_of_a_signed_manifest_list(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
+) -> None:
+    key = new_key()
+    amd64 = make_image([make_layer(b"docker amd")], arch="amd64", docker=True)
+    arm64 = make_image([make_layer(b"docker arm")], arch="arm64", docker=True)
+    listed = make_index([amd64, arm64], docker=True)
+    fake_hub.add_index("library/signed", "list", listed)
+    _sign_with_tag(fake_hub, "library/signed", key, listed)
+    settings = settings_for(fake_hub.url, tmp_path / "data", signatures=_policy(tmp_path, key))
+    async with RunningMirror(settings, clock=clock) as mirror:
+        status, _, body = await mirror.get("/v2/signed/manifests/list", accept=[DOCKER_MANIFEST])
+        assert (status, body) == (200, amd64.manifest)
 
 
 async def test_a_signature_of_another_image_does_not_count(
