@@ -19,7 +19,7 @@ from tests.support.artifacts import (
     referrers_index,
 )
 from tests.support.fakehub import FakeHub
-from tests.support.mirror import FakeClock, RunningMirror, settings_for
+from tests.support.mirror import FakeClock, RunningMirror, metric_value, settings_for
 from tests.support.oci import (
     OCI_INDEX,
     OCI_MANIFEST,
@@ -79,6 +79,12 @@ async def test_referrers_are_the_upstreams_and_pull_through_like_images(
     )
     assert (status, headers["OCI-Filters-Applied"]) == (200, "artifactType")
     assert _digests(body) == [artifacts[1].digest]
+    _, _, metrics = await mirror.get("/metrics")
+    for cache in ("miss", "hit"):
+        count = metric_value(
+            metrics.decode(), "mirror_requests_total", route="referrers", cache=cache
+        )
+        assert count == 1
     # The filter is the mirror's own: the upstream was asked once, unfiltered.
     assert _asked(fake_hub) == 1
     assert all("artifactType" not in r.query for r in fake_hub.requests(path_contains="referrers"))
