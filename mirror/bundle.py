@@ -111,12 +111,14 @@ async def export(
     nothing is written at all unless ``allow_missing``: a bundle silently short of an image
     is found out on the far side of the gap."""
     report = ExportReport()
-    chosen = [i for i in await images(engine, patterns) if referrers or not is_referrers_tag(i.tag)]
-    for image in list(chosen):
+    chosen: list[Image] = []
+    for image in await images(engine, patterns):
+        if not referrers and is_referrers_tag(image.tag):
+            continue
         content = await _held_content(engine, image)
         if not referrers and _refers(content.top):
-            chosen.remove(image)  # a referrer seed pinned by digest
-            continue
+            continue  # a referrer that seed pinned by its digest
+        chosen.append(image)
         missing = [d for d in content.blobs if engine.blobs.size(Digest.parse(d)) is None]
         if missing:
             report.missing.append(

@@ -87,8 +87,8 @@ async def seed(
 ) -> list[Seeded]:
     transfers = asyncio.Semaphore(jobs)
     images = asyncio.Semaphore(jobs)
-    seeder = _Seeder(engine, tuple(platforms), transfers, progress)
-    seeder.referrers = Referrers(engine.resolver) if referrers else None
+    brought = Referrers(engine.resolver) if referrers else None
+    seeder = _Seeder(engine, tuple(platforms), transfers, progress, brought)
 
     async def one(reference: str) -> Seeded:
         async with images:
@@ -108,13 +108,14 @@ class _Seeder:
         platforms: tuple[str, ...],
         transfers: asyncio.Semaphore,
         progress: Progress,
+        referrers: Referrers | None,
     ) -> None:
         self._engine = engine
         self._resolver = engine.resolver
         self._platforms = platforms
         self._transfers = transfers
         self._progress = progress
-        self.referrers: Referrers | None = None
+        self._referrers = referrers  # None: images only
 
     async def image(self, reference: str) -> Seeded:
         seeded = Seeded(reference)
@@ -140,8 +141,8 @@ class _Seeder:
         manifests, blobs = await self._walk(name, top, seeded)
         seeded.size = image_size(blobs)
         seeded.blobs = len(blobs)
-        if self.referrers is not None:
-            extra, extra_blobs = await self._referrers_of(self.referrers, name, top, seeded)
+        if self._referrers is not None:
+            extra, extra_blobs = await self._referrers_of(self._referrers, name, top, seeded)
             manifests += extra
             blobs = {**extra_blobs, **blobs}
         # Progress counts the manifests too: they were transferred.
