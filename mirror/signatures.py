@@ -54,8 +54,10 @@ from mirror.store.protocols import Manifest
 log = structlog.get_logger(__name__)
 
 VERDICTS = 65536
-# Signature manifests read per image: more than any real image carries.
+# Signature manifests read per image, and signatures per manifest (cosign adds a layer per
+# signing): more than any real image carries, and a bound on what a hostile one costs.
 MAX_SIGNATURE_MANIFESTS = 16
+MAX_SIGNATURES = 64
 SIGNATURE_ACCEPT = (OCI_MANIFEST, DOCKER_MANIFEST)
 # Layer media types a container runtime unpacks into a root file system.
 _RUNNABLE = re.compile(r"image\.(layer|rootfs)|^$")
@@ -146,7 +148,7 @@ class SignaturePolicy:
         if not candidates:
             return Verdict(False, f"no cosign signature found for {digest}", now)
         for candidate in candidates:
-            for signature in signatures_in(candidate.body):
+            for signature in signatures_in(candidate.body)[:MAX_SIGNATURES]:
                 payload = await self._payload(registry, repository, signature.payload_digest)
                 if payload is None or not payload_names(payload, str(digest)):
                     continue
