@@ -20,6 +20,7 @@ from mirror.config import Settings
 from mirror.engine import Engine, Overrides, open_engine
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
+from mirror.referrers import Referrers
 from mirror.routes import ops, status, v2
 from mirror.routes.middleware import add_fallback_route, server_logger
 from mirror.routes.state import (
@@ -29,12 +30,15 @@ from mirror.routes.state import (
     LOG_THROTTLE,
     LOGIN_THROTTLE,
     METRICS,
+    REFERRERS,
     RESOLVER,
     SETTINGS,
+    SIGNATURES,
     STARTED,
     TRANSFERS,
 )
 from mirror.routes.transfers import Transfers
+from mirror.signatures import SignaturePolicy
 from mirror.status import History, started_at, totals
 
 __all__ = ["Overrides", "create_app"]
@@ -72,6 +76,15 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
         ) as engine:
             app[ENGINE] = engine
             app[RESOLVER] = engine.resolver
+            app[REFERRERS] = Referrers(engine.resolver)
+            if settings.signatures is not None:
+                app[SIGNATURES] = SignaturePolicy(
+                    settings.signatures.keys,
+                    settings.signatures.repositories,
+                    engine.resolver,
+                    app[REFERRERS],
+                    recheck=settings.tag_ttl,
+                )
             metrics = app[METRICS]
             app[STARTED] = started_at(settings.data_dir / "run", time.time())
             app[HISTORY] = History(lambda: totals(metrics.render(), time.time()), app[STARTED])

@@ -15,6 +15,10 @@ A bundle is an OCI image layout in a tar (``mirror.layout``), so other tools rea
   whose blobs are not all there afterwards (missing, corrupt) is not imported, and is named
   with the digest at fault; the others are. Blobs already held are never copied again, so
   a repeated or interrupted import does no work twice.
+- **Referrers** (signatures, SBOMs, attestations) travel as tagged images beside the images
+  they refer to, unless ``referrers=False``: the fallback tag ``sha256-<hex>`` (an index of
+  them) and cosign's ``.sig``/``.att``/``.sbom`` tags (``mirror.referrers``). Import keeps a
+  fallback tag as the referrers answer of its digest, for an offline mirror to serve.
 """
 
 from __future__ import annotations
@@ -60,6 +64,14 @@ from mirror.mediatypes import (
 )
 from mirror.pins import ImageName, Pin, split_image
 from mirror.reference import Digest, Reference, normalize_name, validate_registry, validate_tag
+from mirror.referrers import (
+    Referrers,
+    descriptors_of,
+    held_referrers,
+    index_of,
+    is_referrers_tag,
+    subject_of_fallback_tag,
+)
 from mirror.store.content import Content
 from mirror.store.protocols import Manifest, TagRecord
 from mirror.upstream.client import MAX_MANIFEST_SIZE
@@ -92,6 +104,7 @@ class ExportReport:
     bytes: int = 0  # blob bytes written
     held_before: int = 0  # blobs left out because the old bundle holds them
     sha256: str = ""
+    notes: list[str] = field(default_factory=list)  # referrers that could not go along
 
 
 async def export(
@@ -101,6 +114,7 @@ async def export(
     *,
     since: Path | None = None,
     allow_missing: bool = False,
+    referrers: bool = True,
     total: Callable[[int], None] = lambda size: None,
     progress: Progress = lambda size: None,
 ) -> ExportReport:
@@ -108,8 +122,14 @@ async def export(
     nothing is written at all unless ``allow_missing``: a bundle silently short of an image
     is found out on the far side of the gap."""
     report = ExportReport()
+    chosen: list[Image] = []
     for image in await images(engine, patterns):
+        if not referrers and is_referrers_tag(image.tag):
+            continue
         content = await _held_content(engine, image)
+        if not referrers and _refers(content.top):
+            continue  # a referrer that seed pinned by its digest
+        chosen.append(image)
         missing = [d for d in content.blobs if engine.blobs.size(Digest.parse(d)) is None]
         if missing:
             report.missing.append(
@@ -119,6 +139,8 @@ async def export(
         report.exported.append(content)
     if (report.missing and not allow_missing) or not report.exported:
         return report
+    if referrers:
+        await _add_referrers(engine, report, chosen)
     held = await asyncio.to_thread(bundle_digests, since) if since is not None else set()
     manifests: dict[str, bytes] = {}
     blobs: dict[str, int] = {}
@@ -153,6 +175,36 @@ async def _held_content(engine: Engine, image: Image) -> ImageContent:
         return engine.blobs.size(Digest.parse(digest)) or 0
 
     return await _content(image.reference, top, held, size)
+
+
+def _refers(manifest: Manifest) -> bool:
+    """Is a manifest a referrer (it names a ``subject``)?"""
+    try:
+        document = json.loads(manifest.body)
+    except ValueError:
+        return False
+    return isinstance(document, dict) and isinstance(document.get("subject"), dict)
+
+
+async def _add_referrers(engine: Engine, report: ExportReport, chosen: list[Image]) -> None:
+    """The referrers of the exported images, as tagged images of their own (each whole, or
+    left out with a note)."""
+    taken = {content.reference for content in report.exported}
+    for image in [image for image in chosen if image.reference in taken]:
+        registry, repository = image.registry, image.repository
+        subject = Digest.parse(image.digest)
+        for tag, manifest in await held_referrers(engine.store, registry, repository, subject):
+            entry = Image(registry, repository, tag, manifest.digest, manifest.media_type, None)
+            if entry.reference in taken:
+                continue
+            taken.add(entry.reference)
+            content = await _held_content(engine, entry)
+            missing = [d for d in content.blobs if engine.blobs.size(Digest.parse(d)) is None]
+            if missing or content.absent_children:
+                what = f"blob {missing[0]}" if missing else content.absent_children[0]
+                report.notes.append(f"{entry.reference}: {what} is not held, left out")
+                continue
+            report.exported.append(content)
 
 
 class _Unusable(Exception):
@@ -531,6 +583,7 @@ async def _commit_usable(
             candidate.result.error = error
             continue
         await _commit(engine, candidate.name, content, now)
+        await _keep_referrers(engine, candidate.name, content.top)
         if pin:
             await engine.store.add_pins([content.reference])
         candidate.result.blobs = len(content.blobs)
@@ -717,6 +770,19 @@ async def _manifest(
     if body is not None:
         return Manifest(body, _media_type(body, media_type), digest)
     return await engine.store.get_manifest(name.registry, name.repository, digest)
+
+
+async def _keep_referrers(engine: Engine, name: ImageName, top: Manifest) -> None:
+    """A fallback tag ``sha256-<hex>`` imported: the referrers answer for that digest."""
+    subject = None if name.tag is None else subject_of_fallback_tag(name.tag)
+    if subject is None:
+        return
+    try:
+        body = index_of(descriptors_of(top.body))
+    except ValueError:
+        return  # not an index: not a referrers list
+    answer = Manifest(body, OCI_INDEX, str(Digest.of(body)))
+    await Referrers(engine.resolver).remember(name.registry, name.repository, subject, answer)
 
 
 def _tag_alone(name: str) -> bool:

@@ -141,6 +141,11 @@ def _seed_command(
     seed.add_argument(
         "--no-pin", action="store_true", help="let eviction remove them like any pulled image"
     )
+    seed.add_argument(
+        "--no-referrers",
+        action="store_true",
+        help="without their signatures, SBOMs and attestations (referrers, cosign's tags)",
+    )
 
 
 def _bundle_commands(commands: Any, store: argparse.ArgumentParser) -> None:
@@ -174,6 +179,11 @@ def _bundle_commands(commands: Any, store: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write the bundle without the images whose blobs are not on disk (evicted),"
         " listed at the end; without it such an export writes nothing and exits 1",
+    )
+    export.add_argument(
+        "--no-referrers",
+        action="store_true",
+        help="without the images' signatures, SBOMs and attestations (referrers, cosign's tags)",
     )
     load = commands.add_parser(
         "import",
@@ -382,6 +392,7 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
             platforms=args.platforms,
             jobs=args.jobs,
             pin=not args.no_pin,
+            referrers=not args.no_referrers,
         )
     )
 
@@ -413,7 +424,12 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     return asyncio.run(
         commands.export_bundle(
-            settings, args.output, patterns, since=args.since, allow_missing=args.allow_missing
+            settings,
+            args.output,
+            patterns,
+            since=args.since,
+            allow_missing=args.allow_missing,
+            referrers=not args.no_referrers,
         )
     )
 

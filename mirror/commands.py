@@ -105,6 +105,7 @@ async def seed_images(
     platforms: Sequence[str],
     jobs: int,
     pin: bool,
+    referrers: bool = True,
 ) -> int:
     configure("warning", settings.log_format)
     # The operator names these images: the bound on lookups of unknown names is for clients.
@@ -112,7 +113,13 @@ async def seed_images(
     display: _SeedDisplay = _SeedBars(len(references)) if sys.stderr.isatty() else _SeedLines()
     async with open_engine(settings) as engine:
         results = await seed(
-            engine, references, platforms=platforms, jobs=jobs, pin=pin, progress=display
+            engine,
+            references,
+            platforms=platforms,
+            jobs=jobs,
+            pin=pin,
+            referrers=referrers,
+            progress=display,
         )
     display.close()
     failed = [r for r in results if not r.ok]
@@ -133,6 +140,7 @@ def _seed_line(result: Seeded) -> str:
     return (
         f"{result.reference}  {result.digest}  {human_size(result.size)}"
         f"  fetched {human_size(result.fetched)}"
+        + (f"  {result.referrers} referrers" if result.referrers else "")
     )
 
 
@@ -231,6 +239,7 @@ async def export_bundle(
     *,
     since: Path | None,
     allow_missing: bool = False,
+    referrers: bool = True,
 ) -> int:
     if _no_data(settings):
         return 1
@@ -244,6 +253,7 @@ async def export_bundle(
                 patterns,
                 since=since,
                 allow_missing=allow_missing,
+                referrers=referrers,
                 total=total,
                 progress=done,
             )
@@ -286,6 +296,8 @@ def _print_export(report: bundle.ExportReport, output: Path, since: Path | None)
                 f"note {content.reference}: not held, not exported: "
                 + ", ".join(content.absent_children)
             )
+    for note in report.notes:
+        print(f"note {note}")
     delta = f", {report.held_before} left out (in {since})" if since is not None else ""
     print(
         f"wrote {output}: {len(report.exported)} images, {report.blobs} blobs"

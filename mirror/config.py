@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from mirror.cosign import load_public_key
 from mirror.pins import Pin
 from mirror.reference import DOCKER_HUB
 from mirror.rules import AccessRules
@@ -65,6 +66,16 @@ class AuthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True)
+class SignatureSettings:
+    """The signature policy: in ``repositories``, only images cosign-signed by one of
+    ``keys`` (PEM public key files) are served."""
+
+    keys: tuple[Path, ...]
+    repositories: tuple[Pin, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     listen_host: str = "0.0.0.0"  # a mirror serves a whole site by default
     listen_port: int = 5000
@@ -107,6 +118,7 @@ class Settings:
     send_timeout: float = 60.0
     # auto: uvloop when it is installed; uvloop or asyncio to choose.
     event_loop: str = "auto"
+    signatures: SignatureSettings | None = None
 
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
@@ -341,6 +353,26 @@ def _access_rules(value: Any) -> AccessRules:
     return AccessRules.parse(_items(value.get("allow") or ()), _items(value.get("deny") or ()))
 
 
+def _signatures(value: Any) -> SignatureSettings | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("expected {keys: [FILE ...], repositories: [PATTERN ...]}")
+    keys = {"keys", "repositories"}
+    unknown = sorted(set(value) - keys)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r}{_did_you_mean(unknown[0], keys)}")
+    files, patterns = value.get("keys"), value.get("repositories")
+    if not isinstance(files, list) or not files:
+        raise ValueError("keys: a list of one or more PEM public key files is required")
+    if not isinstance(patterns, list) or not patterns:
+        raise ValueError("repositories: a list of one or more patterns is required")
+    paths = tuple(Path(str(file)) for file in files)
+    for path in paths:
+        load_public_key(path)  # refused now, with the reason, rather than at the first pull
+    return SignatureSettings(paths, _pins(patterns))
+
+
 def _upstream_settings(
     registry: str, url: str, username: str | None, password: str | None
 ) -> UpstreamSettings:
@@ -391,6 +423,7 @@ _KEYS: dict[str, _Key] = {
     "client_max_transfers": _Key(_positive_int),
     "send_timeout": _Key(_positive),
     "event_loop": _Key(_choice("auto", "uvloop", "asyncio")),
+    "signatures": _Key(_signatures, flag=False, env=False),
 }
 FLAG_KEYS = tuple(key for key, spec in _KEYS.items() if spec.flag)
 
@@ -527,6 +560,7 @@ def _build(values: Mapping[str, Any]) -> Settings:
         client_max_transfers=values.get("client_max_transfers", defaults.client_max_transfers),
         send_timeout=values.get("send_timeout", defaults.send_timeout),
         event_loop=values.get("event_loop", defaults.event_loop),
+        signatures=values.get("signatures"),
     )
 
 

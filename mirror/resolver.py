@@ -200,11 +200,18 @@ class Resolver:
                 return manifest
         return None
 
+    def fresh(self, record: TagRecord) -> bool:
+        """Is a tag record (or a kept referrers answer) inside its freshness window?"""
+        return self._clock() - record.checked_at < self._tag_ttl
+
+    def now(self) -> float:
+        return self._clock()
+
     async def _by_tag(
         self, client: Upstream, registry: str, repository: str, tag: str
     ) -> tuple[Manifest, Outcome]:
         record = await self.store.get_tag(registry, repository, tag)
-        if record is not None and self._clock() - record.checked_at < self._tag_ttl:
+        if record is not None and self.fresh(record):
             manifest = await self.store.get_manifest(registry, repository, record.digest)
             if manifest is not None:
                 return manifest, Outcome.HIT

@@ -11,8 +11,10 @@ from mirror.config import Settings
 from mirror.engine import Engine
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
+from mirror.referrers import Referrers
 from mirror.resolver import Resolver
 from mirror.routes.transfers import Transfers
+from mirror.signatures import SignaturePolicy
 from mirror.status import History
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -20,6 +22,10 @@ METRICS = web.AppKey("metrics", Metrics)
 ENGINE = web.AppKey("engine", Engine)
 # The engine's resolver, kept under its own key: the request path reads it on every request.
 RESOLVER = web.AppKey("resolver", Resolver)
+# The referrers API over the resolver (``mirror.referrers``).
+REFERRERS = web.AppKey("referrers", Referrers)
+# The signature policy (absent without ``signatures``).
+SIGNATURES = web.AppKey("signatures", SignaturePolicy)
 # Lines the request path logs for events a client or a broken part can repeat endlessly.
 LOG_THROTTLE = web.AppKey("log_throttle", LogThrottle)
 # Blob downloads under way: their send deadline, and what the server sheds when descriptors

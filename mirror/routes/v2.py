@@ -29,8 +29,9 @@ from mirror.errors import (
     Unsupported,
 )
 from mirror.fills import Fill, FillState
-from mirror.mediatypes import BLOB_TYPE, parse_accept, served_manifest_type
+from mirror.mediatypes import BLOB_TYPE, OCI_INDEX, parse_accept, served_manifest_type
 from mirror.reference import DOCKER_HUB, Digest, Reference, normalize_name
+from mirror.referrers import FILTERS_HEADER, filtered
 from mirror.resolver import CachedBlob
 from mirror.routes.access import screen, screen_resolved
 from mirror.routes.middleware import (
@@ -40,14 +41,16 @@ from mirror.routes.middleware import (
     NOSNIFF_HEADER,
     add_route,
 )
-from mirror.routes.state import EXCHANGE, RESOLVER, SETTINGS, TRANSFERS
+from mirror.routes.state import EXCHANGE, REFERRERS, RESOLVER, SETTINGS, SIGNATURES, TRANSFERS
 from mirror.routes.transfers import Transfer
 from mirror.rules import OPEN, Scope
 from mirror.store.protocols import Manifest
 
 log = structlog.get_logger(__name__)
 
-_PATH_RE = re.compile(r"(?P<name>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/list)")
+_PATH_RE = re.compile(
+    r"(?P<name>.+)/(?:(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)|tags/list)"
+)
 _UPLOADS_RE = re.compile(r".+/blobs/uploads(?:/.*)?")
 # At most 18 digits: more is beyond any blob, and int() refuses over 4,300 of them.
 _RANGE_RE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})")
@@ -92,6 +95,11 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     route, repository, reference = _parse_path(path, registry)
     exchange.route = route
     scope = request.app[SETTINGS].repositories.scope(registry, repository)
+    if route == "referrers":
+        assert isinstance(reference, Digest)
+        if scope is not OPEN:  # the subject is screened as a manifest pulled by digest
+            await screen(request, scope, registry, repository, Reference(digest=reference))
+        return await referrers(request, registry, repository, reference)
     if scope is not OPEN:  # rules that name this repository: the slow path
         scope = await screen(request, scope, registry, repository, reference)
     if isinstance(reference, Reference):
@@ -114,6 +122,8 @@ def _parse_path(path: str, registry: str) -> tuple[str, str, Reference | Digest 
         return "manifest", repository, Reference.parse(match["ref"])
     if kind == "blobs":
         return "blob", repository, Digest.parse(match["ref"])
+    if kind == "referrers":
+        return "referrers", repository, Digest.parse(match["ref"])
     return "tags", repository, None
 
 
@@ -130,6 +140,9 @@ async def manifest(
     if scope.deny:
         screen_resolved(scope, registry, repository, found.digest)
     request[EXCHANGE].cache = outcome.value
+    policy = request.app.get(SIGNATURES)
+    if policy is not None:
+        await policy.check(registry, repository, found, reference.tag)
     return _manifest_response(request, found)
 
 
@@ -490,6 +503,21 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if start >= size or start >= stop:
         raise RangeInvalid(headers={"Content-Range": f"bytes */{size}"})
     return start, stop
+
+
+async def referrers(
+    request: web.Request, registry: str, repository: str, digest: Digest
+) -> web.Response:
+    """The OCI 1.1 referrers API: always an image index, empty when nothing refers."""
+    answer, outcome = await request.app[REFERRERS].answer(registry, repository, digest)
+    request[EXCHANGE].cache = outcome.value
+    headers = {"Content-Type": OCI_INDEX, API_VERSION_HEADER: API_VERSION, NOSNIFF_HEADER: NOSNIFF}
+    artifact_type = request.query.get("artifactType") if request.query_string else None
+    if artifact_type is not None:
+        headers[FILTERS_HEADER] = "artifactType"
+    body = filtered(answer.body, artifact_type)
+    request[EXCHANGE].sent = 0 if request.method == "HEAD" else len(body)
+    return web.Response(body=body, headers=headers)
 
 
 async def tags(request: web.Request, registry: str, repository: str) -> web.Response:

@@ -48,7 +48,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from mirror.store.graph_redis import RedisGraph
-from mirror.store.protocols import Manifest, StoreUnavailable, TaggedRecord, TagRecord
+from mirror.store.protocols import (
+    Manifest,
+    StoreUnavailable,
+    TaggedRecord,
+    TagRecord,
+    is_tag,
+)
 
 __all__ = ["PREFIX", "RedisStore", "StoreUnavailable"]
 
@@ -172,6 +178,8 @@ class RedisStore:
                 if parsed is None:
                     continue
                 registry, repository, tag = parsed
+                if not is_tag(tag):
+                    continue
                 record = await self.get_tag(registry, repository, tag)
                 if record is not None:
                     found.append(TaggedRecord(registry, repository, tag, record))
