@@ -66,7 +66,6 @@ class AuthSettings:
 
 
 @dataclass(frozen=True, slots=True)
-@dataclass(frozen=True, slots=True)
 class SignatureSettings:
     """The signature policy: in ``repositories``, only images cosign-signed by one of
     ``keys`` (PEM public key files) are served."""
