@@ -6,7 +6,6 @@ Tests swap collaborators through ``overrides`` instead of patching modules.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -118,7 +117,7 @@ async def _watch_health(engine: Engine, interval: float = HEALTH_INTERVAL) -> No
     metrics, data_dir = engine.metrics, engine.settings.data_dir
     while True:
         try:
-            writable = await asyncio.to_thread(os.access, engine.blobs.root, os.W_OK)
+            writable = await engine.content.writable()
             metrics.ready.set(1 if writable else 0)
             metrics.store_degraded.set(1 if engine.store.degraded else 0)
             usage = await asyncio.to_thread(shutil.disk_usage, data_dir)

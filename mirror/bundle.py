@@ -60,7 +60,6 @@ from mirror.mediatypes import (
 )
 from mirror.pins import ImageName, Pin, split_image
 from mirror.reference import Digest, Reference, normalize_name, validate_registry, validate_tag
-from mirror.store.content import Content
 from mirror.store.protocols import Manifest, TagRecord
 from mirror.upstream.client import MAX_MANIFEST_SIZE
 
@@ -110,7 +109,7 @@ async def export(
     report = ExportReport()
     for image in await images(engine, patterns):
         content = await _held_content(engine, image)
-        missing = [d for d in content.blobs if engine.blobs.size(Digest.parse(d)) is None]
+        missing = [d for d in content.blobs if engine.content.present(Digest.parse(d)) is None]
         if missing:
             report.missing.append(
                 (image.reference, f"blob {missing[0]} is not on disk (evicted?)")
@@ -150,7 +149,7 @@ async def _held_content(engine: Engine, image: Image) -> ImageContent:
         return await engine.store.get_manifest(image.registry, image.repository, digest)
 
     def size(digest: str) -> int:
-        return engine.blobs.size(Digest.parse(digest)) or 0
+        return engine.content.present(Digest.parse(digest)) or 0
 
     return await _content(image.reference, top, held, size)
 
@@ -237,10 +236,15 @@ def _write_bundle(
             progress(len(body))
         for digest in blobs:
             parsed = Digest.parse(digest)
-            size = engine.blobs.size(parsed)
-            if size is None:
-                raise OSError(f"blob {digest} left the disk during the export")
-            writer.add_file(_member_name(digest), engine.blobs.path(parsed), size, progress)
+            size = engine.content.present(parsed)
+            try:
+                if size is None:
+                    raise FileNotFoundError(digest)
+                blob = engine.content.open(parsed)
+            except FileNotFoundError:
+                raise OSError(f"blob {digest} left the disk during the export") from None
+            with blob:
+                writer.add_file(_member_name(digest), blob, size, progress)
         digest = writer.close()
     except BaseException:
         writer.abort()
@@ -491,7 +495,7 @@ async def import_layout(
         if candidate.content is not None:
             needed.update(candidate.content.blobs)
     wanted = {
-        d: s for d, s in needed.items() if engine.blobs.size(Digest.parse(d)) is None
+        d: s for d, s in needed.items() if engine.content.present(Digest.parse(d)) is None
     }
     report.present = len(needed) - len(wanted)
     verify = await _held_elsewhere(engine, candidates, trust_held_blobs)
@@ -549,7 +553,7 @@ def _blobs_unusable(
     """Why an image cannot be committed: a blob missing, held for other repositories only
     and not carried, or not of the size declared."""
     for digest, declared in content.blobs.items():
-        size = engine.blobs.size(Digest.parse(digest))
+        size = engine.content.present(Digest.parse(digest))
         if size is None:
             why = failed.get(digest, "not in the bundle and not held by the mirror")
             return f"blob {digest}: {why}"
@@ -574,7 +578,7 @@ async def _held_elsewhere(
         if content is None or name is None:
             continue
         for digest in content.blobs:
-            if engine.blobs.size(Digest.parse(digest)) is None:
+            if engine.content.present(Digest.parse(digest)) is None:
                 continue  # not held: the bundle carries it, or the image fails
             if digest not in holders:
                 holders[digest] = await engine.store.graph.holders(digest)
@@ -608,10 +612,9 @@ async def _room(
     if not pin or settings.max_cache_size is None:
         return
     pinned = await engine.evictor.pinned()
-    held = {d: s for d, s in pinned.items() if engine.blobs.size(Digest.parse(d)) is not None}
-    sizes = {
-        d: engine.blobs.size(Digest.parse(d)) or plan.members.get(d, s) for d, s in needed.items()
-    }
+    present = engine.content.present
+    held = {d: s for d, s in pinned.items() if present(Digest.parse(d)) is not None}
+    sizes = {d: present(Digest.parse(d)) or plan.members.get(d, s) for d, s in needed.items()}
     added = sum(s for d, s in sizes.items() if d not in held)
     after = sum(held.values()) + added
     # Pins over the budget already (the log says so) do not stop an import that adds none.
@@ -685,7 +688,7 @@ async def _walk_image(walk: _Walk, name: ImageName, entry: Entry) -> ImageConten
         raise _Unusable(f"manifest {entry.digest}: not in the bundle and not held by the mirror")
 
     def size(digest: str) -> int:
-        held = walk.engine.blobs.size(Digest.parse(digest))
+        held = walk.engine.content.present(Digest.parse(digest))
         return walk.plan.members.get(digest, held or 0)
 
     return await _content(str(name), top, find, size)
@@ -791,7 +794,7 @@ def _copy_blobs(
             if not hash_matches(member, digest, progress):
                 failed[str(digest)] = "corrupt in the bundle (its bytes do not match it)"
             continue
-        if engine.blobs.size(digest) is not None:
+        if engine.content.present(digest) is not None:
             continue  # another writer (a fill, a parallel import) brought it meanwhile
         expected = wanted[str(digest)]
         if expected and member.size != expected:
@@ -819,18 +822,18 @@ def _land(
 ) -> bool | None:
     """One blob copied in under its writer lease: whether it matched its digest, or None
     when a fill brought it while the lease was awaited."""
-    lease = run(writer_lease(engine.coordinator, engine.blobs, digest))
+    lease = run(writer_lease(engine.coordinator, engine.content, digest))
     if lease is None:
         return None
     try:
-        partial = engine.blobs.new_partial(digest)
-        run(lease.publish({"partial": partial.path.name, "size": member.size}))
+        partial = engine.content.new_partial(digest)
+        run(lease.publish({"partial": partial.name, "size": member.size}))
         try:
             if not copy_verified(member, digest, partial.fd, progress):
                 partial.discard()
                 return False
             partial.written = member.size
-            partial.commit()
+            run(engine.content.land(partial, digest))
             return True
         except BaseException:
             partial.discard()
@@ -842,11 +845,10 @@ def _land(
 async def _commit(engine: Engine, name: ImageName, content: ImageContent, now: float) -> None:
     """Make an image whose blobs are all on disk known: manifests, tag, graph."""
     store, graph = engine.store, engine.store.graph
-    landed = Content(engine.blobs, graph)
     for digest in content.blobs:
-        size = engine.blobs.size(Digest.parse(digest))
+        size = engine.content.present(Digest.parse(digest))
         if size is not None:
-            await landed.landed(Digest.parse(digest), size, now)
+            await engine.content.landed(Digest.parse(digest), size, now)
     for manifest in content.manifests.values():
         await store.put_manifest(name.registry, name.repository, manifest)
         await graph.add_manifest(

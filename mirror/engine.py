@@ -76,6 +76,7 @@ class Engine:
     metrics: Metrics
     store: CachedStore
     blobs: BlobStore
+    content: Content  # blobs in and out, and their records: the only way to them
     coordinator: Coordinator
     fills: Fills
     upstreams: Mapping[str, Upstream]
@@ -126,9 +127,10 @@ async def open_engine(
             settings.pins,
         )
         pulls = PullRecorder(store.graph, clock=clock)
+        content = Content(blobs, store.graph, clock)
         evictor = Evictor(
             store=store,
-            blobs=blobs,
+            content=content,
             coordinator=coordinator,
             budget=budget,
             metrics=metrics,
@@ -138,17 +140,11 @@ async def open_engine(
             before_pass=pulls.flush,
         )
 
-        content = Content(blobs, store.graph, clock)
-
         async def stored(digest: Digest, size: int) -> None:
-            try:
-                await content.landed(digest, size)
-            except Exception as exc:  # the graph serves eviction and listing, not the pull
-                log.warning("graph_not_updated", digest=str(digest), error=str(exc))
             evictor.poke()
 
         fills = Fills(
-            blobs,
+            content,
             coordinator,
             stall_timeout=settings.read_timeout,
             on_change=metrics.fills_in_flight.set,
@@ -158,7 +154,7 @@ async def open_engine(
         stack.push_async_callback(fills.close)
         resolver = Resolver(
             store=store,
-            blobs=blobs,
+            content=content,
             fills=fills,
             upstreams=upstreams,
             coordinator=coordinator,
@@ -185,6 +181,7 @@ async def open_engine(
             metrics,
             store,
             blobs,
+            content,
             coordinator,
             fills,
             upstreams,

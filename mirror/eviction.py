@@ -38,7 +38,6 @@ from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
 from mirror.pins import Pin, pinned, with_stored
 from mirror.reference import Digest
-from mirror.store.blobs import BlobStore
 from mirror.store.content import Content
 from mirror.store.graph import BlobEntry
 from mirror.store.protocols import MetadataStore
@@ -77,7 +76,7 @@ class Evictor:
         self,
         *,
         store: MetadataStore,
-        blobs: BlobStore,
+        content: Content,
         coordinator: Coordinator,
         budget: Budget,
         metrics: Metrics,
@@ -88,7 +87,7 @@ class Evictor:
         reconciled: bool = False,
     ) -> None:
         self._store = store
-        self._content = Content(blobs, store.graph, clock)
+        self._content = content
         # Writes the pull times gathered so far (PullRecorder.flush): a pass must not take
         # a blob pulled a moment ago for an old one.
         self._before_pass = before_pass

@@ -121,7 +121,7 @@ async def _row(engine: Engine, image: Image, pins: Sequence[Pin]) -> ImageRow:
         if digest == image.digest and refs.blobs and refs.blobs[0].media_type.endswith("json"):
             config = refs.blobs[0].digest  # an image config (schema 1 has none)
     present = await asyncio.to_thread(
-        lambda: sum(engine.blobs.size(Digest.parse(d)) is not None for d in blobs)
+        lambda: sum(engine.content.present(Digest.parse(d)) is not None for d in blobs)
     )
     if config is not None:
         platform = await asyncio.to_thread(_platform_of, engine, config)
@@ -153,7 +153,7 @@ def image_size(blobs: Mapping[str, int | None]) -> int:
 def _platform_of(engine: Engine, config: str) -> str | None:
     """The platform an image's config names, when the config is on disk."""
     try:
-        with engine.blobs.path(Digest.parse(config)).open("rb") as file:
+        with engine.content.open(Digest.parse(config)) as file:
             body = file.read(MAX_CONFIG_READ + 1)
     except OSError:
         return None

@@ -177,7 +177,7 @@ class _Seeder:
     async def _blob(self, name: ImageName, digest: str, size: int, seeded: Seeded) -> None:
         parsed = Digest.parse(digest)
         async with self._transfers:
-            if self._engine.blobs.size(parsed) is not None:
+            if self._engine.content.present(parsed) is not None:
                 self._progress.bytes_done(seeded, size)
                 return
             got = await self._resolver.blob(name.registry, name.repository, parsed)
