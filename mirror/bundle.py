@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mirror.closure import closure, closure_of
 from mirror.engine import Engine
 from mirror.errors import RegistryError
 from mirror.fills import writer_lease
@@ -50,7 +51,7 @@ from mirror.layout import (
     members,
     read_all,
 )
-from mirror.manifests import ManifestParseError, References, parse
+from mirror.manifests import Descriptor, ManifestParseError, References, parse
 from mirror.mediatypes import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -166,22 +167,17 @@ async def _content(
 ) -> ImageContent:
     """Everything an image needs, walked from its top manifest: the child manifests that
     ``lookup`` finds (the others are noted as absent) and every blob with its size."""
-    content = ImageContent(reference, top)
-    pending = [top]
-    while pending:
-        manifest = pending.pop()
-        content.manifests[manifest.digest] = manifest
-        refs = _references(manifest)
-        for child in refs.children:
-            found = await lookup(child.digest, child.media_type, child.size)
-            if found is None:
-                content.absent_children.append(child.platform or child.digest)
-            elif found.digest not in content.manifests:
-                pending.append(found)
-        for blob in refs.blobs:
-            content.blobs[blob.digest] = blob.size if blob.size is not None else blob_size(
-                blob.digest
-            )
+
+    async def find(child: Descriptor) -> Manifest | None:
+        return await lookup(child.digest, child.media_type, child.size)
+
+    walked = await closure(top, find)
+    content = ImageContent(reference, top, walked.manifests)
+    content.absent_children = [child.platform or child.digest for child in walked.absent]
+    content.blobs = {
+        digest: size if size is not None else blob_size(digest)
+        for digest, size in walked.blobs.items()
+    }
     return content
 
 
@@ -269,17 +265,19 @@ def bundle_digests(path: Path) -> set[tuple[str, str]]:
             repository = _repository(entry.name or "")
         except (ValueError, RegistryError):
             continue
-        pending = [entry.digest]
-        while pending:
-            digest = pending.pop()
-            held.add((repository, digest))
-            body = plan.manifests.get(digest)
-            if body is None:
-                continue
-            refs = _references(Manifest(body, _media_type(body, ""), digest))
-            pending += [c.digest for c in refs.children if (repository, c.digest) not in held]
-            held.update((repository, b.digest) for b in refs.blobs)
+        top = _planned(plan, entry.digest)
+        if top is None:
+            held.add((repository, entry.digest))
+            continue
+        walked = closure_of(top, lambda child: _planned(plan, child.digest))
+        needed = [*walked.manifests, *walked.blobs, *(child.digest for child in walked.absent)]
+        held.update((repository, digest) for digest in needed)
     return held
+
+
+def _planned(plan: _Plan, digest: str) -> Manifest | None:
+    body = plan.manifests.get(digest)
+    return None if body is None else Manifest(body, _media_type(body, ""), digest)
 
 
 def _repository(reference: str) -> str:
