@@ -1,5 +1,6 @@
 """What an image needs: its manifests and blobs, through an index's children. The one walk
-of an image, for ``ls``, ``seed``, ``export`` and ``import``.
+of an image, for ``ls``, ``seed``, ``export``, ``import``, pins (eviction), pull times and
+the blobs an access rule covers.
 
 The walk itself does no I/O: it asks for each child manifest it reaches and is handed the
 manifest (or None: not held, not in the bundle). :func:`closure` asks with an awaitable
@@ -13,7 +14,7 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 
 from mirror.manifests import Descriptor, ManifestParseError, References, parse
-from mirror.store.protocols import Manifest
+from mirror.store.protocols import Manifest, MetadataStore
 
 Lookup = Callable[[Descriptor], Awaitable[Manifest | None]]
 
@@ -93,3 +94,19 @@ def _references(manifest: Manifest, walked: Closure) -> References:
     except ManifestParseError as exc:
         walked.unreadable[manifest.digest] = exc
         return References(manifest.media_type)
+
+
+async def blobs_needed(
+    store: MetadataStore, registry: str, repository: str, digest: str
+) -> dict[str, int]:
+    """Every blob a manifest the store holds needs, through an index's children: digest ->
+    the size declared (0 where none is). For pins, pull times and the blobs a rule covers."""
+    top = await store.get_manifest(registry, repository, digest)
+    if top is None:
+        return {}
+
+    async def held(child: Descriptor) -> Manifest | None:
+        return await store.get_manifest(registry, repository, child.digest)
+
+    walked = await closure(top, held)
+    return {blob: size or 0 for blob, size in walked.blobs.items()}

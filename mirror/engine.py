@@ -126,7 +126,7 @@ async def open_engine(
             settings.evict_unused_after,
             settings.pins,
         )
-        pulls = PullRecorder(store.graph, clock=clock)
+        pulls = PullRecorder(store, clock=clock)
         content = Content(blobs, store.graph, clock)
         evictor = Evictor(
             store=store,

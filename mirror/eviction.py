@@ -33,6 +33,7 @@ from pathlib import Path
 
 import structlog
 
+from mirror.closure import blobs_needed
 from mirror.coordination import Coordinator
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
@@ -229,20 +230,21 @@ class Evictor:
 
     async def pinned(self) -> dict[str, int]:
         """Every blob a pinned image needs, with its size: what eviction never removes."""
-        graph = self._store.graph
         pins = with_stored(self._budget.pins, await self._store.pins())
         self._pinning = bool(pins)
         needed: dict[str, int] = {}
+        store = self._store
         for pin in pins:
             name = pin.pattern
             if name.digest is not None:  # one manifest, named exactly
-                needed.update(await graph.blobs_of(name.registry, name.repository, name.digest))
+                needed.update(
+                    await blobs_needed(store, name.registry, name.repository, name.digest)
+                )
         by_tag = [pin for pin in pins if pin.pattern.digest is None]
         for tagged in await self._store.list_tags() if by_tag else []:
             if pinned(by_tag, tagged.registry, tagged.repository, tagged.tag):
-                needed.update(
-                    await graph.blobs_of(tagged.registry, tagged.repository, tagged.record.digest)
-                )
+                digest = tagged.record.digest
+                needed.update(await blobs_needed(store, tagged.registry, tagged.repository, digest))
         self._metrics.pinned_bytes.set(sum(needed.values()))
         return needed
 

@@ -16,8 +16,10 @@ from collections.abc import Callable
 
 import structlog
 
+from mirror.closure import blobs_needed
 from mirror.logs import LogThrottle
-from mirror.store.graph import ContentGraph, ImageKey, TagKey
+from mirror.store.graph import ImageKey, TagKey
+from mirror.store.protocols import MetadataStore
 
 log = structlog.get_logger(__name__)
 
@@ -27,12 +29,13 @@ FLUSH_INTERVAL = 10.0
 class PullRecorder:
     def __init__(
         self,
-        graph: ContentGraph,
+        store: MetadataStore,
         *,
         interval: float = FLUSH_INTERVAL,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._graph = graph
+        self._store = store
+        self._graph = store.graph
         self._interval = interval
         self._clock = clock
         self._blobs: dict[str, float] = {}
@@ -59,7 +62,7 @@ class PullRecorder:
         self._blobs, self._images, self._tags = {}, {}, Counter()
         try:
             for (registry, repository, digest), at in images.items():
-                for blob in await self._graph.blobs_of(registry, repository, digest):
+                for blob in await blobs_needed(self._store, registry, repository, digest):
                     blobs[blob] = max(blobs.get(blob, at), at)
             await self._graph.record_pulls(blobs, images, tags)
         except Exception as exc:  # the times are a hint for eviction; losing a batch is fine

@@ -124,7 +124,7 @@ class Resolver:
         self._negative_ttl = negative_ttl
         self._clock = clock
         self._manifest_flights: SingleFlight[tuple[Manifest, Outcome]] = SingleFlight()
-        self.pulls = pulls or PullRecorder(store.graph)
+        self.pulls = pulls or PullRecorder(store)
         self._graph_log = LogThrottle()
         # Ten seconds' worth at once, so one client's half is the five seconds' worth a
         # pull of several fresh images may need.

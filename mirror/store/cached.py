@@ -268,9 +268,6 @@ class _GuardedGraph:
     async def usage(self) -> Usage:
         return await self._store._guarded(self._inner.usage())
 
-    async def blobs_of(self, registry: str, repository: str, digest: str) -> dict[str, int]:
-        return await self._store._guarded(self._inner.blobs_of(registry, repository, digest))
-
     async def holders(self, blob: str) -> set[tuple[str, str]]:
         return await self._store._guarded(self._inner.holders(blob))
 
