@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import aiohttp
 import structlog
 
 from mirror.clients import PerClient
+from mirror.clock import Clock, as_clock
 from mirror.config import Settings, UpstreamSettings
 from mirror.coordination import (
     Coordinator,
@@ -65,7 +65,8 @@ class Overrides:
     """Collaborators a test (or an embedding program) provides instead of the defaults."""
 
     store: MetadataStore | None = None
-    clock: Callable[[], float] | None = None
+    # The clock, or a wall-time callable (intervals then measured by the system's).
+    clock: Clock | Callable[[], float] | None = None
     probe_interval: float = 5.0
     eviction_interval: float = INTERVAL
 
@@ -101,7 +102,7 @@ async def open_engine(
     """
     overrides = overrides or Overrides()
     metrics = metrics or Metrics()
-    clock = overrides.clock or time.time
+    clock = as_clock(overrides.clock)
     async with AsyncExitStack() as stack:
         blobs = await asyncio.to_thread(_open_blobs, settings, sweep=background)
         inner = overrides.store or await _open_store(settings)
@@ -110,15 +111,16 @@ async def open_engine(
             max_entries=settings.manifest_cache_size,
             max_bytes=settings.manifest_cache_bytes,
             tag_ttl=settings.tag_ttl,
+            clock=clock,
         )
         stack.push_async_callback(store.close)
         coordinator = await asyncio.to_thread(_coordinator, settings, inner)
         stack.push_async_callback(coordinator.close)
         if isinstance(coordinator, RedisCoordinator):  # one Redis: one verdict on its health
             coordinator.on_down, store.on_down = store.failed, coordinator.failed
-        errors = RecentErrors(settings.data_dir / "run", clock=clock)
+        errors = RecentErrors(settings.data_dir / "run", clock=clock.time)
         upstreams = await stack.enter_async_context(
-            _upstreams(settings, metrics, coordinator, overrides, errors)
+            _upstreams(settings, metrics, coordinator, overrides, errors, clock=clock)
         )
         budget = Budget(
             settings.max_cache_size,
@@ -126,8 +128,8 @@ async def open_engine(
             settings.evict_unused_after,
             settings.pins,
         )
-        pulls = PullRecorder(store, clock=clock)
-        content = Content(blobs, store.graph, clock)
+        pulls = PullRecorder(store, clock=clock.time)
+        content = Content(blobs, store.graph, clock.time)
         evictor = Evictor(
             store=store,
             content=content,
@@ -135,7 +137,7 @@ async def open_engine(
             budget=budget,
             metrics=metrics,
             data_dir=settings.data_dir,
-            clock=clock,
+            clock=clock.time,
             interval=overrides.eviction_interval,
             before_pass=pulls.flush,
         )
@@ -169,7 +171,7 @@ async def open_engine(
                 miss_rate=settings.client_miss_limit,
             ),
             pulls=pulls,
-            clock=clock,
+            clock=clock.time,
         )
         if background:
             pulls.start()
@@ -199,6 +201,8 @@ async def _upstreams(
     coordinator: Coordinator,
     overrides: Overrides,
     errors: RecentErrors,
+    *,
+    clock: Clock,
 ) -> AsyncIterator[dict[str, Upstream]]:
     """One client per upstream registry, sharing one HTTP session; or, offline, the
     client that never connects anywhere."""
@@ -217,13 +221,18 @@ async def _upstreams(
                 name,
                 upstream.url,
                 session,
-                TokenAuth(session, username=upstream.username, password=upstream.password),
+                TokenAuth(
+                    session, username=upstream.username, password=upstream.password, clock=clock
+                ),
                 metrics=metrics,
-                ratelimit=RateLimit(reserve=settings.ratelimit_reserve, shared=shared),
+                ratelimit=RateLimit(
+                    reserve=settings.ratelimit_reserve, shared=shared, clock=clock.time
+                ),
                 probe_interval=overrides.probe_interval,
                 shared=shared,
                 request_timeout=settings.request_timeout,
                 on_error=errors.add,
+                clock=clock,
             )
             stack.push_async_callback(client.close)
             upstreams[name] = client

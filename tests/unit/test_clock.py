@@ -1,0 +1,51 @@
+"""The engine's clock reaches what measures time: a test moves it instead of sleeping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mirror.store.cached import CachedStore
+from mirror.store.embedded import EmbeddedStore
+from mirror.store.protocols import TagRecord
+
+HUB = "docker.io"
+OCI = "application/vnd.oci.image.manifest.v1+json"
+OLD, NEW = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+
+
+@dataclass
+class MovingClock:
+    now: float = 1_000_000.0
+    since_start: float = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.since_start
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.since_start += seconds
+
+
+async def test_a_remembered_tag_is_read_again_once_the_clock_leaves_its_window(
+    tmp_path: Path,
+) -> None:
+    clock = MovingClock()
+    inner = await EmbeddedStore.open(tmp_path)
+    store = CachedStore(inner, max_entries=10, tag_ttl=300, clock=clock)
+    try:
+        await store.put_tag(HUB, "library/app", "latest", TagRecord(OLD, OCI, clock.time()))
+        # Another replica confirms a new digest in the shared store.
+        await inner.put_tag(HUB, "library/app", "latest", TagRecord(NEW, OCI, clock.time()))
+        remembered = await store.get_tag(HUB, "library/app", "latest")
+        assert remembered is not None
+        assert remembered.digest == OLD
+        clock.advance(301)
+        current = await store.get_tag(HUB, "library/app", "latest")
+        assert current is not None
+        assert current.digest == NEW
+    finally:
+        await store.close()
