@@ -74,10 +74,8 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
             metrics = app[METRICS]
             app[STARTED] = started_at(settings.data_dir / "run", time.time())
             app[HISTORY] = History(lambda: totals(metrics.render(), time.time()), app[STARTED])
-            watchers = [
-                asyncio.create_task(app[HISTORY].run()),
-                asyncio.create_task(_watch_health(engine)),
-            ]
+            engine.background.start("status_history", app[HISTORY].run())
+            engine.background.start("health_gauges", _watch_health(engine))
             log.info(
                 "mirror_started",
                 listen=_address(settings.listen_host, settings.listen_port),
@@ -88,9 +86,6 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
             try:
                 yield
             finally:
-                for task in watchers:
-                    task.cancel()
-                await asyncio.gather(*watchers, return_exceptions=True)
                 metrics.flush()
 
     return lifecycle

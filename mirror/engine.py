@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 
+from mirror.background import Background
 from mirror.clients import PerClient
 from mirror.clock import Clock, as_clock
 from mirror.config import Settings, UpstreamSettings
@@ -85,6 +86,7 @@ class Engine:
     pulls: PullRecorder
     evictor: Evictor
     errors: RecentErrors
+    background: Background  # every task besides answering: started there, stopped together
 
 
 @asynccontextmanager
@@ -173,11 +175,13 @@ async def open_engine(
             pulls=pulls,
             clock=clock.time,
         )
+        tasks = Background()
         if background:
-            pulls.start()
-            stack.push_async_callback(pulls.close)
-            evictor.start()
-            stack.push_async_callback(evictor.close)
+            stack.push_async_callback(pulls.flush)  # the last times, once the flusher stopped
+            tasks.start("pull_times", pulls.flush_forever())
+            tasks.start("evictor", evictor.run_forever(), stopping=evictor.stop)
+        # Every background task (the app's too) stops here, before anything it uses closes.
+        stack.push_async_callback(tasks.stop)
         yield Engine(
             settings,
             metrics,
@@ -191,6 +195,7 @@ async def open_engine(
             pulls,
             evictor,
             errors,
+            tasks,
         )
 
 

@@ -103,14 +103,10 @@ class Evictor:
         self._reconciled = reconciled
         self._closed = False
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._throttle = LogThrottle()
         self._pinning = False  # did the last pass find any pin?
         if budget.max_bytes is not None:
             metrics.cache_budget.set(budget.max_bytes)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run_forever())
 
     def poke(self) -> None:
         """Something landed on disk: look again now rather than at the next interval."""
@@ -125,16 +121,14 @@ class Evictor:
         except Exception as exc:  # the writer's work is done; the next pass tries again
             log.warning("eviction_failed", error=str(exc))
 
-    async def close(self) -> None:
+    def stop(self) -> None:
+        """No pass after the one under way (the engine cancels that one)."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
-    async def _run_forever(self) -> None:
+    async def run_forever(self) -> None:
+        """Passes at the interval, or when poked, until stopped (the engine's background)."""
         # asyncio.timeout rather than wait_for: wait_for can swallow the cancellation that
-        # close() sends when the wake-up lands at the same moment, and then never ends.
+        # the engine sends when the wake-up lands at the same moment, and then never ends.
         while not self._closed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):

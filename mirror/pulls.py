@@ -9,7 +9,6 @@ already holds the layers pulls only the manifest, and its image is still in use.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -41,7 +40,6 @@ class PullRecorder:
         self._blobs: dict[str, float] = {}
         self._images: dict[ImageKey, float] = {}
         self._tags: Counter[TagKey] = Counter()
-        self._task: asyncio.Task[None] | None = None
         self._throttle = LogThrottle()
 
     def blob(self, digest: str) -> None:
@@ -51,9 +49,6 @@ class PullRecorder:
         self._images[(registry, repository, digest)] = self._clock()
         if tag is not None:
             self._tags[(registry, repository, tag)] += 1
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._flush_forever())
 
     async def flush(self) -> None:
         blobs, images, tags = self._blobs, self._images, self._tags
@@ -70,14 +65,9 @@ class PullRecorder:
             if suppressed is not None:
                 log.warning("pull_times_not_recorded", error=str(exc), suppressed=suppressed)
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.flush()
-
-    async def _flush_forever(self) -> None:
+    async def flush_forever(self) -> None:
+        """Write the pull times every interval (the engine's background; it flushes once
+        more after stopping this)."""
         while True:
             await asyncio.sleep(self._interval)
             await self.flush()
