@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from mirror.store.cached import CachedStore
 from mirror.store.embedded import EmbeddedStore
 from mirror.store.protocols import TagRecord
+from tests.support.mirror import MovingClock
 
 HUB = "docker.io"
 OCI = "application/vnd.oci.image.manifest.v1+json"
 OLD, NEW = "sha256:" + "1" * 64, "sha256:" + "2" * 64
-
-
-@dataclass
-class MovingClock:
-    now: float = 1_000_000.0
-    since_start: float = 0.0
-
-    def time(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.since_start
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        self.since_start += seconds
 
 
 async def test_a_remembered_tag_is_read_again_once_the_clock_leaves_its_window(
