@@ -107,7 +107,7 @@ async def measure(data: Path) -> list[tuple[str, str]]:
         budget = usage.bytes - 1  # just over: the pass frees down to LOW_WATER of it
         evictor = Evictor(
             store=engine.store,
-            blobs=engine.blobs,
+            content=engine.content,
             coordinator=engine.coordinator,
             budget=Budget(max_bytes=budget),
             metrics=engine.metrics,

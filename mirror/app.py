@@ -6,7 +6,6 @@ Tests swap collaborators through ``overrides`` instead of patching modules.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -88,10 +87,8 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
             metrics = app[METRICS]
             app[STARTED] = started_at(settings.data_dir / "run", time.time())
             app[HISTORY] = History(lambda: totals(metrics.render(), time.time()), app[STARTED])
-            watchers = [
-                asyncio.create_task(app[HISTORY].run()),
-                asyncio.create_task(_watch_health(engine)),
-            ]
+            engine.background.start("status_history", app[HISTORY].run())
+            engine.background.start("health_gauges", _watch_health(engine))
             log.info(
                 "mirror_started",
                 listen=_address(settings.listen_host, settings.listen_port),
@@ -102,9 +99,6 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
             try:
                 yield
             finally:
-                for task in watchers:
-                    task.cancel()
-                await asyncio.gather(*watchers, return_exceptions=True)
                 metrics.flush()
 
     return lifecycle
@@ -131,7 +125,7 @@ async def _watch_health(engine: Engine, interval: float = HEALTH_INTERVAL) -> No
     metrics, data_dir = engine.metrics, engine.settings.data_dir
     while True:
         try:
-            writable = await asyncio.to_thread(os.access, engine.blobs.root, os.W_OK)
+            writable = await engine.content.writable()
             metrics.ready.set(1 if writable else 0)
             metrics.store_degraded.set(1 if engine.store.degraded else 0)
             usage = await asyncio.to_thread(shutil.disk_usage, data_dir)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mirror.closure import closure, closure_of
 from mirror.engine import Engine
 from mirror.errors import RegistryError
 from mirror.fills import writer_lease
@@ -54,7 +55,7 @@ from mirror.layout import (
     members,
     read_all,
 )
-from mirror.manifests import ManifestParseError, References, parse
+from mirror.manifests import Descriptor, ManifestParseError, References, parse
 from mirror.mediatypes import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -72,7 +73,6 @@ from mirror.referrers import (
     is_referrers_tag,
     subject_of_fallback_tag,
 )
-from mirror.store.content import Content
 from mirror.store.protocols import Manifest, TagRecord
 from mirror.upstream.client import MAX_MANIFEST_SIZE
 
@@ -130,7 +130,7 @@ async def export(
         if not referrers and _refers(content.top):
             continue  # a referrer that seed pinned by its digest
         chosen.append(image)
-        missing = [d for d in content.blobs if engine.blobs.size(Digest.parse(d)) is None]
+        missing = [d for d in content.blobs if engine.content.present(Digest.parse(d)) is None]
         if missing:
             report.missing.append(
                 (image.reference, f"blob {missing[0]} is not on disk (evicted?)")
@@ -172,7 +172,7 @@ async def _held_content(engine: Engine, image: Image) -> ImageContent:
         return await engine.store.get_manifest(image.registry, image.repository, digest)
 
     def size(digest: str) -> int:
-        return engine.blobs.size(Digest.parse(digest)) or 0
+        return engine.content.present(Digest.parse(digest)) or 0
 
     return await _content(image.reference, top, held, size)
 
@@ -199,7 +199,7 @@ async def _add_referrers(engine: Engine, report: ExportReport, chosen: list[Imag
                 continue
             taken.add(entry.reference)
             content = await _held_content(engine, entry)
-            missing = [d for d in content.blobs if engine.blobs.size(Digest.parse(d)) is None]
+            missing = [d for d in content.blobs if engine.content.present(Digest.parse(d)) is None]
             if missing or content.absent_children:
                 what = f"blob {missing[0]}" if missing else content.absent_children[0]
                 report.notes.append(f"{entry.reference}: {what} is not held, left out")
@@ -219,22 +219,17 @@ async def _content(
 ) -> ImageContent:
     """Everything an image needs, walked from its top manifest: the child manifests that
     ``lookup`` finds (the others are noted as absent) and every blob with its size."""
-    content = ImageContent(reference, top)
-    pending = [top]
-    while pending:
-        manifest = pending.pop()
-        content.manifests[manifest.digest] = manifest
-        refs = _references(manifest)
-        for child in refs.children:
-            found = await lookup(child.digest, child.media_type, child.size)
-            if found is None:
-                content.absent_children.append(child.platform or child.digest)
-            elif found.digest not in content.manifests:
-                pending.append(found)
-        for blob in refs.blobs:
-            content.blobs[blob.digest] = blob.size if blob.size is not None else blob_size(
-                blob.digest
-            )
+
+    async def find(child: Descriptor) -> Manifest | None:
+        return await lookup(child.digest, child.media_type, child.size)
+
+    walked = await closure(top, find)
+    content = ImageContent(reference, top, walked.manifests)
+    content.absent_children = [child.platform or child.digest for child in walked.absent]
+    content.blobs = {
+        digest: size if size is not None else blob_size(digest)
+        for digest, size in walked.blobs.items()
+    }
     return content
 
 
@@ -289,10 +284,15 @@ def _write_bundle(
             progress(len(body))
         for digest in blobs:
             parsed = Digest.parse(digest)
-            size = engine.blobs.size(parsed)
-            if size is None:
-                raise OSError(f"blob {digest} left the disk during the export")
-            writer.add_file(_member_name(digest), engine.blobs.path(parsed), size, progress)
+            size = engine.content.present(parsed)
+            try:
+                if size is None:
+                    raise FileNotFoundError(digest)
+                blob = engine.content.open(parsed)
+            except FileNotFoundError:
+                raise OSError(f"blob {digest} left the disk during the export") from None
+            with blob:
+                writer.add_file(_member_name(digest), blob, size, progress)
         digest = writer.close()
     except BaseException:
         writer.abort()
@@ -317,17 +317,19 @@ def bundle_digests(path: Path) -> set[tuple[str, str]]:
             repository = _repository(entry.name or "")
         except (ValueError, RegistryError):
             continue
-        pending = [entry.digest]
-        while pending:
-            digest = pending.pop()
-            held.add((repository, digest))
-            body = plan.manifests.get(digest)
-            if body is None:
-                continue
-            refs = _references(Manifest(body, _media_type(body, ""), digest))
-            pending += [c.digest for c in refs.children if (repository, c.digest) not in held]
-            held.update((repository, b.digest) for b in refs.blobs)
+        top = _planned(plan, entry.digest)
+        if top is None:
+            held.add((repository, entry.digest))
+            continue
+        walked = closure_of(top, lambda child: _planned(plan, child.digest))
+        needed = [*walked.manifests, *walked.blobs, *(child.digest for child in walked.absent)]
+        held.update((repository, digest) for digest in needed)
     return held
+
+
+def _planned(plan: _Plan, digest: str) -> Manifest | None:
+    body = plan.manifests.get(digest)
+    return None if body is None else Manifest(body, _media_type(body, ""), digest)
 
 
 def _repository(reference: str) -> str:
@@ -543,7 +545,7 @@ async def import_layout(
         if candidate.content is not None:
             needed.update(candidate.content.blobs)
     wanted = {
-        d: s for d, s in needed.items() if engine.blobs.size(Digest.parse(d)) is None
+        d: s for d, s in needed.items() if engine.content.present(Digest.parse(d)) is None
     }
     report.present = len(needed) - len(wanted)
     verify = await _held_elsewhere(engine, candidates, trust_held_blobs)
@@ -602,7 +604,7 @@ def _blobs_unusable(
     """Why an image cannot be committed: a blob missing, held for other repositories only
     and not carried, or not of the size declared."""
     for digest, declared in content.blobs.items():
-        size = engine.blobs.size(Digest.parse(digest))
+        size = engine.content.present(Digest.parse(digest))
         if size is None:
             why = failed.get(digest, "not in the bundle and not held by the mirror")
             return f"blob {digest}: {why}"
@@ -627,7 +629,7 @@ async def _held_elsewhere(
         if content is None or name is None:
             continue
         for digest in content.blobs:
-            if engine.blobs.size(Digest.parse(digest)) is None:
+            if engine.content.present(Digest.parse(digest)) is None:
                 continue  # not held: the bundle carries it, or the image fails
             if digest not in holders:
                 holders[digest] = await engine.store.graph.holders(digest)
@@ -661,10 +663,9 @@ async def _room(
     if not pin or settings.max_cache_size is None:
         return
     pinned = await engine.evictor.pinned()
-    held = {d: s for d, s in pinned.items() if engine.blobs.size(Digest.parse(d)) is not None}
-    sizes = {
-        d: engine.blobs.size(Digest.parse(d)) or plan.members.get(d, s) for d, s in needed.items()
-    }
+    present = engine.content.present
+    held = {d: s for d, s in pinned.items() if present(Digest.parse(d)) is not None}
+    sizes = {d: present(Digest.parse(d)) or plan.members.get(d, s) for d, s in needed.items()}
     added = sum(s for d, s in sizes.items() if d not in held)
     after = sum(held.values()) + added
     # Pins over the budget already (the log says so) do not stop an import that adds none.
@@ -738,7 +739,7 @@ async def _walk_image(walk: _Walk, name: ImageName, entry: Entry) -> ImageConten
         raise _Unusable(f"manifest {entry.digest}: not in the bundle and not held by the mirror")
 
     def size(digest: str) -> int:
-        held = walk.engine.blobs.size(Digest.parse(digest))
+        held = walk.engine.content.present(Digest.parse(digest))
         return walk.plan.members.get(digest, held or 0)
 
     return await _content(str(name), top, find, size)
@@ -857,7 +858,7 @@ def _copy_blobs(
             if not hash_matches(member, digest, progress):
                 failed[str(digest)] = "corrupt in the bundle (its bytes do not match it)"
             continue
-        if engine.blobs.size(digest) is not None:
+        if engine.content.present(digest) is not None:
             continue  # another writer (a fill, a parallel import) brought it meanwhile
         expected = wanted[str(digest)]
         if expected and member.size != expected:
@@ -885,18 +886,18 @@ def _land(
 ) -> bool | None:
     """One blob copied in under its writer lease: whether it matched its digest, or None
     when a fill brought it while the lease was awaited."""
-    lease = run(writer_lease(engine.coordinator, engine.blobs, digest))
+    lease = run(writer_lease(engine.coordinator, engine.content, digest))
     if lease is None:
         return None
     try:
-        partial = engine.blobs.new_partial(digest)
-        run(lease.publish({"partial": partial.path.name, "size": member.size}))
+        partial = engine.content.new_partial(digest)
+        run(lease.publish({"partial": partial.name, "size": member.size}))
         try:
             if not copy_verified(member, digest, partial.fd, progress):
                 partial.discard()
                 return False
             partial.written = member.size
-            partial.commit()
+            run(engine.content.land(partial, digest))
             return True
         except BaseException:
             partial.discard()
@@ -908,11 +909,10 @@ def _land(
 async def _commit(engine: Engine, name: ImageName, content: ImageContent, now: float) -> None:
     """Make an image whose blobs are all on disk known: manifests, tag, graph."""
     store, graph = engine.store, engine.store.graph
-    landed = Content(engine.blobs, graph)
     for digest in content.blobs:
-        size = engine.blobs.size(Digest.parse(digest))
+        size = engine.content.present(Digest.parse(digest))
         if size is not None:
-            await landed.landed(Digest.parse(digest), size, now)
+            await engine.content.landed(Digest.parse(digest), size, now)
     for manifest in content.manifests.values():
         await store.put_manifest(name.registry, name.repository, manifest)
         await graph.add_manifest(

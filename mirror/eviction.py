@@ -33,12 +33,12 @@ from pathlib import Path
 
 import structlog
 
+from mirror.closure import blobs_needed
 from mirror.coordination import Coordinator
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
 from mirror.pins import Pin, pinned, with_stored
 from mirror.reference import Digest
-from mirror.store.blobs import BlobStore
 from mirror.store.content import Content
 from mirror.store.graph import BlobEntry
 from mirror.store.protocols import MetadataStore
@@ -77,7 +77,7 @@ class Evictor:
         self,
         *,
         store: MetadataStore,
-        blobs: BlobStore,
+        content: Content,
         coordinator: Coordinator,
         budget: Budget,
         metrics: Metrics,
@@ -88,7 +88,7 @@ class Evictor:
         reconciled: bool = False,
     ) -> None:
         self._store = store
-        self._content = Content(blobs, store.graph, clock)
+        self._content = content
         # Writes the pull times gathered so far (PullRecorder.flush): a pass must not take
         # a blob pulled a moment ago for an old one.
         self._before_pass = before_pass
@@ -103,14 +103,10 @@ class Evictor:
         self._reconciled = reconciled
         self._closed = False
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._throttle = LogThrottle()
         self._pinning = False  # did the last pass find any pin?
         if budget.max_bytes is not None:
             metrics.cache_budget.set(budget.max_bytes)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run_forever())
 
     def poke(self) -> None:
         """Something landed on disk: look again now rather than at the next interval."""
@@ -125,16 +121,14 @@ class Evictor:
         except Exception as exc:  # the writer's work is done; the next pass tries again
             log.warning("eviction_failed", error=str(exc))
 
-    async def close(self) -> None:
+    def stop(self) -> None:
+        """No pass after the one under way (the engine cancels that one)."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
-    async def _run_forever(self) -> None:
+    async def run_forever(self) -> None:
+        """Passes at the interval, or when poked, until stopped (the engine's background)."""
         # asyncio.timeout rather than wait_for: wait_for can swallow the cancellation that
-        # close() sends when the wake-up lands at the same moment, and then never ends.
+        # the engine sends when the wake-up lands at the same moment, and then never ends.
         while not self._closed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):
@@ -230,20 +224,21 @@ class Evictor:
 
     async def pinned(self) -> dict[str, int]:
         """Every blob a pinned image needs, with its size: what eviction never removes."""
-        graph = self._store.graph
         pins = with_stored(self._budget.pins, await self._store.pins())
         self._pinning = bool(pins)
         needed: dict[str, int] = {}
+        store = self._store
         for pin in pins:
             name = pin.pattern
             if name.digest is not None:  # one manifest, named exactly
-                needed.update(await graph.blobs_of(name.registry, name.repository, name.digest))
+                needed.update(
+                    await blobs_needed(store, name.registry, name.repository, name.digest)
+                )
         by_tag = [pin for pin in pins if pin.pattern.digest is None]
         for tagged in await self._store.list_tags() if by_tag else []:
             if pinned(by_tag, tagged.registry, tagged.repository, tagged.tag):
-                needed.update(
-                    await graph.blobs_of(tagged.registry, tagged.repository, tagged.record.digest)
-                )
+                digest = tagged.record.digest
+                needed.update(await blobs_needed(store, tagged.registry, tagged.repository, digest))
         self._metrics.pinned_bytes.set(sum(needed.values()))
         return needed
 

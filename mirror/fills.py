@@ -17,7 +17,6 @@ hands over (``FillHandover``) and the caller starts again, taking the lease itse
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import os
 import time
@@ -32,7 +31,8 @@ from mirror.coordination import Coordinator, Lease
 from mirror.errors import IntegrityError, RegistryError, UpstreamError
 from mirror.logs import LogThrottle
 from mirror.reference import Digest
-from mirror.store.blobs import BlobStore, Partial
+from mirror.store.content import Content
+from mirror.store.storage import BlobWriter
 from mirror.upstream.protocol import Upstream
 
 log = structlog.get_logger(__name__)
@@ -50,15 +50,17 @@ def blob_lease(digest: Digest) -> str:
     return f"blob:{digest}"
 
 
-async def writer_lease(coordinator: Coordinator, blobs: BlobStore, digest: Digest) -> Lease | None:
+async def writer_lease(
+    coordinator: Coordinator, content: Content, digest: Digest
+) -> Lease | None:
     """The blob's writer lease, for a writer other than a fill (``import``): taken once
     whoever holds it is done; None when the blob is on disk by then. While it is held, a
     fill of the blob follows the writer, as it follows another process's fill, if the
     writer publishes its partial file and the size."""
-    while blobs.size(digest) is None:
+    while content.present(digest) is None:
         lease = await coordinator.acquire(blob_lease(digest))
         if lease is not None:
-            if blobs.size(digest) is None:
+            if content.present(digest) is None:
                 return lease
             await lease.release()
             break
@@ -147,7 +149,7 @@ class Fills:
 
     def __init__(
         self,
-        blobs: BlobStore,
+        content: Content,
         coordinator: Coordinator,
         *,
         stall_timeout: float = 60.0,
@@ -155,7 +157,7 @@ class Fills:
         on_stored: Callable[[Digest, int], Awaitable[None]] | None = None,
         keep: Callable[[int], bool] = lambda size: True,
     ) -> None:
-        self._blobs = blobs
+        self._content = content
         self._coordinator = coordinator
         self._stall_timeout = stall_timeout
         self._active: dict[Digest, Fill] = {}
@@ -165,7 +167,7 @@ class Fills:
         self._log_throttle = LogThrottle()
         # Told how many fills are in flight whenever that changes (a metrics gauge).
         self._on_change = on_change or (lambda count: None)
-        # Told of each blob that lands on disk (the content graph), after its readers are.
+        # Told of each blob that lands and stays (the evictor), after its readers are.
         self._on_stored = on_stored
         # Whether a blob of this size may stay on disk (no larger than the disk budget).
         self._keep = keep
@@ -179,7 +181,7 @@ class Fills:
         """
         fill = self._active.get(digest)
         if fill is None:
-            if self._blobs.size(digest) is not None:
+            if self._content.present(digest) is not None:
                 return None
             fill = Fill(digest)
             self._active[digest] = fill
@@ -197,7 +199,7 @@ class Fills:
             self._done(fill)
             fill._finish(_as_registry_error(exc))
             raise
-        if lease is not None and self._blobs.size(fill.digest) is not None:
+        if lease is not None and self._content.present(fill.digest) is not None:
             await lease.release()  # finished elsewhere while we asked: read the blob
             lease = None
         if lease is not None:
@@ -236,14 +238,18 @@ class Fills:
         finally:
             await asyncio.shield(lease.release())
 
-    async def _landed(self, fill: Fill) -> None:
-        """The blob is at its final path, verified: whatever happens now, it did not fail."""
+    def _committed(self, fill: Fill) -> None:
+        """The blob is in place, verified: whatever happens now, it did not fail."""
         self._done(fill)
         fill._finish()
+
+    async def _landed(self, fill: Fill) -> None:
         if not self._keep(fill.written):
             # Larger than the whole budget: its readers finish from the open file,
             # and nothing stays behind.
-            await asyncio.to_thread(self._blobs.path(fill.digest).unlink, missing_ok=True)
+            found = await self._content.inspect(fill.digest)
+            if found is not None:
+                await self._content.remove(fill.digest, found)
             log.info("blob_not_kept", digest=str(fill.digest), size=fill.written)
         else:
             log.info("blob_stored", digest=str(fill.digest), size=fill.written)
@@ -255,18 +261,24 @@ class Fills:
     ) -> bool:
         """Fetch, verify and commit the blob: whether it landed. A failure is reported here,
         and ends the fill."""
-        partial: Partial | None = None
+        partial: BlobWriter | None = None
         try:
             async with client.open_blob(repository, fill.digest) as response:
-                partial = await asyncio.to_thread(self._blobs.new_partial, fill.digest)
-                fd = os.open(partial.path, os.O_RDONLY | os.O_CLOEXEC)
-                fill._started(fd, response.size)
-                await lease.publish({"partial": partial.path.name, "size": response.size})
+                partial = await asyncio.to_thread(self._content.new_partial, fill.digest)
+                fill._started(partial.open_reader(), response.size)
+                await lease.publish({"partial": partial.name, "size": response.size})
                 await _copy(fill, partial, response.content)
             fill.verified = True
-            await asyncio.to_thread(partial.commit)
+            await self._content.land(
+                partial,
+                fill.digest,
+                record=self._keep(fill.written),
+                committed=lambda: self._committed(fill),
+            )
             return True
         except BaseException as exc:
+            if fill.state is FillState.DONE:  # landed: only its record was cut short
+                raise
             error = _as_registry_error(exc)
             if partial is not None:
                 # Gone before any reader learns of the failure: nothing partial stays behind.
@@ -288,29 +300,28 @@ class Fills:
 
     async def _follow(self, fill: Fill, key: str) -> None:
         """Stream another process's fill from its partial file, by polling its size."""
-        final = self._blobs.path(fill.digest)
         progress_at = time.monotonic()
         try:
             while True:
-                if fill._fd is None and final.exists():
-                    fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
-                    fill._started(fd, os.fstat(fd).st_size)
+                if fill._fd is None:
+                    landed = self._content.open_landed(fill.digest)
+                    if landed is not None:
+                        fill._started(landed, os.fstat(landed).st_size)
                 holder = await self._coordinator.holder(key)
                 if fill._fd is None and holder and holder.get("partial"):
-                    with contextlib.suppress(FileNotFoundError):
-                        fd = os.open(
-                            final.with_name(str(holder["partial"])), os.O_RDONLY | os.O_CLOEXEC
-                        )
+                    fd = self._content.open_partial(fill.digest, str(holder["partial"]))
+                    if fd is not None:
                         fill._started(fd, holder.get("size"))
                 if fill._fd is not None:
                     written = os.fstat(fill._fd).st_size
                     if written > fill.written:
                         fill._progress(written)
                         progress_at = time.monotonic()
-                    if final.exists() and written == (fill.size or written):
+                    landed = self._content.present(fill.digest) is not None
+                    if landed and written == (fill.size or written):
                         fill.size = written
                         break
-                if holder is None and not final.exists():
+                if holder is None and self._content.present(fill.digest) is None:
                     raise FillHandover("the process filling this blob went away")
                 if time.monotonic() - progress_at > self._stall_timeout:
                     raise UpstreamError("the process filling this blob stalled")
@@ -324,7 +335,7 @@ class Fills:
                 raise
 
 
-async def _copy(fill: Fill, partial: Partial, content: aiohttp.StreamReader) -> None:
+async def _copy(fill: Fill, partial: BlobWriter, content: aiohttp.StreamReader) -> None:
     hasher = fill.digest.hasher()
 
     def write(batch: bytes) -> None:

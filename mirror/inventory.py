@@ -14,11 +14,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+from mirror.closure import closure
 from mirror.engine import Engine
-from mirror.manifests import ManifestParseError, config_platform, parse
+from mirror.manifests import Descriptor, config_platform
 from mirror.pins import Pin, pinned, with_stored
 from mirror.reference import Digest
 from mirror.referrers import count_held
+from mirror.store.protocols import Manifest
 
 # An image config is a few KiB; more is not read for its platform.
 MAX_CONFIG_READ = 1024 * 1024
@@ -105,26 +107,21 @@ async def _row(engine: Engine, image: Image, pins: Sequence[Pin]) -> ImageRow:
     platforms: list[str] = []
     missing = 0
     config: str | None = None  # of an image that is not an index: it names the platform
-    pending = [image.digest]
-    while pending:
-        digest = pending.pop()
-        manifest = await engine.store.get_manifest(registry, repository, digest)
-        if manifest is None:
-            missing += 1
-            continue
-        try:
-            refs = parse(manifest.body, manifest.media_type)
-        except ManifestParseError:
-            continue
-        for child in refs.children:
-            platforms.append(child.platform or "unknown")
-            pending.append(child.digest)
-        for blob in refs.blobs:
-            blobs.setdefault(blob.digest, blob.size)
-        if digest == image.digest and refs.blobs and refs.blobs[0].media_type.endswith("json"):
+    top = await engine.store.get_manifest(registry, repository, image.digest)
+    if top is None:
+        missing += 1
+    else:
+
+        async def held(child: Descriptor) -> Manifest | None:
+            return await engine.store.get_manifest(registry, repository, child.digest)
+
+        walked = await closure(top, held)
+        blobs, platforms, missing = walked.blobs, walked.platforms, len(walked.absent)
+        refs = walked.references[top.digest]
+        if refs.blobs and refs.blobs[0].media_type.endswith("json"):
             config = refs.blobs[0].digest  # an image config (schema 1 has none)
     present = await asyncio.to_thread(
-        lambda: sum(engine.blobs.size(Digest.parse(d)) is not None for d in blobs)
+        lambda: sum(engine.content.present(Digest.parse(d)) is not None for d in blobs)
     )
     if config is not None:
         platform = await asyncio.to_thread(_platform_of, engine, config)
@@ -157,7 +154,7 @@ def image_size(blobs: Mapping[str, int | None]) -> int:
 def _platform_of(engine: Engine, config: str) -> str | None:
     """The platform an image's config names, when the config is on disk."""
     try:
-        with engine.blobs.path(Digest.parse(config)).open("rb") as file:
+        with engine.content.open(Digest.parse(config)) as file:
             body = file.read(MAX_CONFIG_READ + 1)
     except OSError:
         return None

@@ -436,24 +436,25 @@ class TarWriter:
         self._write(data)
         self._pad(len(data))
 
-    def add_file(self, name: str, source: Path, size: int, progress: Callable[[int], None]) -> None:
-        """Copy a file of ``size`` bytes (it must not change meanwhile: blobs never do)."""
+    def add_file(
+        self, name: str, blob: BinaryIO, size: int, progress: Callable[[int], None]
+    ) -> None:
+        """Copy an open file of ``size`` bytes (it must not change meanwhile: blobs never do)."""
         self._write(self._info(name, size).tobuf(format=tarfile.PAX_FORMAT))
         left = size
-        with source.open("rb", buffering=0) as blob:
-            if self._compressor is None:
-                # The hashing thread reads the blob as the kernel copies it.
-                self._hash.update_from(blob.fileno(), 0, size)
-                copy_range(blob.fileno(), 0, self._file.fileno(), size, progress)
-                self._written += size
-                left = 0
-            while left > 0:
-                chunk = blob.read(min(CHUNK, left))
-                if not chunk:
-                    raise OSError(f"{source} is shorter than its {size} bytes")
-                self._write(chunk)
-                left -= len(chunk)
-                progress(len(chunk))
+        if self._compressor is None:
+            # The hashing thread reads the blob as the kernel copies it.
+            self._hash.update_from(blob.fileno(), 0, size)
+            copy_range(blob.fileno(), 0, self._file.fileno(), size, progress)
+            self._written += size
+            left = 0
+        while left > 0:
+            chunk = blob.read(min(CHUNK, left))
+            if not chunk:
+                raise OSError(f"{name} is shorter than its {size} bytes")
+            self._write(chunk)
+            left -= len(chunk)
+            progress(len(chunk))
         self._pad(size)
 
     def close(self) -> str:

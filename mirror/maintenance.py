@@ -18,7 +18,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mirror.engine import Engine
 from mirror.reference import Digest
@@ -42,10 +41,10 @@ class GcReport:
 async def gc(engine: Engine, *, dry_run: bool, now: float | None = None) -> GcReport:
     now = time.time() if now is None else now
     report = GcReport()
-    report.partials = await asyncio.to_thread(engine.blobs.sweep, dry_run=dry_run)
-    on_disk = await asyncio.to_thread(engine.blobs.on_disk)
+    report.partials = await engine.content.sweep(dry_run=dry_run)
+    on_disk = await engine.content.on_disk()
     settled = [digest for digest, (_, mtime) in on_disk.items() if now - mtime > GRACE]
-    content = _content(engine)
+    content = engine.content
     for name in sorted(await engine.store.graph.unreferenced(settled)):
         digest = Digest.parse(name)
         # Looked at again just before it goes: a copy landed since the listing is young.
@@ -77,11 +76,11 @@ async def verify(
     # The records first, the disk after: a blob landing meanwhile is then either on the
     # disk listed or not among the records read, never reported missing.
     recorded = {entry.digest for entry in await _all_present(engine)}
-    on_disk = await asyncio.to_thread(engine.blobs.on_disk)
+    on_disk = await engine.content.on_disk()
     corrupt_copies: dict[str, os.stat_result] = {}
     for done, (name, (size, _)) in enumerate(sorted(on_disk.items()), start=1):
         digest = Digest.parse(name)
-        hashed = await asyncio.to_thread(_hashes_to, engine.blobs.path(digest), digest)
+        hashed = await asyncio.to_thread(_hashes_to, engine.content, digest)
         if hashed is not None:
             sound, copy = hashed
             report.checked += 1
@@ -92,7 +91,7 @@ async def verify(
         progress(done, len(on_disk), report.bytes)
     report.missing = sorted(recorded - on_disk.keys())
     if repair:
-        content = _content(engine)
+        content = engine.content
         for name in report.corrupt:
             digest = Digest.parse(name)
             found = corrupt_copies.get(name)
@@ -101,10 +100,6 @@ async def verify(
         for name in report.missing:
             await content.gone(Digest.parse(name))  # recorded absent unless it is back
     return report
-
-
-def _content(engine: Engine) -> Content:
-    return Content(engine.blobs, engine.store.graph)
 
 
 async def _all_present(engine: Engine) -> list[BlobEntry]:
@@ -116,12 +111,12 @@ async def _all_present(engine: Engine) -> list[BlobEntry]:
     return entries
 
 
-def _hashes_to(path: Path, digest: Digest) -> tuple[bool, os.stat_result] | None:
+def _hashes_to(content: Content, digest: Digest) -> tuple[bool, os.stat_result] | None:
     """Whether the file's content has ``digest``, and the copy that was read (the one a
     repair may remove); None when it is gone (evicted meanwhile)."""
     hasher = hashlib.new(digest.algorithm)
     try:
-        with path.open("rb") as file:
+        with content.open(digest) as file:
             copy = os.fstat(file.fileno())
             while chunk := file.read(_READ):
                 hasher.update(chunk)

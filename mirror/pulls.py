@@ -9,15 +9,16 @@ already holds the layers pulls only the manifest, and its image is still in use.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
 
 import structlog
 
+from mirror.closure import blobs_needed
 from mirror.logs import LogThrottle
-from mirror.store.graph import ContentGraph, ImageKey, TagKey
+from mirror.store.graph import ImageKey, TagKey
+from mirror.store.protocols import MetadataStore
 
 log = structlog.get_logger(__name__)
 
@@ -27,18 +28,18 @@ FLUSH_INTERVAL = 10.0
 class PullRecorder:
     def __init__(
         self,
-        graph: ContentGraph,
+        store: MetadataStore,
         *,
         interval: float = FLUSH_INTERVAL,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._graph = graph
+        self._store = store
+        self._graph = store.graph
         self._interval = interval
         self._clock = clock
         self._blobs: dict[str, float] = {}
         self._images: dict[ImageKey, float] = {}
         self._tags: Counter[TagKey] = Counter()
-        self._task: asyncio.Task[None] | None = None
         self._throttle = LogThrottle()
 
     def blob(self, digest: str) -> None:
@@ -49,9 +50,6 @@ class PullRecorder:
         if tag is not None:
             self._tags[(registry, repository, tag)] += 1
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._flush_forever())
-
     async def flush(self) -> None:
         blobs, images, tags = self._blobs, self._images, self._tags
         if not blobs and not images:
@@ -59,7 +57,7 @@ class PullRecorder:
         self._blobs, self._images, self._tags = {}, {}, Counter()
         try:
             for (registry, repository, digest), at in images.items():
-                for blob in await self._graph.blobs_of(registry, repository, digest):
+                for blob in await blobs_needed(self._store, registry, repository, digest):
                     blobs[blob] = max(blobs.get(blob, at), at)
             await self._graph.record_pulls(blobs, images, tags)
         except Exception as exc:  # the times are a hint for eviction; losing a batch is fine
@@ -67,14 +65,9 @@ class PullRecorder:
             if suppressed is not None:
                 log.warning("pull_times_not_recorded", error=str(exc), suppressed=suppressed)
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.flush()
-
-    async def _flush_forever(self) -> None:
+    async def flush_forever(self) -> None:
+        """Write the pull times every interval (the engine's background; it flushes once
+        more after stopping this)."""
         while True:
             await asyncio.sleep(self._interval)
             await self.flush()

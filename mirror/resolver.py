@@ -23,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
+from typing import BinaryIO
 from urllib.parse import urlencode
 
 import structlog
@@ -49,8 +51,9 @@ from mirror.mediatypes import MANIFEST_TYPES, UNACCEPTED_OCI, accepts, upstream_
 from mirror.pulls import PullRecorder
 from mirror.reference import Digest, Reference
 from mirror.singleflight import SingleFlight
-from mirror.store.blobs import BlobStore, MemoryCopy
+from mirror.store.blobs import MemoryCopy
 from mirror.store.cached import CachedStore
+from mirror.store.content import Content
 from mirror.store.protocols import (
     REPOSITORY_MISSING,
     Manifest,
@@ -88,7 +91,8 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class CachedBlob:
-    path: Path | None  # None for a small blob answered from memory
+    # Opens the landed blob (blocking: off the loop); None for a small blob from memory.
+    open: Callable[[], BinaryIO] | None
     size: int
     data: bytes | None = None  # the whole blob, when it is small enough to be kept in memory
 
@@ -98,7 +102,7 @@ class Resolver:
         self,
         *,
         store: CachedStore,
-        blobs: BlobStore,
+        content: Content,
         fills: Fills,
         upstreams: Mapping[str, Upstream],
         coordinator: Coordinator,
@@ -111,7 +115,7 @@ class Resolver:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
-        self.blobs = blobs
+        self._content = content
         self.fills = fills
         self.upstreams = upstreams
         self._coordinator = coordinator
@@ -120,7 +124,7 @@ class Resolver:
         self._negative_ttl = negative_ttl
         self._clock = clock
         self._manifest_flights: SingleFlight[tuple[Manifest, Outcome]] = SingleFlight()
-        self.pulls = pulls or PullRecorder(store.graph)
+        self.pulls = pulls or PullRecorder(store)
         self._graph_log = LogThrottle()
         # Ten seconds' worth at once, so one client's half is the five seconds' worth a
         # pull of several fresh images may need.
@@ -436,17 +440,16 @@ class Resolver:
             self.pulls.blob(str(digest))
             return CachedBlob(None, len(held), held)
         for _ in range(3):
-            size = self.blobs.size(digest)
+            size = self._content.present(digest)
             if size is not None:
                 self.pulls.blob(str(digest))
-                path = self.blobs.path(digest)
                 data = None
                 if size <= SMALL_BLOB:
-                    copy = await asyncio.to_thread(_read_verified, self.blobs, digest)
+                    copy = await asyncio.to_thread(_read_verified, self._content, digest)
                     if copy is not None:
                         self._small[digest] = copy
                         data = copy.data
-                return CachedBlob(path, size, data)
+                return CachedBlob(partial(self._content.open, digest), size, data)
             await self._blob_not_known_missing(registry, repository, digest)
             fill = await self.fills.open(client, repository, digest)
             if fill is None:
@@ -481,11 +484,23 @@ class Resolver:
             return None
         return copy.data
 
+    def holds(self, digest: Digest) -> bool:
+        """Whether the blob has landed here (one stat)."""
+        return self._content.present(digest) is not None
+
+    async def quarantine(self, digest: Digest, opened: os.stat_result) -> bool:
+        """Take a blob found damaged while served (the copy ``opened``) out of service."""
+        return await self._content.quarantine(digest, opened)
+
+    async def writable(self) -> bool:
+        """Whether blobs can be written here (readiness)."""
+        return await self._content.writable()
+
     async def blob_size(self, registry: str, repository: str, digest: Digest) -> int | None:
         """For HEAD: the size of a blob, from disk or upstream, without downloading it."""
         client = self.upstream(registry)
         await self._may_read(client, registry, repository, digest)
-        size = self.blobs.size(digest)
+        size = self._content.present(digest)
         if size is not None:
             return size
         await self._blob_not_known_missing(registry, repository, digest)
@@ -572,11 +587,11 @@ class Resolver:
         return TagsPage(body, "application/json", link)
 
 
-def _read_verified(blobs: BlobStore, digest: Digest) -> MemoryCopy | None:
+def _read_verified(content: Content, digest: Digest) -> MemoryCopy | None:
     """A small blob's bytes, checked against its digest once, before memory keeps them (a
     file damaged on disk since its fill is then not served from memory for ever); None when
     it is gone or does not match."""
-    copy = blobs.read(digest)
+    copy = content.read(digest)
     if copy is None or Digest.of(copy.data, digest.algorithm) != digest:
         return None
     return copy

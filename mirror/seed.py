@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from mirror.closure import closure
 from mirror.engine import Engine
 from mirror.errors import ManifestUnknown, RegistryError
 from mirror.fills import Fill, FillState
 from mirror.inventory import image_size
-from mirror.manifests import ManifestParseError, parse
+from mirror.manifests import Descriptor
 from mirror.mediatypes import MANIFEST_TYPES
 from mirror.pins import ImageName, split_image
 from mirror.reference import Digest, Reference, normalize_name
@@ -183,46 +184,40 @@ class _Seeder:
         self, name: ImageName, manifest: Manifest, blobs: dict[str, int]
     ) -> list[Manifest]:
         """A manifest and every manifest under it, all platforms; their blobs into ``blobs``."""
-        manifests, pending = [], [manifest]
-        while pending:
-            current = pending.pop()
-            manifests.append(current)
-            try:
-                refs = parse(current.body, current.media_type)
-            except ManifestParseError as exc:
-                raise SeedError(f"cannot read the manifest {current.digest}: {exc}") from None
-            blobs.update({blob.digest: blob.size or 0 for blob in refs.blobs})
-            for child in refs.children:
-                pending.append(await self._manifest(name, child.digest))
-        return manifests
+        async def fetch(child: Descriptor) -> Manifest:
+            return await self._manifest(name, child.digest)
+
+        walked = await closure(manifest, fetch)
+        if walked.unreadable:
+            digest, exc = next(iter(walked.unreadable.items()))
+            raise SeedError(f"cannot read the manifest {digest}: {exc}")
+        for blob, size in walked.blobs.items():
+            blobs[blob] = size or 0
+        return list(walked.manifests.values())
 
     async def _walk(
         self, name: ImageName, top: Manifest, seeded: Seeded
     ) -> tuple[list[Manifest], dict[str, int]]:
         """The manifests and the blobs (digest -> size) the image needs."""
-        try:
-            refs = parse(top.body, top.media_type)
-        except ManifestParseError as exc:
-            raise SeedError(f"cannot read the manifest {top.digest}: {exc}") from None
-        if not refs.is_index:
-            return [top], {blob.digest: blob.size or 0 for blob in refs.blobs}
-        children = [
-            child
-            for child in refs.children
-            if not self._platforms or child.platform in self._platforms
-        ]
-        if not children:
-            offered = ", ".join(sorted({c.platform or "unknown" for c in refs.children}))
-            wanted = ", ".join(self._platforms)
-            raise SeedError(f"no manifest for {wanted} in the index (it has {offered})")
-        manifests, blobs = [top], {}
-        for child in children:
-            manifest = await self._manifest(name, child.digest)
-            seeded.platforms.append(child.platform or "unknown")
-            more, child_blobs = await self._walk(name, manifest, seeded)
-            manifests += more
-            blobs.update(child_blobs)
-        return manifests, blobs
+
+        def wanted(child: Descriptor) -> bool:
+            return not self._platforms or child.platform in self._platforms
+
+        async def fetch(child: Descriptor) -> Manifest:
+            return await self._manifest(name, child.digest)
+
+        walked = await closure(top, fetch, wanted)
+        if walked.unreadable:
+            digest, exc = next(iter(walked.unreadable.items()))
+            raise SeedError(f"cannot read the manifest {digest}: {exc}")
+        for refs in walked.references.values():
+            if refs.is_index and not any(wanted(child) for child in refs.children):
+                offered = ", ".join(sorted({c.platform or "unknown" for c in refs.children}))
+                asked = ", ".join(self._platforms)
+                raise SeedError(f"no manifest for {asked} in the index (it has {offered})")
+        seeded.platforms += walked.platforms
+        blobs = {digest: size or 0 for digest, size in walked.blobs.items()}
+        return list(walked.manifests.values()), blobs
 
     async def _manifest(self, name: ImageName, reference: str) -> Manifest:
         manifest, _ = await self._resolver.manifest(
@@ -233,7 +228,7 @@ class _Seeder:
     async def _blob(self, name: ImageName, digest: str, size: int, seeded: Seeded) -> None:
         parsed = Digest.parse(digest)
         async with self._transfers:
-            if self._engine.blobs.size(parsed) is not None:
+            if self._engine.content.present(parsed) is not None:
                 self._progress.bytes_done(seeded, size)
                 return
             got = await self._resolver.blob(name.registry, name.repository, parsed)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 from cachetools import LRUCache
@@ -220,8 +221,8 @@ class SignaturePolicy:
                 if source.size > MAX_PAYLOAD:
                     return None
                 data = source.data
-                if data is None and source.path is not None:
-                    data = await asyncio.to_thread(source.path.read_bytes)
+                if data is None and source.open is not None:
+                    data = await asyncio.to_thread(_read_all, source.open)
                 return data if data is not None and Digest.of(data) == digest else None
             try:
                 while source.state is FillState.RUNNING:
@@ -247,3 +248,8 @@ def _exempt(manifest: Manifest) -> bool:
         not isinstance(layer, dict) or _RUNNABLE.search(str(layer.get("mediaType", "")))
         for layer in layers
     )
+
+
+def _read_all(open_blob: Callable[[], BinaryIO]) -> bytes:
+    with open_blob() as file:
+        return file.read()

@@ -17,6 +17,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from mirror.clients import CLIENT, Credentials
+from mirror.closure import blobs_needed
 from mirror.errors import Denied, TooManyRequests, Unauthorized, UpstreamError
 from mirror.manifests import ManifestParseError, parse
 from mirror.pins import Pin
@@ -154,7 +155,7 @@ async def _reach(
     found: set[str] = set()
     for root in roots:
         if blobs:
-            found.update(await store.graph.blobs_of(registry, repository, root))
+            found.update(await blobs_needed(store, registry, repository, root))
             continue
         found.add(root)
         manifest = await store.get_manifest(registry, repository, root)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 from dataclasses import asdict
 from typing import Any
 
@@ -37,7 +35,7 @@ async def readyz(request: web.Request) -> web.Response:
     request[EXCHANGE].route = "ops"
     check_method(request)
     resolver = request.app[RESOLVER]
-    writable = await asyncio.to_thread(os.access, resolver.blobs.root, os.W_OK)
+    writable = await resolver.writable()
     checks = {"data_dir": "ok" if writable else "not writable"}
     if HTPASSWD in request.app:  # logins on: a mirror that must refuse them all is not ready
         htpasswd = request.app[HTPASSWD]

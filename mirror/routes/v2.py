@@ -6,14 +6,10 @@ never build error responses themselves (``mirror.routes.middleware`` does).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import os
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import BinaryIO
+from collections.abc import Mapping
 
 import structlog
 import yarl
@@ -41,8 +37,8 @@ from mirror.routes.middleware import (
     NOSNIFF_HEADER,
     add_route,
 )
+from mirror.routes.sending import SourceShrank, send_blob, sending
 from mirror.routes.state import EXCHANGE, REFERRERS, RESOLVER, SETTINGS, SIGNATURES, TRANSFERS
-from mirror.routes.transfers import Transfer
 from mirror.rules import OPEN, Scope
 from mirror.store.protocols import Manifest
 
@@ -58,13 +54,6 @@ _READ_METHODS = ("GET", "HEAD")
 _TAGS_QUERY = ("n", "last")
 _PAGE_SIZE_RE = re.compile(r"\d{1,9}")
 _LINK_RE = re.compile(r'<(?P<url>[^>]*)>\s*;[^,]*rel="?next"?')
-# Bytes per sendfile(2) call. One call for a whole blob is what FileResponse makes; calls of
-# a few MiB send a cached 1 GiB blob faster on loopback (see the README's Performance).
-SENDFILE_CHUNK = 8 * 1024 * 1024
-# Under uvloop, which has no loop.sendfile: pieces smaller than this are read and written.
-ZERO_COPY_FROM = 1024 * 1024
-# Bytes per read when a body must go through response.write (a chunked answer).
-WRITE_CHUNK = 1024 * 1024
 
 
 def add_routes(app: web.Application) -> None:
@@ -195,7 +184,7 @@ async def blob(
     headers = _blob_headers(digest.text)
     if request.method == "HEAD":
         size = await resolver.blob_size(registry, repository, digest)
-        request[EXCHANGE].cache = "hit" if resolver.blobs.size(digest) is not None else "miss"
+        request[EXCHANGE].cache = "hit" if resolver.holds(digest) else "miss"
         response = web.Response(headers=headers)
         if size is not None:
             response.headers["Content-Length"] = str(size)
@@ -258,24 +247,15 @@ async def _send_cached(
     if blob.data is not None:  # a small blob, from memory: one write
         request[EXCHANGE].cache = "hit"
         return _from_memory(request, headers, blob.data)
-    assert blob.path is not None, "a blob not in memory is on disk"
+    assert blob.open is not None, "a blob not in memory has landed"
     response, start, stop = _ranged(request, headers, blob.size)
-    transfers = request.app[TRANSFERS]
-    with (
-        transfers.running(request.transport) as transfer,
-        await asyncio.to_thread(open, blob.path, "rb", buffering=0) as file,
-        _socket_copy(request) as sock,
-    ):
+    try:
+        await send_blob(request, response, blob.open, start, stop)
+    except SourceShrank as shrank:
         request[EXCHANGE].cache = "hit"
-        await response.prepare(request)
-        try:
-            await _Body(request, response, file, start, transfer, sock).sendfile(start, stop)
-        except ConnectionError:
-            return response  # the client hung up; aiohttp closes the connection quietly
-        except _SourceShrank:
-            await _quarantine(request, digest, blob, file)
-            return response
-    await response.write_eof()
+        await _quarantine(request, digest, blob, shrank.copy)
+        return response
+    request[EXCHANGE].cache = "hit"
     return response
 
 
@@ -289,130 +269,6 @@ def _from_memory(request: web.Request, headers: Mapping[str, str], data: bytes) 
     return web.Response(body=data[start:stop], status=status, headers=headers)
 
 
-@contextlib.contextmanager
-def _socket_copy(request: web.Request) -> Iterator[int | None]:
-    """A descriptor of our own for the connection's socket, for sendfile(2) and to wait on
-    until the socket takes more (uvloop shares its own with no one); taken before the answer
-    begins, so that running out of descriptors is a 503, not a cut connection. None through
-    TLS, which sendfile(2) would bypass."""
-    transport = request.transport
-    raw = None if transport is None else transport.get_extra_info("socket")
-    if raw is None or transport is None or transport.get_extra_info("sslcontext") is not None:
-        yield None
-        return
-    fd = os.dup(raw.fileno())
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
-async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_writer(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_writer(fd)
-
-
-class _SourceShrank(Exception):
-    """The file being sent ended before the bytes it was expected to hold."""
-
-
-@dataclass(slots=True)
-class _Body:
-    """A response body sent from a file: bytes ``first``.. of the file are its bytes 0.."""
-
-    request: web.Request
-    response: web.StreamResponse
-    file: BinaryIO
-    first: int
-    transfer: Transfer  # its deadline, and the progress the server sheds by
-    socket: int | None  # the connection's socket for sendfile(2); None: read and write
-
-    async def sendfile(self, position: int, stop: int) -> int:
-        """Send bytes ``position``..``stop`` with sendfile(2), SENDFILE_CHUNK at a time;
-        returns ``stop``. Only for a body of declared length: sendfile(2) bypasses any chunk
-        framing."""
-        transport = self.request.transport
-        loop = asyncio.get_running_loop()
-        while position < stop:
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("the client went away")
-            count = min(stop - position, SENDFILE_CHUNK)
-            sent = await self._chunk(loop, transport, position, count)
-            if sent == 0:
-                # sendfile(2) at the end of the file: it shrank under us, and asking again
-                # would spin forever.
-                raise _SourceShrank
-            position += sent
-            self.request[EXCHANGE].sent = position - self.first
-            self.transfer.moved()
-        return position
-
-    async def _chunk(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        transport: asyncio.Transport,
-        position: int,
-        count: int,
-    ) -> int:
-        """Zero-copy sendfile(2) on the socket's copy, waiting for the socket to take more
-        with the loop (never polling) and within the send deadline (``loop.sendfile`` would
-        wait without one, and uvloop has none); without a copy (TLS, which sendfile(2) would
-        bypass), the bytes are read and written."""
-        fd = self.socket
-        if fd is None or count < ZERO_COPY_FROM:
-            # A small piece (a fill handing on what just arrived) costs less to copy than to
-            # hand to the kernel.
-            data = await asyncio.to_thread(os.pread, self.file.fileno(), count, position)
-            # Waits while the client is slower than the disk.
-            await self.transfer.wait(self.response.write(data))
-            return len(data)
-        while transport.get_write_buffer_size():  # what the transport holds goes first
-            await self._writable(loop, transport, fd)
-        sent = 0
-        while sent < count:
-            try:
-                done = os.sendfile(fd, self.file.fileno(), position + sent, count - sent)
-            except BlockingIOError:
-                await self._writable(loop, transport, fd)
-                continue
-            if done == 0:
-                break
-            sent += done
-            self.transfer.moved()
-        return sent
-
-    async def _writable(
-        self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, fd: int
-    ) -> None:
-        await self.transfer.wait(_writable(loop, fd))
-        if transport.is_closing():
-            # Our copy keeps the socket open after the transport let it go: stop here.
-            raise ConnectionResetError("the client went away")
-
-    async def write(self, position: int, stop: int) -> int:
-        """As ``sendfile``, through ``response.write`` so aiohttp frames the chunks of a body
-        of unknown length; the file is read off the event loop."""
-        fd = self.file.fileno()
-        while position < stop:
-            count = min(stop - position, WRITE_CHUNK)
-            data = await asyncio.to_thread(os.pread, fd, count, position)
-            if not data:
-                raise _SourceShrank
-            await self.transfer.wait(self.response.write(data))
-            position += len(data)
-            self.request[EXCHANGE].sent = position - self.first
-        return position
-
-
 async def _stream_fill(
     request: web.Request, fill: Fill, headers: Mapping[str, str]
 ) -> web.StreamResponse:
@@ -423,14 +279,8 @@ async def _stream_fill(
     else:
         response, start, stop = _ranged(request, headers, fill.size)
     position = start
-    transfers = request.app[TRANSFERS]
-    with (
-        transfers.running(request.transport) as transfer,
-        fill.open_file() as file,
-        _socket_copy(request) as sock,
-    ):
+    with sending(request, response, fill.open_file, start) as body:
         await response.prepare(request)  # a StreamResponse sends its headers here
-        body = _Body(request, response, file, start, transfer, sock)
         send = body.write if stop is None else body.sendfile
         while stop is None or position < stop:
             if fill.state is FillState.FAILED:
@@ -441,14 +291,14 @@ async def _stream_fill(
                 if fill.state is FillState.DONE and stop is None:
                     break
                 await fill.changed()
-                transfer.moved()  # waiting for the upstream is no stall of the client's
+                body.transfer.moved()  # waiting for the upstream is no stall of the client's
                 continue
             # The bytes already on disk go out as cached blobs do.
             try:
                 position = await send(position, end)
             except ConnectionError:
                 return response  # the client hung up; the fill goes on without it
-            except _SourceShrank:
+            except SourceShrank:
                 _abort(request, fill)
                 return response
     await response.write_eof()
@@ -456,13 +306,11 @@ async def _stream_fill(
 
 
 async def _quarantine(
-    request: web.Request, digest: Digest, blob: CachedBlob, file: BinaryIO
+    request: web.Request, digest: Digest, blob: CachedBlob, copy: os.stat_result | None
 ) -> None:
     """A cached blob shorter than when it was found: fail this transfer and take the file
     out of service, so the next pull fetches the blob again."""
-    removed = await asyncio.to_thread(
-        request.app[RESOLVER].blobs.quarantine, digest, os.fstat(file.fileno())
-    )
+    removed = copy is not None and await request.app[RESOLVER].quarantine(digest, copy)
     log.error(
         "blob_shrank_while_served",
         digest=str(digest),

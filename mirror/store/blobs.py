@@ -15,6 +15,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 
@@ -34,6 +35,15 @@ class Partial:
     fd: int
     written: int = 0
     _closed: bool = field(default=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        """What a follower in another process is told to open (:meth:`BlobStore.open_partial`)."""
+        return self.path.name
+
+    def open_reader(self) -> int:
+        """A descriptor of a reader's own on the bytes written so far, and those to come."""
+        return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -93,6 +103,29 @@ class BlobStore:
             return self.path(digest).stat().st_size
         except FileNotFoundError:
             return None
+
+    def open(self, digest: Digest) -> BinaryIO:
+        """The blob's file, for serving (blocking); FileNotFoundError when it is not on disk."""
+        return open(self.path(digest), "rb", buffering=0)
+
+    def open_landed(self, digest: Digest) -> int | None:
+        """A descriptor on the blob's file, or None when it has not landed (yet)."""
+        try:
+            return os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+
+    def open_partial(self, digest: Digest, name: str) -> int | None:
+        """A descriptor on another writer's partial file (:attr:`Partial.name`), or None
+        when it is gone (landed, or discarded)."""
+        try:
+            return os.open(self.path(digest).with_name(name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+
+    def writable(self) -> bool:
+        """Whether blobs can be written (blocking)."""
+        return os.access(self.root, os.W_OK)
 
     def read(self, digest: Digest) -> MemoryCopy | None:
         """A blob's whole content (blocking: for small blobs, off the loop); None when it

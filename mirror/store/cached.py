@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 import structlog
 from cachetools import LRUCache
 
+from mirror.clock import SYSTEM, Clock
 from mirror.manifests import References
 from mirror.store.graph import BlobEntry, ContentGraph, ImageKey, TagKey, Usage
 from mirror.store.protocols import (
@@ -73,8 +73,10 @@ class CachedStore:
         tag_ttl: float,
         max_bytes: int = 64 * 1024 * 1024,
         retry_interval: float = 2.0,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.inner = inner
+        self._clock = clock
         self._tag_ttl = tag_ttl
         self._retry_interval = retry_interval
         self._manifests = ManifestLRU(max_entries, max_bytes)
@@ -115,7 +117,7 @@ class CachedStore:
     async def get_tag(self, registry: str, repository: str, tag: str) -> TagRecord | None:
         key = (registry, repository, tag)
         cached = self._tags.get(key)
-        now = time.time()
+        now = self._clock.time()
         if cached is not None and (
             now - cached.checked_at < self._tag_ttl
             or now - self._tags_read.get(key, 0.0) < TAG_RECHECK
@@ -208,7 +210,7 @@ class CachedStore:
 
     def _went_down(self, exc: Exception) -> None:
         if self._down_since is None:
-            self._down_since = time.monotonic()
+            self._down_since = self._clock.monotonic()
             log.warning("store_unavailable", error=str(exc), retry_interval=self._retry_interval)
             self._probe = asyncio.create_task(self._probe_until_back())
             self.on_down(exc)
@@ -220,7 +222,7 @@ class CachedStore:
                 if await self.inner.ping():
                     break
         assert self._down_since is not None
-        log.info("store_available", down_for=round(time.monotonic() - self._down_since, 1))
+        log.info("store_available", down_for=round(self._clock.monotonic() - self._down_since, 1))
         self._down_since = None
         self._probe = None
 
@@ -267,9 +269,6 @@ class _GuardedGraph:
 
     async def usage(self) -> Usage:
         return await self._store._guarded(self._inner.usage())
-
-    async def blobs_of(self, registry: str, repository: str, digest: str) -> dict[str, int]:
-        return await self._store._guarded(self._inner.blobs_of(registry, repository, digest))
 
     async def holders(self, blob: str) -> set[tuple[str, str]]:
         return await self._store._guarded(self._inner.holders(blob))

@@ -85,10 +85,6 @@ class ContentGraph(Protocol):
         """How many blobs are present, and their bytes."""
         ...
 
-    async def blobs_of(self, registry: str, repository: str, digest: str) -> dict[str, int]:
-        """Every blob a manifest needs, through an index's children: digest -> size."""
-        ...
-
     async def holders(self, blob: str) -> set[tuple[str, str]]:
         """The (registry, repository) pairs holding a manifest that references ``blob``."""
         ...

@@ -119,20 +119,6 @@ class EmbeddedGraph:
         )
         return Usage(count, total)
 
-    async def blobs_of(self, registry: str, repository: str, digest: str) -> dict[str, int]:
-        rows = await self._run(
-            lambda: self._db.execute(
-                "WITH RECURSIVE needed(digest) AS (SELECT ? UNION"
-                " SELECT child FROM edges, needed WHERE registry = ? AND repository = ?"
-                " AND parent = needed.digest AND kind = 'manifest')"
-                " SELECT child, coalesce(max(size), 0) FROM edges"
-                " WHERE registry = ? AND repository = ? AND kind = 'blob'"
-                " AND parent IN (SELECT digest FROM needed) GROUP BY child",
-                (digest, registry, repository, registry, repository),
-            ).fetchall()
-        )
-        return dict(rows)
-
     async def holders(self, blob: str) -> set[tuple[str, str]]:
         rows = await self._run(
             lambda: self._db.execute(

@@ -263,25 +263,6 @@ class RedisGraph:
         return Usage(int(values[0] or 0), int(values[1] or 0))
 
     @_unavailable
-    async def blobs_of(self, registry: str, repository: str, digest: str) -> dict[str, int]:
-        needed: dict[str, int] = {}
-        pending, seen = [digest], set()
-        while pending:
-            parent = pending.pop()
-            if parent in seen:
-                continue
-            seen.add(parent)
-            edges = await self._redis.hgetall(_repo_key(registry, repository, "edges", parent))
-            for raw_child, raw in edges.items():
-                child = raw_child.decode() if isinstance(raw_child, bytes) else str(raw_child)
-                kind, size, _ = json.loads(raw)
-                if kind == "manifest":
-                    pending.append(child)
-                else:
-                    needed[child] = max(needed.get(child, 0), int(size or 0))
-        return needed
-
-    @_unavailable
     async def holders(self, blob: str) -> set[tuple[str, str]]:
         members = await self._redis.smembers(_holders_key(blob))
         pairs = set()

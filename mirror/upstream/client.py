@@ -22,6 +22,7 @@ import structlog
 from multidict import CIMultiDict
 
 from mirror import __version__
+from mirror.clock import SYSTEM, Clock
 from mirror.errors import (
     BlobUnknown,
     IntegrityError,
@@ -80,6 +81,7 @@ class UpstreamClient:
         shared: UpstreamState | None = None,
         request_timeout: float = 10.0,
         on_error: Callable[[str, str, str], None] | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -102,6 +104,7 @@ class UpstreamClient:
             probe_interval=probe_interval,
             on_change=lambda is_open: self.metrics.circuit_open.labels(name).set(int(is_open)),
             shared=shared,
+            clock=clock.time,
         )
 
     @property

@@ -34,6 +34,25 @@ class FakeClock:
         self.now += seconds
 
 
+@dataclass
+class MovingClock:
+    """The engine's whole clock, moved by the test: wall time and intervals alike (token
+    lifetimes, outage timing), unlike FakeClock, which moves the wall time only."""
+
+    now: float = field(default_factory=time.time)
+    since_start: float = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.since_start
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.since_start += seconds
+
+
 def settings_for(upstream_url: str, data_dir: Path, **changes: Any) -> Settings:
     upstream = UpstreamSettings(
         DOCKER_HUB,
@@ -59,7 +78,7 @@ class RunningMirror:
         self,
         settings: Settings,
         *,
-        clock: FakeClock | None = None,
+        clock: FakeClock | MovingClock | None = None,
         probe_interval: float = 5.0,
         store: MetadataStore | None = None,
         eviction_interval: float = 10.0,
