@@ -1,6 +1,6 @@
 """The engine: every part of the mirror, opened and closed in one place.
 
-``mirror serve`` runs the engine behind the HTTP API (``mirror.app``); the offline
+``mirror serve`` runs the engine behind the HTTP API (``mirror.web.app``); the offline
 subcommands (``ls``, ``gc``, ``verify``, ...) open the very same engine on the same data
 dir without a web server, the way devpi-server's XOM serves both its server and its fsck.
 Tests and embedding programs swap collaborators through :class:`Overrides`.
@@ -28,29 +28,29 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 
-from mirror.background import Background
-from mirror.clients import PerClient
 from mirror.clock import Clock, as_clock
 from mirror.config import Settings, UpstreamSettings
-from mirror.coordination import (
+from mirror.content.blobs import BlobStore
+from mirror.content.cached import CachedStore
+from mirror.content.embedded import EmbeddedStore
+from mirror.content.layer import Content
+from mirror.content.protocols import MetadataStore
+from mirror.content.redis_store import RedisStore
+from mirror.domain.reference import Digest
+from mirror.metrics import Metrics
+from mirror.services.background import Background
+from mirror.services.clients import PerClient
+from mirror.services.coordination import (
     Coordinator,
     LocalCoordinator,
     RedisCoordinator,
     data_dir_identity,
 )
-from mirror.eviction import INTERVAL, Budget, Evictor
-from mirror.fills import Fills
-from mirror.metrics import Metrics
-from mirror.pulls import PullRecorder
-from mirror.reference import Digest
-from mirror.resolver import Resolver
-from mirror.status import RecentErrors
-from mirror.store.blobs import BlobStore
-from mirror.store.cached import CachedStore
-from mirror.store.content import Content
-from mirror.store.embedded import EmbeddedStore
-from mirror.store.protocols import MetadataStore
-from mirror.store.redis_store import RedisStore
+from mirror.services.eviction import INTERVAL, Budget, Evictor
+from mirror.services.fills import Fills
+from mirror.services.pulls import PullRecorder
+from mirror.services.resolver import Resolver
+from mirror.services.status import RecentErrors
 from mirror.upstream.auth import TokenAuth
 from mirror.upstream.client import USER_AGENT, UpstreamClient
 from mirror.upstream.offline import OfflineUpstream

@@ -19,7 +19,7 @@ import structlog
 from cachetools import LRUCache
 
 from mirror.clock import SYSTEM, Clock
-from mirror.errors import UpstreamError
+from mirror.domain.errors import UpstreamError
 
 log = structlog.get_logger(__name__)
 

@@ -13,13 +13,13 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from mirror.closure import blobs_needed
-from mirror.manifests import parse
-from mirror.store.embedded import EmbeddedStore
-from mirror.store.graph import BlobEntry, Usage
-from mirror.store.protocols import Manifest, MetadataStore
-from mirror.store.redis_store import RedisStore
-from mirror.store.schema import VERSION
+from mirror.content.embedded import EmbeddedStore
+from mirror.content.graph import BlobEntry, Usage
+from mirror.content.protocols import MetadataStore
+from mirror.content.redis_store import RedisStore
+from mirror.content.schema import VERSION
+from mirror.domain.manifests import Manifest, parse
+from mirror.services.closure import blobs_needed
 from tests.support.oci import make_image, make_index, make_layer
 from tests.support.redis_server import RedisServer
 

@@ -20,8 +20,9 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.crc import key_slot
 
-from mirror.store.protocols import Manifest, MetadataStore, TagRecord, referrers_key
-from mirror.store.redis_store import RedisStore, StoreUnavailable
+from mirror.content.protocols import MetadataStore, referrers_key
+from mirror.content.redis_store import RedisStore, StoreUnavailable
+from mirror.domain.manifests import Manifest, TagRecord
 from tests.contract.conftest import Backend
 from tests.support.binaries import require_binary
 from tests.support.redis_server import RedisServer

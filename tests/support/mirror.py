@@ -12,13 +12,13 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from mirror.app import Overrides, create_app
 from mirror.config import Settings, UpstreamSettings
+from mirror.content.protocols import MetadataStore
+from mirror.domain.reference import DOCKER_HUB
 from mirror.engine import Engine
-from mirror.reference import DOCKER_HUB
-from mirror.routes.middleware import AccessLogger
-from mirror.routes.state import ENGINE
-from mirror.store.protocols import MetadataStore
+from mirror.web.app import Overrides, create_app
+from mirror.web.routes.middleware import AccessLogger
+from mirror.web.routes.state import ENGINE
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from mirror.background import Background
+from mirror.services.background import Background
 
 
 async def test_tasks_stop_newest_first_each_awaited_before_the_next() -> None:

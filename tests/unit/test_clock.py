@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mirror.store.cached import CachedStore
-from mirror.store.embedded import EmbeddedStore
-from mirror.store.protocols import TagRecord
+from mirror.content.cached import CachedStore
+from mirror.content.embedded import EmbeddedStore
+from mirror.domain.manifests import TagRecord
 from tests.support.mirror import MovingClock
 
 HUB = "docker.io"
