@@ -68,19 +68,15 @@ class Content:
         partial: BlobWriter,
         digest: Digest,
         *,
-        record: bool = True,
         at: float | None = None,
         committed: Callable[[], None] = lambda: None,
     ) -> None:
         """A blob whose bytes the writer verified against ``digest``: commit it atomically,
         tell ``committed`` (a fill lets its readers finish, before any graph call), then
-        record it present (unless ``record`` is off: one too large to keep, which its
-        writer removes again). The blob has landed even if recording fails: the record
-        follows at the next reconciliation."""
+        record it present. The blob has landed even if recording fails: the record follows
+        at the next reconciliation."""
         await asyncio.to_thread(partial.commit)
         committed()
-        if not record:
-            return
         try:
             await self.landed(digest, partial.written, at)
         except Exception as exc:  # the graph serves eviction and listing, not the pull

@@ -244,17 +244,9 @@ class Fills:
         fill._finish()
 
     async def _landed(self, fill: Fill) -> None:
-        if not self._keep(fill.written):
-            # Larger than the whole budget: its readers finish from the open file,
-            # and nothing stays behind.
-            found = await self._content.inspect(fill.digest)
-            if found is not None:
-                await self._content.remove(fill.digest, found)
-            log.info("blob_not_kept", digest=str(fill.digest), size=fill.written)
-        else:
-            log.info("blob_stored", digest=str(fill.digest), size=fill.written)
-            if self._on_stored is not None:
-                await self._on_stored(fill.digest, fill.written)
+        log.info("blob_stored", digest=str(fill.digest), size=fill.written)
+        if self._on_stored is not None:
+            await self._on_stored(fill.digest, fill.written)
 
     async def _download(
         self, fill: Fill, client: Upstream, repository: str, lease: Lease
@@ -269,11 +261,15 @@ class Fills:
                 await lease.publish({"partial": partial.name, "size": response.size})
                 await _copy(fill, partial, response.content)
             fill.verified = True
+            if not self._keep(fill.written):
+                # Larger than the whole budget: its readers finish from the spool file, and
+                # it never lands, so nothing stays behind.
+                self._committed(fill)
+                await asyncio.to_thread(partial.discard)
+                log.info("blob_not_kept", digest=str(fill.digest), size=fill.written)
+                return False
             await self._content.land(
-                partial,
-                fill.digest,
-                record=self._keep(fill.written),
-                committed=lambda: self._committed(fill),
+                partial, fill.digest, committed=lambda: self._committed(fill)
             )
             return True
         except BaseException as exc:
