@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,7 +66,8 @@ class Sample:
     seconds: float
     phase: str  # "warm-up", "load" or "idle"
     rss_mib: float
-    fds: int
+    fds: int  # all of them, the Redis pool's connections included
+    redis: int  # connections to Redis (the pool keeps those of its busiest moment)
     processes: int
     requests: int
 
@@ -79,6 +81,7 @@ class Report:
     upstream: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
     fd_baseline: int = 0
+    fd_leaked: Counter[str] = field(default_factory=Counter)  # open at the end, not before
     fd_end: int = 0
     rss_start: float = 0.0
     rss_end: float = 0.0
@@ -93,10 +96,11 @@ class Report:
                 f"RSS grew {growth:.1f}% after the warm-up"
                 f" ({self.rss_start:.1f} -> {self.rss_end:.1f} MiB; the limit is 10%)"
             )
-        if self.fd_end > self.fd_baseline:
+        if self.fd_end > self.fd_baseline:  # both without the Redis pool's connections
             found.append(
                 f"descriptors did not return to the baseline: {self.fd_end} open at the end,"
-                f" {self.fd_baseline} after the priming pass"
+                f" {self.fd_baseline} after the priming pass; more than then: "
+                + ", ".join(f"{n} {kind}" for kind, n in self.fd_leaked.most_common())
             )
         if self.violations:
             found.append(f"{len(self.violations)} wrong answers, first: {self.violations[0]}")
@@ -105,10 +109,13 @@ class Report:
         return found
 
     def table(self) -> str:
-        lines = [f"{'time':>7} {'phase':<8} {'RSS MiB':>8} {'fds':>5} {'procs':>5} {'requests':>9}"]
+        lines = [
+            f"{'time':>7} {'phase':<8} {'RSS MiB':>8} {'fds':>5} {'redis':>5} {'procs':>5}"
+            f" {'requests':>9}"
+        ]
         lines += [
-            f"{s.seconds:7.0f} {s.phase:<8} {s.rss_mib:8.1f} {s.fds:5d} {s.processes:5d}"
-            f" {s.requests:9d}"
+            f"{s.seconds:7.0f} {s.phase:<8} {s.rss_mib:8.1f} {s.fds:5d} {s.redis:5d}"
+            f" {s.processes:5d} {s.requests:9d}"
             for s in self.samples
         ]
         return "\n".join(lines)
@@ -120,8 +127,8 @@ class Report:
             "faults: " + ", ".join(f"{k}={v}" for k, v in sorted(self.faults.items())),
             "upstream requests: " + ", ".join(f"{k}={v}" for k, v in sorted(self.upstream.items())),
             f"RSS after the warm-up {self.rss_start:.1f} MiB, at the end of the load"
-            f" {self.rss_end:.1f} MiB; descriptors after priming {self.fd_baseline},"
-            f" at the end {self.fd_end}",
+            f" {self.rss_end:.1f} MiB; descriptors (besides Redis connections) after priming"
+            f" {self.fd_baseline}, at the end {self.fd_end}",
         ]
         lines += [f"  {text}" for text in self.violations[:20]]
         failures = self.failures
@@ -155,8 +162,8 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def measure(pid: int) -> tuple[float, int, int]:
-    """(RSS in MiB, open descriptors, processes) summed over ``pid``'s tree."""
+def measure(pid: int, redis_port: int) -> tuple[float, int, int, int]:
+    """(RSS in MiB, open descriptors, connections to Redis, processes) over ``pid``'s tree."""
     rss_kib = fds = count = 0
     for member in process_tree(pid):
         with contextlib.suppress(OSError):
@@ -166,7 +173,43 @@ def measure(pid: int) -> tuple[float, int, int]:
             )
             fds += len(os.listdir(f"/proc/{member}/fd"))
             count += 1
-    return rss_kib / 1024, fds, count
+    redis = open_files(pid, {redis_port: "redis"})["socket to redis"]
+    return rss_kib / 1024, fds, redis, count
+
+
+def open_files(pid: int, names: dict[int, str]) -> Counter[str]:
+    """What the descriptors of ``pid``'s tree point at: files, pipes, and sockets by the
+    port at their other end (named through ``names``), for saying what leaked."""
+    peers = _socket_peers()
+    found: Counter[str] = Counter()
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{member}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{member}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        port = peers.get(target[8:-1], 0)
+                        target = f"socket to {names.get(port, port or 'nothing (listening)')}"
+                    found[target] += 1
+    return found
+
+
+def _socket_peers() -> dict[str, int]:
+    """Socket inode -> the remote port of a TCP connection (from ``ss``: /proc/net/tcp
+    does not list every connection on every kernel)."""
+    try:
+        listing = subprocess.run(
+            ["ss", "-tanHe"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    peers = {}
+    for line in listing.splitlines():
+        fields = line.split()
+        inode = next((f[4:] for f in fields if f.startswith("ino:")), None)
+        if inode is not None and len(fields) > 4:
+            peers[inode] = int(fields[4].rpartition(":")[2].replace("*", "0"))
+    return peers
 
 
 # -- content ---------------------------------------------------------------------------------
@@ -366,15 +409,22 @@ async def publish_cold(content: Content, until: float, every: float = 5.0) -> No
         await asyncio.to_thread(content.publish)
 
 
+def take(pid: int, redis_port: int, seconds: float, phase: str, requests: int) -> Sample:
+    rss, fds, redis, count = measure(pid, redis_port)
+    return Sample(seconds, phase, rss, fds, redis, count, requests)
+
+
 async def sample(
-    pid: int, report: Report, clients: Clients, started: float, until: float, warm_up: float
+    probe: tuple[int, int], report: Report, clients: Clients, times: tuple[float, float, float]
 ) -> None:
+    """A sample every INTERVAL; ``probe`` is (the mirror's PID, Redis's port), ``times``
+    (start, end, warm-up)."""
+    started, until, warm_up = times
     print(report.table().splitlines()[0], flush=True)
     while True:
         now = time.monotonic()
         phase = "warm-up" if now - started < warm_up else "load"
-        rss, fds, count = measure(pid)
-        report.samples.append(Sample(now - started, phase, rss, fds, count, clients.requests))
+        report.samples.append(take(*probe, now - started, phase, clients.requests))
         print(report.table().splitlines()[-1], flush=True)
         if now + INTERVAL > until:
             return
@@ -447,7 +497,11 @@ async def _drive(
         await asyncio.gather(*(clients.pull(session, *image) for image in warm))
         await asyncio.gather(*(clients.run(session, prime_until) for _ in range(CLIENTS)))
     await asyncio.sleep(5)  # the clients' connections close; the mirror notices
-    report.fd_baseline = measure(process.pid)[1]
+    names = _port_names(process, hub, redis)
+    probe = (process.pid, redis.port)
+    primed = take(*probe, 0.0, "primed", clients.requests)
+    report.fd_baseline = primed.fds - primed.redis
+    before = open_files(process.pid, names)
     started = time.monotonic()
     until = started + duration
     async with aiohttp.ClientSession(
@@ -460,7 +514,7 @@ async def _drive(
         ]
         try:
             await asyncio.gather(
-                sample(process.pid, report, clients, started, until, warm_up),
+                sample(probe, report, clients, (started, until, warm_up)),
                 *(clients.run(session, until) for _ in range(CLIENTS)),
             )
         finally:
@@ -471,18 +525,35 @@ async def _drive(
     if load:
         report.rss_start, report.rss_end = load[0].rss_mib, load[-1].rss_mib
     hub.stall_next_blob_at = None
-    report.fd_end = await _drain(process.pid, report.fd_baseline, started, report, clients)
+    report.fd_end = await _drain(probe, report.fd_baseline, started, report, clients)
+    leaked = open_files(process.pid, names) - before
+    report.fd_leaked = Counter({k: n for k, n in leaked.items() if k != "socket to redis"})
 
 
-async def _drain(pid: int, baseline: int, started: float, report: Report, clients: Clients) -> int:
-    """Wait for the descriptors to come back to ``baseline``; the last count."""
+def _port_names(process: MirrorProcess, hub: FakeHub, redis: RedisServer) -> dict[int, str]:
+    def port(url: str) -> int:
+        return int(url.rpartition(":")[2].partition("/")[0])
+
+    return {
+        redis.port: "redis",
+        port(hub.url): "the hub's registry",
+        port(hub.token_url): "the hub's token server",
+        port(hub.cdn_url): "the hub's CDN",
+        process.port: "a client (the mirror's port)",
+    }
+
+
+async def _drain(
+    probe: tuple[int, int], baseline: int, started: float, report: Report, clients: Clients
+) -> int:
+    """Wait for the descriptors (but the Redis pool's) to come back to ``baseline``; the
+    last count."""
     deadline = time.monotonic() + DRAIN_TIMEOUT
     while True:
-        rss, fds, count = measure(pid)
-        if fds <= baseline or time.monotonic() > deadline:
-            now = time.monotonic() - started
-            report.samples.append(Sample(now, "idle", rss, fds, count, clients.requests))
-            return fds
+        last = take(*probe, time.monotonic() - started, "idle", clients.requests)
+        if last.fds - last.redis <= baseline or time.monotonic() > deadline:
+            report.samples.append(last)
+            return last.fds - last.redis
         await asyncio.sleep(1.0)
 
 
@@ -494,7 +565,11 @@ def plot(report: Report, width: int = 720, height: int = 200) -> str:
     samples = report.samples
     panels = [
         ("RSS (MiB, supervisor + workers)", [s.rss_mib for s in samples], "#1f77b4"),
-        ("open descriptors", [float(s.fds) for s in samples], "#d62728"),
+        (
+            "open descriptors (all; of them to Redis: dashed)",
+            [float(s.fds) for s in samples],
+            "#d62728",
+        ),
     ]
     total = 2 * (height + PLOT_GAP) + PLOT_TOP
     parts = [
@@ -541,11 +616,17 @@ def _panel(
         parts.append(
             f'<text x="{x:.1f}" y="{top + height + 14}" text-anchor="middle">{minute}</text>'
         )
-    points = " ".join(
-        f"{left + inner * s.seconds / end:.1f},{top + height - height * v / peak:.1f}"
-        for s, v in zip(samples, values, strict=True)
-    )
-    parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+    series = [(values, "")]
+    if "Redis" in title:
+        series.append(([float(s.redis) for s in samples], ' stroke-dasharray="6 3"'))
+    for line, dash in series:
+        points = " ".join(
+            f"{left + inner * s.seconds / end:.1f},{top + height - height * v / peak:.1f}"
+            for s, v in zip(samples, line, strict=True)
+        )
+        parts.append(
+            f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>'
+        )
     warm = next((s.seconds for s in samples if s.phase != "warm-up"), None)
     if warm is not None:
         x = left + inner * warm / end
