@@ -17,10 +17,12 @@ from typing import Any
 from mirror import __version__, commands
 from mirror.bundle import repository_for_tags
 from mirror.config import ENV_PREFIX, FLAG_KEYS, ConfigError, Settings, load
+from mirror.engine import check_store
 from mirror.logs import configure
 from mirror.pins import Pin
 from mirror.seed import DEFAULT_JOBS, read_list
 from mirror.server import serve_one, server_tls, warn_at_start
+from mirror.store.protocols import NewerSchema
 from mirror.tls import CertificateError
 from mirror.workers import run_workers
 
@@ -373,11 +375,13 @@ def serve(settings: Settings) -> int:
         return EXIT_USAGE
     warn_at_start(settings)
     try:
+        asyncio.run(check_store(settings))  # before any worker: one line, not one per worker
         if settings.workers > 1:
             return run_workers(settings, settings.workers)
         serve_one(settings)
-    except OSError as exc:
-        # The port is taken or the data dir unusable: say so in one line, not a traceback.
+    except (OSError, NewerSchema) as exc:
+        # The port is taken, the data dir unusable, or the store a newer release's: say so
+        # in one line, not a traceback.
         print(f"mirror: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return 0

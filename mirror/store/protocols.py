@@ -18,6 +18,10 @@ class StoreUnavailable(Exception):
     """A shared store (Redis) did not answer, or answered with an error; the caller degrades."""
 
 
+class NewerSchema(RuntimeError):
+    """The store was written by a newer release: this one stops rather than corrupt it."""
+
+
 @dataclass(frozen=True, slots=True)
 class Manifest:
     body: bytes
