@@ -557,7 +557,7 @@ async def _drain(
         await asyncio.sleep(1.0)
 
 
-PLOT_LEFT, PLOT_TOP, PLOT_GAP = 60, 30, 50
+PLOT_LEFT, PLOT_TOP, PLOT_GAP = 60, 50, 50
 
 
 def plot(report: Report, width: int = 720, height: int = 200) -> str:
@@ -576,7 +576,7 @@ def plot(report: Report, width: int = 720, height: int = 200) -> str:
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total}"'
         ' font-family="sans-serif" font-size="12">',
         '<rect width="100%" height="100%" fill="white"/>',
-        f'<text x="{PLOT_LEFT}" y="16" font-size="14">mirror soak: {report.minutes:g} minutes,'
+        f'<text x="{PLOT_LEFT}" y="18" font-size="14">mirror soak: {report.minutes:g} minutes,'
         " --workers 2, faults injected</text>",
     ]
     for number, (title, values, colour) in enumerate(panels):
@@ -637,6 +637,26 @@ def _panel(
     return parts
 
 
+def read_samples(path: Path, minutes: float) -> Report:
+    """A report holding the samples a run wrote with ``--out FILE.csv``."""
+    with path.open(newline="") as source:
+        rows = list(csv.DictReader(source))
+    report = Report(minutes)
+    report.samples = [
+        Sample(
+            float(row["seconds"]),
+            row["phase"],
+            float(row["rss_mib"]),
+            int(row["fds"]),
+            int(row["redis"]),
+            int(row["processes"]),
+            int(row["requests"]),
+        )
+        for row in rows
+    ]
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=2.0)
@@ -645,7 +665,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the samples here (.csv or .json)")
     parser.add_argument("--svg", type=Path, help="plot RSS and descriptors over time here")
     parser.add_argument("--keep", type=Path, help="keep the data dir and the log here")
+    parser.add_argument("--replot", type=Path, help="no run: plot the samples of this CSV")
     args = parser.parse_args(argv)
+    if args.replot is not None and args.svg is not None:
+        args.svg.write_text(plot(read_samples(args.replot, args.minutes)))
+        return 0
     with contextlib.ExitStack() as stack:
         work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
