@@ -310,21 +310,17 @@ class Clients:
             self.report.violations.append(f"{status} for GET {path}: {body[:200]!r}")
 
     async def pull(
-        self, session: aiohttp.ClientSession, repository: str = "", tag: str = ""
+        self, session: aiohttp.ClientSession, chosen: tuple[str, str, Image] | None = None
     ) -> None:
-        if not repository:
-            repository, tag, _ = self.content.pick()
+        repository, tag, image = chosen or self.content.pick()
         got = await self._get(session, f"/v2/{repository}/manifests/{tag}", {"Accept": ACCEPT})
         if got is None or got[0] != 200:
             return
-        _, headers, body = got
-        digest = "sha256:" + hashlib.sha256(body).hexdigest()
-        if headers.get("Docker-Content-Digest") != digest:
-            self.report.violations.append(f"manifest {repository}:{tag} is not {digest}")
+        if got[2] != image.manifest:
+            self.report.violations.append(f"manifest {repository}:{tag}: wrong bytes")
             return
-        manifest = json.loads(body)
-        for descriptor in [manifest["config"], *manifest["layers"]]:
-            await self.blob(session, repository, descriptor["digest"])
+        for blob in image.blobs:
+            await self.blob(session, repository, blob.digest)
 
     async def blob(self, session: aiohttp.ClientSession, repository: str, digest: str) -> None:
         got = await self._get(session, f"/v2/{repository}/blobs/{digest}")
@@ -493,8 +489,7 @@ async def _drive(
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         # Priming: every warm image once from every client, so the pools grow to their size.
         prime_until = time.monotonic() + 20
-        warm = [(repository, tag) for repository, tag, _ in content.warm] * CLIENTS
-        await asyncio.gather(*(clients.pull(session, *image) for image in warm))
+        await asyncio.gather(*(clients.pull(session, image) for image in content.warm * CLIENTS))
         await asyncio.gather(*(clients.run(session, prime_until) for _ in range(CLIENTS)))
     await asyncio.sleep(5)  # the clients' connections close; the mirror notices
     names = _port_names(process, hub, redis)
