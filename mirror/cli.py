@@ -328,9 +328,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "serve":
         return serve(settings)
-    if args.command == "ls":
-        return asyncio.run(commands.ls(settings, pattern, as_json=args.json))
-    return _COMMANDS[args.command](settings, args)
+    try:
+        if args.command == "ls":
+            return asyncio.run(commands.ls(settings, pattern, as_json=args.json))
+        return _COMMANDS[args.command](settings, args)
+    except NewerSchema as exc:  # gc, verify, seed, ... touch nothing of a newer release's
+        print(f"mirror: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _gc(settings: Settings, args: argparse.Namespace) -> int:

@@ -250,6 +250,12 @@ async def test_a_redis_a_newer_release_laid_out_is_refused_in_one_line(
             f" v{SCHEMA + 1}, newer than this mirror's v{SCHEMA}: run the newer release,"
             " or give this one a Redis (or db) of its own"
         ]
+    for command in ("ls", "gc", "verify"):
+        result = await asyncio.to_thread(
+            run_mirror, command, "--data-dir", str(tmp_path / "data"), "--redis-url", redis.url()
+        )
+        assert (result.returncode, len(result.stderr.splitlines())) == (1, 1), result.stderr
+        assert "newer than this mirror's" in result.stderr
     # Nothing was written: the record and the newer release's keys are as they were.
     assert sorted(client.keys()) == [SCHEMA_KEY.encode(), b"mirror:v2:somebody-elses"]
     assert client.get(SCHEMA_KEY) == str(SCHEMA + 1).encode()
