@@ -50,6 +50,7 @@ from tests.support.process import MirrorProcess
 from tests.support.redis_server import RedisServer
 
 MiB = 1024 * 1024
+BUDGET = 12 * MiB  # --max-cache-size
 INTERVAL = 10.0  # seconds between samples
 RSS_GROWTH = 0.10  # the most RSS may grow after the warm-up
 ANSWER_TIMEOUT = 60.0  # the mirror's --read-timeout is 5 s: an answer must come well before
@@ -72,6 +73,7 @@ class Sample:
     redis: int  # connections to Redis (the pool keeps those of its busiest moment)
     processes: int
     requests: int
+    disk_mib: float = 0.0  # blobs on disk (the budget is BUDGET); not judged, see run()
 
 
 @dataclass
@@ -113,11 +115,11 @@ class Report:
     def table(self) -> str:
         lines = [
             f"{'time':>7} {'phase':<8} {'RSS MiB':>8} {'fds':>5} {'redis':>5} {'procs':>5}"
-            f" {'requests':>9}"
+            f" {'requests':>9} {'disk MiB':>8}"
         ]
         lines += [
             f"{s.seconds:7.0f} {s.phase:<8} {s.rss_mib:8.1f} {s.fds:5d} {s.redis:5d}"
-            f" {s.processes:5d} {s.requests:9d}"
+            f" {s.processes:5d} {s.requests:9d} {s.disk_mib:8.1f}"
             for s in self.samples
         ]
         return "\n".join(lines)
@@ -407,13 +409,28 @@ async def publish_cold(content: Content, until: float, every: float = 5.0) -> No
         await asyncio.to_thread(content.publish)
 
 
-def take(pid: int, redis_port: int, seconds: float, phase: str, requests: int) -> Sample:
+Probe = tuple[int, int, Path]  # the mirror's PID, Redis's port, the blob directory
+
+
+def take(
+    pid: int, redis_port: int, blobs: Path, seconds: float, phase: str, requests: int
+) -> Sample:
     rss, fds, redis, count = measure(pid, redis_port)
-    return Sample(seconds, phase, rss, fds, redis, count, requests)
+    return Sample(seconds, phase, rss, fds, redis, count, requests, _size(blobs) / MiB)
+
+
+def _size(directory: Path) -> int:
+    """Bytes in the files under ``directory``; files removed meanwhile (eviction) count 0."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
 
 
 async def sample(
-    probe: tuple[int, int], report: Report, clients: Clients, times: tuple[float, float, float]
+    probe: Probe, report: Report, clients: Clients, times: tuple[float, float, float]
 ) -> None:
     """A sample every INTERVAL; ``probe`` is (the mirror's PID, Redis's port), ``times``
     (start, end, warm-up)."""
@@ -454,13 +471,15 @@ async def run(minutes: float, *, work_dir: Path, seed: int = 1, workers: int = 2
         async with FakeHub() as hub:
             hub.retry_after = "3"  # a 429 fault ends within seconds, not a minute later
             content = Content(hub, rng)
-            budget = 12 * MiB  # well below what a run pulls: eviction never rests
+            # Well below what a run pulls: eviction never rests. The blobs' size on disk is
+            # sampled but not judged: after Redis restarts empty, the blobs it no longer
+            # knows are never evicted, and the disk outgrows the budget (reported).
             process = MirrorProcess(
                 work_dir / "data",
                 hub.url,
                 "--workers", str(workers),
                 "--redis-url", redis.url(),
-                "--max-cache-size", str(budget),
+                "--max-cache-size", str(BUDGET),
                 "--read-timeout", "5",
                 "--log-level", "warning",
                 name="soak",
@@ -495,7 +514,7 @@ async def _drive(
         await asyncio.gather(*(clients.run(session, prime_until) for _ in range(CLIENTS)))
     await asyncio.sleep(5)  # the clients' connections close; the mirror notices
     names = _port_names(process, hub, redis)
-    probe = (process.pid, redis.port)
+    probe = (process.pid, redis.port, process.data_dir / "blobs")
     primed = take(*probe, 0.0, "primed", clients.requests)
     report.fd_baseline = primed.fds - primed.redis
     before = open_files(process.pid, names)
@@ -541,7 +560,7 @@ def _port_names(process: MirrorProcess, hub: FakeHub, redis: RedisServer) -> dic
 
 
 async def _drain(
-    probe: tuple[int, int], baseline: int, started: float, report: Report, clients: Clients
+    probe: Probe, baseline: int, started: float, report: Report, clients: Clients
 ) -> int:
     """Wait for the descriptors (but the Redis pool's) to come back to ``baseline``; the
     last count."""
@@ -648,6 +667,7 @@ def read_samples(path: Path, minutes: float) -> Report:
             int(row["redis"]),
             int(row["processes"]),
             int(row["requests"]),
+            float(row.get("disk_mib") or 0.0),
         )
         for row in rows
     ]
