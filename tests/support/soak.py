@@ -166,7 +166,7 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def measure(pid: int, redis_port: int) -> tuple[float, int, int, int]:
+def measure(pid: int, sockets: Sockets) -> tuple[float, int, int, int]:
     """(RSS in MiB, open descriptors, connections to Redis, processes) over ``pid``'s tree."""
     rss_kib = fds = count = 0
     for member in process_tree(pid):
@@ -177,13 +177,34 @@ def measure(pid: int, redis_port: int) -> tuple[float, int, int, int]:
             )
             fds += len(os.listdir(f"/proc/{member}/fd"))
             count += 1
-    redis = open_files(pid, {redis_port: "redis"})["socket to redis"]
+    redis = open_files(pid, sockets)["socket to redis"]
     return rss_kib / 1024, fds, redis, count
 
 
-def open_files(pid: int, names: dict[int, str]) -> Counter[str]:
-    """What the descriptors of ``pid``'s tree point at: files, pipes, and sockets by the
-    port at their other end (named through ``names``), for saying what leaked."""
+class Sockets:
+    """Names sockets by the port at their other end (``names``: port -> what listens there).
+
+    A name, once known, stays with its socket: a connection whose peer went away (Redis
+    restarted) leaves the kernel's tables while the process may still hold it open, and
+    it must still count as what it was.
+    """
+
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names = names
+        self.known: dict[str, str] = {}  # inode -> name
+
+    def name(self, inode: str, peers: dict[str, int]) -> str:
+        if inode in peers:
+            port = peers[inode]
+            self.known[inode] = (
+                f"socket to {self.names.get(port, port)}" if port else "listening socket"
+            )
+        return self.known.get(inode, "socket of a connection already closed (peer unknown)")
+
+
+def open_files(pid: int, sockets: Sockets) -> Counter[str]:
+    """What the descriptors of ``pid``'s tree point at: files, pipes, and sockets by what
+    is at their other end, for saying what leaked."""
     peers = _socket_peers()
     found: Counter[str] = Counter()
     for member in process_tree(pid):
@@ -192,8 +213,7 @@ def open_files(pid: int, names: dict[int, str]) -> Counter[str]:
                 with contextlib.suppress(OSError):
                     target = os.readlink(f"/proc/{member}/fd/{fd}")
                     if target.startswith("socket:["):
-                        port = peers.get(target[8:-1], 0)
-                        target = f"socket to {names.get(port, port or 'nothing (listening)')}"
+                        target = sockets.name(target[8:-1], peers)
                     found[target] += 1
     return found
 
@@ -409,13 +429,13 @@ async def publish_cold(content: Content, until: float, every: float = 5.0) -> No
         await asyncio.to_thread(content.publish)
 
 
-Probe = tuple[int, int, Path]  # the mirror's PID, Redis's port, the blob directory
+Probe = tuple[int, Sockets, Path]  # the mirror's PID, its sockets' names, the blob directory
 
 
 def take(
-    pid: int, redis_port: int, blobs: Path, seconds: float, phase: str, requests: int
+    pid: int, sockets: Sockets, blobs: Path, seconds: float, phase: str, requests: int
 ) -> Sample:
-    rss, fds, redis, count = measure(pid, redis_port)
+    rss, fds, redis, count = measure(pid, sockets)
     return Sample(seconds, phase, rss, fds, redis, count, requests, _size(blobs) / MiB)
 
 
@@ -513,11 +533,11 @@ async def _drive(
         await asyncio.gather(*(clients.pull(session, image) for image in content.warm * CLIENTS))
         await asyncio.gather(*(clients.run(session, prime_until) for _ in range(CLIENTS)))
     await asyncio.sleep(5)  # the clients' connections close; the mirror notices
-    names = _port_names(process, hub, redis)
-    probe = (process.pid, redis.port, process.data_dir / "blobs")
+    sockets = Sockets(_port_names(process, hub, redis))
+    probe = (process.pid, sockets, process.data_dir / "blobs")
     primed = take(*probe, 0.0, "primed", clients.requests)
     report.fd_baseline = primed.fds - primed.redis
-    before = open_files(process.pid, names)
+    before = open_files(process.pid, sockets)
     started = time.monotonic()
     until = started + duration
     async with aiohttp.ClientSession(
@@ -542,7 +562,7 @@ async def _drive(
         report.rss_start, report.rss_end = load[0].rss_mib, load[-1].rss_mib
     hub.stall_next_blob_at = None
     report.fd_end = await _drain(probe, report.fd_baseline, started, report, clients)
-    leaked = open_files(process.pid, names) - before
+    leaked = open_files(process.pid, sockets) - before
     report.fd_leaked = Counter({k: n for k, n in leaked.items() if k != "socket to redis"})
 
 
