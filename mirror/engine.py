@@ -253,6 +253,14 @@ def _open_blobs(settings: Settings, *, sweep: bool) -> BlobStore:
     return blobs
 
 
+async def check_store(settings: Settings) -> None:
+    """Open and close a Redis store once, before a server starts any worker: keys a newer
+    release laid out (``NewerSchema``) stop the start here, in one line."""
+    if settings.redis_url is not None:
+        store = await RedisStore.open(settings.redis_url)
+        await store.close()
+
+
 async def _open_store(settings: Settings) -> MetadataStore:
     if settings.redis_url is not None:
         # Blob records are the data dir's: replicas with data dirs of their own keep theirs.

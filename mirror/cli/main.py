@@ -19,7 +19,9 @@ from mirror import __version__
 from mirror.cli import commands
 from mirror.cli.workers import run_workers
 from mirror.config import ENV_PREFIX, FLAG_KEYS, ConfigError, Settings, load
+from mirror.content.protocols import NewerSchema
 from mirror.domain.pins import Pin
+from mirror.engine import check_store
 from mirror.logs import configure
 from mirror.services.bundle import repository_for_tags
 from mirror.services.layout import DEFAULT_BOUNDS
@@ -359,9 +361,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "serve":
         return serve(settings)
-    if args.command == "ls":
-        return asyncio.run(commands.ls(settings, pattern, as_json=args.json))
-    return _COMMANDS[args.command](settings, args)
+    try:
+        if args.command == "ls":
+            return asyncio.run(commands.ls(settings, pattern, as_json=args.json))
+        return _COMMANDS[args.command](settings, args)
+    except NewerSchema as exc:  # gc, verify, seed, ... touch nothing of a newer release's
+        print(f"mirror: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _gc(settings: Settings, args: argparse.Namespace) -> int:
@@ -407,11 +413,13 @@ def serve(settings: Settings) -> int:
         return EXIT_USAGE
     warn_at_start(settings)
     try:
+        asyncio.run(check_store(settings))  # before any worker: one line, not one per worker
         if settings.workers > 1:
             return run_workers(settings, settings.workers)
         serve_one(settings)
-    except OSError as exc:
-        # The port is taken or the data dir unusable: say so in one line, not a traceback.
+    except (OSError, NewerSchema) as exc:
+        # The port is taken, the data dir unusable, or the store a newer release's: say so
+        # in one line, not a traceback.
         print(f"mirror: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return 0

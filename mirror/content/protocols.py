@@ -18,6 +18,10 @@ class StoreUnavailable(Exception):
     """A shared store (Redis) did not answer, or answered with an error; the caller degrades."""
 
 
+class NewerSchema(RuntimeError):
+    """The store was written by a newer release: this one stops rather than corrupt it."""
+
+
 # Negative-cache keys for what is not a tag: the repository itself, a manifest digest, a blob.
 REPOSITORY_MISSING = "@repository"
 

@@ -15,6 +15,13 @@ repository, digest and tag::
     mirror:v1:{R:P}:missing:T    string "1"                              expires after the ttl
     mirror:v1:pins               set   the images seed and import pinned
 
+Besides them, ``mirror:schema`` (a string, outside every versioned prefix so that every
+release finds it) holds the newest key schema a release has used on this Redis. Each
+release raises it to its own :data:`SCHEMA` when it opens the store, and refuses to start
+when it is already higher: keys a newer release laid out are never rewritten by an older
+one during a rolling upgrade. A release that only adds keys keeps the number; one that
+changes what existing keys mean raises it.
+
 ``{R:P}`` is the Redis Cluster hash tag: all keys of one repository live in one slot, so the
 tag, its manifest and its negative entry can be used together (MULTI, Lua) on a cluster,
 while different repositories still spread over the slots. Manifests are immutable (keyed by
@@ -37,10 +44,12 @@ when Redis comes back, the store works again without being reopened.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import quote, unquote
 
+import structlog
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -48,13 +57,23 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from mirror.content.graph_redis import RedisGraph
-from mirror.content.protocols import StoreUnavailable, is_tag
+from mirror.content.protocols import NewerSchema, StoreUnavailable, is_tag
 from mirror.domain.manifests import Manifest, TaggedRecord, TagRecord
 
-__all__ = ["PREFIX", "RedisStore", "StoreUnavailable"]
+__all__ = ["PREFIX", "SCHEMA", "RedisStore", "StoreUnavailable"]
+
+log = structlog.get_logger(__name__)
 
 PREFIX = "mirror:v1:"
 PINS = f"{PREFIX}pins"
+SCHEMA = 1  # the key schema above; see the module's docstring for when it changes
+SCHEMA_KEY = "mirror:schema"
+# Raise the record to this release's schema, never lower it; the number found before.
+_CLAIM_SCHEMA = """
+local found = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if found < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return found
+"""
 
 
 class RedisStore:
@@ -82,8 +101,10 @@ class RedisStore:
     ) -> RedisStore:
         """A store on ``redis://``, ``rediss://`` or ``unix://`` ``url`` (password, db in it).
 
-        Nothing is sent yet: an unreachable Redis does not stop the mirror from starting
-        (:meth:`ping` tells readiness), but a malformed URL raises ``ValueError`` here.
+        Only the schema record is read and raised (``NewerSchema`` when a newer release
+        wrote it): an unreachable Redis does not stop the mirror from starting
+        (:meth:`ping` tells readiness) and costs at most ``timeout`` seconds here, but a
+        malformed URL raises ``ValueError``.
         """
         client = Redis.from_url(
             url,
@@ -94,7 +115,29 @@ class RedisStore:
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             decode_responses=False,
         )
-        return cls(client, scope=scope)
+        store = cls(client, scope=scope)
+        try:
+            await store._claim_schema(timeout)
+        except NewerSchema:
+            await client.aclose()
+            raise
+        return store
+
+    async def _claim_schema(self, timeout: float) -> None:  # noqa: ASYNC109 - as open's
+        try:
+            async with asyncio.timeout(timeout):
+                found = int(await self._redis.eval(_CLAIM_SCHEMA, 1, SCHEMA_KEY, SCHEMA))
+        except (RedisError, TimeoutError, ValueError) as error:
+            # Redis down at start must not keep the mirror down; the check waits for the next
+            # start (a mirror started so writes v1 keys unchecked, as releases before it did).
+            log.warning("redis_schema_unchecked", error=f"{type(error).__name__}: {error}")
+            return
+        if found > SCHEMA:
+            raise NewerSchema(
+                f"Redis at {_where(self._redis)} holds keys of schema v{found}, newer than this"
+                f" mirror's v{SCHEMA}: run the newer release, or give this one a Redis"
+                " (or db) of its own"
+            )
 
     async def ping(self) -> bool:
         """Does Redis answer? For readiness; never raises."""
@@ -199,6 +242,13 @@ class RedisStore:
     async def close(self) -> None:
         with _unavailable("close"):
             await self._redis.aclose()
+
+
+def _where(client: Redis) -> str:
+    """The server and db, without credentials."""
+    kwargs = client.connection_pool.connection_kwargs
+    place = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+    return f"{place} db {kwargs.get('db', 0)}"
 
 
 def _key(registry: str, repository: str, kind: str, name: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
+from mirror.content.protocols import NewerSchema
 from mirror.domain.manifests import ManifestParseError, References, parse
 
 _V1 = """
@@ -100,7 +101,7 @@ def migrate(db: sqlite3.Connection) -> int:
     """Bring ``db`` to :data:`VERSION`; the version it was at."""
     (found,) = db.execute("PRAGMA user_version").fetchone()
     if found > VERSION:
-        raise RuntimeError(
+        raise NewerSchema(
             f"the metadata store is at schema v{found}, newer than this mirror (v{VERSION})"
         )
     for version in range(found, VERSION):

@@ -298,7 +298,7 @@ async def test_open_accepts_redis_rediss_and_unix_urls() -> None:
         ("rediss://user:secret@redis.internal:6380/3", SSLConnection),
         ("unix:///run/redis/redis.sock?db=3&password=secret", UnixDomainSocketConnection),
     ]:
-        store = await RedisStore.open(url, timeout=1.5)  # connects on first use, not here
+        store = await RedisStore.open(url, timeout=1.5)  # unreachable: the schema check is skipped
         pool = store._redis.connection_pool
         kwargs = pool.connection_kwargs
         assert (kwargs["db"], kwargs["password"]) == (3, "secret"), url
