@@ -120,6 +120,8 @@ async def open_engine(
         stack.push_async_callback(coordinator.close)
         if isinstance(coordinator, RedisCoordinator):  # one Redis: one verdict on its health
             coordinator.on_down, store.on_down = store.failed, coordinator.failed
+        if isinstance(inner, RedisStore) and inner.unreachable is not None:
+            store.failed(inner.unreachable)
         errors = RecentErrors(settings.data_dir / "run", clock=clock.time)
         upstreams = await stack.enter_async_context(
             _upstreams(settings, metrics, coordinator, overrides, errors, clock=clock)

@@ -331,6 +331,7 @@ _DEFAULT_RE = re.compile(r"\s*\(default [^)]*\)|;\s*default [^)]*(?=\))")
 def _annotate(parser: argparse.ArgumentParser) -> None:
     """Every setting's help ends with its default and its environment variable, the same
     way everywhere, so --help is the reference and no help text repeats a default."""
+    # argparse lists a parser's arguments only in private ``_actions``; help is the reference.
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for command in action.choices.values():

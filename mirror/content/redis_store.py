@@ -85,6 +85,9 @@ class RedisStore:
             raise ValueError("RedisStore needs a client with decode_responses=False")
         self._redis = client
         self.graph = RedisGraph(client, scope)
+        # Why Redis did not answer at start, if it did not: the mirror starts in its outage
+        # mode rather than let the first requests find out one timeout each.
+        self.unreachable: Exception | None = None
 
     @property
     def client(self) -> Redis:
@@ -131,6 +134,7 @@ class RedisStore:
             # Redis down at start must not keep the mirror down; the check waits for the next
             # start (a mirror started so writes v1 keys unchecked, as releases before it did).
             log.warning("redis_schema_unchecked", error=f"{type(error).__name__}: {error}")
+            self.unreachable = error
             return
         if found > SCHEMA:
             raise NewerSchema(

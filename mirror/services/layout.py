@@ -132,6 +132,8 @@ class _BoundedInfo(tarfile.TarInfo):
     names) larger than ``Bounds.header`` or chained deeper than a few; and sparse files,
     which no image layout holds. tarfile itself reads any such header whole into memory."""
 
+    # tarfile has no public hook between reading a header and reading what it extends:
+    # ``_proc_member`` is where it dispatches on the header's type.
     def _proc_member(self, tar: _BoundedTar) -> tarfile.TarInfo:
         if self.type not in _EXTENSIONS:
             return super()._proc_member(tar)  # type: ignore[misc,no-any-return]

@@ -157,14 +157,14 @@ class Referrers:
             held = await store.get_manifest(registry, repository, record.digest)
             if held is not None:
                 return held, Outcome.HIT
-        await resolver._may_ask_upstream(registry, repository, cold=record is None)
+        await resolver.may_ask_upstream(registry, repository, cold=record is None)
         try:
-            return await resolver._coalesced(
+            return await resolver.coalesced(
                 ("referrers", registry, repository, str(digest)),
                 lambda: self._refresh(client, registry, repository, digest),
             )
         except (UpstreamError, TooManyRequests) as exc:
-            stale = await resolver._stale(registry, repository, record)
+            stale = await resolver.stale_record(registry, repository, record)
             if stale is None:
                 return await self._offline_answer(registry, repository, digest, exc)
             log.warning(

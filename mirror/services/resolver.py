@@ -218,9 +218,9 @@ class Resolver:
                 return manifest, Outcome.HIT
         if await self.store.get_missing(registry, repository, tag):
             raise ManifestUnknown(detail={"tag": tag, "cached": "upstream answered 404"})
-        await self._may_ask_upstream(registry, repository, cold=record is None)
+        await self.may_ask_upstream(registry, repository, cold=record is None)
         try:
-            return await self._coalesced(
+            return await self.coalesced(
                 ("tag", registry, repository, tag),
                 lambda: self._refresh_tag_once(client, registry, repository, tag, record),
             )
@@ -228,7 +228,7 @@ class Resolver:
             await self.store.put_missing(registry, repository, tag, self._negative_ttl)
             raise
         except (UpstreamError, TooManyRequests) as exc:
-            stale = await self._stale(registry, repository, record)
+            stale = await self.stale_record(registry, repository, record)
             if stale is None:
                 raise
             log.warning(
@@ -240,7 +240,7 @@ class Resolver:
             )
             return stale[0], Outcome.STALE
 
-    async def _stale(
+    async def stale_record(
         self, registry: str, repository: str, record: TagRecord | None
     ) -> tuple[Manifest, float] | None:
         """The manifest a tag last pointed to, if it may still be served past its window."""
@@ -341,7 +341,7 @@ class Resolver:
             return manifest, Outcome.HIT
         if await self.store.get_missing(registry, repository, str(digest)):
             raise ManifestUnknown(detail={"digest": str(digest), "cached": "upstream answered 404"})
-        await self._may_ask_upstream(registry, repository, cold=True)
+        await self.may_ask_upstream(registry, repository, cold=True)
         wanted = (*MANIFEST_TYPES, *(t for t in accept if t not in MANIFEST_TYPES))
         try:
             return await self._fetch(client, registry, repository, str(digest), wanted)
@@ -349,7 +349,7 @@ class Resolver:
             await self.store.put_missing(registry, repository, str(digest), self._negative_ttl)
             raise
 
-    async def _may_ask_upstream(self, registry: str, repository: str, *, cold: bool) -> None:
+    async def may_ask_upstream(self, registry: str, repository: str, *, cold: bool) -> None:
         """Refuse what the negative cache or the cold-lookup rate says not to send upstream."""
         await self._refuse_unknown_repository(registry, repository)
         if cold:
@@ -408,7 +408,7 @@ class Resolver:
             await self._store_manifest(registry, repository, manifest)
             return manifest, Outcome.MISS
 
-        return await self._coalesced(("get", registry, repository, reference, *accept), fetch)
+        return await self.coalesced(("get", registry, repository, reference, *accept), fetch)
 
     def _charge_miss(self) -> None:
         """A manifest GET upstream is about to be spent for the client being served: refused
@@ -422,7 +422,7 @@ class Resolver:
                 headers={"Retry-After": str(max(int(wait + 0.999), 1))},
             )
 
-    async def _coalesced(
+    async def coalesced(
         self, key: tuple[str, ...], work: Callable[[], Awaitable[tuple[Manifest, Outcome]]]
     ) -> tuple[Manifest, Outcome]:
         (manifest, outcome), shared = await self._manifest_flights.run(key, work)
@@ -560,7 +560,7 @@ class Resolver:
         page = self._tag_pages.get(key)
         if page is not None:
             return page
-        await self._may_ask_upstream(registry, repository, cold=False)
+        await self.may_ask_upstream(registry, repository, cold=False)
         try:
             page = await client.get_tags(repository, query)
         except NameUnknown as exc:
