@@ -32,19 +32,18 @@ the caller has one exception to catch to degrade (serve from its in-process cach
 upstream). :meth:`RedisStore.open` sets socket connect and read timeouts and retries a
 command at most once, only after a dropped connection, so a dead Redis costs a request at
 most about ``timeout`` seconds. A lost connection is re-established on the next call:
-when Redis comes back, the store works again without being reopened.
+when Redis comes back, the store works again without being reopened. Behind Sentinel the
+next connection goes to whichever master the sentinels name then.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import quote, unquote
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from mirror.store.graph_redis import RedisGraph
@@ -55,6 +54,7 @@ from mirror.store.protocols import (
     TagRecord,
     is_tag,
 )
+from mirror.store.redis_client import connect
 
 __all__ = ["PREFIX", "RedisStore", "StoreUnavailable"]
 
@@ -84,22 +84,14 @@ class RedisStore:
         *,
         timeout: float = 2.0,  # noqa: ASYNC109 - the client's socket timeouts, not a deadline
         scope: str = "default",
+        ca_file: Path | None = None,
     ) -> RedisStore:
-        """A store on ``redis://``, ``rediss://`` or ``unix://`` ``url`` (password, db in it).
+        """A store on ``url`` (any form :mod:`mirror.store.redis_client` reads).
 
         Nothing is sent yet: an unreachable Redis does not stop the mirror from starting
         (:meth:`ping` tells readiness), but a malformed URL raises ``ValueError`` here.
         """
-        client = Redis.from_url(
-            url,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            # One immediate retry, and only for a dropped connection (a pooled one that
-            # Redis closed on restart); a timeout is not retried, to bound the wait.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            decode_responses=False,
-        )
-        return cls(client, scope=scope)
+        return cls(connect(url, ca_file=ca_file, timeout=timeout), scope=scope)
 
     async def ping(self) -> bool:
         """Does Redis answer? For readiness; never raises."""
