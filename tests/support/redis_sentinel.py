@@ -72,8 +72,13 @@ class SentinelGroup:
             time.sleep(0.1)
         raise AssertionError(f"no sentinel failover within {timeout} s: {self._logs()}")
 
-    def client(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, socket_timeout=2)
+    def wait_for_role(self, port: int, role: str, timeout: float = READY_TIMEOUT) -> None:
+        """Wait until the server on ``port`` is a ``master`` or a ``slave`` (ROLE's words)."""
+        deadline = time.monotonic() + timeout
+        while _role(port) != role:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{port} is no {role} after {timeout} s: {self._logs()}")
+            time.sleep(0.1)
 
     def _master_named_by(self, port: int) -> int | None:
         try:
