@@ -2,6 +2,7 @@
 sentinels (real redis-server processes), the mirror given ``redis+sentinel://``."""
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from mirror.store.redis_client import connect
 from tests.support.binaries import require_binary
 from tests.support.fakehub import FakeHub
 from tests.support.oci import OCI_MANIFEST, make_image, make_layer, make_random_layer
-from tests.support.process import MirrorProcess
+from tests.support.process import MirrorProcess, run_mirror
 from tests.support.redis_sentinel import SentinelGroup
 
 ACCEPT = {"Accept": OCI_MANIFEST}
@@ -75,7 +76,8 @@ async def test_pulls_through_sentinel_are_cached_in_the_master(
     layer = make_layer(b"behind sentinel" * 1000)
     image = make_image([layer])
     fake_hub.add_image("library/app", "1.0", image)
-    process = MirrorProcess(tmp_path / "data", fake_hub.url, "--redis-url", sentinels.url(3))
+    url = sentinels.url(3)
+    process = MirrorProcess(tmp_path / "data", fake_hub.url, "--redis-url", url, "--workers", "2")
     await asyncio.to_thread(process.start)
     try:
         async with aiohttp.ClientSession() as session:
@@ -94,6 +96,12 @@ async def test_pulls_through_sentinel_are_cached_in_the_master(
         manifests = list(client.scan_iter(match="mirror:v1:*:manifest:*"))
     assert len(tags) == 1
     assert len(manifests) == 1
+    # The offline subcommands reach the same Redis through the sentinels.
+    listed = await asyncio.to_thread(
+        run_mirror, "ls", "--json", "--data-dir", str(tmp_path / "data"), "--redis-url", url
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert [row["tag"] for row in json.loads(listed.stdout)] == ["1.0"]
 
 
 async def test_cached_pulls_go_on_while_the_master_is_killed_and_sharing_resumes_after(
