@@ -228,7 +228,8 @@ async def test_a_dropped_connection_reconnects_to_the_master_the_sentinels_name(
     client = connect(sentinels.url())
     try:
         await client.set(b"before", b"1")
-        connection = await client.connection_pool.get_connection()
+        pool = client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
         try:
             old_master = sentinels.master.port
             await asyncio.to_thread(sentinels.master.kill)

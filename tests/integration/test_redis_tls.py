@@ -48,8 +48,12 @@ class TLSRedis(RedisServer):
 
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[TLSRedis]:
-    with TLSRedis(require_binary("redis-server"), tmp_path / "redis-tls") as server:
+    server = TLSRedis(require_binary("redis-server"), tmp_path / "redis-tls")
+    server.start()
+    try:
         yield server
+    finally:
+        server.close()
 
 
 async def readyz_store(session: aiohttp.ClientSession, process: MirrorProcess) -> str:

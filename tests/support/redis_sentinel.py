@@ -194,4 +194,4 @@ def _replica_in_sync(port: int) -> bool:
             info = client.info("replication")
     except redis.RedisError:
         return False
-    return info.get("master_link_status") == "up"
+    return bool(info.get("master_link_status") == "up")
