@@ -243,3 +243,29 @@ async def test_a_dropped_connection_reconnects_to_the_master_the_sentinels_name(
     finally:
         await client.aclose()
     assert keys_on(new_master, "after") == [b"after"]
+
+
+async def test_rediss_sentinel_follows_the_master_over_tls(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    with SentinelGroup(require_binary("redis-server"), tls=True) as group:
+        fake_hub.add_image("library/app", "1.0", make_image([make_layer(b"before")]))
+        process = MirrorProcess(
+            tmp_path / "data",
+            fake_hub.url,
+            *("--redis-url", group.url(), "--redis-ca-file", str(group.ca_file)),
+        )
+        await asyncio.to_thread(process.start)
+        try:
+            async with aiohttp.ClientSession() as session:
+                assert (await fetch(session, f"{process.url}/v2/app/manifests/1.0"))[0] == 200
+                assert len(keys_on(group.master.port, "mirror:v1:*:tag:1.0")) == 1
+
+                await asyncio.to_thread(group.master.kill)
+                new_master = await asyncio.to_thread(group.wait_for_new_master, group.master.port)
+                await wait_store_ok(session, process)
+                fake_hub.add_image("library/app", "2.0", make_image([make_layer(b"after")]))
+                assert (await fetch(session, f"{process.url}/v2/app/manifests/2.0"))[0] == 200
+                assert len(keys_on(new_master, "mirror:v1:*:tag:2.0")) == 1
+        finally:
+            await asyncio.to_thread(process.stop)

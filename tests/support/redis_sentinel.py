@@ -11,6 +11,7 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+import trustme
 
 from tests.support.daemon import terminate
 from tests.support.realregistry import free_port
@@ -24,9 +25,17 @@ FAILOVER_TIMEOUT_MS = 5000
 
 
 class SentinelGroup:
-    """`with SentinelGroup() as group:` runs the five processes; ``group.url()`` names them."""
+    """`with SentinelGroup() as group:` runs the five processes; ``group.url()`` names them.
 
-    def __init__(self, binary: str = "redis-server", *, sentinels: int = 3) -> None:
+    With ``tls``, every process also has a TLS port (certificates from a CA made here, in
+    ``ca_file``) and they speak TLS among themselves, so the sentinels name TLS ports and
+    ``url()`` is a ``rediss+sentinel://`` one. The ports this class hands out are always the
+    plain ones, for the tests' own checks.
+    """
+
+    def __init__(
+        self, binary: str = "redis-server", *, sentinels: int = 3, tls: bool = False
+    ) -> None:
         self.binary = binary
         self.directory = Path(tempfile.mkdtemp(prefix="redis-sentinel-"))
         self.master = RedisServer(binary)
@@ -34,15 +43,21 @@ class SentinelGroup:
         self.sentinel_ports: list[int] = []
         self._count = sentinels
         self._sentinels: list[subprocess.Popen[bytes]] = []
+        self.ca_file = self.directory / "ca.pem"
+        self._tls_options = _certificates(self.directory) if tls else ()
+        self._tls_ports: dict[int, int] = {}  # plain port -> TLS port, for each process
 
     def url(self, db: int = 0) -> str:
-        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
-        return f"redis+sentinel://{hosts}/{SERVICE}/{db}"
+        scheme = "rediss+sentinel" if self._tls_options else "redis+sentinel"
+        ports = (self._announced(port) for port in self.sentinel_ports)
+        hosts = ",".join(f"127.0.0.1:{port}" for port in ports)
+        return f"{scheme}://{hosts}/{SERVICE}/{db}"
 
     def start(self) -> None:
-        self.master.start()
-        self.replica.extra = ("--replicaof", "127.0.0.1", str(self.master.port))
-        self.replica.start()
+        self._start_server(self.master)
+        self._start_server(
+            self.replica, "--replicaof", "127.0.0.1", self._announced(self.master.port)
+        )
         for number in range(self._count):
             self._start_sentinel(number)
         self._wait_ready()
@@ -56,7 +71,7 @@ class SentinelGroup:
             except redis.RedisError:
                 continue
             if address:
-                return int(address[1])
+                return self._plain(int(address[1]))
         return None
 
     def wait_for_new_master(self, old_port: int, timeout: float = READY_TIMEOUT) -> int:
@@ -86,18 +101,40 @@ class SentinelGroup:
                 address = client.sentinel_get_master_addr_by_name(SERVICE)
         except redis.RedisError:
             return None
-        return int(address[1]) if address else None
+        return self._plain(int(address[1])) if address else None
+
+    def _start_server(self, server: RedisServer, *options: str | int) -> None:
+        if self._tls_options:
+            tls_port = free_port()
+            options = (*options, "--tls-port", tls_port, *self._tls_options)
+        server.extra = tuple(str(option) for option in options)
+        server.start()
+        if self._tls_options:
+            self._tls_ports[server.port] = tls_port
+
+    def _announced(self, port: int) -> int:
+        """The port the processes name each other by."""
+        return self._tls_ports.get(port, port)
+
+    def _plain(self, announced: int) -> int:
+        plain = {tls: plain for plain, tls in self._tls_ports.items()}
+        return plain.get(announced, announced)
 
     def _start_sentinel(self, number: int) -> None:
         for _ in range(3):  # another process may take the free port first
-            port = free_port()
+            port, tls_port = free_port(), free_port()
+            tls = "".join(
+                f"{name.removeprefix('--')} {value}\n"
+                for name, value in zip(self._tls_options[::2], self._tls_options[1::2], strict=True)
+            )
             config = self.directory / f"sentinel-{number}.conf"
             config.write_text(  # the sentinel rewrites its file, so one each
                 f"port {port}\n"
                 "bind 127.0.0.1\n"
                 f"dir {self.directory}\n"
                 f"logfile {self.directory / f'sentinel-{number}.log'}\n"
-                f"sentinel monitor {SERVICE} 127.0.0.1 {self.master.port} 2\n"
+                + (f"tls-port {tls_port}\n{tls}" if tls else "")
+                + f"sentinel monitor {SERVICE} 127.0.0.1 {self._announced(self.master.port)} 2\n"
                 f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
             )
@@ -110,6 +147,8 @@ class SentinelGroup:
             if _wait_ping(port, process):
                 self._sentinels.append(process)
                 self.sentinel_ports.append(port)
+                if tls:
+                    self._tls_ports[port] = tls_port
                 return
             terminate(process)
         raise RuntimeError(f"redis sentinel did not start: {self._logs()}")
@@ -164,6 +203,22 @@ class SentinelGroup:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _certificates(directory: Path) -> tuple[str, ...]:
+    """A CA (``ca.pem``) and a certificate for 127.0.0.1; the options that serve it."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    issued.cert_chain_pems[0].write_to_path(str(directory / "redis.crt"))
+    issued.private_key_pem.write_to_path(str(directory / "redis.key"))
+    return (
+        "--tls-cert-file", str(directory / "redis.crt"),
+        "--tls-key-file", str(directory / "redis.key"),
+        "--tls-ca-cert-file", str(directory / "ca.pem"),
+        "--tls-auth-clients", "no",
+        "--tls-replication", "yes",
+    )  # fmt: skip
 
 
 def _wait_ping(port: int, process: subprocess.Popen[bytes]) -> bool:
