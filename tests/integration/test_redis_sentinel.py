@@ -219,12 +219,14 @@ async def test_a_demoted_master_sends_writes_to_the_new_one(
         assert "store_unavailable" not in process.log()
 
 
+@pytest.mark.parametrize("back_as", ["master", "replica"])
 async def test_a_dropped_connection_reconnects_to_the_master_the_sentinels_name(
-    sentinels: SentinelGroup,
+    sentinels: SentinelGroup, back_as: str
 ) -> None:
     """redis-py retries a command once after a dropped connection; the reconnect must ask
     the sentinels, not go back to the old master's address, where the old master may be
-    running again (restarted, not yet demoted) and take writes the new master never sees."""
+    running again: restarted and not yet demoted, it takes writes the new master never
+    sees; back as a replica, it answers READONLY."""
     client = connect(sentinels.url())
     try:
         await client.set(b"before", b"1")
@@ -234,7 +236,9 @@ async def test_a_dropped_connection_reconnects_to_the_master_the_sentinels_name(
             old_master = sentinels.master.port
             await asyncio.to_thread(sentinels.master.kill)
             new_master = await asyncio.to_thread(sentinels.wait_for_new_master, old_master)
-            await asyncio.to_thread(sentinels.master.start)  # back, still a master for now
+            if back_as == "replica":
+                sentinels.master.extra = ("--replicaof", "127.0.0.1", str(new_master))
+            await asyncio.to_thread(sentinels.master.start)
             await connection.disconnect()  # what the retry does after a dropped connection
             await connection.send_command("SET", "after", "2")
             assert await connection.read_response() == b"OK"
