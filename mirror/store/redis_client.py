@@ -64,6 +64,9 @@ def check_url(url: str) -> None:
         parse_url(url)
     except (TypeError, ValueError) as exc:
         raise ValueError(str(exc).splitlines()[0] if str(exc) else "not a Redis URL") from None
+    path = urlsplit(url).path.strip("/")
+    if scheme != "unix" and path:
+        _db(unquote(path))  # redis-py would quietly take db 0 for a db it cannot read
 
 
 def parse_sentinel_url(url: str) -> SentinelURL:

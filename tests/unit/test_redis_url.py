@@ -40,6 +40,7 @@ def test_a_sentinel_url_without_a_db_is_db_0_and_rediss_is_tls() -> None:
         ("redis+sentinel://s1:26379/cache?db=1", "takes no"),
         ("sentinel://s1:26379/cache", "expected a redis://"),
         ("redis://127.0.0.1:99999/0", "Port"),
+        ("redis://127.0.0.1:6379/O", "database 'O'"),
     ],
 )
 def test_a_bad_redis_url_fails_the_start_with_one_line_naming_the_flag(
