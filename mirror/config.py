@@ -24,7 +24,7 @@ from mirror.cosign import load_public_key
 from mirror.pins import Pin
 from mirror.reference import DOCKER_HUB
 from mirror.rules import AccessRules
-from mirror.store.redis_client import TLS_SCHEMES, check_url
+from mirror.store.redis_client import TLS_SCHEMES, check_url, masked_url
 from mirror.units import (
     SizeOrShare,
     parse_duration,
@@ -499,7 +499,8 @@ def _parse_all(raw: Mapping[str, tuple[Any, str]]) -> dict[str, Any]:
         try:
             parsed[key] = _KEYS[key].parse(value)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"bad value {value!r} for {origin}: {_one_line(exc)}") from None
+            shown = masked_url(str(value)) if key == "redis_url" else value
+            raise ConfigError(f"bad value {shown!r} for {origin}: {_one_line(exc)}") from None
     return parsed
 
 

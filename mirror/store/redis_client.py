@@ -69,6 +69,16 @@ def check_url(url: str) -> None:
         _db(unquote(path))  # redis-py would quietly take db 0 for a db it cannot read
 
 
+def masked_url(url: str) -> str:
+    """``url`` with its password, if any, as ``***``: for messages and logs."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{hosts}").geturl()
+
+
 def parse_sentinel_url(url: str) -> SentinelURL:
     """``redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]``."""
     parts = urlsplit(url)

@@ -52,6 +52,13 @@ def test_a_bad_redis_url_fails_the_start_with_one_line_naming_the_flag(
     assert str(raised.value).startswith(f"bad value {url!r} for --redis-url: ")
 
 
+def test_the_password_in_a_bad_redis_url_is_not_shown() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load({"redis_url": "redis+sentinel://me:hunter2@s1:26379"}, env={})
+    assert "hunter2" not in str(raised.value)
+    assert "redis+sentinel://me:***@s1:26379" in str(raised.value)
+
+
 def test_a_redis_ca_file_needs_a_tls_url(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     trustme.CA().cert_pem.write_to_path(str(ca))
