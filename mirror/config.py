@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from mirror.content.redis_client import TLS_SCHEMES, check_url, masked_url
 from mirror.domain.cosign import load_public_key
 from mirror.domain.pins import Pin
 from mirror.domain.reference import DOCKER_HUB
@@ -83,6 +84,8 @@ class Settings:
         default_factory=lambda: {DOCKER_HUB: UpstreamSettings(DOCKER_HUB, DEFAULT_UPSTREAM)}
     )
     redis_url: str | None = None
+    # Trusted besides the system CAs, for a rediss:// (or rediss+sentinel://) Redis.
+    redis_ca_file: Path | None = None
     tag_ttl: float = 300.0
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
@@ -230,8 +233,8 @@ def _optional_str(value: Any) -> str | None:
 
 def _redis_url(value: Any) -> str | None:
     text = _optional_str(value)
-    if text is not None and urlsplit(text).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    if text is not None:
+        check_url(text)
     return text
 
 
@@ -395,6 +398,7 @@ _KEYS: dict[str, _Key] = {
     "upstream_username": _Key(_optional_str, flag=False),
     "upstream_password": _Key(_optional_str, flag=False),
     "redis_url": _Key(_redis_url),
+    "redis_ca_file": _Key(lambda v: None if v in (None, "") else _ca_file(v)),
     "tag_ttl": _Key(_non_negative),
     "connect_timeout": _Key(_positive),
     "read_timeout": _Key(_positive),
@@ -495,7 +499,8 @@ def _parse_all(raw: Mapping[str, tuple[Any, str]]) -> dict[str, Any]:
         try:
             parsed[key] = _KEYS[key].parse(value)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"bad value {value!r} for {origin}: {_one_line(exc)}") from None
+            shown = masked_url(str(value)) if key == "redis_url" else value
+            raise ConfigError(f"bad value {shown!r} for {origin}: {_one_line(exc)}") from None
     return parsed
 
 
@@ -524,6 +529,9 @@ def _build(values: Mapping[str, Any]) -> Settings:
         raise ConfigError(
             f"repositories: pattern {unmatched[0]!r} names a registry that is no upstream"
         )
+    redis_scheme = urlsplit(values.get("redis_url") or "").scheme
+    if values.get("redis_ca_file") is not None and redis_scheme not in TLS_SCHEMES:
+        raise ConfigError("redis_ca_file needs a rediss:// or rediss+sentinel:// redis_url")
     if ("tls_cert" in values) != ("tls_key" in values):
         raise ConfigError("tls_cert and tls_key must be given together")
     host, port = values.get("listen", (defaults.listen_host, defaults.listen_port))
@@ -533,6 +541,7 @@ def _build(values: Mapping[str, Any]) -> Settings:
         data_dir=values.get("data_dir", defaults.data_dir),
         upstreams=upstreams,
         redis_url=values.get("redis_url"),
+        redis_ca_file=values.get("redis_ca_file"),
         tag_ttl=values.get("tag_ttl", defaults.tag_ttl),
         connect_timeout=values.get("connect_timeout", defaults.connect_timeout),
         read_timeout=values.get("read_timeout", defaults.read_timeout),

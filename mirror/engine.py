@@ -267,7 +267,9 @@ async def _open_store(settings: Settings) -> MetadataStore:
     if settings.redis_url is not None:
         # Blob records are the data dir's: replicas with data dirs of their own keep theirs.
         scope = await asyncio.to_thread(data_dir_identity, settings.data_dir)
-        return await RedisStore.open(settings.redis_url, scope=scope)
+        return await RedisStore.open(
+            settings.redis_url, scope=scope, ca_file=settings.redis_ca_file
+        )
     return await EmbeddedStore.open(settings.data_dir)
 
 

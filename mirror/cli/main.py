@@ -38,7 +38,12 @@ def _store_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--config", type=Path, help="YAML config file (or MIRROR_CONFIG)")
     options.add_argument("--data-dir", help="where blobs and metadata live (default ./mirror-data)")
-    options.add_argument("--redis-url", help="redis:// URL of a shared metadata store")
+    options.add_argument(
+        "--redis-url",
+        help="redis://, rediss:// or redis+sentinel://HOST:PORT[,...]/SERVICE[/DB] URL"
+        " of a shared metadata store",
+    )
+    options.add_argument("--redis-ca-file", help="PEM CA certificates to trust for rediss://")
     options.add_argument("--log-level", help="debug, info, warning or error")
     options.add_argument("--log-format", help="auto, json or console")
     return options
@@ -298,6 +303,7 @@ def _parser() -> argparse.ArgumentParser:
 _DEFAULTS = {
     "data_dir": "./mirror-data",
     "redis_url": "none: the embedded store",
+    "redis_ca_file": "none: the system CAs",
     "log_level": "info",
     "log_format": "auto: JSON lines unless on a terminal",
     "upstream": "https://registry-1.docker.io",

@@ -39,7 +39,8 @@ the caller has one exception to catch to degrade (serve from its in-process cach
 upstream). :meth:`RedisStore.open` sets socket connect and read timeouts and retries a
 command at most once, only after a dropped connection, so a dead Redis costs a request at
 most about ``timeout`` seconds. A lost connection is re-established on the next call:
-when Redis comes back, the store works again without being reopened.
+when Redis comes back, the store works again without being reopened. Behind Sentinel the
+next connection goes to whichever master the sentinels name then.
 """
 
 from __future__ import annotations
@@ -47,17 +48,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import quote, unquote
 
 import structlog
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from mirror.content.graph_redis import RedisGraph
 from mirror.content.protocols import NewerSchema, StoreUnavailable, is_tag
+from mirror.content.redis_client import connect
 from mirror.domain.manifests import Manifest, TaggedRecord, TagRecord
 
 __all__ = ["PREFIX", "SCHEMA", "RedisStore", "StoreUnavailable"]
@@ -101,23 +101,16 @@ class RedisStore:
         *,
         timeout: float = 2.0,  # noqa: ASYNC109 - the client's socket timeouts, not a deadline
         scope: str = "default",
+        ca_file: Path | None = None,
     ) -> RedisStore:
-        """A store on ``redis://``, ``rediss://`` or ``unix://`` ``url`` (password, db in it).
+        """A store on ``url`` (any form :mod:`mirror.content.redis_client` reads).
 
         Only the schema record is read and raised (``NewerSchema`` when a newer release
         wrote it): an unreachable Redis does not stop the mirror from starting
         (:meth:`ping` tells readiness) and costs at most ``timeout`` seconds here, but a
         malformed URL raises ``ValueError``.
         """
-        client = Redis.from_url(
-            url,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            # One immediate retry, and only for a dropped connection (a pooled one that
-            # Redis closed on restart); a timeout is not retried, to bound the wait.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            decode_responses=False,
-        )
+        client = connect(url, ca_file=ca_file, timeout=timeout)
         store = cls(client, scope=scope)
         try:
             await store._claim_schema(timeout)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote, urlencode
@@ -25,9 +26,16 @@ class RedisServer:
     which is what a Redis restart looks like to a client.
     """
 
-    def __init__(self, binary: str = "redis-server", *, password: str | None = None) -> None:
+    def __init__(
+        self,
+        binary: str = "redis-server",
+        *,
+        password: str | None = None,
+        extra: Sequence[str] = (),
+    ) -> None:
         self.binary = binary
         self.password = password
+        self.extra = tuple(extra)  # more options: --replicaof, --tls-port ...
         self.directory = Path(tempfile.mkdtemp(prefix="redis-server-"))
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
@@ -71,6 +79,7 @@ class RedisServer:
         ]  # fmt: skip
         if self.password is not None:
             command += ["--requirepass", self.password]
+        command += self.extra
         self._process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
@@ -98,6 +107,12 @@ class RedisServer:
     def _terminate(self) -> None:
         process, self._process = self._process, None
         terminate(process)
+
+    def kill(self) -> None:
+        """SIGKILL, as when the machine under it is lost: no goodbye to clients or replicas."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
 
     def stop(self) -> None:
         """Stop the server; the port and directory are kept for a later start()."""
