@@ -32,6 +32,7 @@ from mirror.routes.state import (
     RESOLVER,
     SETTINGS,
     STARTED,
+    STOPPING,
 )
 from mirror.status import History, started_at, totals
 
@@ -53,6 +54,7 @@ def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web
     if settings.auth is not None:
         app[HTPASSWD] = Htpasswd(settings.auth.htpasswd)
     app[FAILED_LOGINS] = FailedLogins()
+    app[STOPPING] = asyncio.Event()
     app.cleanup_ctx.append(_lifecycle(settings, overrides or Overrides()))
     v2.add_routes(app)
     ops.add_routes(app)

@@ -225,6 +225,16 @@ def _parser() -> argparse.ArgumentParser:
         "--event-loop", help="auto (uvloop when installed), uvloop or asyncio"
     )
     serve.add_argument(
+        "--shutdown-delay",
+        metavar="DURATION",
+        help="on SIGTERM, keep accepting this long while /readyz answers 503",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        metavar="DURATION",
+        help="then let transfers in flight finish for up to this long",
+    )
+    serve.add_argument(
         "--offline",
         action="store_const",
         const=True,
@@ -285,6 +295,8 @@ _DEFAULTS = {
     "client_max_transfers": "64",
     "offline": "off",
     "event_loop": "auto",
+    "shutdown_delay": "5s",
+    "shutdown_grace": "30s",
     "max_cache_size": "none",
     "min_free_space": "5%",
     "evict_unused_after": "off",

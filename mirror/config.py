@@ -117,6 +117,10 @@ class Settings:
     client_max_transfers: int = 64
     # auto: uvloop when it is installed; uvloop or asyncio to choose.
     event_loop: str = "auto"
+    # On SIGTERM: seconds /readyz says 503 while the port still accepts (load balancers
+    # notice late), then seconds transfers in flight may take to finish.
+    shutdown_delay: float = 5.0
+    shutdown_grace: float = 30.0
 
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
@@ -396,6 +400,8 @@ _KEYS: dict[str, _Key] = {
     "client_miss_limit": _Key(parse_rate),
     "client_max_transfers": _Key(_positive_int),
     "event_loop": _Key(_choice("auto", "uvloop", "asyncio")),
+    "shutdown_delay": _Key(parse_duration),
+    "shutdown_grace": _Key(parse_duration),
 }
 FLAG_KEYS = tuple(key for key, spec in _KEYS.items() if spec.flag)
 
@@ -525,6 +531,8 @@ def _build(values: Mapping[str, Any]) -> Settings:
         client_miss_limit=values.get("client_miss_limit", defaults.client_miss_limit),
         client_max_transfers=values.get("client_max_transfers", defaults.client_max_transfers),
         event_loop=values.get("event_loop", defaults.event_loop),
+        shutdown_delay=values.get("shutdown_delay", defaults.shutdown_delay),
+        shutdown_grace=values.get("shutdown_grace", defaults.shutdown_grace),
     )
 
 

@@ -26,6 +26,8 @@ from mirror.app import create_app
 from mirror.config import Settings
 from mirror.logs import LogThrottle, configure
 from mirror.routes.middleware import AccessLogger
+from mirror.routes.state import ENGINE, STOPPING
+from mirror.shutdown import CUT_TIMEOUT, Shutdown
 from mirror.tls import ServerTLS
 
 log = structlog.get_logger(__name__)
@@ -84,11 +86,14 @@ async def _serve(
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_loop_exception_handler(LogThrottle(10.0)))
     limit = raise_fd_limit()
+    app = create_app(settings)
     runner = web.AppRunner(
-        create_app(settings),
+        app,
         access_log_class=AccessLogger,
         keepalive_timeout=KEEPALIVE_TIMEOUT,
         handle_signals=False,
+        # Shutdown.drain has given transfers their grace by the time cleanup runs.
+        shutdown_timeout=CUT_TIMEOUT,
     )
     await runner.setup()
     tls = server_tls(settings)
@@ -103,14 +108,15 @@ async def _serve(
         )
         await site.start()
         log.info("listening", address=site.name, fd_limit=limit, tls=tls is not None)
-        stop = asyncio.Event()
+        shutdown = Shutdown(settings.shutdown_delay, settings.shutdown_grace, app[STOPPING])
         for signum in stop_signals:
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, shutdown.signal, signum)
         assert runner.server is not None
         tasks = [asyncio.create_task(_shed_idle(runner.server, limit))]
         if tls is not None:
             tasks.append(asyncio.create_task(tls.watch()))
-        await stop.wait()
+        await shutdown.requested.wait()
+        await shutdown.drain(runner, app[ENGINE].fills.in_flight)
         for task in tasks:
             task.cancel()
     finally:

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from mirror.metrics import CONTENT_TYPE_LATEST
 from mirror.routes.middleware import NOSNIFF, NOSNIFF_HEADER, add_route
-from mirror.routes.state import ENGINE, EXCHANGE, METRICS, RESOLVER
+from mirror.routes.state import ENGINE, EXCHANGE, METRICS, RESOLVER, STOPPING
 from mirror.routes.v2 import check_method
 
 _HEADERS = {NOSNIFF_HEADER: NOSNIFF}
@@ -31,10 +31,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the data dir is usable. The store and the upstreams are reported, not
-    required: with Redis or the upstream down the mirror still serves what it holds."""
+    """Ready when the data dir is usable and the process is not stopping. The store and the
+    upstreams are reported, not required: with Redis or the upstream down the mirror still
+    serves what it holds."""
     request[EXCHANGE].route = "ops"
     check_method(request)
+    if request.app[STOPPING].is_set():
+        # Told to stop: load balancers and Kubernetes endpoints stop sending new pulls here.
+        return web.json_response({"status": "stopping"}, status=503, headers=_HEADERS)
     resolver = request.app[RESOLVER]
     writable = await asyncio.to_thread(os.access, resolver.blobs.root, os.W_OK)
     checks = {"data_dir": "ok" if writable else "not writable"}

@@ -1,0 +1,93 @@
+"""Stopping without failing a pull: what SIGTERM (or SIGINT) starts in ``mirror serve``.
+
+1. ``/readyz`` answers 503 at once, while the port keeps accepting for ``shutdown_delay``:
+   Kubernetes endpoints and load balancers notice late, and a connection refused before
+   they do is a failed pull.
+2. Then the port closes, idle keep-alive connections are closed, and the transfers in
+   flight get up to ``shutdown_grace`` to finish; a fill a client is still reading goes on
+   with it (the client is sent its last byte only once the fill is verified).
+3. aiohttp's cleanup then cuts whatever is left and closes the engine, which stops the
+   fills nobody reads any more: their partial files go and their leases are released, so
+   the next pull, here or on another replica, starts them again.
+
+A second signal skips what is left of the waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import structlog
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+log = structlog.get_logger(__name__)
+
+# How often the drain looks whether the transfers in flight are done.
+POLL = 0.05
+# What aiohttp's cleanup gives a handler left over after the grace to unwind once cut.
+CUT_TIMEOUT = 1.0
+
+
+class Shutdown:
+    """The stop requested by signals: the first drains, a second hurries it."""
+
+    def __init__(self, delay: float, grace: float, stopping: asyncio.Event) -> None:
+        self.delay = delay
+        self.grace = grace
+        self.requested = stopping  # set: /readyz answers 503
+        self.forced = asyncio.Event()
+
+    def signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.requested.is_set():
+            log.warning("shutdown_forced", signal=name)
+            self.forced.set()
+            return
+        log.info("shutdown_started", signal=name, delay=self.delay, grace=self.grace)
+        self.requested.set()
+
+    async def drain(self, runner: web.BaseRunner, fills_in_flight: int) -> None:
+        """Keep accepting for the delay, then stop accepting and wait for the transfers in
+        flight, up to the grace; log what was waited for."""
+        await self._wait(self.delay)
+        for site in runner.sites:
+            await site.stop()
+        server = runner.server
+        assert server is not None
+        busy = 0
+        for handler in list(server.connections):
+            if _idle(handler):
+                handler.force_close()
+            else:
+                handler.close()  # after the response in progress
+                busy += 1
+        log.info("shutdown_draining", transfers=busy, fills=fills_in_flight)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.grace
+        while server.connections and loop.time() < deadline and not self.forced.is_set():
+            await self._wait(min(POLL, deadline - loop.time()))
+        left = sum(not _idle(handler) for handler in server.connections)
+        log.info(
+            "shutdown_drained",
+            waited=round(loop.time() - started, 2),
+            finished=max(busy - left, 0),
+            cut=left,
+        )
+
+    async def _wait(self, seconds: float) -> None:
+        """Sleep, unless a second signal comes first."""
+        if seconds <= 0 or self.forced.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.forced.wait(), seconds)
+
+
+def _idle(handler: RequestHandler) -> bool:
+    # aiohttp keeps no public "idle" flag: a handler waiting for the next request's first
+    # bytes, with none in progress, is what its own keep-alive timer closes.
+    waiter = handler._waiter
+    return not handler._request_in_progress and waiter is not None and not waiter.done()
