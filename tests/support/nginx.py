@@ -46,8 +46,8 @@ http {{
             proxy_buffering off;
             proxy_request_buffering off;
             proxy_connect_timeout 2s;
-            proxy_read_timeout 60s;
-            proxy_send_timeout 60s;
+            proxy_read_timeout 120s;
+            proxy_send_timeout 120s;
         }}
     }}
 }}
