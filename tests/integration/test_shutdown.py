@@ -106,6 +106,28 @@ async def test_workers_pass_sigterm_on_and_let_the_transfer_finish(
     assert mirror.log().count('"shutdown_drained"') == 2  # each worker drained
 
 
+async def test_a_transfer_outlasting_the_grace_is_cut_and_the_process_exits_0(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    layer = make_random_layer(64 * MIB, seed=45)
+    fake_hub.add_image("library/big", "1.0", make_image([layer]))
+    mirror = MirrorProcess(tmp_path / "data", fake_hub.url, "--shutdown-grace", "1s")
+    await asyncio.to_thread(mirror.start)
+    url = blob_url(mirror, layer)
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            await response.content.readexactly(MIB)
+            # The client reads nothing more: far more than socket buffers hold is left.
+            mirror.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(mirror.wait, EXIT_WAIT) == 0
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await read_rest(response, hashlib.sha256())
+    finally:
+        mirror.stop()
+    drained = await mirror.wait_for_event("shutdown_drained")
+    assert (drained["finished"], drained["cut"]) == (0, 1)
+
+
 async def test_a_second_signal_stops_at_once(fake_hub: FakeHub, tmp_path: Path) -> None:
     layer = make_random_layer(64 * MIB, seed=43)
     fake_hub.add_image("library/big", "1.0", make_image([layer]))
