@@ -43,9 +43,12 @@ async def digest_of(url: str) -> str:
         return f"sha256:{hashlib.sha256(await response.read()).hexdigest()}"
 
 
-async def stop_with_a_transfer_in_flight(mirror: MirrorProcess, layer: Blob) -> None:
+async def stop_with_a_transfer_in_flight(
+    mirror: MirrorProcess, layer: Blob, *, workers: int = 0
+) -> None:
     """SIGTERM while a client is part-way through ``layer``, which it reads only once the
-    port has closed: it must still get every byte, and the process then exit 0."""
+    port has closed: it must still get every byte, and the process then exit 0. With
+    ``workers``, /readyz is asked once the supervisor has passed the signal on to them all."""
     url = blob_url(mirror, layer)
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         assert response.status == 200
@@ -54,6 +57,8 @@ async def stop_with_a_transfer_in_flight(mirror: MirrorProcess, layer: Blob) -> 
         hasher.update(head)
 
         mirror.send_signal(signal.SIGTERM)
+        if workers:
+            await mirror.wait_for_event("shutdown_started", count=workers)
         assert await status_of(f"{mirror.url}/readyz") == 503
         assert await status_of(f"{mirror.url}/v2/") == 200  # still accepting, for the delay
         await mirror.wait_for_event("shutdown_draining")
@@ -99,8 +104,9 @@ async def test_workers_pass_sigterm_on_and_let_the_transfer_finish(
         tmp_path / "data", fake_hub.url, "--workers", "2", "--shutdown-delay", "5s"
     )
     await asyncio.to_thread(mirror.start)
+    await mirror.wait_for_event("listening", count=2)  # the first one answering is not enough
     try:
-        await stop_with_a_transfer_in_flight(mirror, layer)
+        await stop_with_a_transfer_in_flight(mirror, layer, workers=2)
     finally:
         mirror.stop()
     assert mirror.log().count('"shutdown_drained"') == 2  # each worker drained

@@ -142,13 +142,14 @@ class MirrorProcess:
         self._process = None
         return code
 
-    async def wait_for_event(self, event: str) -> dict[str, object]:
-        """The first log line of ``event``, once the process has written it."""
+    async def wait_for_event(self, event: str, *, count: int = 1) -> dict[str, object]:
+        """The first log line of ``event``, once the process (its workers) wrote ``count``."""
         deadline = time.monotonic() + EVENT_WAIT
         while time.monotonic() < deadline:
-            for line in self.log().splitlines():
-                if line.startswith("{") and (entry := json.loads(line)).get("event") == event:
-                    return dict(entry)
+            lines = (json.loads(line) for line in self.log().splitlines() if line.startswith("{"))
+            found = [entry for entry in lines if entry.get("event") == event]
+            if len(found) >= count:
+                return dict(found[0])
             await asyncio.sleep(0.05)
         raise AssertionError(f"no {event} in the log:\n{self.log()[-3000:]}")
 
