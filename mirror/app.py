@@ -15,25 +15,31 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from mirror.clients import FailedLogins, Htpasswd
+from mirror.clients import Htpasswd, LoginThrottle
 from mirror.config import Settings
 from mirror.engine import Engine, Overrides, open_engine
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
+from mirror.referrers import Referrers
 from mirror.routes import ops, status, v2
 from mirror.routes.middleware import add_fallback_route, server_logger
 from mirror.routes.state import (
     ENGINE,
-    FAILED_LOGINS,
     HISTORY,
     HTPASSWD,
     LOG_THROTTLE,
+    LOGIN_THROTTLE,
     METRICS,
+    REFERRERS,
     RESOLVER,
     SETTINGS,
+    SIGNATURES,
     STARTED,
     STOPPING,
+    TRANSFERS,
 )
+from mirror.routes.transfers import Transfers
+from mirror.signatures import SignaturePolicy
 from mirror.status import History, started_at, totals
 
 __all__ = ["Overrides", "create_app"]
@@ -51,9 +57,11 @@ def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web
     app[SETTINGS] = settings
     app[METRICS] = Metrics(upstreams=tuple(settings.upstreams))
     app[LOG_THROTTLE] = throttle
+    app[TRANSFERS] = Transfers(settings.send_timeout)
     if settings.auth is not None:
         app[HTPASSWD] = Htpasswd(settings.auth.htpasswd)
-    app[FAILED_LOGINS] = FailedLogins()
+        app.cleanup_ctx.append(_closing(app[HTPASSWD]))
+    app[LOGIN_THROTTLE] = LoginThrottle()
     app[STOPPING] = asyncio.Event()
     app.cleanup_ctx.append(_lifecycle(settings, overrides or Overrides()))
     v2.add_routes(app)
@@ -70,6 +78,15 @@ def _lifecycle(settings: Settings, overrides: Overrides) -> Any:
         ) as engine:
             app[ENGINE] = engine
             app[RESOLVER] = engine.resolver
+            app[REFERRERS] = Referrers(engine.resolver)
+            if settings.signatures is not None:
+                app[SIGNATURES] = SignaturePolicy(
+                    settings.signatures.keys,
+                    settings.signatures.repositories,
+                    engine.resolver,
+                    app[REFERRERS],
+                    recheck=settings.tag_ttl,
+                )
             metrics = app[METRICS]
             app[STARTED] = started_at(settings.data_dir / "run", time.time())
             app[HISTORY] = History(lambda: totals(metrics.render(), time.time()), app[STARTED])
@@ -101,6 +118,14 @@ def _upstreams(settings: Settings) -> dict[str, Any]:
     if settings.offline:
         return {"offline": True, "registries": sorted(settings.upstreams)}
     return {"upstreams": {name: u.url for name, u in settings.upstreams.items()}}
+
+
+def _closing(htpasswd: Htpasswd) -> Any:
+    async def closing(app: web.Application) -> AsyncIterator[None]:
+        yield
+        htpasswd.close()  # its bcrypt threads
+
+    return closing
 
 
 async def _watch_health(engine: Engine, interval: float = HEALTH_INTERVAL) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 from mirror import __version__, commands
 from mirror.bundle import repository_for_tags
 from mirror.config import ENV_PREFIX, FLAG_KEYS, ConfigError, Settings, load
+from mirror.layout import DEFAULT_BOUNDS
 from mirror.logs import configure
 from mirror.pins import Pin
 from mirror.seed import DEFAULT_JOBS, read_list
@@ -139,6 +141,11 @@ def _seed_command(
     seed.add_argument(
         "--no-pin", action="store_true", help="let eviction remove them like any pulled image"
     )
+    seed.add_argument(
+        "--no-referrers",
+        action="store_true",
+        help="without their signatures, SBOMs and attestations (referrers, cosign's tags)",
+    )
 
 
 def _bundle_commands(commands: Any, store: argparse.ArgumentParser) -> None:
@@ -173,6 +180,11 @@ def _bundle_commands(commands: Any, store: argparse.ArgumentParser) -> None:
         help="write the bundle without the images whose blobs are not on disk (evicted),"
         " listed at the end; without it such an export writes nothing and exits 1",
     )
+    export.add_argument(
+        "--no-referrers",
+        action="store_true",
+        help="without the images' signatures, SBOMs and attestations (referrers, cosign's tags)",
+    )
     load = commands.add_parser(
         "import",
         help="load bundles or OCI layouts (tar, tar.zst, directory); safe while serve runs",
@@ -187,6 +199,20 @@ def _bundle_commands(commands: Any, store: argparse.ArgumentParser) -> None:
     )
     load.add_argument(
         "--no-pin", action="store_true", help="let eviction remove them like any pulled image"
+    )
+    load.add_argument(
+        "--trust-held-blobs",
+        action="store_true",
+        help="let an image use a blob its bundle does not carry that the mirror holds for"
+        " another repository (a bundle cannot prove it may read that blob)",
+    )
+    load.add_argument(
+        "--max-expansion",
+        type=_ratio,
+        default=DEFAULT_BOUNDS.expansion,
+        metavar="RATIO",
+        help="refuse a .tar.zst that decompresses to more than RATIO times its size"
+        f" (default {DEFAULT_BOUNDS.expansion:g}; 0: no bound)",
     )
     unpin = commands.add_parser(
         "unpin", help="let eviction remove images that seed or import pinned", parents=[store]
@@ -220,6 +246,11 @@ def _parser() -> argparse.ArgumentParser:
         "--client-max-transfers",
         metavar="N",
         help="blob downloads one client address may have under way (default 64)",
+    )
+    serve.add_argument(
+        "--send-timeout",
+        metavar="SECONDS",
+        help="seconds a download may go without the client accepting a byte (default 60)",
     )
     serve.add_argument(
         "--event-loop", help="auto (uvloop when installed), uvloop or asyncio"
@@ -293,6 +324,7 @@ _DEFAULTS = {
     "tls_key": "none",
     "client_miss_limit": "off",
     "client_max_transfers": "64",
+    "send_timeout": "60",
     "offline": "off",
     "event_loop": "auto",
     "shutdown_delay": "5s",
@@ -372,6 +404,7 @@ def _seed(settings: Settings, args: argparse.Namespace) -> int:
             platforms=args.platforms,
             jobs=args.jobs,
             pin=not args.no_pin,
+            referrers=not args.no_referrers,
         )
     )
 
@@ -403,7 +436,12 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     return asyncio.run(
         commands.export_bundle(
-            settings, args.output, patterns, since=args.since, allow_missing=args.allow_missing
+            settings,
+            args.output,
+            patterns,
+            since=args.since,
+            allow_missing=args.allow_missing,
+            referrers=not args.no_referrers,
         )
     )
 
@@ -419,8 +457,25 @@ def _import(settings: Settings, args: argparse.Namespace) -> int:
         print(f"mirror: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return asyncio.run(
-        commands.import_bundles(settings, args.files, pin=not args.no_pin, repository=repository)
+        commands.import_bundles(
+            settings,
+            args.files,
+            pin=not args.no_pin,
+            repository=repository,
+            trust_held_blobs=args.trust_held_blobs,
+            bounds=dataclasses.replace(DEFAULT_BOUNDS, expansion=args.max_expansion),
+        )
     )
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ratio (a number, 0 or more)")
+    return value
 
 
 def _unpin(settings: Settings, args: argparse.Namespace) -> int:

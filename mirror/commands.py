@@ -13,7 +13,7 @@ from mirror import bundle, inventory, maintenance
 from mirror.config import Settings
 from mirror.engine import open_engine
 from mirror.inventory import human_size, image_size
-from mirror.layout import LayoutError
+from mirror.layout import DEFAULT_BOUNDS, Bounds, LayoutError
 from mirror.logs import configure
 from mirror.pins import Pin, split_image
 from mirror.progress import Board, amount, bar
@@ -105,6 +105,7 @@ async def seed_images(
     platforms: Sequence[str],
     jobs: int,
     pin: bool,
+    referrers: bool = True,
 ) -> int:
     configure("warning", settings.log_format)
     # The operator names these images: the bound on lookups of unknown names is for clients.
@@ -112,7 +113,13 @@ async def seed_images(
     display: _SeedDisplay = _SeedBars(len(references)) if sys.stderr.isatty() else _SeedLines()
     async with open_engine(settings) as engine:
         results = await seed(
-            engine, references, platforms=platforms, jobs=jobs, pin=pin, progress=display
+            engine,
+            references,
+            platforms=platforms,
+            jobs=jobs,
+            pin=pin,
+            referrers=referrers,
+            progress=display,
         )
     display.close()
     failed = [r for r in results if not r.ok]
@@ -133,6 +140,7 @@ def _seed_line(result: Seeded) -> str:
     return (
         f"{result.reference}  {result.digest}  {human_size(result.size)}"
         f"  fetched {human_size(result.fetched)}"
+        + (f"  {result.referrers} referrers" if result.referrers else "")
     )
 
 
@@ -231,6 +239,7 @@ async def export_bundle(
     *,
     since: Path | None,
     allow_missing: bool = False,
+    referrers: bool = True,
 ) -> int:
     if _no_data(settings):
         return 1
@@ -244,6 +253,7 @@ async def export_bundle(
                 patterns,
                 since=since,
                 allow_missing=allow_missing,
+                referrers=referrers,
                 total=total,
                 progress=done,
             )
@@ -286,6 +296,8 @@ def _print_export(report: bundle.ExportReport, output: Path, since: Path | None)
                 f"note {content.reference}: not held, not exported: "
                 + ", ".join(content.absent_children)
             )
+    for note in report.notes:
+        print(f"note {note}")
     delta = f", {report.held_before} left out (in {since})" if since is not None else ""
     print(
         f"wrote {output}: {len(report.exported)} images, {report.blobs} blobs"
@@ -294,7 +306,13 @@ def _print_export(report: bundle.ExportReport, output: Path, since: Path | None)
 
 
 async def import_bundles(
-    settings: Settings, paths: Sequence[Path], *, pin: bool, repository: str | None = None
+    settings: Settings,
+    paths: Sequence[Path],
+    *,
+    pin: bool,
+    repository: str | None = None,
+    trust_held_blobs: bool = False,
+    bounds: Bounds = DEFAULT_BOUNDS,
 ) -> int:
     configure("warning", settings.log_format)
     failures = 0
@@ -303,7 +321,14 @@ async def import_bundles(
             total, done, board = _byte_bar(f"importing {path.name}")
             try:
                 report = await bundle.import_layout(
-                    engine, path, pin=pin, repository=repository, total=total, progress=done
+                    engine,
+                    path,
+                    pin=pin,
+                    repository=repository,
+                    trust_held_blobs=trust_held_blobs,
+                    bounds=bounds,
+                    total=total,
+                    progress=done,
                 )
             except (LayoutError, OSError) as exc:
                 if board is not None:

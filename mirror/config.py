@@ -20,8 +20,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from mirror.cosign import load_public_key
 from mirror.pins import Pin
 from mirror.reference import DOCKER_HUB
+from mirror.rules import AccessRules
 from mirror.units import (
     SizeOrShare,
     parse_duration,
@@ -64,16 +66,12 @@ class AuthSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class AccessRules:
-    """Which repositories may be pulled: ``registry/repository`` patterns with ``*``."""
+class SignatureSettings:
+    """The signature policy: in ``repositories``, only images cosign-signed by one of
+    ``keys`` (PEM public key files) are served."""
 
-    allow: tuple[Pin, ...] = ()  # empty: every repository not denied
-    deny: tuple[Pin, ...] = ()
-
-    def permits(self, registry: str, repository: str) -> bool:
-        if self.deny and any(pin.matches(registry, repository, None) for pin in self.deny):
-            return False
-        return not self.allow or any(pin.matches(registry, repository, None) for pin in self.allow)
+    keys: tuple[Path, ...]
+    repositories: tuple[Pin, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +113,11 @@ class Settings:
     client_miss_limit: float = 0.0
     # Blob transfers one client address may have under way at once.
     client_max_transfers: int = 64
+    # Seconds a download may go without the client accepting a byte before it is ended.
+    send_timeout: float = 60.0
     # auto: uvloop when it is installed; uvloop or asyncio to choose.
     event_loop: str = "auto"
+    signatures: SignatureSettings | None = None
     # On SIGTERM: seconds /readyz says 503 while the port still accepts (load balancers
     # notice late), then seconds transfers in flight may take to finish.
     shutdown_delay: float = 5.0
@@ -191,9 +192,13 @@ def _optional_duration(value: Any) -> float | None:
 
 
 def _pins(value: Any) -> tuple[Pin, ...]:
+    return tuple(Pin.parse(item) for item in _items(value))
+
+
+def _items(value: Any) -> list[str]:
     """A list of image patterns (YAML, repeated --pin) or one comma-separated string (env)."""
     items = value if isinstance(value, list | tuple) else str(value).split(",")
-    return tuple(Pin.parse(str(item)) for item in items if str(item).strip())
+    return [str(item) for item in items if str(item).strip()]
 
 
 def _count(value: Any) -> int:
@@ -348,7 +353,27 @@ def _access_rules(value: Any) -> AccessRules:
     unknown = sorted(set(value) - keys)
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r}{_did_you_mean(unknown[0], keys)}")
-    return AccessRules(_pins(value.get("allow") or ()), _pins(value.get("deny") or ()))
+    return AccessRules.parse(_items(value.get("allow") or ()), _items(value.get("deny") or ()))
+
+
+def _signatures(value: Any) -> SignatureSettings | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("expected {keys: [FILE ...], repositories: [PATTERN ...]}")
+    keys = {"keys", "repositories"}
+    unknown = sorted(set(value) - keys)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r}{_did_you_mean(unknown[0], keys)}")
+    files, patterns = value.get("keys"), value.get("repositories")
+    if not isinstance(files, list) or not files:
+        raise ValueError("keys: a list of one or more PEM public key files is required")
+    if not isinstance(patterns, list) or not patterns:
+        raise ValueError("repositories: a list of one or more patterns is required")
+    paths = tuple(Path(str(file)) for file in files)
+    for path in paths:
+        load_public_key(path)  # refused now, with the reason, rather than at the first pull
+    return SignatureSettings(paths, _pins(patterns))
 
 
 def _upstream_settings(
@@ -399,7 +424,9 @@ _KEYS: dict[str, _Key] = {
     "upstream_password_file": _Key(read_secret, flag=False),
     "client_miss_limit": _Key(parse_rate),
     "client_max_transfers": _Key(_positive_int),
+    "send_timeout": _Key(_positive),
     "event_loop": _Key(_choice("auto", "uvloop", "asyncio")),
+    "signatures": _Key(_signatures, flag=False, env=False),
     "shutdown_delay": _Key(parse_duration),
     "shutdown_grace": _Key(parse_duration),
 }
@@ -497,6 +524,12 @@ def _build(values: Mapping[str, Any]) -> Settings:
             ca_file=hub.ca_file,
             insecure=hub.insecure,
         )
+    rules: AccessRules = values.get("repositories", defaults.repositories)
+    unmatched = rules.unknown_registries(list(upstreams))
+    if unmatched:
+        raise ConfigError(
+            f"repositories: pattern {unmatched[0]!r} names a registry that is no upstream"
+        )
     if ("tls_cert" in values) != ("tls_key" in values):
         raise ConfigError("tls_cert and tls_key must be given together")
     host, port = values.get("listen", (defaults.listen_host, defaults.listen_port))
@@ -527,10 +560,12 @@ def _build(values: Mapping[str, Any]) -> Settings:
         tls_cert=values.get("tls_cert"),
         tls_key=values.get("tls_key"),
         auth=values.get("auth"),
-        repositories=values.get("repositories", defaults.repositories),
+        repositories=rules,
         client_miss_limit=values.get("client_miss_limit", defaults.client_miss_limit),
         client_max_transfers=values.get("client_max_transfers", defaults.client_max_transfers),
+        send_timeout=values.get("send_timeout", defaults.send_timeout),
         event_loop=values.get("event_loop", defaults.event_loop),
+        signatures=values.get("signatures"),
         shutdown_delay=values.get("shutdown_delay", defaults.shutdown_delay),
         shutdown_grace=values.get("shutdown_grace", defaults.shutdown_grace),
     )

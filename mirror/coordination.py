@@ -24,6 +24,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -180,6 +181,9 @@ class RedisCoordinator:
         self._release_script = client.register_script(_RELEASE)
         self._degraded = False
         self._probe: asyncio.Task[None] | None = None
+        # Told when Redis is found down here: the metadata store on the same Redis then
+        # stops asking it too (see CachedStore.on_down).
+        self.on_down: Callable[[Exception], None] = lambda exc: None
 
     @property
     def client(self) -> Redis:
@@ -242,6 +246,7 @@ class RedisCoordinator:
             self._degraded = True
             log.warning("coordination_degraded", error=str(exc), fallback="local locks")
             self._probe = asyncio.create_task(self._probe_until_back())
+            self.on_down(exc)
 
     async def _probe_until_back(self) -> None:
         while True:

@@ -46,6 +46,7 @@ from mirror.resolver import Resolver
 from mirror.status import RecentErrors
 from mirror.store.blobs import BlobStore
 from mirror.store.cached import CachedStore
+from mirror.store.content import Content
 from mirror.store.embedded import EmbeddedStore
 from mirror.store.protocols import MetadataStore
 from mirror.store.redis_store import RedisStore
@@ -112,6 +113,8 @@ async def open_engine(
         stack.push_async_callback(store.close)
         coordinator = await asyncio.to_thread(_coordinator, settings, inner)
         stack.push_async_callback(coordinator.close)
+        if isinstance(coordinator, RedisCoordinator):  # one Redis: one verdict on its health
+            coordinator.on_down, store.on_down = store.failed, coordinator.failed
         errors = RecentErrors(settings.data_dir / "run", clock=clock)
         upstreams = await stack.enter_async_context(
             _upstreams(settings, metrics, coordinator, overrides, errors)
@@ -135,9 +138,11 @@ async def open_engine(
             before_pass=pulls.flush,
         )
 
+        content = Content(blobs, store.graph, clock)
+
         async def stored(digest: Digest, size: int) -> None:
             try:
-                await store.graph.blob_stored(str(digest), size, clock())
+                await content.landed(digest, size)
             except Exception as exc:  # the graph serves eviction and listing, not the pull
                 log.warning("graph_not_updated", digest=str(digest), error=str(exc))
             evictor.poke()
@@ -239,7 +244,9 @@ def _open_blobs(settings: Settings, *, sweep: bool) -> BlobStore:
 
 async def _open_store(settings: Settings) -> MetadataStore:
     if settings.redis_url is not None:
-        return await RedisStore.open(settings.redis_url)
+        # Blob records are the data dir's: replicas with data dirs of their own keep theirs.
+        scope = await asyncio.to_thread(data_dir_identity, settings.data_dir)
+        return await RedisStore.open(settings.redis_url, scope=scope)
     return await EmbeddedStore.open(settings.data_dir)
 
 

@@ -18,6 +18,7 @@ upstream status codes, and it translates them into this tree:
     ├── Unauthorized         UNAUTHORIZED        401
     ├── Denied               DENIED              403
     ├── TooManyRequests      TOOMANYREQUESTS     429
+    ├── OutOfDescriptors     UNAVAILABLE         503 (the process has no file descriptor left)
     └── UpstreamError        UNAVAILABLE         503
         ├── IntegrityError   (upstream sent bytes that do not match their digest)
         └── Offline          (``serve --offline``: there is no upstream)   404
@@ -128,6 +129,15 @@ class TooManyRequests(RegistryError):
     code = "TOOMANYREQUESTS"
     status = 429
     default_message = "the upstream registry's rate limit is exhausted"
+
+
+class OutOfDescriptors(RegistryError):
+    code = "UNAVAILABLE"
+    status = 503
+    default_message = "the mirror is out of file descriptors; retry shortly"
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": "1"})
 
 
 class UpstreamError(RegistryError):

@@ -12,7 +12,11 @@ sharing the data dir (a lease), and never holds up a request:
   the log and ``mirror_pins_over_budget`` say so.
 - A client reading a blob while it is removed keeps reading it: it holds the file open,
   and removing a name does not take the data from an open file. A blob being filled is not
-  yet a blob on disk, so it is never a candidate.
+  yet a blob on disk, so it is never a candidate; nor is one that lands or is pulled
+  while the pass runs (the pass takes only blobs last pulled before it began).
+- Each removal goes through :class:`~mirror.store.content.Content`: only the copy the
+  pass looked at goes, and its record changes at once, so a fill that lands the blob again
+  meanwhile leaves it recorded present.
 
 Manifests and tags stay (they are small); a later pull fetches only the missing blobs.
 """
@@ -35,6 +39,7 @@ from mirror.metrics import Metrics
 from mirror.pins import Pin, pinned, with_stored
 from mirror.reference import Digest
 from mirror.store.blobs import BlobStore
+from mirror.store.content import Content
 from mirror.store.graph import BlobEntry
 from mirror.store.protocols import MetadataStore
 from mirror.units import SizeOrShare
@@ -83,10 +88,10 @@ class Evictor:
         reconciled: bool = False,
     ) -> None:
         self._store = store
+        self._content = Content(blobs, store.graph, clock)
         # Writes the pull times gathered so far (PullRecorder.flush): a pass must not take
         # a blob pulled a moment ago for an old one.
         self._before_pass = before_pass
-        self._blobs = blobs
         self._coordinator = coordinator
         self._budget = budget
         self._metrics = metrics
@@ -110,6 +115,15 @@ class Evictor:
     def poke(self) -> None:
         """Something landed on disk: look again now rather than at the next interval."""
         self._wake.set()
+
+    async def make_room(self) -> None:
+        """A pass now, for a writer that does not wait for the interval (``import``); it
+        fails as a background pass does, with a line in the log."""
+        self.poke()
+        try:
+            await self.run_once()
+        except Exception as exc:  # the writer's work is done; the next pass tries again
+            log.warning("eviction_failed", error=str(exc))
 
     async def close(self) -> None:
         self._closed = True
@@ -144,13 +158,13 @@ class Evictor:
             await lease.release()
 
     async def _pass(self) -> Pass:
-        graph = self._store.graph
         if self._before_pass is not None:
             await self._before_pass()
         if not self._reconciled:
-            await graph.reconcile(await asyncio.to_thread(self._blobs.on_disk))
+            await self._content.reconcile()
             self._reconciled = True
         result = Pass(ran=True)
+        began = self._clock()
         need, reason = await self._bytes_to_free()
         idle_before = (
             self._clock() - self._budget.unused_after if self._budget.unused_after else None
@@ -159,36 +173,45 @@ class Evictor:
             await self._report(result)
             return result
         protected = await self._pinned_blobs()
-        removed: list[str] = []
-        async for entry in self._candidates(protected):
+        async for entry in self._candidates(protected, began):
             if need > 0:
                 why = reason
             elif idle_before is not None and entry.last_pulled < idle_before:
                 why = "unused"
             else:
                 break  # the rest were pulled more recently still
-            if await asyncio.to_thread(self._blobs.quarantine, Digest.parse(entry.digest)):
+            if await self._remove(Digest.parse(entry.digest)):
                 need -= entry.size
                 result.removed += 1
                 result.freed += entry.size
                 self._metrics.evictions.labels(why).inc()
                 self._metrics.evicted_bytes.inc(entry.size)
-            removed.append(entry.digest)
-        if removed:
-            await graph.blobs_removed(removed)
+        if result.removed:
             log.info("blobs_evicted", count=result.removed, bytes=result.freed)
         result.short = max(need, 0)
         await self._report(result)
         return result
 
-    async def _candidates(self, protected: set[str]) -> AsyncIterator[BlobEntry]:
-        """Blobs on disk that no pin needs, least recently pulled first, a page at a time."""
+    async def _candidates(self, protected: set[str], began: float) -> AsyncIterator[BlobEntry]:
+        """Blobs on disk that no pin needs, least recently pulled first, a page at a time;
+        up to those pulled (or landed) since the pass ``began``, which it never takes: the
+        need was measured without them, and their landing starts a pass of its own."""
         after: tuple[float, str] | None = None
         while page := await self._store.graph.oldest_blobs(PAGE, after):
             for entry in page:
+                if entry.last_pulled > began:
+                    return
                 if entry.digest not in protected:
                     yield entry
             after = (page[-1].last_pulled, page[-1].digest)
+
+    async def _remove(self, digest: Digest) -> bool:
+        """Remove the blob's file as it is now; a record whose file is gone is put right."""
+        inspected = await self._content.inspect(digest)
+        if inspected is None:
+            await self._content.gone(digest)
+            return False
+        return await self._content.remove(digest, inspected)
 
     async def _bytes_to_free(self) -> tuple[int, str]:
         usage = await self._store.graph.usage()
@@ -203,6 +226,10 @@ class Evictor:
         return over, "budget"
 
     async def _pinned_blobs(self) -> set[str]:
+        return set(await self.pinned())
+
+    async def pinned(self) -> dict[str, int]:
+        """Every blob a pinned image needs, with its size: what eviction never removes."""
         graph = self._store.graph
         pins = with_stored(self._budget.pins, await self._store.pins())
         self._pinning = bool(pins)
@@ -218,7 +245,7 @@ class Evictor:
                     await graph.blobs_of(tagged.registry, tagged.repository, tagged.record.digest)
                 )
         self._metrics.pinned_bytes.set(sum(needed.values()))
-        return set(needed)
+        return needed
 
     async def _report(self, result: Pass) -> None:
         usage = await self._store.graph.usage()

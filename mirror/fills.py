@@ -45,6 +45,27 @@ FOLLOW_POLL = 0.02
 LANDING_WAIT = 5.0
 
 
+def blob_lease(digest: Digest) -> str:
+    """The lease whoever writes a blob holds: a fill, or an import."""
+    return f"blob:{digest}"
+
+
+async def writer_lease(coordinator: Coordinator, blobs: BlobStore, digest: Digest) -> Lease | None:
+    """The blob's writer lease, for a writer other than a fill (``import``): taken once
+    whoever holds it is done; None when the blob is on disk by then. While it is held, a
+    fill of the blob follows the writer, as it follows another process's fill, if the
+    writer publishes its partial file and the size."""
+    while blobs.size(digest) is None:
+        lease = await coordinator.acquire(blob_lease(digest))
+        if lease is not None:
+            if blobs.size(digest) is None:
+                return lease
+            await lease.release()
+            break
+        await asyncio.sleep(FOLLOW_POLL)
+    return None
+
+
 class FillState(enum.Enum):
     RUNNING = "running"
     DONE = "done"
@@ -174,7 +195,7 @@ class Fills:
 
     async def _start(self, fill: Fill, client: Upstream, repository: str) -> None:
         """Fill the blob under its lease, or follow whoever holds the lease."""
-        key = f"blob:{fill.digest}"
+        key = blob_lease(fill.digest)
         try:
             lease = await self._coordinator.acquire(key)
         except BaseException as exc:

@@ -2,7 +2,8 @@
 
 Read through the same engine ``mirror serve`` runs on (stores, blobs on disk), so it works
 on a data dir a server is using. One row per tag: its manifest, the platforms of an index,
-the unique blobs its images need, how many of them are on disk, and whether a pin keeps it.
+the unique blobs its images need, how many of them are on disk, how many referrers
+(signatures, SBOMs, attestations) it has, and whether a pin keeps it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from mirror.engine import Engine
 from mirror.manifests import ManifestParseError, config_platform, parse
 from mirror.pins import Pin, pinned, with_stored
 from mirror.reference import Digest
+from mirror.referrers import count_held
 
 # An image config is a few KiB; more is not read for its platform.
 MAX_CONFIG_READ = 1024 * 1024
@@ -55,6 +57,7 @@ class ImageRow:
     checked_at: float | None  # when the upstream last confirmed the tag
     last_pulled: float | None  # when a client last pulled it (None: not since recording began)
     pinned: bool
+    referrers: int = 0  # signatures, SBOMs, attestations known to refer to it
 
 
 async def images(engine: Engine, patterns: Sequence[Pin] = ()) -> list[Image]:
@@ -140,6 +143,7 @@ async def _row(engine: Engine, image: Image, pins: Sequence[Pin]) -> ImageRow:
         checked_at=image.checked_at,
         last_pulled=(await engine.store.graph.last_pulls(registry, repository)).get(image.digest),
         pinned=pinned(pins, registry, repository, image.tag, image.digest),
+        referrers=await count_held(engine.store, registry, repository, Digest.parse(image.digest)),
     )
 
 
@@ -166,7 +170,9 @@ def as_json(rows: Sequence[ImageRow]) -> str:
 
 def as_table(rows: Sequence[ImageRow], now: float | None = None) -> str:
     now = time.time() if now is None else now
-    header = ("IMAGE", "DIGEST", "PLATFORMS", "SIZE", "BLOBS", "PULLED", "CHECKED", "PINNED")
+    header = (
+        "IMAGE", "DIGEST", "PLATFORMS", "SIZE", "BLOBS", "REFERRERS", "PULLED", "CHECKED", "PINNED"
+    )  # fmt: skip
     lines = [header]
     for row in rows:
         lines.append(
@@ -178,6 +184,7 @@ def as_table(rows: Sequence[ImageRow], now: float | None = None) -> str:
                 human_size(row.size),
                 f"{row.blobs_present}/{row.blobs}"
                 + (f" (+{row.manifests_missing} manifests)" if row.manifests_missing else ""),
+                str(row.referrers) if row.referrers else "-",
                 "-" if row.last_pulled is None else f"{human_age(now - row.last_pulled)} ago",
                 "-" if row.checked_at is None else f"{human_age(now - row.checked_at)} ago",
                 "yes" if row.pinned else "",

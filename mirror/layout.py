@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, Literal, Protocol, cast
 
 import zstandard
 
@@ -49,13 +49,36 @@ class LayoutError(Exception):
     """The file is not an OCI image layout this mirror can read: one line for the user."""
 
 
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """What reading one layout may cost. A bundle is carried in from elsewhere and may be
+    hostile: a few kilobytes of zstd can claim gigabytes, so each cost has a ceiling, and a
+    layout past one is refused with a line naming it."""
+
+    header: int = 64 * 1024  # one pax or long-name header (a path is at most 4 KiB)
+    members: int = 200_000  # tar entries of any kind
+    # Decompressed bytes per compressed byte past ``expansion_floor`` (0: no bound). Layers
+    # are compressed already; zstd of zeros expands ten thousand times.
+    expansion: float = 100.0
+    expansion_floor: int = 64 * 1024 * 1024
+    manifest_bytes: int = 128 * 1024 * 1024  # manifest bodies kept in memory, all together
+    manifests: int = 100_000  # manifests looked up while walking the images, all together
+
+
+DEFAULT_BOUNDS = Bounds()
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 @dataclass(slots=True)
 class Member:
     """One file of a layout, read once, in order."""
 
     name: str  # normalised: "index.json", "blobs/sha256/<hex>", ...
     size: int
-    content: IO[bytes]
+    content: Readable
     # Where the bytes lie in a file, when they lie whole in one (a plain tar, a directory):
     # the copy can then be the kernel's.
     fd: int | None = None
@@ -73,7 +96,7 @@ class Member:
             return None
 
 
-def members(path: Path) -> Iterator[Member]:
+def members(path: Path, bounds: Bounds = DEFAULT_BOUNDS) -> Iterator[Member]:
     """Every regular file of the layout at ``path``, in the order it is stored."""
     if path.is_dir():
         yield from _directory_members(path)
@@ -82,13 +105,111 @@ def members(path: Path) -> Iterator[Member]:
         with path.open("rb") as raw:
             if path.name.endswith(ZSTD_SUFFIX) or _zstd_magic(raw):
                 reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK)
-                with tarfile.open(fileobj=reader, mode="r|") as tar:
-                    yield from _tar_members(tar)
+                source: Any = _Expansion(reader, raw, bounds)
+                with _open_tar(source, "r|", bounds) as tar:
+                    yield from _tar_members(path, tar, bounds)
             else:
-                with tarfile.open(fileobj=raw, mode="r:") as tar:
-                    yield from _tar_members(tar, raw.fileno())
-    except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
+                with _open_tar(raw, "r:", bounds) as tar:
+                    yield from _tar_members(path, tar, bounds, raw.fileno())
+    except _UNREADABLE as exc:
         raise LayoutError(f"{path}: not a readable tar: {exc}") from None
+    except LayoutError as exc:
+        raise LayoutError(f"{path}: {exc}") from None
+
+
+_UNREADABLE = (tarfile.TarError, zstandard.ZstdError, EOFError, RecursionError)
+
+
+def _open_tar(source: Any, mode: Literal["r|", "r:"], bounds: Bounds) -> _BoundedTar:
+    # tarfile reads the first header while it opens: the bounds must be there already.
+    kind = cast(type[_BoundedTar], type("_BoundedTar", (_BoundedTar,), {"bounds": bounds}))
+    tar: _BoundedTar = kind.open(fileobj=source, mode=mode)
+    return tar
+
+
+class _BoundedInfo(tarfile.TarInfo):
+    """A tar header that refuses, before reading them, extension headers (pax, GNU long
+    names) larger than ``Bounds.header`` or chained deeper than a few; and sparse files,
+    which no image layout holds. tarfile itself reads any such header whole into memory."""
+
+    def _proc_member(self, tar: _BoundedTar) -> tarfile.TarInfo:
+        if self.type not in _EXTENSIONS:
+            return super()._proc_member(tar)  # type: ignore[misc,no-any-return]
+        bounds = tar.bounds
+        if self.size > bounds.header:
+            raise LayoutError(
+                f"a tar header of {self.size} bytes (more than {bounds.header}):"
+                " not an image layout"
+            )
+        if tar.depth >= _MAX_DEPTH:
+            raise LayoutError(f"tar headers chained over {_MAX_DEPTH} deep: not an image layout")
+        tar.depth += 1
+        try:
+            info: tarfile.TarInfo = super()._proc_member(tar)  # type: ignore[misc]
+        finally:
+            tar.depth -= 1
+        if self.type == tarfile.XGLTYPE:
+            kept = sum(len(k) + len(v) for k, v in tar.pax_headers.items())
+            if kept > bounds.header:
+                raise LayoutError(
+                    f"global tar headers over {bounds.header} bytes: not an image layout"
+                )
+        return info
+
+    def _proc_sparse(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        raise LayoutError("a sparse file: not an image layout")
+
+    def _proc_gnusparse_00(self, *args: Any) -> None:
+        raise LayoutError("a sparse file: not an image layout")
+
+    _proc_gnusparse_01 = _proc_gnusparse_00
+    _proc_gnusparse_10 = _proc_gnusparse_00
+
+
+class _BoundedTar(tarfile.TarFile):
+    tarinfo = _BoundedInfo
+    bounds = DEFAULT_BOUNDS
+    depth = 0  # extension headers being read, one inside the other
+    members: list[tarfile.TarInfo]
+
+
+_EXTENSIONS = frozenset(
+    {
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+    }
+)
+_MAX_DEPTH = 8  # extension headers before one member: a pax header and long names need 3
+
+
+class _Expansion(io.RawIOBase):
+    """The decompressed stream, refused once it has grown more than ``Bounds.expansion``
+    times the compressed bytes read (past a floor any real bundle's manifests fit under)."""
+
+    def __init__(self, reader: Any, raw: BinaryIO, bounds: Bounds) -> None:
+        self._reader = reader
+        self._raw = raw
+        self._bounds = bounds
+        self._out = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self._reader.read(size)
+        self._out += len(data)
+        bounds = self._bounds
+        if bounds.expansion and self._out > bounds.expansion_floor:
+            compressed = self._raw.tell()
+            if self._out > bounds.expansion * compressed:
+                raise LayoutError(
+                    f"{compressed} compressed bytes expand to more than {self._out}"
+                    f" (over {bounds.expansion:g} times; --max-expansion raises the bound)"
+                )
+        return data
 
 
 def _zstd_magic(raw: BinaryIO) -> bool:
@@ -101,13 +222,43 @@ def _normalise(name: str) -> str:
     return name.removeprefix("./").lstrip("/")
 
 
-def _tar_members(tar: tarfile.TarFile, fd: int | None = None) -> Iterator[Member]:
-    for info in tar:
+def _tar_members(
+    path: Path, tar: _BoundedTar, bounds: Bounds, fd: int | None = None
+) -> Iterator[Member]:
+    count = 0
+    while (info := tar.next()) is not None:
+        # tarfile keeps every header it read (for extraction by name): not needed here.
+        tar.members.clear()
+        count += 1
+        if count > bounds.members:
+            raise LayoutError(f"more than {bounds.members} tar entries: not an image layout")
         if not info.isreg() or info.sparse is not None:
             continue
         content = tar.extractfile(info)
         if content is not None:
-            yield Member(_normalise(info.name), info.size, content, fd, info.offset_data)
+            yield Member(
+                _normalise(info.name), info.size, _Content(path, content), fd, info.offset_data
+            )
+
+
+class _Content(io.RawIOBase):
+    """A member's bytes, read by the caller: a damaged or refused stream found there is
+    the same one line as one found between members."""
+
+    def __init__(self, path: Path, content: IO[bytes]) -> None:
+        self._path = path
+        self._content = content
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._content.read(size)
+        except _UNREADABLE as exc:
+            raise LayoutError(f"{self._path}: not a readable tar: {exc}") from None
+        except LayoutError as exc:
+            raise LayoutError(f"{self._path}: {exc}") from None
 
 
 def _directory_members(root: Path) -> Iterator[Member]:
@@ -201,6 +352,15 @@ def copy_verified(
         return hasher.hexdigest() == digest.hex
     finally:
         hasher.close()
+
+
+def hash_matches(member: Member, digest: Digest, progress: Callable[[int], None]) -> bool:
+    """Whether the member's bytes hash to ``digest`` (read, not kept)."""
+    hasher = digest.hasher()
+    while chunk := member.content.read(CHUNK):
+        hasher.update(chunk)
+        progress(len(chunk))
+    return hasher.hexdigest() == digest.hex
 
 
 def copy_range(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from mirror.engine import Engine
 from mirror.reference import Digest
+from mirror.store.content import Content
 from mirror.store.graph import BlobEntry
 
 GRACE = 3600.0
@@ -43,12 +45,15 @@ async def gc(engine: Engine, *, dry_run: bool, now: float | None = None) -> GcRe
     report.partials = await asyncio.to_thread(engine.blobs.sweep, dry_run=dry_run)
     on_disk = await asyncio.to_thread(engine.blobs.on_disk)
     settled = [digest for digest, (_, mtime) in on_disk.items() if now - mtime > GRACE]
-    for digest in sorted(await engine.store.graph.unreferenced(settled)):
-        size = on_disk[digest][0]
-        if dry_run or await asyncio.to_thread(engine.blobs.quarantine, Digest.parse(digest)):
-            report.blobs.append((digest, size))
-    if not dry_run and report.blobs:
-        await engine.store.graph.blobs_removed([digest for digest, _ in report.blobs])
+    content = _content(engine)
+    for name in sorted(await engine.store.graph.unreferenced(settled)):
+        digest = Digest.parse(name)
+        # Looked at again just before it goes: a copy landed since the listing is young.
+        found = await content.inspect(digest)
+        if found is None or now - found.st_mtime <= GRACE:
+            continue
+        if dry_run or await content.remove(digest, found):
+            report.blobs.append((name, found.st_size))
     return report
 
 
@@ -69,26 +74,37 @@ async def verify(
 ) -> VerifyReport:
     report = VerifyReport()
     graph = engine.store.graph
+    # The records first, the disk after: a blob landing meanwhile is then either on the
+    # disk listed or not among the records read, never reported missing.
+    recorded = {entry.digest for entry in await _all_present(engine)}
     on_disk = await asyncio.to_thread(engine.blobs.on_disk)
+    corrupt_copies: dict[str, os.stat_result] = {}
     for done, (name, (size, _)) in enumerate(sorted(on_disk.items()), start=1):
         digest = Digest.parse(name)
-        sound = await asyncio.to_thread(_hashes_to, engine.blobs.path(digest), digest)
-        if sound is not None:
+        hashed = await asyncio.to_thread(_hashes_to, engine.blobs.path(digest), digest)
+        if hashed is not None:
+            sound, copy = hashed
             report.checked += 1
             report.bytes += size
             if not sound:
                 report.corrupt[name] = await graph.holders(name)
+                corrupt_copies[name] = copy
         progress(done, len(on_disk), report.bytes)
-    recorded = {entry.digest for entry in await _all_present(engine)}
     report.missing = sorted(recorded - on_disk.keys())
     if repair:
+        content = _content(engine)
         for name in report.corrupt:
-            if await asyncio.to_thread(engine.blobs.quarantine, Digest.parse(name)):
+            digest = Digest.parse(name)
+            found = corrupt_copies.get(name)
+            if found is not None and await content.remove(digest, found):
                 report.repaired += 1
-        gone = [*report.corrupt, *report.missing]
-        if gone:
-            await graph.blobs_removed(gone)
+        for name in report.missing:
+            await content.gone(Digest.parse(name))  # recorded absent unless it is back
     return report
+
+
+def _content(engine: Engine) -> Content:
+    return Content(engine.blobs, engine.store.graph)
 
 
 async def _all_present(engine: Engine) -> list[BlobEntry]:
@@ -100,13 +116,15 @@ async def _all_present(engine: Engine) -> list[BlobEntry]:
     return entries
 
 
-def _hashes_to(path: Path, digest: Digest) -> bool | None:
-    """Whether the file's content has ``digest``; None when it is gone (evicted meanwhile)."""
+def _hashes_to(path: Path, digest: Digest) -> tuple[bool, os.stat_result] | None:
+    """Whether the file's content has ``digest``, and the copy that was read (the one a
+    repair may remove); None when it is gone (evicted meanwhile)."""
     hasher = hashlib.new(digest.algorithm)
     try:
         with path.open("rb") as file:
+            copy = os.fstat(file.fileno())
             while chunk := file.read(_READ):
                 hasher.update(chunk)
     except FileNotFoundError:
         return None
-    return hasher.hexdigest() == digest.hex
+    return hasher.hexdigest() == digest.hex, copy

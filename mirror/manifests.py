@@ -62,6 +62,8 @@ def parse(body: bytes, media_type: str) -> References:
         document = json.loads(body)
     except ValueError as exc:
         raise ManifestParseError(f"not JSON: {exc}") from None
+    except RecursionError:  # json gives up on deep nesting this way
+        raise ManifestParseError("not JSON: nested too deep") from None
     if not isinstance(document, dict):
         raise ManifestParseError("not a JSON object")
     kind = _kind(document, media_type)

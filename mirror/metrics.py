@@ -22,7 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 # Routes as the access log and mirror_requests_total name them.
-ROUTES = ("manifest", "blob", "tags", "ops", "status", "other")
+ROUTES = ("manifest", "blob", "tags", "referrers", "ops", "status", "other")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -117,6 +117,14 @@ class Metrics:
             "Size of the data dir's filesystem.",
             registry=self.registry,
             multiprocess_mode="mostrecent",
+        )
+        self.logins = Counter(
+            "mirror_logins",
+            "Logins not verified before, by result: ok, failed (a wrong password, or one "
+            "over 72 bytes), throttled (refused with no check), unavailable (the password "
+            "file unreadable).",
+            ["result"],
+            registry=self.registry,
         )
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # CPU, memory, open files of this process (one process: workers are summed

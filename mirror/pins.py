@@ -4,8 +4,9 @@ A pin is written the way users write images, with ``*`` wildcards anywhere:
 ``[registry/]repository[:tag]``. ``library/postgres:16*`` keeps every ``16…`` tag of
 Docker Hub's postgres, ``ghcr.io/acme/*`` everything under ``acme`` on ghcr.io, and
 ``alpine`` every tag of ``docker.io/library/alpine``. Names are completed as ``docker pull``
-completes them (see :func:`split_image`), so a pin matches what the graph records.
-Pure code: no I/O.
+completes them (see :func:`split_image`), so a pin matches what the graph records. The
+access rules (``repositories:``, :mod:`mirror.rules`) are patterns of the same grammar,
+held to :func:`check_pattern` at load. Pure code: no I/O.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from mirror.reference import DOCKER_HUB
+from mirror.errors import DigestInvalid
+from mirror.reference import DOCKER_HUB, Digest
 
 _LOOKS_LIKE_HOST = re.compile(r"[^/]*[.:][^/]*|localhost")
+# The reference grammar (mirror.reference) with ``*`` added where a pattern may have it.
+_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*")
+_COMPONENT_CHARS = re.compile(r"[a-z0-9._*-]+")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_TAG_CHARS = re.compile(r"[A-Za-z0-9._*-]{1,128}")
+_HOST_CHARS = re.compile(r"[a-z0-9.*-]+(?::[0-9*]+)?")
+ANY = "*"  # a pattern's registry and repository when it is a bare ``*``: everything
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +52,9 @@ def split_image(text: str) -> ImageName:
 
     The first component is a registry when it looks like a host (a dot, a port or
     ``localhost``); Docker Hub's one-component names get ``library/``. Nothing is
-    validated here beyond the shape: wildcards are allowed for patterns.
+    validated here beyond the shape: wildcards are allowed for patterns, and two of them
+    keep their reach: a bare ``*`` is every repository of every registry, and
+    ``docker.io/*`` every repository of Docker Hub (not only ``library/``).
     """
     text = text.strip()
     if not text:
@@ -60,11 +71,40 @@ def split_image(text: str) -> ImageName:
         registry, repository = DOCKER_HUB, name
     if registry in ("index.docker.io", "registry-1.docker.io"):
         registry = DOCKER_HUB
-    if registry == DOCKER_HUB and "/" not in repository:
+    if name == ANY:
+        registry = ANY
+    if registry == DOCKER_HUB and "/" not in repository and repository != ANY:
         repository = f"library/{repository}"
     if not name or tag == "" or (digest == "" and "@" in text):
         raise ValueError(f"malformed image reference {text!r}")
     return ImageName(registry, repository, tag, digest or None)
+
+
+def check_pattern(pattern: ImageName) -> None:
+    """Refuse (ValueError) a pattern that no pull can match: a name outside the reference
+    grammar (uppercase, an empty component, a trailing ``/``), a malformed tag or digest, or
+    both a tag and a digest (a pull names one)."""
+    if not _HOST_CHARS.fullmatch(pattern.registry):
+        raise ValueError(f"registry {pattern.registry!r} is not a host name")
+    for component in pattern.repository.split("/"):
+        if not component:
+            raise ValueError("a name has no empty component (nor a leading or trailing /)")
+        if component.lower() != component:
+            raise ValueError("repository names are lowercase")
+        grammar = _COMPONENT_CHARS if ANY in component else _COMPONENT
+        if not grammar.fullmatch(component):
+            raise ValueError(f"{component!r} is not a name component")
+    if pattern.tag is not None:
+        grammar = _TAG_CHARS if ANY in pattern.tag else _TAG
+        if not grammar.fullmatch(pattern.tag):
+            raise ValueError(f"{pattern.tag!r} is not a tag")
+    if pattern.digest is not None:
+        if pattern.tag is not None:
+            raise ValueError("a tag and a digest together: a pull names one or the other")
+        try:
+            Digest.parse(pattern.digest)
+        except DigestInvalid as exc:
+            raise ValueError(exc.message) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +116,12 @@ class Pin:
     def parse(cls, text: str) -> Pin:
         return cls(split_image(text), text.strip())
 
+    def names(self, registry: str, repository: str) -> bool:
+        """Does the pattern's name (whatever its tag or digest) match ``repository``?"""
+        return fnmatchcase(registry, self.pattern.registry) and fnmatchcase(
+            repository, self.pattern.repository
+        )
+
     def matches(
         self, registry: str, repository: str, tag: str | None, digest: str | None = None
     ) -> bool:
@@ -85,9 +131,7 @@ class Pin:
         with one covers the tags it matches; a pin with a digest (``seed name@sha256:…``)
         covers that manifest.
         """
-        if not fnmatchcase(registry, self.pattern.registry):
-            return False
-        if not fnmatchcase(repository, self.pattern.repository):
+        if not self.names(registry, repository):
             return False
         if self.pattern.digest is not None:
             return digest == self.pattern.digest

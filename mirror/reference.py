@@ -20,6 +20,9 @@ _DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 # The algorithms we can verify, with the length of their hex encoding.
 _ALGORITHMS = {"sha256": 64, "sha512": 128}
 _HEX_RE = re.compile(r"[a-f0-9]+")
+# A registry as a reference names it: a DNS name or a bracketed IPv6 address, and a port.
+_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+_REGISTRY_RE = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9a-f:.]+\])(?::[0-9]{{1,5}})?")
 # The spec bounds the whole name, registry host included; 255 is what registries enforce.
 MAX_NAME_LENGTH = 255
 DOCKER_HUB = "docker.io"
@@ -37,6 +40,15 @@ def normalize_name(raw: str, registry: str = DOCKER_HUB) -> str:
     if len(name) > MAX_NAME_LENGTH:
         raise NameInvalid("repository name too long", detail={"name": name[:300]})
     return name
+
+
+def validate_registry(raw: str, repository: str) -> str:
+    """Check a registry host (as ``split_image`` lowers it) and the whole name's length."""
+    if _REGISTRY_RE.fullmatch(raw) is None or len(raw) > MAX_NAME_LENGTH:
+        raise NameInvalid(f"invalid registry {raw[:100]!r}", detail={"registry": raw[:300]})
+    if len(raw) + 1 + len(repository) > MAX_NAME_LENGTH:
+        raise NameInvalid("name too long", detail={"name": f"{raw}/{repository}"[:300]})
+    return raw
 
 
 def validate_tag(raw: str) -> str:

@@ -12,7 +12,8 @@
   repeating a miss costs no upstream request.
 - Lookups the cache cannot answer at all (a tag or digest never seen) go upstream at a
   bounded rate per upstream (``cold_lookup_rate``), so a client inventing names cannot
-  spend the pull quota as fast as it can send requests.
+  spend the pull quota as fast as it can send requests; one client address may take at
+  most half of that budget, and a lookup refused for its own client costs it nothing.
 - Tag lists are served from memory for ``tag_ttl`` seconds; when the upstream cannot answer
   (down, out of quota, or none at all: ``serve --offline``), from the tags the mirror holds.
 """
@@ -57,11 +58,12 @@ from mirror.store.protocols import (
     blob_missing,
 )
 from mirror.upstream.protocol import TagsPage, Upstream
-from mirror.upstream.ratelimit import TokenBucket
+from mirror.upstream.ratelimit import FairBudget, take_all
 
 log = structlog.get_logger(__name__)
 
 
+MISS_LIMIT = "this client has caused too many upstream fetches; retry later"
 # How long a process waits for another one resolving the same tag, and how often it looks.
 HOLDER_WAIT = 10.0
 HOLDER_POLL = 0.05
@@ -120,8 +122,10 @@ class Resolver:
         self._manifest_flights: SingleFlight[tuple[Manifest, Outcome]] = SingleFlight()
         self.pulls = pulls or PullRecorder(store.graph)
         self._graph_log = LogThrottle()
+        # Ten seconds' worth at once, so one client's half is the five seconds' worth a
+        # pull of several fresh images may need.
         self._cold_lookups = {
-            name: TokenBucket(cold_lookup_rate, max(cold_lookup_rate * 5, 1.0))
+            name: FairBudget(cold_lookup_rate, max(cold_lookup_rate * 10, 2.0))
             for name in upstreams
         }
         self._tag_pages: TTLCache[tuple[str, ...], TagsPage] = TTLCache(
@@ -196,11 +200,18 @@ class Resolver:
                 return manifest
         return None
 
+    def fresh(self, record: TagRecord) -> bool:
+        """Is a tag record (or a kept referrers answer) inside its freshness window?"""
+        return self._clock() - record.checked_at < self._tag_ttl
+
+    def now(self) -> float:
+        return self._clock()
+
     async def _by_tag(
         self, client: Upstream, registry: str, repository: str, tag: str
     ) -> tuple[Manifest, Outcome]:
         record = await self.store.get_tag(registry, repository, tag)
-        if record is not None and self._clock() - record.checked_at < self._tag_ttl:
+        if record is not None and self.fresh(record):
             manifest = await self.store.get_manifest(registry, repository, record.digest)
             if manifest is not None:
                 return manifest, Outcome.HIT
@@ -293,7 +304,7 @@ class Resolver:
             if manifest is not None:
                 await self._remember_tag(registry, repository, tag, manifest)
                 return manifest, Outcome.REVALIDATED
-        self._charge_miss()
+            self._charge_miss()  # a tag never seen was charged when it was let through
         manifest = await client.get_manifest(repository, tag, MANIFEST_TYPES)
         await self._store_manifest(registry, repository, manifest)
         await self._remember_tag(registry, repository, tag, manifest)
@@ -341,13 +352,33 @@ class Resolver:
         """Refuse what the negative cache or the cold-lookup rate says not to send upstream."""
         await self._refuse_unknown_repository(registry, repository)
         if cold:
-            wait = self._cold_lookups[registry].take()
-            if wait > 0:
-                raise TooManyRequests(
-                    "too many lookups of names this mirror does not know; retry later",
-                    detail={"upstream": registry},
-                    headers={"Retry-After": str(max(int(wait + 0.999), 1))},
-                )
+            self._admit_cold(registry)
+
+    def _admit_cold(self, registry: str) -> None:
+        """Charge a lookup the cache cannot answer to the client's miss limit, its share of
+        the upstream's cold-lookup budget and that budget, all three or none: a lookup
+        refused for its own client costs everyone else nothing."""
+        address = CLIENT.get()
+        budget = self._cold_lookups[registry]
+        refused = take_all(self.clients.misses_of(address), budget.share_of(address), budget.shared)
+        if refused is None:
+            return
+        which, wait = refused
+        headers = {"Retry-After": str(max(int(wait + 0.999), 1))}
+        if which == 0:
+            raise TooManyRequests(MISS_LIMIT, detail={"client": address}, headers=headers)
+        if which == 1:
+            raise TooManyRequests(
+                "this client has made too many lookups of names this mirror does not know;"
+                " retry later",
+                detail={"client": address, "upstream": registry},
+                headers=headers,
+            )
+        raise TooManyRequests(
+            "too many lookups of names this mirror does not know; retry later",
+            detail={"upstream": registry},
+            headers=headers,
+        )
 
     async def _refuse_unknown_repository(self, registry: str, repository: str) -> None:
         """The negative answer for a whole repository, while it lasts."""
@@ -372,7 +403,6 @@ class Resolver:
         accept: Sequence[str],
     ) -> tuple[Manifest, Outcome]:
         async def fetch() -> tuple[Manifest, Outcome]:
-            self._charge_miss()
             manifest = await client.get_manifest(repository, reference, accept)
             await self._store_manifest(registry, repository, manifest)
             return manifest, Outcome.MISS
@@ -386,7 +416,7 @@ class Resolver:
         wait = self.clients.miss(address)
         if wait > 0:
             raise TooManyRequests(
-                "this client has caused too many upstream fetches; retry later",
+                MISS_LIMIT,
                 detail={"client": address},
                 headers={"Retry-After": str(max(int(wait + 0.999), 1))},
             )

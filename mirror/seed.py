@@ -4,7 +4,9 @@ Each image goes through the resolver exactly as a client's pull would: the same 
 same single-flight and leases, so seeding while ``serve`` runs on the data dir fetches
 nothing twice. A reference is completed as ``docker pull`` completes it
 (:func:`mirror.pins.split_image`); an index brings every platform unless ``platforms``
-narrows it. Blobs of all images share ``jobs`` parallel transfers.
+narrows it. Blobs of all images share ``jobs`` parallel transfers. Unless told
+``referrers=False``, an image brings what refers to it (signatures, SBOMs, attestations:
+its referrers, and cosign's ``.sig``/``.att``/``.sbom`` tags), whole, and pinned with it.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from pathlib import Path
 from typing import Protocol
 
 from mirror.engine import Engine
-from mirror.errors import RegistryError
+from mirror.errors import ManifestUnknown, RegistryError
 from mirror.fills import Fill, FillState
 from mirror.inventory import image_size
 from mirror.manifests import ManifestParseError, parse
 from mirror.mediatypes import MANIFEST_TYPES
 from mirror.pins import ImageName, split_image
 from mirror.reference import Digest, Reference, normalize_name
+from mirror.referrers import COSIGN_SUFFIXES, Referrers, descriptors_of, fallback_tag
 from mirror.store.protocols import Manifest
 
 DEFAULT_JOBS = 4
@@ -42,6 +45,8 @@ class Seeded:
     blobs: int = 0
     error: str | None = None
     platforms: list[str] = field(default_factory=list)
+    referrers: int = 0  # signatures, SBOMs, attestations brought with it
+    pins: list[str] = field(default_factory=list)  # the referrers, pinned with the image
 
     @property
     def ok(self) -> bool:
@@ -77,17 +82,19 @@ async def seed(
     platforms: Sequence[str] = (),
     jobs: int = DEFAULT_JOBS,
     pin: bool = True,
+    referrers: bool = True,
     progress: Progress,
 ) -> list[Seeded]:
     transfers = asyncio.Semaphore(jobs)
     images = asyncio.Semaphore(jobs)
-    seeder = _Seeder(engine, tuple(platforms), transfers, progress)
+    brought = Referrers(engine.resolver) if referrers else None
+    seeder = _Seeder(engine, tuple(platforms), transfers, progress, brought)
 
     async def one(reference: str) -> Seeded:
         async with images:
             seeded = await seeder.image(reference)
         if seeded.ok and pin and seeded.name is not None:
-            await engine.store.add_pins([str(seeded.name)])
+            await engine.store.add_pins([str(seeded.name), *seeded.pins])
         progress.image_done(seeded)
         return seeded
 
@@ -101,12 +108,14 @@ class _Seeder:
         platforms: tuple[str, ...],
         transfers: asyncio.Semaphore,
         progress: Progress,
+        referrers: Referrers | None,
     ) -> None:
         self._engine = engine
         self._resolver = engine.resolver
         self._platforms = platforms
         self._transfers = transfers
         self._progress = progress
+        self._referrers = referrers  # None: images only
 
     async def image(self, reference: str) -> Seeded:
         seeded = Seeded(reference)
@@ -132,13 +141,60 @@ class _Seeder:
         manifests, blobs = await self._walk(name, top, seeded)
         seeded.size = image_size(blobs)
         seeded.blobs = len(blobs)
+        if self._referrers is not None:
+            extra, extra_blobs = await self._referrers_of(self._referrers, name, top, seeded)
+            manifests += extra
+            blobs = {**extra_blobs, **blobs}
         # Progress counts the manifests too: they were transferred.
         manifest_bytes = sum(len(m.body) for m in manifests)
-        self._progress.bytes_known(seeded, manifest_bytes + seeded.size)
+        self._progress.bytes_known(seeded, manifest_bytes + image_size(blobs))
         self._progress.bytes_done(seeded, manifest_bytes)
         await asyncio.gather(
             *(self._blob(name, digest, size, seeded) for digest, size in blobs.items())
         )
+
+    async def _referrers_of(
+        self, referrers: Referrers, name: ImageName, top: Manifest, seeded: Seeded
+    ) -> tuple[list[Manifest], dict[str, int]]:
+        """What refers to the image, whole: its referrers and cosign's tags beside it."""
+        digest = Digest.parse(top.digest)
+        try:
+            answer, _ = await referrers.answer(name.registry, name.repository, digest)
+            wanted = [str(entry.get("digest")) for entry in descriptors_of(answer.body)]
+            wanted += [fallback_tag(digest) + suffix for suffix in COSIGN_SUFFIXES]
+            manifests: list[Manifest] = []
+            blobs: dict[str, int] = {}
+            for reference in wanted:
+                try:
+                    found = await self._manifest(name, reference)
+                except ManifestUnknown:
+                    continue  # cosign's tags are there only for images cosign touched
+                manifests += await self._whole(name, found, blobs)
+                seeded.referrers += 1
+                tag, at = (None, reference) if ":" in reference else (reference, None)
+                seeded.pins.append(str(ImageName(name.registry, name.repository, tag, at)))
+        except RegistryError as exc:
+            raise SeedError(
+                f"its referrers: {exc.code}: {exc.message} (--no-referrers to seed without them)"
+            ) from None
+        return manifests, blobs
+
+    async def _whole(
+        self, name: ImageName, manifest: Manifest, blobs: dict[str, int]
+    ) -> list[Manifest]:
+        """A manifest and every manifest under it, all platforms; their blobs into ``blobs``."""
+        manifests, pending = [], [manifest]
+        while pending:
+            current = pending.pop()
+            manifests.append(current)
+            try:
+                refs = parse(current.body, current.media_type)
+            except ManifestParseError as exc:
+                raise SeedError(f"cannot read the manifest {current.digest}: {exc}") from None
+            blobs.update({blob.digest: blob.size or 0 for blob in refs.blobs})
+            for child in refs.children:
+                pending.append(await self._manifest(name, child.digest))
+        return manifests
 
     async def _walk(
         self, name: ImageName, top: Manifest, seeded: Seeded

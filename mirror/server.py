@@ -1,10 +1,15 @@
 """Run one mirror process: the app on its port (or on a socket it is handed).
 
-Besides serving, the process looks after its file descriptors, which every connection
-costs one of: it raises its soft limit to the hard limit at start, and when connections
-near that limit it closes idle keep-alive connections first, so an idle crowd cannot lock
-everyone out. At the limit itself asyncio cannot accept and would log a traceback per
-attempt; those become one short line per interval.
+Besides serving, the process looks after its file descriptors, which every connection and
+every TLS handshake under way costs one of and every blob download two more
+(``mirror.routes.transfers``): it raises its soft limit to the hard limit at start, and
+when they near that limit it ends TLS handshakes that have gone on for a second, then idle
+keep-alive connections, then the downloads that have gone longest without the client
+accepting a byte, so no crowd (idle, never finishing its handshake, never reading) can lock
+everyone out. Downloads past the limit are refused with a 503 before they take a
+descriptor, and accepting pauses short of it (``mirror.listener``), so that running out
+never resets the connections waiting to be accepted. Failures the loop reports for lack
+of descriptors become one short line per interval.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from aiohttp.web_protocol import RequestHandler
 
 from mirror.app import create_app
 from mirror.config import Settings
+from mirror.listener import Listener, listening_socket
 from mirror.logs import LogThrottle, configure
 from mirror.routes.middleware import AccessLogger
-from mirror.routes.state import ENGINE, STOPPING
+from mirror.routes.state import ENGINE, STOPPING, TRANSFERS
+from mirror.routes.transfers import DESCRIPTORS, Transfers
 from mirror.shutdown import CUT_TIMEOUT, Shutdown
 from mirror.tls import ServerTLS
 
@@ -37,6 +44,10 @@ KEEPALIVE_TIMEOUT = 75.0
 # Descriptors kept for everything but client connections: blob files, upstream, stores.
 RESERVED_FDS = 64
 SHED_INTERVAL = 0.1
+# A download shed to free descriptors has gone at least this long without progress.
+STALLED_FOR = 2.0
+# A TLS handshake shed to free descriptors has gone on at least this long.
+SLOW_HANDSHAKE = 1.0
 _FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -97,22 +108,18 @@ async def _serve(
     )
     await runner.setup()
     tls = server_tls(settings)
-    context = tls.context if tls is not None else None
     try:
-        site: web.BaseSite = (
-            web.SockSite(runner, sock, ssl_context=context)
-            if sock is not None
-            else web.TCPSite(
-                runner, settings.listen_host, settings.listen_port, ssl_context=context
-            )
-        )
+        if sock is None:
+            sock = listening_socket(settings.listen_host, settings.listen_port)
+        site = Listener(runner, sock, ssl_context=tls.context if tls is not None else None)
         await site.start()
         log.info("listening", address=site.name, fd_limit=limit, tls=tls is not None)
         shutdown = Shutdown(settings.shutdown_delay, settings.shutdown_grace, app[STOPPING])
         for signum in stop_signals:
             loop.add_signal_handler(signum, shutdown.signal, signum)
         assert runner.server is not None
-        tasks = [asyncio.create_task(_shed_idle(runner.server, limit))]
+        shedding = _shed_idle(runner.server, runner.app[TRANSFERS], site, limit)
+        tasks = [asyncio.create_task(shedding)]
         if tls is not None:
             tasks.append(asyncio.create_task(tls.watch()))
         await shutdown.requested.wait()
@@ -140,26 +147,56 @@ def server_tls(settings: Settings) -> ServerTLS | None:
     return ServerTLS(settings.tls_cert, settings.tls_key)
 
 
-async def _shed_idle(server: web.Server, fd_limit: int) -> None:
-    """Close idle keep-alive connections while connections crowd the descriptor limit."""
+async def _shed_idle(
+    server: web.Server, transfers: Transfers, listener: Listener, fd_limit: int
+) -> None:
+    """While connections, TLS handshakes and downloads crowd the descriptor limit, end
+    handshakes that have gone on a while, then idle keep-alive connections, then stalled
+    downloads, each oldest first; no connection is accepted and no download begins (503)
+    past the limit."""
     high = max(fd_limit - RESERVED_FDS, fd_limit * 3 // 4)
     low = high * 4 // 5
+
+    def connections_held() -> int:
+        # aiohttp's public ``connections`` copies the list; this is asked very often.
+        return len(server._connections) + listener.handshakes
+
+    transfers.share(high, connections_held)
+    # Connections are still taken past ``high`` (a download then gets a 503 at once, and
+    # an idle connection is shed), but not into the descriptors files and upstreams need.
+    ceiling = high + (fd_limit - high) // 2
+    listener.room = lambda: connections_held() + transfers.descriptors < ceiling
     throttle = LogThrottle(10.0)
+    seen: set[RequestHandler] = set()
     while True:
         await asyncio.sleep(SHED_INTERVAL)
         connections = server.connections
-        if len(connections) < high:
+        used = len(connections) + listener.handshakes + transfers.descriptors
+        if used < high:
+            seen.clear()
             continue
-        idle = [handler for handler in connections if _idle(handler)]
-        shed = idle[: len(connections) - low]
+        excess = used - low
+        ended = listener.shed(excess, SLOW_HANDSHAKE)
+        # Oldest first; one accepted since the last look has had no time to send its request.
+        idle = [handler for handler in connections if handler in seen and _idle(handler)]
+        seen = set(connections)
+        shed = idle[: excess - ended]
         for handler in shed:
             handler.force_close()
+        # A download ended frees its connection's descriptor too.
+        left = excess - ended - len(shed)
+        stalled = transfers.shed(-(-left // (DESCRIPTORS + 1)), STALLED_FOR)
+        if not (ended or shed or stalled):
+            continue
         suppressed = throttle.admit("shed")
         if suppressed is not None:
             log.warning(
                 "idle_connections_shed",
                 closed=len(shed),
+                tls_handshakes_shed=ended,
+                stalled_downloads_ended=stalled,
                 connections=len(connections),
+                downloads=transfers.descriptors // DESCRIPTORS,
                 fd_limit=fd_limit,
                 suppressed=suppressed,
             )

@@ -4,6 +4,7 @@ reports."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import logging
@@ -18,7 +19,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
-from mirror.errors import NotFound, RegistryError, Unsupported
+from mirror.errors import NotFound, OutOfDescriptors, RegistryError, Unsupported
 from mirror.logs import ACCESS, REQUEST_ID, LogThrottle, clip
 from mirror.routes.access import admit
 from mirror.routes.state import EXCHANGE, LOG_THROTTLE, METRICS, Exchange
@@ -37,6 +38,7 @@ _request_numbers = itertools.count(1)
 # nginx's status for "the client closed the connection before the answer": for the access
 # log and the metrics, never sent.
 CLIENT_CLOSED_REQUEST = 499
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 def error_response(error: RegistryError) -> web.Response:
@@ -137,6 +139,8 @@ def _unexpected(request: web.Request, error: Exception) -> web.StreamResponse:
     """A bug, or a part failing in a way nothing foresaw: the registry's error body, and the
     traceback once per interval for each place that raises (a broken part fails every
     request; its traceback need not be in the log a thousand times)."""
+    if isinstance(error, OSError) and error.errno in _OUT_OF_DESCRIPTORS:
+        return _out_of_descriptors(request, error)
     frame = error.__traceback__
     while frame is not None and frame.tb_next is not None:
         frame = frame.tb_next
@@ -154,6 +158,17 @@ def _unexpected(request: web.Request, error: Exception) -> web.StreamResponse:
         # The answer has begun: the client can only be told by a cut connection.
         request.transport.abort()
     return error_response(RegistryError("internal error"))
+
+
+def _out_of_descriptors(request: web.Request, error: OSError) -> web.StreamResponse:
+    """No descriptor left for a file or a socket: a load to shed, not a bug. 503 with
+    Retry-After, and one short line per interval."""
+    suppressed = request.app[LOG_THROTTLE].admit("out_of_descriptors")
+    if suppressed is not None:
+        log.error("out_of_descriptors", error=error.strerror, suppressed=suppressed)
+    if request.writer.output_size > 0 and request.transport is not None:
+        request.transport.abort()  # the answer has begun: only a cut connection tells
+    return error_response(OutOfDescriptors())
 
 
 class AccessLogger(AbstractAccessLogger):

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from mirror.metrics import CONTENT_TYPE_LATEST
 from mirror.routes.middleware import NOSNIFF, NOSNIFF_HEADER, add_route
-from mirror.routes.state import ENGINE, EXCHANGE, METRICS, RESOLVER, STOPPING
+from mirror.routes.state import ENGINE, EXCHANGE, HTPASSWD, METRICS, RESOLVER, STOPPING
 from mirror.routes.v2 import check_method
 
 _HEADERS = {NOSNIFF_HEADER: NOSNIFF}
@@ -31,9 +31,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the data dir is usable and the process is not stopping. The store and the
-    upstreams are reported, not required: with Redis or the upstream down the mirror still
-    serves what it holds."""
+    """Ready when the data dir is usable, the process is not stopping and, with logins on,
+    the password file readable. The store and the upstreams are reported, not required:
+    with Redis or the upstream down the mirror still serves what it holds."""
     request[EXCHANGE].route = "ops"
     check_method(request)
     if request.app[STOPPING].is_set():
@@ -42,6 +42,10 @@ async def readyz(request: web.Request) -> web.Response:
     resolver = request.app[RESOLVER]
     writable = await asyncio.to_thread(os.access, resolver.blobs.root, os.W_OK)
     checks = {"data_dir": "ok" if writable else "not writable"}
+    if HTPASSWD in request.app:  # logins on: a mirror that must refuse them all is not ready
+        htpasswd = request.app[HTPASSWD]
+        await htpasswd.refresh()
+        checks["logins"] = htpasswd.problem or "ok"
     engine = request.app[ENGINE]
     healthy = not engine.store.degraded and await engine.store.ping()
     store = "ok" if healthy else "degraded"

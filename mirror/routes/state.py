@@ -7,12 +7,15 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from mirror.clients import FailedLogins, Htpasswd
+from mirror.clients import Htpasswd, LoginThrottle
 from mirror.config import Settings
 from mirror.engine import Engine
 from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
+from mirror.referrers import Referrers
 from mirror.resolver import Resolver
+from mirror.routes.transfers import Transfers
+from mirror.signatures import SignaturePolicy
 from mirror.status import History
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -20,12 +23,19 @@ METRICS = web.AppKey("metrics", Metrics)
 ENGINE = web.AppKey("engine", Engine)
 # The engine's resolver, kept under its own key: the request path reads it on every request.
 RESOLVER = web.AppKey("resolver", Resolver)
+# The referrers API over the resolver (``mirror.referrers``).
+REFERRERS = web.AppKey("referrers", Referrers)
+# The signature policy (absent without ``signatures``).
+SIGNATURES = web.AppKey("signatures", SignaturePolicy)
 # Lines the request path logs for events a client or a broken part can repeat endlessly.
 LOG_THROTTLE = web.AppKey("log_throttle", LogThrottle)
+# Blob downloads under way: their send deadline, and what the server sheds when descriptors
+# run short.
+TRANSFERS = web.AppKey("transfers", Transfers)
 
-# Logins (absent: anonymous pulls) and failed logins per address.
+# Logins (absent: anonymous pulls) and the throttle on guessing them.
 HTPASSWD = web.AppKey("htpasswd", Htpasswd)  # absent without ``auth``
-FAILED_LOGINS = web.AppKey("failed_logins", FailedLogins)
+LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)
 
 # The last hour of request totals, and when the service started (the status page).
 HISTORY = web.AppKey("history", History)

@@ -7,10 +7,11 @@ never build error responses themselves (``mirror.routes.middleware`` does).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -21,7 +22,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from mirror.errors import (
     BlobUnknown,
-    Denied,
     PaginationNumberInvalid,
     RangeInvalid,
     RegistryError,
@@ -29,9 +29,11 @@ from mirror.errors import (
     Unsupported,
 )
 from mirror.fills import Fill, FillState
-from mirror.mediatypes import BLOB_TYPE, parse_accept, served_manifest_type
+from mirror.mediatypes import BLOB_TYPE, OCI_INDEX, parse_accept, served_manifest_type
 from mirror.reference import DOCKER_HUB, Digest, Reference, normalize_name
+from mirror.referrers import FILTERS_HEADER, filtered
 from mirror.resolver import CachedBlob
+from mirror.routes.access import screen, screen_resolved
 from mirror.routes.middleware import (
     API_VERSION,
     API_VERSION_HEADER,
@@ -39,12 +41,16 @@ from mirror.routes.middleware import (
     NOSNIFF_HEADER,
     add_route,
 )
-from mirror.routes.state import EXCHANGE, RESOLVER, SETTINGS
+from mirror.routes.state import EXCHANGE, REFERRERS, RESOLVER, SETTINGS, SIGNATURES, TRANSFERS
+from mirror.routes.transfers import Transfer
+from mirror.rules import OPEN, Scope
 from mirror.store.protocols import Manifest
 
 log = structlog.get_logger(__name__)
 
-_PATH_RE = re.compile(r"(?P<name>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/list)")
+_PATH_RE = re.compile(
+    r"(?P<name>.+)/(?:(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)|tags/list)"
+)
 _UPLOADS_RE = re.compile(r".+/blobs/uploads(?:/.*)?")
 # At most 18 digits: more is beyond any blob, and int() refuses over 4,300 of them.
 _RANGE_RE = re.compile(r"bytes=(\d{0,18})-(\d{0,18})")
@@ -78,19 +84,26 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if _UPLOADS_RE.fullmatch(path):
         raise Unsupported("pushing is not supported: this registry is a read-only mirror")
     check_method(request)
+    if request.protocol.writing_paused:
+        # Earlier answers on this connection the client has not read come first:
+        # pipelined requests must not pile answers up in memory.
+        await request.app[TRANSFERS].drained(request)
     # Most requests carry no query: parsing an empty one still costs a mapping.
     registry = (request.query_string and request.query.get("ns")) or DOCKER_HUB
     exchange = request[EXCHANGE]
     exchange.registry = registry
     route, repository, reference = _parse_path(path, registry)
     exchange.route = route
-    if not request.app[SETTINGS].repositories.permits(registry, repository):
-        raise Denied(
-            "this mirror does not serve that repository",
-            detail={"repository": f"{registry}/{repository}"},
-        )
+    scope = request.app[SETTINGS].repositories.scope(registry, repository)
+    if route == "referrers":
+        assert isinstance(reference, Digest)
+        if scope is not OPEN:  # the subject is screened as a manifest pulled by digest
+            await screen(request, scope, registry, repository, Reference(digest=reference))
+        return await referrers(request, registry, repository, reference)
+    if scope is not OPEN:  # rules that name this repository: the slow path
+        scope = await screen(request, scope, registry, repository, reference)
     if isinstance(reference, Reference):
-        return await manifest(request, registry, repository, reference)
+        return await manifest(request, registry, repository, reference, scope)
     if isinstance(reference, Digest):
         return await blob(request, registry, repository, reference)
     return await tags(request, registry, repository)
@@ -109,6 +122,8 @@ def _parse_path(path: str, registry: str) -> tuple[str, str, Reference | Digest 
         return "manifest", repository, Reference.parse(match["ref"])
     if kind == "blobs":
         return "blob", repository, Digest.parse(match["ref"])
+    if kind == "referrers":
+        return "referrers", repository, Digest.parse(match["ref"])
     return "tags", repository, None
 
 
@@ -118,11 +133,16 @@ def check_method(request: web.Request) -> None:
 
 
 async def manifest(
-    request: web.Request, registry: str, repository: str, reference: Reference
+    request: web.Request, registry: str, repository: str, reference: Reference, scope: Scope = OPEN
 ) -> web.Response:
     accept = parse_accept(tuple(request.headers.getall("Accept", ())))
     found, outcome = await request.app[RESOLVER].manifest(registry, repository, reference, accept)
+    if scope.deny:
+        screen_resolved(scope, registry, repository, found.digest)
     request[EXCHANGE].cache = outcome.value
+    policy = request.app.get(SIGNATURES)
+    if policy is not None:
+        await policy.check(registry, repository, found, reference.tag)
     return _manifest_response(request, found)
 
 
@@ -240,11 +260,16 @@ async def _send_cached(
         return _from_memory(request, headers, blob.data)
     assert blob.path is not None, "a blob not in memory is on disk"
     response, start, stop = _ranged(request, headers, blob.size)
-    with await asyncio.to_thread(open, blob.path, "rb", buffering=0) as file:
+    transfers = request.app[TRANSFERS]
+    with (
+        transfers.running(request.transport) as transfer,
+        await asyncio.to_thread(open, blob.path, "rb", buffering=0) as file,
+        _socket_copy(request) as sock,
+    ):
         request[EXCHANGE].cache = "hit"
         await response.prepare(request)
         try:
-            await _Body(request, response, file, start).sendfile(start, stop)
+            await _Body(request, response, file, start, transfer, sock).sendfile(start, stop)
         except ConnectionError:
             return response  # the client hung up; aiohttp closes the connection quietly
         except _SourceShrank:
@@ -262,6 +287,24 @@ def _from_memory(request: web.Request, headers: Mapping[str, str], data: bytes) 
         headers = {**headers, "Content-Range": f"bytes {start}-{stop - 1}/{len(data)}"}
     request[EXCHANGE].sent = stop - start
     return web.Response(body=data[start:stop], status=status, headers=headers)
+
+
+@contextlib.contextmanager
+def _socket_copy(request: web.Request) -> Iterator[int | None]:
+    """A descriptor of our own for the connection's socket, for sendfile(2) and to wait on
+    until the socket takes more (uvloop shares its own with no one); taken before the answer
+    begins, so that running out of descriptors is a 503, not a cut connection. None through
+    TLS, which sendfile(2) would bypass."""
+    transport = request.transport
+    raw = None if transport is None else transport.get_extra_info("socket")
+    if raw is None or transport is None or transport.get_extra_info("sslcontext") is not None:
+        yield None
+        return
+    fd = os.dup(raw.fileno())
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
@@ -290,6 +333,8 @@ class _Body:
     response: web.StreamResponse
     file: BinaryIO
     first: int
+    transfer: Transfer  # its deadline, and the progress the server sheds by
+    socket: int | None  # the connection's socket for sendfile(2); None: read and write
 
     async def sendfile(self, position: int, stop: int) -> int:
         """Send bytes ``position``..``stop`` with sendfile(2), SENDFILE_CHUNK at a time;
@@ -308,6 +353,7 @@ class _Body:
                 raise _SourceShrank
             position += sent
             self.request[EXCHANGE].sent = position - self.first
+            self.transfer.moved()
         return position
 
     async def _chunk(
@@ -317,40 +363,40 @@ class _Body:
         position: int,
         count: int,
     ) -> int:
-        """``loop.sendfile``, or where the loop has none (uvloop) the same zero-copy
-        sendfile(2) on a descriptor of our own for the connection's socket; through TLS,
-        which sendfile(2) would bypass, the bytes are read and written."""
-        try:
-            return await loop.sendfile(transport, self.file, position, count)
-        except NotImplementedError:
-            pass
-        raw = transport.get_extra_info("socket")
-        tls = transport.get_extra_info("sslcontext") is not None
-        if raw is None or tls or count < ZERO_COPY_FROM:
-            # Through TLS sendfile(2) would bypass the encryption; a small piece (a fill
-            # handing on what just arrived) costs less to copy than to hand to the kernel.
+        """Zero-copy sendfile(2) on the socket's copy, waiting for the socket to take more
+        with the loop (never polling) and within the send deadline (``loop.sendfile`` would
+        wait without one, and uvloop has none); without a copy (TLS, which sendfile(2) would
+        bypass), the bytes are read and written."""
+        fd = self.socket
+        if fd is None or count < ZERO_COPY_FROM:
+            # A small piece (a fill handing on what just arrived) costs less to copy than to
+            # hand to the kernel.
             data = await asyncio.to_thread(os.pread, self.file.fileno(), count, position)
-            await self.response.write(data)  # waits while the client is slower than the disk
+            # Waits while the client is slower than the disk.
+            await self.transfer.wait(self.response.write(data))
             return len(data)
         while transport.get_write_buffer_size():  # what the transport holds goes first
-            await asyncio.sleep(0.0005)
-            if transport.is_closing():
-                raise ConnectionResetError("the client went away")
-        fd = os.dup(raw.fileno())
-        try:
-            sent = 0
-            while sent < count:
-                try:
-                    done = os.sendfile(fd, self.file.fileno(), position + sent, count - sent)
-                except BlockingIOError:
-                    await _writable(loop, fd)
-                    continue
-                if done == 0:
-                    break
-                sent += done
-            return sent
-        finally:
-            os.close(fd)
+            await self._writable(loop, transport, fd)
+        sent = 0
+        while sent < count:
+            try:
+                done = os.sendfile(fd, self.file.fileno(), position + sent, count - sent)
+            except BlockingIOError:
+                await self._writable(loop, transport, fd)
+                continue
+            if done == 0:
+                break
+            sent += done
+            self.transfer.moved()
+        return sent
+
+    async def _writable(
+        self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, fd: int
+    ) -> None:
+        await self.transfer.wait(_writable(loop, fd))
+        if transport.is_closing():
+            # Our copy keeps the socket open after the transport let it go: stop here.
+            raise ConnectionResetError("the client went away")
 
     async def write(self, position: int, stop: int) -> int:
         """As ``sendfile``, through ``response.write`` so aiohttp frames the chunks of a body
@@ -361,7 +407,7 @@ class _Body:
             data = await asyncio.to_thread(os.pread, fd, count, position)
             if not data:
                 raise _SourceShrank
-            await self.response.write(data)
+            await self.transfer.wait(self.response.write(data))
             position += len(data)
             self.request[EXCHANGE].sent = position - self.first
         return position
@@ -376,10 +422,15 @@ async def _stream_fill(
         response, start, stop = web.StreamResponse(headers=headers), 0, None
     else:
         response, start, stop = _ranged(request, headers, fill.size)
-    await response.prepare(request)  # a StreamResponse sends its headers here
     position = start
-    with fill.open_file() as file:
-        body = _Body(request, response, file, start)
+    transfers = request.app[TRANSFERS]
+    with (
+        transfers.running(request.transport) as transfer,
+        fill.open_file() as file,
+        _socket_copy(request) as sock,
+    ):
+        await response.prepare(request)  # a StreamResponse sends its headers here
+        body = _Body(request, response, file, start, transfer, sock)
         send = body.write if stop is None else body.sendfile
         while stop is None or position < stop:
             if fill.state is FillState.FAILED:
@@ -390,6 +441,7 @@ async def _stream_fill(
                 if fill.state is FillState.DONE and stop is None:
                     break
                 await fill.changed()
+                transfer.moved()  # waiting for the upstream is no stall of the client's
                 continue
             # The bytes already on disk go out as cached blobs do.
             try:
@@ -451,6 +503,21 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if start >= size or start >= stop:
         raise RangeInvalid(headers={"Content-Range": f"bytes */{size}"})
     return start, stop
+
+
+async def referrers(
+    request: web.Request, registry: str, repository: str, digest: Digest
+) -> web.Response:
+    """The OCI 1.1 referrers API: always an image index, empty when nothing refers."""
+    answer, outcome = await request.app[REFERRERS].answer(registry, repository, digest)
+    request[EXCHANGE].cache = outcome.value
+    headers = {"Content-Type": OCI_INDEX, API_VERSION_HEADER: API_VERSION, NOSNIFF_HEADER: NOSNIFF}
+    artifact_type = request.query.get("artifactType") if request.query_string else None
+    if artifact_type is not None:
+        headers[FILTERS_HEADER] = "artifactType"
+    body = filtered(answer.body, artifact_type)
+    request[EXCHANGE].sent = 0 if request.method == "HEAD" else len(body)
+    return web.Response(body=body, headers=headers)
 
 
 async def tags(request: web.Request, registry: str, repository: str) -> web.Response:

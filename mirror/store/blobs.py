@@ -9,6 +9,7 @@ left by a crash and is swept.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import secrets
@@ -119,6 +120,39 @@ class BlobStore:
             return False
         return True
 
+    def stat(self, digest: Digest) -> os.stat_result | None:
+        """The blob's file as it is now, or None: what :meth:`remove` is told it inspected."""
+        try:
+            return self.path(digest).stat()
+        except FileNotFoundError:
+            return None
+
+    def remove(self, digest: Digest, inspected: os.stat_result) -> bool:
+        """Remove the copy of a blob that was inspected (``inspected`` is its stat); a copy
+        landed since (a fill, an import) stays. Whether the inspected copy went.
+
+        The file is first renamed aside, atomically, and only then compared: a copy that
+        lands between the comparison and the removal cannot be the one removed. A copy
+        that was not the one inspected is linked back, unless yet another landed meanwhile.
+        The name aside is a partial file's, so a crash leaves it to the sweep."""
+        path = self.path(digest)
+        aside = path.with_name(f".{digest.hex}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            if _same_copy(os.stat(aside), inspected):
+                return True
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)
+            return False
+        except FileNotFoundError:
+            return False  # swept meanwhile: unlocked, it looked like a crashed write's
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(aside)
+
     def on_disk(self) -> dict[str, tuple[int, float]]:
         """Every blob file: digest -> (size, modification time). Partial files are not
         blobs. A walk of the whole directory: for reconciliation and gc, never per request."""
@@ -157,6 +191,15 @@ class BlobStore:
         if removed and not dry_run:
             log.info("partial_blobs_swept", count=removed)
         return removed
+
+
+def _same_copy(found: os.stat_result, inspected: os.stat_result) -> bool:
+    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns) == (
+        inspected.st_dev,
+        inspected.st_ino,
+        inspected.st_size,
+        inspected.st_mtime_ns,
+    )
 
 
 def _orphaned(path: Path) -> bool:

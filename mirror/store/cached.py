@@ -9,7 +9,10 @@ When the inner store is unavailable (Redis down, SQLite locked or its disk full)
 fall back to what is in memory and then count as misses (the resolver asks the upstream),
 writes are kept in memory only, and no request asks the inner store again: a background
 probe pings it every ``retry_interval`` seconds until it answers, so no request waits on
-its timeouts. One warning says it went away, one line says it came back.
+its timeouts. One warning says it went away, one line says it came back. The content
+graph follows the same verdict: while the store is down its calls raise
+:class:`StoreUnavailable` at once (their callers already treat the graph as best effort),
+and a graph call that finds the store gone takes it down for everyone.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 import structlog
 from cachetools import LRUCache
 
-from mirror.store.graph import ContentGraph
+from mirror.manifests import References
+from mirror.store.graph import BlobEntry, ContentGraph, ImageKey, TagKey, Usage
 from mirror.store.protocols import (
     Manifest,
     MetadataStore,
@@ -81,6 +85,10 @@ class CachedStore:
         self._tags_read: LRUCache[tuple[str, str, str], float] = LRUCache(max_entries)
         self._down_since: float | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._graph = _GuardedGraph(self)
+        # Told when the store goes down: the other users of the same Redis (the leases)
+        # then stop asking it too, so one timeout is all an outage costs.
+        self.on_down: Callable[[Exception], None] = lambda exc: None
 
     @property
     def manifest_bytes(self) -> int:
@@ -134,7 +142,8 @@ class CachedStore:
 
     @property
     def graph(self) -> ContentGraph:
-        return self.inner.graph
+        """The inner store's content graph, behind this store's outage mode."""
+        return self._graph
 
     async def holders(self, blob: str) -> set[tuple[str, str]] | None:
         """The content graph's holders of a blob, for the request path: None while the
@@ -178,14 +187,31 @@ class CachedStore:
     async def _write(self, call: Awaitable[None]) -> None:
         await self._read(call)
 
+    async def _guarded(self, call: Awaitable[T]) -> T:
+        """A graph call: refused at once while the store is down, and a failure takes it
+        down, as for the metadata calls; but raised, since a graph answer has no stand-in."""
+        if not self._available():
+            call.close()  # type: ignore[attr-defined]
+            raise StoreUnavailable("the store is unavailable; a probe is waiting for it")
+        try:
+            return await call
+        except StoreUnavailable as exc:
+            self._went_down(exc)
+            raise
+
     def _available(self) -> bool:
         return self._down_since is None
 
-    def _went_down(self, exc: StoreUnavailable) -> None:
+    def failed(self, exc: Exception) -> None:
+        """Another user of the same Redis saw it fail: go down too, and probe until back."""
+        self._went_down(exc)
+
+    def _went_down(self, exc: Exception) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()
             log.warning("store_unavailable", error=str(exc), retry_interval=self._retry_interval)
             self._probe = asyncio.create_task(self._probe_until_back())
+            self.on_down(exc)
 
     async def _probe_until_back(self) -> None:
         while True:
@@ -197,3 +223,59 @@ class CachedStore:
         log.info("store_available", down_for=round(time.monotonic() - self._down_since, 1))
         self._down_since = None
         self._probe = None
+
+
+class _GuardedGraph:
+    """The content graph of a :class:`CachedStore`'s inner store, under its outage mode."""
+
+    def __init__(self, store: CachedStore) -> None:
+        self._store = store
+
+    @property
+    def _inner(self) -> ContentGraph:
+        return self._store.inner.graph
+
+    async def add_manifest(
+        self, registry: str, repository: str, digest: str, refs: References
+    ) -> None:
+        await self._store._guarded(self._inner.add_manifest(registry, repository, digest, refs))
+
+    async def blob_stored(self, digest: str, size: int, at: float) -> None:
+        await self._store._guarded(self._inner.blob_stored(digest, size, at))
+
+    async def blobs_removed(self, digests: Sequence[str]) -> None:
+        await self._store._guarded(self._inner.blobs_removed(digests))
+
+    async def record_pulls(
+        self,
+        blobs: Mapping[str, float],
+        images: Mapping[ImageKey, float],
+        tags: Mapping[TagKey, int] | None = None,
+    ) -> None:
+        await self._store._guarded(self._inner.record_pulls(blobs, images, tags))
+
+    async def most_pulled(self, limit: int) -> list[tuple[TagKey, int]]:
+        return await self._store._guarded(self._inner.most_pulled(limit))
+
+    async def last_pulls(self, registry: str, repository: str) -> dict[str, float]:
+        return await self._store._guarded(self._inner.last_pulls(registry, repository))
+
+    async def oldest_blobs(
+        self, limit: int, after: tuple[float, str] | None = None
+    ) -> list[BlobEntry]:
+        return await self._store._guarded(self._inner.oldest_blobs(limit, after))
+
+    async def usage(self) -> Usage:
+        return await self._store._guarded(self._inner.usage())
+
+    async def blobs_of(self, registry: str, repository: str, digest: str) -> dict[str, int]:
+        return await self._store._guarded(self._inner.blobs_of(registry, repository, digest))
+
+    async def holders(self, blob: str) -> set[tuple[str, str]]:
+        return await self._store._guarded(self._inner.holders(blob))
+
+    async def unreferenced(self, digests: Sequence[str]) -> set[str]:
+        return await self._store._guarded(self._inner.unreferenced(digests))
+
+    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> None:
+        await self._store._guarded(self._inner.reconcile(on_disk))

@@ -22,7 +22,13 @@ from typing import Any, TypeVar
 
 from mirror.store import schema
 from mirror.store.graph_embedded import EmbeddedGraph
-from mirror.store.protocols import Manifest, StoreUnavailable, TaggedRecord, TagRecord
+from mirror.store.protocols import (
+    Manifest,
+    StoreUnavailable,
+    TaggedRecord,
+    TagRecord,
+    is_tag,
+)
 
 T = TypeVar("T")
 
@@ -148,7 +154,11 @@ class EmbeddedStore:
                 params,
             ).fetchall()
         )
-        return [TaggedRecord(r[0], r[1], r[2], TagRecord(r[3], r[4], r[5])) for r in rows]
+        return [
+            TaggedRecord(r[0], r[1], r[2], TagRecord(r[3], r[4], r[5]))
+            for r in rows
+            if is_tag(r[2])
+        ]
 
     async def pins(self) -> list[str]:
         rows = await self._run(

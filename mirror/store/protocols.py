@@ -50,6 +50,20 @@ def blob_missing(digest: str) -> str:
     return f"blob@{digest}"
 
 
+# The referrers answer for a digest is kept as a tag record under a name no tag can take
+# (a tag has no ``@``); ``list_tags`` leaves such records out.
+REFERRERS = "referrers@"
+
+
+def referrers_key(digest: str) -> str:
+    return f"{REFERRERS}{digest}"
+
+
+def is_tag(name: str) -> bool:
+    """Is a tag record's name a tag (not a kept referrers answer)?"""
+    return "@" not in name
+
+
 class MetadataStore(Protocol):
     """Manifests by digest and tags by name, per upstream registry and repository; and the
     content graph over them (``graph``)."""
@@ -85,7 +99,8 @@ class MetadataStore(Protocol):
         self, registry: str | None = None, repository: str | None = None
     ) -> list[TaggedRecord]:
         """Every tag the store knows (of one repository, given both names), sorted: for
-        ``mirror ls``, pins, export, and tag lists served without an upstream."""
+        ``mirror ls``, pins, export, and tag lists served without an upstream. Records that
+        are not tags (:func:`referrers_key`) are left out."""
         ...
 
     async def pins(self) -> list[str]:

@@ -48,7 +48,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from mirror.store.graph_redis import RedisGraph
-from mirror.store.protocols import Manifest, StoreUnavailable, TaggedRecord, TagRecord
+from mirror.store.protocols import (
+    Manifest,
+    StoreUnavailable,
+    TaggedRecord,
+    TagRecord,
+    is_tag,
+)
 
 __all__ = ["PREFIX", "RedisStore", "StoreUnavailable"]
 
@@ -59,11 +65,12 @@ PINS = f"{PREFIX}pins"
 class RedisStore:
     """The :class:`~mirror.store.protocols.MetadataStore` on Redis; it owns its client."""
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, *, scope: str = "default") -> None:
+        """``scope`` names the storage (the data dir) whose blob records the graph keeps."""
         if client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("RedisStore needs a client with decode_responses=False")
         self._redis = client
-        self.graph = RedisGraph(client)
+        self.graph = RedisGraph(client, scope)
 
     @property
     def client(self) -> Redis:
@@ -76,6 +83,7 @@ class RedisStore:
         url: str,
         *,
         timeout: float = 2.0,  # noqa: ASYNC109 - the client's socket timeouts, not a deadline
+        scope: str = "default",
     ) -> RedisStore:
         """A store on ``redis://``, ``rediss://`` or ``unix://`` ``url`` (password, db in it).
 
@@ -91,7 +99,7 @@ class RedisStore:
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             decode_responses=False,
         )
-        return cls(client)
+        return cls(client, scope=scope)
 
     async def ping(self) -> bool:
         """Does Redis answer? For readiness; never raises."""
@@ -170,6 +178,8 @@ class RedisStore:
                 if parsed is None:
                     continue
                 registry, repository, tag = parsed
+                if not is_tag(tag):
+                    continue
                 record = await self.get_tag(registry, repository, tag)
                 if record is not None:
                     found.append(TaggedRecord(registry, repository, tag, record))

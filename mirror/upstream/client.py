@@ -45,7 +45,13 @@ from mirror.reference import Digest
 from mirror.store.protocols import Manifest
 from mirror.upstream.auth import Challenge, TokenAuth, parse_challenge, pull_scope
 from mirror.upstream.breaker import CircuitBreaker
-from mirror.upstream.protocol import BlobResponse, Health, ManifestHead, TagsPage
+from mirror.upstream.protocol import (
+    BlobResponse,
+    Health,
+    ManifestHead,
+    ReferrersPage,
+    TagsPage,
+)
 from mirror.upstream.ratelimit import RateLimit
 from mirror.upstream.shared_state import UpstreamState
 
@@ -161,6 +167,29 @@ class UpstreamClient:
             body = await _read_limited(response, MAX_MANIFEST_SIZE)
             content_type = _media_type(response) or "application/json"
             return TagsPage(body, content_type, response.headers.get("Link"))
+
+    async def get_referrers(
+        self, repository: str, digest: Digest, query: Mapping[str, str]
+    ) -> ReferrersPage:
+        # Free on Docker Hub, but after a 429 nothing is sent until Retry-After has passed.
+        await self.ratelimit.sync()
+        wait = self.ratelimit.retry_after()
+        if wait > 0:
+            raise TooManyRequests(
+                detail={"upstream": self.name},
+                headers={"Retry-After": str(max(int(wait), 1))},
+            )
+        async with self._call(
+            "referrers",
+            "GET",
+            repository,
+            f"referrers/{digest}",
+            headers={"Accept": OCI_INDEX},
+            not_found=ManifestUnknown,
+            query=query,
+        ) as response:
+            body = await _read_limited(response, MAX_MANIFEST_SIZE)
+            return ReferrersPage(body, response.headers.get("Link"))
 
     async def health(self) -> Health:
         """The upstream as the processes of the site know it together."""

@@ -16,7 +16,13 @@ from typing import NoReturn
 from mirror.errors import BlobOffline, ManifestOffline, NameOffline
 from mirror.reference import Digest
 from mirror.store.protocols import Manifest
-from mirror.upstream.protocol import BlobResponse, Health, ManifestHead, TagsPage
+from mirror.upstream.protocol import (
+    BlobResponse,
+    Health,
+    ManifestHead,
+    ReferrersPage,
+    TagsPage,
+)
 
 
 class OfflineUpstream:
@@ -43,6 +49,11 @@ class OfflineUpstream:
 
     async def get_tags(self, repository: str, query: Mapping[str, str]) -> TagsPage:
         raise NameOffline(detail=self._detail(repository))
+
+    async def get_referrers(
+        self, repository: str, digest: Digest, query: Mapping[str, str]
+    ) -> ReferrersPage:
+        self._manifest(repository, f"referrers of {digest}")
 
     async def health(self) -> Health:
         return Health(reachable="offline")

@@ -40,6 +40,12 @@ class TagsPage:
 
 
 @dataclass(frozen=True, slots=True)
+class ReferrersPage:
+    body: bytes  # an image index
+    link: str | None  # the next page, if the upstream pages its answer
+
+
+@dataclass(frozen=True, slots=True)
 class Health:
     """An upstream as ``/readyz`` reports it."""
 
@@ -67,6 +73,12 @@ class Upstream(Protocol):
     ) -> AbstractAsyncContextManager[BlobResponse]: ...
 
     async def get_tags(self, repository: str, query: Mapping[str, str]) -> TagsPage: ...
+
+    async def get_referrers(
+        self, repository: str, digest: Digest, query: Mapping[str, str]
+    ) -> ReferrersPage:
+        """The upstream's referrers API; ``ManifestUnknown`` when it has none (404)."""
+        ...
 
     async def health(self) -> Health: ...
 

@@ -17,6 +17,8 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 
+from cachetools import TTLCache
+
 from mirror.upstream.shared_state import LocalState, UpstreamState
 
 # How long to back off after a 429 that names no Retry-After.
@@ -113,12 +115,61 @@ class TokenBucket:
 
     def take(self) -> float:
         """0 when a token was taken; otherwise the seconds until one will be there."""
+        wait = self.wait()
+        if wait == 0 and self._rate > 0:
+            self._tokens -= 1
+        return wait
+
+    def wait(self) -> float:
+        """0 when a token is there (none is taken); otherwise the seconds until one will be."""
         if self._rate <= 0:
             return 0.0
         now = self._clock()
         self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
         self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return 0.0
-        return (1 - self._tokens) / self._rate
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self._rate
+
+
+def take_all(*buckets: TokenBucket | None) -> tuple[int, float] | None:
+    """A token from every bucket given, or from none: None when taken; else the position of
+    the first bucket that refuses, and the seconds until it would not."""
+    for position, bucket in enumerate(buckets):
+        wait = 0.0 if bucket is None else bucket.wait()
+        if wait > 0:
+            return position, wait
+    for bucket in buckets:
+        if bucket is not None:
+            bucket.take()
+    return None
+
+
+class FairBudget:
+    """A budget every client draws on (``rate`` a second, ``burst`` at once), of which one
+    client may take at most ``share`` of both: a client spending all it may still leaves
+    the rest to everyone else."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        *,
+        share: float = 0.5,
+        clients: int = 65536,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.shared = TokenBucket(rate, burst, clock=clock)
+        self._rate, self._burst = rate * share, max(burst * share, 1.0)
+        self._clock = clock
+        # A share left alone this long is full again: forgetting it then changes nothing.
+        refilled = self._burst / self._rate if self._rate > 0 else 1.0
+        self._shares: TTLCache[str, TokenBucket] = TTLCache(clients, ttl=refilled, timer=clock)
+
+    def share_of(self, client: str | None) -> TokenBucket | None:
+        """The part of the budget ``client`` may still take; None when it is not bounded."""
+        if client is None or self._rate <= 0:
+            return None
+        share = self._shares.get(client)
+        if share is None:
+            share = TokenBucket(self._rate, self._burst, clock=self._clock)
+        self._shares[client] = share  # forgotten only once left alone long enough to refill
+        return share

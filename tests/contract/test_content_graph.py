@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
+
+import fakeredis
+import fakeredis.aioredis
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
 
 from mirror.manifests import parse
 from mirror.store.embedded import EmbeddedStore
 from mirror.store.graph import BlobEntry, Usage
 from mirror.store.protocols import MetadataStore
+from mirror.store.redis_store import RedisStore
 from mirror.store.schema import VERSION
 from tests.support.oci import make_image, make_index, make_layer
+from tests.support.redis_server import RedisServer
 
 HUB = "docker.io"
 
@@ -54,6 +63,21 @@ async def test_blobs_come_out_least_recently_pulled_first(store: MetadataStore) 
     await graph.blob_stored(digests[1], 200, at=3000.0)  # fetched again
     assert (await graph.oldest_blobs(10))[-1].digest == digests[1]
     assert await graph.usage() == Usage(5, 1500)
+
+
+async def test_paging_goes_through_blobs_pulled_at_one_instant(store: MetadataStore) -> None:
+    """``import`` stamps every blob with one time: paging must not stop inside the tie."""
+    graph = store.graph
+    tied = {f"sha256:{n:064x}": (10, 1000.0) for n in range(2000)}
+    newer = "sha256:" + "f" * 64
+    await graph.reconcile({**tied, newer: (10, 2000.0)})
+    seen: list[str] = []
+    after: tuple[float, str] | None = None
+    while page := await graph.oldest_blobs(500, after):  # as eviction and verify page
+        seen.extend(entry.digest for entry in page)
+        after = (page[-1].last_pulled, page[-1].digest)
+    assert len(seen) == 2001
+    assert seen == [*sorted(tied), newer]
 
 
 async def test_reconcile_aligns_records_with_the_disk(store: MetadataStore) -> None:
@@ -119,3 +143,58 @@ def test_an_old_data_dir_is_migrated_in_place(tmp_path: Path) -> None:
     assert "SEARCH blobs USING INDEX blobs_by_last_pull" in details
     assert "SCAN" not in details
     assert "TEMP B-TREE" not in details
+
+
+@pytest_asyncio.fixture(params=["fakeredis", "redis"])
+async def redis_client(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    """One Redis that several stores share, as replicas do."""
+    if request.param == "fakeredis":
+        client = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        client = Redis.from_url(server.url())
+        await client.flushall()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_storages_sharing_redis_keep_their_own_blob_records(redis_client: Redis) -> None:
+    """Replicas with data dirs of their own: blob records are each storage's, what the
+    manifests reference is everyone's."""
+    first, second = (RedisStore(redis_client, scope=name).graph for name in ("a", "b"))
+    image = make_image([make_layer(b"shared layer")])
+    layer, other = image.blobs[-1].digest, "sha256:" + "e" * 64
+    await first.blob_stored(layer, 100, at=1.0)
+    await second.reconcile({other: (50, 2.0)})  # the second's disk has only its own blob
+    assert await first.usage() == Usage(1, 100)
+    assert [entry.digest for entry in await first.oldest_blobs(10)] == [layer]
+    assert await second.usage() == Usage(1, 50)
+    await first.add_manifest(HUB, "library/app", image.digest, parse(image.manifest, ""))
+    assert await second.holders(layer) == {(HUB, "library/app")}
+    assert await second.unreferenced([layer, other]) == {other}
+
+
+async def test_blob_records_of_an_older_release_are_taken_over(redis_client: Redis) -> None:
+    """Blob records written before they were scoped (keys without a storage) are taken
+    over by the first reconciliation: the last pulls of the blobs on this disk are kept,
+    the old keys removed."""
+    kept, gone = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    for digest, size in ((kept, 100), (gone, 50)):
+        await redis_client.hset(
+            f"mirror:v1:{{graph}}:blob:sha256%3A{digest[7:]}",
+            mapping={"size": size, "present": 1, "last_pulled": "5000.0"},
+        )
+        await redis_client.zadd("mirror:v1:{graph}:lru", {digest: 5000.0})
+    await redis_client.hset("mirror:v1:{graph}:usage", mapping={"blobs": 2, "bytes": 150})
+    graph = RedisStore(redis_client, scope="a").graph
+    fresh = "sha256:" + "3" * 64
+    await graph.reconcile({kept: (100, 10.0), fresh: (30, 20.0)})
+    assert await graph.usage() == Usage(2, 130)
+    assert await graph.oldest_blobs(10) == [
+        BlobEntry(fresh, 30, 20.0),
+        BlobEntry(kept, 100, 5000.0),  # its last pull, not the file's age
+    ]
+    assert await redis_client.keys("mirror:v1:{graph}:blob:*") == []
+    assert not await redis_client.exists("mirror:v1:{graph}:lru", "mirror:v1:{graph}:usage")

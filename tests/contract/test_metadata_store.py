@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.crc import key_slot
 
-from mirror.store.protocols import Manifest, MetadataStore, TagRecord
+from mirror.store.protocols import Manifest, MetadataStore, TagRecord, referrers_key
 from mirror.store.redis_store import RedisStore, StoreUnavailable
 from tests.contract.conftest import Backend
 from tests.support.binaries import require_binary
@@ -457,6 +457,18 @@ async def test_tags_of_one_repository_are_listed_alone(store: MetadataStore) -> 
     ]
     assert [t.tag for t in await store.list_tags(HUB, "a*b")] == ["z"]
     assert await store.list_tags(HUB, "nothing/here") == []
+
+
+async def test_kept_referrers_answers_are_read_back_but_never_listed_as_tags(
+    store: MetadataStore,
+) -> None:
+    first, answer = manifest(b'{"a":1}'), manifest(b'{"manifests":[]}')
+    subject = "sha256:" + "c" * 64
+    await store.put_tag(HUB, "library/alpine", "3.20", record(first))
+    await store.put_tag(HUB, "library/alpine", referrers_key(subject), record(answer))
+    assert await store.get_tag(HUB, "library/alpine", referrers_key(subject)) == record(answer)
+    assert [t.tag for t in await store.list_tags()] == ["3.20"]
+    assert [t.tag for t in await store.list_tags(HUB, "library/alpine")] == ["3.20"]
 
 
 async def test_pins_are_added_listed_and_removed(store: MetadataStore) -> None:

@@ -12,12 +12,20 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mirror.config import AccessRules, AuthSettings, UpstreamSettings
+from mirror.config import AuthSettings, UpstreamSettings
 from mirror.pins import Pin
+from mirror.rules import AccessRules
 from tests.support.binaries import require_binary
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror, settings_for
-from tests.support.oci import OCI_MANIFEST, make_image, make_layer, make_random_layer
+from tests.support.oci import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    make_image,
+    make_index,
+    make_layer,
+    make_random_layer,
+)
 from tests.support.secrets import (
     CLIENT_PASSWORD,
     CLIENT_USER,
@@ -78,6 +86,100 @@ async def test_denied_and_unlisted_repositories_get_403_and_nothing_goes_upstrea
         assert status == 200
         status, _, _ = await mirror.get("/v2/acme/tool/manifests/1?ns=ghcr.io", accept=ACCEPT)
         assert status == 200
+
+
+def rules(allow: tuple[str, ...] = (), deny: tuple[str, ...] = ()) -> AccessRules:
+    return AccessRules.parse(allow, deny)
+
+
+async def test_a_deny_rule_with_a_tag_or_digest_refuses_that_image_and_its_blobs(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    latest = make_image([make_layer(b"latest")])
+    older = make_image([make_layer(b"older")])
+    bad = make_image([make_layer(b"known bad")])
+    fake_hub.add_image("library/busybox", "latest", latest)
+    fake_hub.add_image("library/busybox", "1.36", older)
+    fake_hub.add_image("library/busybox", "1.35", bad)
+    denied = rules(deny=("docker.io/library/busybox:latest", f"busybox@{bad.digest}"))
+    settings = settings_for(fake_hub.url, tmp_path / "data", repositories=denied)
+    async with RunningMirror(settings) as mirror:
+        for path in ("manifests/latest", f"manifests/{bad.digest}"):
+            status, _, body = await mirror.get(f"/v2/busybox/{path}", accept=ACCEPT)
+            assert (status, code(body)) == (403, "DENIED"), path
+        assert fake_hub.log == []
+        # A tag that resolves to the denied digest: the manifest is refused, and now that
+        # the mirror knows it, so are its blobs.
+        status, _, _ = await mirror.get("/v2/busybox/manifests/1.35", accept=ACCEPT)
+        assert status == 403
+        status, _, body = await mirror.get(f"/v2/busybox/blobs/{bad.layers[0].digest}")
+        assert (status, code(body)) == (403, "DENIED")
+        # Every other tag, and its blobs, as before.
+        status, _, body = await mirror.get("/v2/busybox/manifests/1.36", accept=ACCEPT)
+        assert (status, body) == (200, older.manifest)
+        for blob in older.blobs:
+            status, _, body = await mirror.get(f"/v2/busybox/blobs/{blob.digest}")
+            assert (status, body) == (200, blob.data)
+
+
+async def test_wildcards_span_every_namespace_and_every_upstream(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    image = make_image([make_layer(b"anywhere")])
+    for name in ("library/app", "acme/private", "acme/tools/cli"):
+        fake_hub.add_image(name, "1", image)
+    ghcr = {"ghcr.io": UpstreamSettings("ghcr.io", fake_hub.url)}
+    cases = (
+        (
+            rules(allow=("*",)),
+            ("app", "acme/private", "acme/tools/cli", "acme/private?ns=ghcr.io"),
+            (),
+        ),
+        (rules(deny=("docker.io/*",)), ("acme/private?ns=ghcr.io",), ("app", "acme/private")),
+        (rules(allow=("acme/*",)), ("acme/private", "acme/tools/cli"), ("app",)),
+    )
+    for number, (access, served, refused) in enumerate(cases):
+        settings = settings_for(fake_hub.url, tmp_path / f"data{number}", repositories=access)
+        settings = replace(settings, upstreams={**settings.upstreams, **ghcr})
+        async with RunningMirror(settings) as mirror:
+            for name in served:
+                path, _, query = name.partition("?")
+                url = f"/v2/{path}/manifests/1" + (f"?{query}" if query else "")
+                status, _, _ = await mirror.get(url, accept=ACCEPT)
+                assert status == 200, (number, name)
+            for name in refused:
+                status, _, body = await mirror.get(f"/v2/{name}/manifests/1", accept=ACCEPT)
+                assert (status, code(body)) == (403, "DENIED"), (number, name)
+
+
+async def test_an_allow_rule_with_a_tag_serves_that_tag_its_platforms_and_its_blobs_only(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    amd, arm = make_image([make_layer(b"amd")]), make_image([make_layer(b"arm")], arch="arm64")
+    index = make_index([amd, arm])
+    other = make_image([make_layer(b"not allowed")])
+    fake_hub.add_index("library/app", "1.2", index)
+    fake_hub.add_image("library/app", "2.0", other)
+    allowed = rules(allow=("app:1.*",))
+    settings = settings_for(fake_hub.url, tmp_path / "data", repositories=allowed)
+    async with RunningMirror(settings) as mirror:
+        status, _, body = await mirror.get("/v2/app/manifests/1.2", accept=[OCI_INDEX])
+        assert (status, body) == (200, index.index)
+        for image in (amd, arm):
+            status, _, body = await mirror.get(f"/v2/app/manifests/{image.digest}", accept=ACCEPT)
+            assert (status, body) == (200, image.manifest)
+            for blob in image.blobs:
+                status, _, body = await mirror.get(f"/v2/app/blobs/{blob.digest}")
+                assert (status, body) == (200, blob.data)
+        fake_hub.clear_log()
+        for path in (
+            "manifests/2.0",
+            f"manifests/{other.digest}",
+            f"blobs/{other.layers[0].digest}",
+        ):
+            status, _, body = await mirror.get(f"/v2/app/{path}", accept=ACCEPT)
+            assert (status, code(body)) == (403, "DENIED"), path
+        assert fake_hub.log == []
 
 
 @pytest.mark.parametrize("logins", [False, True], ids=["anonymous", "authenticated"])
@@ -169,9 +271,7 @@ async def test_one_address_cannot_hold_more_transfers_than_its_share(
         status, headers, body = await fetch(f"{mirror.url}/v2/library/app/blobs/{small.digest}")
         assert (status, code(body)) == (429, "TOOMANYREQUESTS")
         assert "Retry-After" in headers
-        other = await fetch(
-            f"{mirror.url}/v2/library/app/blobs/{small.digest}", source="127.0.0.2"
-        )
+        other = await fetch(f"{mirror.url}/v2/library/app/blobs/{small.digest}", source="127.0.0.2")
         assert other[0] == 200
         status, _, body = await slow
         assert (status, body) == (200, big.data)

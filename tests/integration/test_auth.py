@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import subprocess
 import time
 import uuid
@@ -90,23 +91,103 @@ async def test_logins_guard_v2_and_metrics_and_leave_the_probes_open(
     assert SECOND_PASSWORD not in mirror.log()
 
 
-async def test_repeated_failures_from_one_address_are_slowed_down(
+async def logins(mirror: MirrorProcess) -> dict[str, float]:
+    """mirror_logins_total by result (read with a login that is remembered: no check)."""
+    status, _, body = await get(f"{mirror.url}/metrics", basic(CLIENT_USER, CLIENT_PASSWORD))
+    assert status == 200
+    found = re.findall(r'^mirror_logins_total\{result="(\w+)"\} (\S+)$', body.decode(), re.M)
+    return {result: float(value) for result, value in found}
+
+
+async def test_failures_past_the_first_few_are_refused_without_a_check(
     fake_hub: FakeHub, tmp_path: Path, config: Path
 ) -> None:
     with MirrorProcess(tmp_path / "data", fake_hub.url, "--config", str(config)) as mirror:
+        status, _, _ = await get(f"{mirror.url}/v2/", basic(CLIENT_USER, CLIENT_PASSWORD))
+        assert status == 200
         wrong = basic(CLIENT_USER, "guess")
-        timings = []
-        for _ in range(9):
-            started = time.monotonic()
-            status, _, _ = await get(f"{mirror.url}/v2/", wrong)
-            timings.append(time.monotonic() - started)
-            assert status == 401
-        assert max(timings[:5]) < 0.5  # the first few answer at once
-        assert timings[-1] >= 1.0  # then each waits longer
-        started = time.monotonic()
+        answers = [await get(f"{mirror.url}/v2/", wrong) for _ in range(9)]
+        assert [status for status, _, _ in answers[:5]] == [401] * 5
+        for status, headers, body in answers[5:]:
+            assert (status, json.loads(body)["errors"][0]["code"]) == (429, "TOOMANYREQUESTS")
+            assert int(headers["Retry-After"]) >= 1
         status, _, _ = await get(f"{mirror.url}/v2/")  # no credentials: not a failure
         assert status == 401
-        assert time.monotonic() - started < 0.5
+        counted = await logins(mirror)
+        assert counted["failed"] == 5  # bcrypt ran five times, not nine
+        assert counted["throttled"] == 4
+
+
+async def test_concurrent_guesses_cost_a_few_checks_and_real_users_still_log_in(
+    fake_hub: FakeHub, tmp_path: Path, config: Path
+) -> None:
+    image = make_image([make_layer(b"pulled during the guessing")])
+    fake_hub.add_image("library/app", "1", image)
+    htpasswd(tmp_path / "htpasswd", "bob", SECOND_PASSWORD)
+    with MirrorProcess(tmp_path / "data", fake_hub.url, "--config", str(config)) as mirror:
+        good = basic(CLIENT_USER, CLIENT_PASSWORD)
+        assert (await get(f"{mirror.url}/v2/app/manifests/1", good))[0] == 200
+        blob = f"{mirror.url}/v2/app/blobs/{image.layers[0].digest}"
+        # 40 wrong passwords at once from one address, and a pull beside them.
+        guesses = [get(f"{mirror.url}/v2/", basic(CLIENT_USER, f"guess{n}")) for n in range(40)]
+        answers = await asyncio.gather(*guesses, get(blob, good))
+        pulled = answers.pop()
+        assert (pulled[0], pulled[2]) == (200, image.layers[0].data)
+        statuses = [status for status, _, _ in answers]
+        assert set(statuses) <= {401, 429}
+        assert statuses.count(401) <= 5  # the only ones checked
+        counted = await logins(mirror)
+        assert counted["failed"] == statuses.count(401)
+        assert counted["throttled"] == statuses.count(429) >= 35
+        # The user who logged in before, and a neighbour behind the same address who never
+        # did, still get in at once.
+        assert (await get(f"{mirror.url}/v2/", good))[0] == 200
+        assert (await get(f"{mirror.url}/v2/", basic("bob", SECOND_PASSWORD)))[0] == 200
+
+
+async def test_unknown_users_and_long_passwords_are_failures_like_any_other(
+    fake_hub: FakeHub, tmp_path: Path, config: Path
+) -> None:
+    with MirrorProcess(tmp_path / "data", fake_hub.url, "--config", str(config)) as mirror:
+        long_password = "x" * 100  # bcrypt reads 72 bytes at most
+        for user in (CLIENT_USER, "nobody"):
+            status, _, body = await get(f"{mirror.url}/v2/", basic(user, long_password))
+            assert (status, json.loads(body)["errors"][0]["code"]) == (401, "UNAUTHORIZED")
+        for _ in range(4):
+            status, _, _ = await get(f"{mirror.url}/v2/", basic("nobody", "guess"))
+        # Five failures for the unknown name, as for a known one: the next is throttled.
+        status, _, _ = await get(f"{mirror.url}/v2/", basic("nobody", "guess"))
+        assert status == 429
+        assert "Traceback" not in mirror.log()
+
+
+async def test_a_deleted_password_file_refuses_every_login_until_it_is_back(
+    fake_hub: FakeHub, tmp_path: Path, config: Path
+) -> None:
+    passwords = tmp_path / "htpasswd"
+    good = basic(CLIENT_USER, CLIENT_PASSWORD)
+    with MirrorProcess(tmp_path / "data", fake_hub.url, "--config", str(config)) as mirror:
+        assert (await get(f"{mirror.url}/v2/", good))[0] == 200
+        kept = passwords.read_bytes()
+        passwords.unlink()
+        deadline = time.monotonic() + 10
+        while (answer := await get(f"{mirror.url}/v2/", good))[0] == 200:
+            assert time.monotonic() < deadline, "a deleted password file still lets users in"
+            await asyncio.sleep(0.2)
+        status, _, body = answer
+        assert (status, json.loads(body)["errors"][0]["code"]) == (503, "UNAVAILABLE")
+        status, _, body = await get(f"{mirror.url}/readyz")
+        assert status == 503
+        assert str(passwords) in json.loads(body)["checks"]["logins"]
+        assert "htpasswd_unreadable" in mirror.log()
+
+        passwords.write_bytes(kept)
+        deadline = time.monotonic() + 10
+        while (await get(f"{mirror.url}/v2/", good))[0] != 200:
+            assert time.monotonic() < deadline, "the password file came back unnoticed"
+            await asyncio.sleep(0.2)
+        status, _, body = await get(f"{mirror.url}/readyz")
+        assert (status, json.loads(body)["checks"]["logins"]) == (200, "ok")
 
 
 async def test_skopeo_and_podman_log_in_and_pull(

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from unittest.mock import patch
 
 import aiohttp
 
+from mirror.eviction import LEASE, Pass
 from mirror.pins import Pin
 from mirror.store.blobs import BlobStore
+from mirror.store.graph import BlobEntry
 from tests.support.binaries import require_binary
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import FakeClock, RunningMirror, settings_for
@@ -44,8 +49,27 @@ def on_disk(mirror: RunningMirror, image: Image) -> bool:
 
 async def evict(mirror: RunningMirror) -> None:
     """One pass of the evictor, after any pass the mirror started by itself."""
+    await pass_that_ran(mirror)
+
+
+async def pass_that_ran(mirror: RunningMirror) -> Pass:
     for _ in range(500):
-        if (await mirror.engine.evictor.run_once()).ran:
+        if (result := await mirror.engine.evictor.run_once()).ran:
+            return result
+        await asyncio.sleep(0.01)
+    raise AssertionError("the evictor's lease was never free")
+
+
+@contextlib.asynccontextmanager
+async def no_pass_running(mirror: RunningMirror) -> AsyncIterator[None]:
+    """Holds the evictor's lease: what is on disk and what is recorded stay still."""
+    for _ in range(500):
+        lease = await mirror.engine.coordinator.acquire(LEASE)
+        if lease is not None:
+            try:
+                yield
+            finally:
+                await lease.release()
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the evictor's lease was never free")
@@ -146,7 +170,49 @@ async def test_a_client_reading_a_blob_that_is_evicted_gets_every_byte(
         assert "sha256:" + hashlib.sha256(data).hexdigest() == layer.digest
 
 
-async def test_a_blob_being_filled_is_not_evicted_and_one_larger_than_the_budget_is_not_kept(
+async def test_a_blob_being_filled_is_not_evicted(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
+) -> None:
+    # Pinned images over the budget: the pass must free bytes and finds nothing it may
+    # take, so it goes on to whatever else it is shown, the blob landing meanwhile too.
+    kept = {name: image_of(seed, size=5 * MIB // 2) for seed, name in ((3, "a"), (4, "b"))}
+    small = image_of(5, size=MIB)
+    for name, image in {**kept, "small": small}.items():
+        fake_hub.add_image(f"library/{name}", "latest", image)
+    pins = (Pin.parse("library/a"), Pin.parse("library/b"))
+    settings = settings_for(fake_hub.url, tmp_path / "data", max_cache_size=4 * MIB, pins=pins)
+    async with RunningMirror(settings, clock=clock, eviction_interval=3600) as mirror:
+        # Only the test's pass runs: any later pass may take the blob, pins being over.
+        mirror.engine.evictor.poke = lambda: None  # type: ignore[method-assign]
+        for name, image in kept.items():
+            await pull(mirror, name, image)
+            clock.advance(60)
+        fake_hub.blob_delay_per_chunk = 0.002
+        filling = asyncio.create_task(pull(mirror, "small", small))
+        graph = mirror.engine.store.inner.graph
+        listed = graph.oldest_blobs
+
+        async def landing_during_the_pass(
+            limit: int, after: tuple[float, str] | None = None
+        ) -> list[BlobEntry]:
+            page = await listed(limit, after)
+            if not filling.done():  # the fill lands between two pages of the pass
+                clock.advance(1)
+                fake_hub.blob_delay_per_chunk = 0.0
+                await filling
+            return page
+
+        with patch.object(graph, "oldest_blobs", landing_during_the_pass):
+            result = await pass_that_ran(mirror)
+        assert filling.done()
+        assert result.short > 0  # the pass had bytes to free
+        assert on_disk(mirror, small)
+        cdn_before = fake_hub.count("GET", "cdn")
+        await pull(mirror, "small", small)
+        assert fake_hub.count("GET", "cdn") == cdn_before
+
+
+async def test_a_blob_larger_than_the_budget_is_served_and_not_kept(
     fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
 ) -> None:
     small, large = image_of(3, size=MIB), image_of(4, size=6 * MIB)
@@ -154,16 +220,50 @@ async def test_a_blob_being_filled_is_not_evicted_and_one_larger_than_the_budget
     fake_hub.add_image("library/large", "latest", large)
     settings = settings_for(fake_hub.url, tmp_path / "data", max_cache_size=4 * MIB)
     async with RunningMirror(settings, clock=clock, eviction_interval=3600) as mirror:
-        fake_hub.blob_delay_per_chunk = 0.002
-        filling = asyncio.create_task(pull(mirror, "small", small))
-        await asyncio.sleep(0.05)
-        await evict(mirror)  # mid-fill: nothing of it is a candidate
-        await filling
-        assert on_disk(mirror, small)
-        fake_hub.blob_delay_per_chunk = 0.0
+        await pull(mirror, "small", small)
         await pull(mirror, "large", large)  # served whole...
         assert not on_disk(mirror, large)  # ...and not kept
+        await evict(mirror)
         assert on_disk(mirror, small)
+
+
+async def test_a_blob_fetched_again_while_it_is_evicted_stays_counted(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
+) -> None:
+    images = {name: image_of(seed) for seed, name in enumerate(("a", "b", "c"), start=40)}
+    for name, image in images.items():
+        fake_hub.add_image(f"library/{name}", "latest", image)
+    budget = int(2.5 * MIB)
+    settings = settings_for(fake_hub.url, tmp_path / "data", max_cache_size=budget)
+    layer = images["a"].blobs[-1]
+    async with RunningMirror(settings, clock=clock, eviction_interval=3600) as mirror:
+        for name in ("a", "b"):
+            await pull(mirror, name, images[name])
+            clock.advance(60)
+        graph = mirror.engine.store.inner.graph
+        record_removal = graph.blobs_removed
+        raced = asyncio.Event()
+
+        async def fetched_meanwhile(digests: Sequence[str]) -> None:
+            if layer.digest in digests and not raced.is_set():
+                # A client asks for the evicted layer after its file went, before the
+                # removal is recorded: a fill lands it again.
+                status, _, body = await mirror.get(f"/v2/a/blobs/{layer.digest}")
+                assert (status, body) == (200, layer.data)
+                raced.set()
+            await record_removal(digests)
+
+        with patch.object(graph, "blobs_removed", fetched_meanwhile):
+            await pull(mirror, "c", images["c"])  # over the budget: a goes, and comes back
+            await pass_that_ran(mirror)
+        assert raced.is_set()
+        await pass_that_ran(mirror)
+        async with no_pass_running(mirror):
+            disk = await asyncio.to_thread(mirror.engine.blobs.on_disk)
+            usage = await mirror.engine.store.graph.usage()
+        assert (usage.blobs, usage.bytes) == (len(disk), sum(size for size, _ in disk.values()))
+        assert usage.bytes <= budget
+        assert on_disk(mirror, images["a"])  # fetched last: kept
 
 
 async def test_a_mirror_process_stays_within_its_budget(fake_hub: FakeHub, tmp_path: Path) -> None:
@@ -261,3 +361,41 @@ async def test_workers_and_replicas_on_one_data_dir_keep_one_budget(
     stored = sum(log.count('"blob_stored"') for log in logs)
     remaining = len(BlobStore(data / "blobs").on_disk())
     assert stored - sum(evicted) == remaining  # every removal counted once, by one evictor
+
+
+async def test_replicas_with_data_dirs_of_their_own_sharing_redis_keep_their_own_budgets(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
+) -> None:
+    """One replica's first pass must not take the other's blobs for gone: each keeps the
+    records of its own disk, and its budget."""
+    images = [image_of(seed) for seed in range(50, 57)]  # seven images of 1 MiB
+    for number, image in enumerate(images):
+        fake_hub.add_image(f"library/app{number}", "latest", image)
+    budget = int(3.5 * MIB)
+    with RedisServer(require_binary("redis-server")) as redis:
+        first, second = (
+            RunningMirror(
+                settings_for(
+                    fake_hub.url, tmp_path / name, max_cache_size=budget, redis_url=redis.url()
+                ),
+                clock=clock,
+                eviction_interval=3600,
+            )
+            for name in ("a", "b")
+        )
+        async with first, second:
+            for number in (0, 1, 2):
+                await pull(first, f"app{number}", images[number])
+                clock.advance(60)
+            await pull(second, "app3", images[3])
+            await evict(second)  # its first pass aligns the records with its disk
+            for number in (4, 5, 6):
+                await pull(first, f"app{number}", images[number])
+                clock.advance(60)
+            for mirror in (first, second):
+                await evict(mirror)
+                async with no_pass_running(mirror):
+                    disk = await asyncio.to_thread(mirror.engine.blobs.on_disk)
+                    usage = await mirror.engine.store.graph.usage()
+                assert usage.bytes == sum(size for size, _ in disk.values())
+                assert usage.bytes <= budget

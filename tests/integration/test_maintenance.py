@@ -7,12 +7,19 @@ import hashlib
 import os
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from unittest.mock import patch
 
 import aiohttp
 import pytest
 
+from mirror import maintenance
+from mirror.reference import Digest
+from mirror.store.content import Content
+from mirror.store.graph import Usage
 from tests.support.fakehub import FakeHub
+from tests.support.mirror import RunningMirror, settings_for
 from tests.support.oci import OCI_MANIFEST, Image, make_image, make_random_layer
 from tests.support.process import MirrorProcess, run_mirror
 
@@ -143,3 +150,66 @@ async def test_repair_takes_a_small_blob_out_of_every_servers_memory(
             await pull(mirror.url, "small", image)  # checks every digest
         assert fake_hub.count("GET", "cdn") == cdn_before + 1
         assert blob_path(data, layer.digest).read_bytes() == layer.data
+
+
+async def test_verify_repair_keeps_a_blob_that_lands_while_it_hashes(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    first, later = (make_image([make_random_layer(256 * 1024, seed=s)]) for s in (60, 61))
+    fake_hub.add_image("library/first", "latest", first)
+    fake_hub.add_image("library/later", "latest", later)
+    async with RunningMirror(settings_for(fake_hub.url, tmp_path / "data")) as mirror:
+        await pull(mirror.url, "first", first)
+        loop = asyncio.get_running_loop()
+        hashes_to = maintenance._hashes_to
+
+        def pulled_meanwhile(path: Path, digest: Digest) -> tuple[bool, os.stat_result] | None:
+            if not on_disk(mirror, later):  # a client pulls while verify reads the disk
+                asyncio.run_coroutine_threadsafe(pull(mirror.url, "later", later), loop).result()
+            return hashes_to(path, digest)
+
+        with patch.object(maintenance, "_hashes_to", pulled_meanwhile):
+            report = await maintenance.verify(mirror.engine, repair=True)
+        assert on_disk(mirror, later)
+        assert report.missing == []
+        disk = await asyncio.to_thread(mirror.engine.blobs.on_disk)
+        usage = await mirror.engine.store.graph.usage()
+        assert (usage.blobs, usage.bytes) == (len(disk), sum(size for size, _ in disk.values()))
+
+
+async def test_gc_leaves_a_blob_recorded_that_lands_again_as_it_removes_it(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    async with RunningMirror(settings_for(fake_hub.url, tmp_path / "data")) as mirror:
+        engine = mirror.engine
+        content = Content(engine.blobs, engine.store.graph)
+        stray = b"a blob no manifest mentions"
+        digest = Digest.parse("sha256:" + hashlib.sha256(stray).hexdigest())
+
+        def land() -> None:
+            partial = engine.blobs.new_partial(digest)
+            partial.write(stray)
+            partial.commit()
+
+        await asyncio.to_thread(land)
+        await content.landed(digest, len(stray))
+        old = time.time() - 2 * 3600
+        os.utime(engine.blobs.path(digest), (old, old))
+        graph = engine.store.inner.graph
+        record_removal = graph.blobs_removed
+
+        async def landed_meanwhile(digests: Sequence[str]) -> None:
+            if not engine.blobs.path(digest).exists():  # an import brings it back
+                await asyncio.to_thread(land)
+                await content.landed(digest, len(stray))
+            await record_removal(digests)
+
+        with patch.object(graph, "blobs_removed", landed_meanwhile):
+            report = await maintenance.gc(engine, dry_run=False)
+        assert report.blobs == [(str(digest), len(stray))]
+        assert engine.blobs.path(digest).read_bytes() == stray
+        assert await engine.store.graph.usage() == Usage(1, len(stray))
+
+
+def on_disk(mirror: RunningMirror, image: Image) -> bool:
+    return all(blob_path(mirror.settings.data_dir, blob.digest).exists() for blob in image.blobs)

@@ -11,7 +11,7 @@ import pytest_asyncio
 
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror, settings_for
-from tests.support.oci import make_image, make_random_layer
+from tests.support.oci import OCI_MANIFEST, make_image, make_layer, make_random_layer
 
 
 @pytest_asyncio.fixture
@@ -27,6 +27,76 @@ async def silent_port() -> AsyncIterator[int]:
     for writer in held:
         writer.close()
     server.close()
+
+
+class HungRedis:
+    """A Redis that completes the connection handshake and then answers nothing: every
+    command it is sent waits out the client's timeout. It notes each command's name."""
+
+    HANDSHAKE = frozenset({"CLIENT", "SELECT", "AUTH"})
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+        self._held: list[asyncio.StreamWriter] = []
+
+    def asked(self) -> list[str]:
+        """Commands sent by anyone but a probe (a probe only pings)."""
+        return [name for name in self.commands if name != "PING"]
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._held.append(writer)
+        try:
+            while header := await reader.readline():
+                words = [
+                    (await reader.readexactly(int((await reader.readline())[1:]) + 2))[:-2]
+                    for _ in range(int(header[1:]))
+                ]
+                name = words[0].decode().upper()
+                if name == "HELLO":  # RESP3: a map whose "proto" says which was agreed
+                    writer.write(b"%1\r\n+proto\r\n:" + words[1] + b"\r\n")
+                elif name in self.HANDSHAKE:
+                    writer.write(b"+OK\r\n")
+                else:
+                    self.commands.append(name)
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
+            pass
+
+    def close(self) -> None:
+        for writer in self._held:
+            writer.close()
+
+
+@pytest_asyncio.fixture
+async def hung_redis() -> AsyncIterator[tuple[HungRedis, int]]:
+    redis = HungRedis()
+    server = await asyncio.start_server(redis.serve, "127.0.0.1", 0)
+    yield redis, server.sockets[0].getsockname()[1]
+    redis.close()
+    server.close()
+
+
+async def test_manifest_misses_do_not_wait_on_a_redis_known_to_hang(
+    fake_hub: FakeHub, tmp_path: Path, hung_redis: tuple[HungRedis, int]
+) -> None:
+    redis, port = hung_redis
+    images = [make_image([make_layer(f"image {n}".encode())]) for n in range(4)]
+    for number, image in enumerate(images):
+        fake_hub.add_image(f"library/app{number}", "latest", image)
+    settings = settings_for(fake_hub.url, tmp_path / "data", redis_url=f"redis://127.0.0.1:{port}")
+    async with RunningMirror(settings) as mirror:
+        # The first miss finds Redis hanging and pays one timeout: the outage is known now,
+        # to the store, the content graph and the leases alike.
+        status, _, body = await mirror.get("/v2/app0/manifests/latest", accept=[OCI_MANIFEST])
+        assert (status, body) == (200, images[0].manifest)
+        assert redis.asked() == ["HMGET"]  # the tag's record: the one command waited out
+        asked = len(redis.asked())
+        for number, image in enumerate(images[1:], start=1):
+            status, _, body = await mirror.get(
+                f"/v2/app{number}/manifests/latest", accept=[OCI_MANIFEST]
+            )
+            assert (status, body) == (200, image.manifest)
+        # Every later miss is answered without sending Redis anything (only probes ping it).
+        assert redis.asked()[asked:] == []
 
 
 async def test_cold_blobs_start_promptly_while_redis_hangs(

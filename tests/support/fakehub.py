@@ -26,7 +26,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from tests.support.oci import DOCKER_LIST, DOCKER_MANIFEST, Image, Index
+from tests.support.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, Image, Index
 
 SERVICE = "fake-registry"
 CHUNK_SIZE = 64 * 1024
@@ -131,6 +131,8 @@ class FakeHub:
         self.fail_names: str | None = None  # 500 for paths with this in them, all else fine
         self.token_hangs = False  # the token server takes requests and never answers
         self.manifest_content_type: str | None = None
+        # False: no referrers API, a 404 as the CNCF registry 2.8 gives (the fallback tag).
+        self.referrers_api = True
         self.log: list[LoggedRequest] = []
         self.url = self.token_url = self.cdn_url = ""
         self._signatures: dict[str, str] = {}  # CDN URL signature -> digest
@@ -327,6 +329,7 @@ class FakeHub:
         app.router.add_get("/v2/{name:.+}/manifests/{reference}", self._manifest)
         app.router.add_get("/v2/{name:.+}/blobs/{digest}", self._blob)
         app.router.add_get("/v2/{name:.+}/tags/list", self._tags)
+        app.router.add_get("/v2/{name:.+}/referrers/{digest}", self._referrers)
         return app
 
     @web.middleware
@@ -478,6 +481,31 @@ class FakeHub:
             headers["Link"] = f'</v2/{name}/tags/list?{query}>; rel="next"'
         return web.json_response({"name": name, "tags": page}, headers=headers)
 
+    def referrers_of(
+        self, repo: Repo, digest: str, artifact_type: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The descriptors the referrers API lists for ``digest``."""
+        found = [_referrer_descriptor(data, kind) for data, kind in repo.manifests.values()]
+        return [
+            entry
+            for entry, subject in found
+            if subject == digest
+            and (artifact_type is None or entry.get("artifactType") == artifact_type)
+        ]
+
+    async def _referrers(self, request: web.Request) -> web.Response:
+        """The OCI 1.1 referrers API, from the manifests whose ``subject`` names the digest."""
+        if not self.referrers_api:
+            return web.Response(status=404, text="404 page not found")
+        _, repo = self._lookup(request)
+        if isinstance(repo, web.Response):
+            return repo
+        wanted = request.query.get("artifactType")
+        manifests = self.referrers_of(repo, request.match_info["digest"], wanted)
+        headers = {"OCI-Filters-Applied": "artifactType"} if wanted is not None else {}
+        body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
+        return web.json_response(body, content_type=OCI_INDEX, headers=headers)
+
     # -- CDN -----------------------------------------------------------------------------
 
     def _cdn_app(self) -> web.Application:
@@ -577,6 +605,21 @@ class FakeHub:
         except ConnectionError:
             # The client went away mid-transfer; bytes_sent tells the test how far it got.
             return
+
+
+def _referrer_descriptor(data: bytes, media_type: str) -> tuple[dict[str, Any], str | None]:
+    """A manifest's descriptor as the referrers API lists it, and the digest it refers to."""
+    document = json.loads(data)
+    subject = document.get("subject") if isinstance(document, dict) else None
+    if not isinstance(subject, dict):
+        return {}, None
+    entry: dict[str, Any] = {"mediaType": media_type, "digest": _digest(data), "size": len(data)}
+    artifact_type = document.get("artifactType") or document.get("config", {}).get("mediaType")
+    if artifact_type:
+        entry["artifactType"] = artifact_type
+    if document.get("annotations"):
+        entry["annotations"] = document["annotations"]
+    return entry, subject.get("digest")
 
 
 def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:

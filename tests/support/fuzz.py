@@ -11,6 +11,11 @@ a connection of its own, as raw bytes, so nothing is cleaned up on the way.
 What must hold: no 5xx except 502/503/504 (upstream trouble) with the registry's JSON
 error body; every complete request is answered; the log has no traceback; the process
 stays up and still answers /healthz. ``scripts/fuzz`` runs it; a test runs a short one.
+
+Then slow clients (``--slow-clients``): downloads never read, pipelined requests whose
+answers are never read, headers that never end, connections that send nothing. While they
+are held, an ordinary client's pull must still get its bytes, and waiting on them must
+cost the mirror little CPU.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
+import socket
 import sys
 import tempfile
 import time
@@ -28,11 +35,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
+
 from tests.support.fakehub import FakeHub
-from tests.support.oci import Image, make_image, make_random_layer
+from tests.support.fuzz_bundles import run_bundles
+from tests.support.oci import Blob, Image, make_image, make_random_layer
 from tests.support.process import MirrorProcess
 
 ANSWER_TIMEOUT = 15.0  # a complete request not answered in this long has hung
+SLOW_HOLD = 2.0  # seconds the slow clients are held after the ordinary pull
 DRAIN_TIMEOUT = 1.0  # how long to listen after bytes that are not a complete request
 UPSTREAM_STATUSES = (502, 503, 504)
 
@@ -60,6 +71,8 @@ class Report:
     alive: bool = False
     seconds: float = 0.0
     upstream: Counter[str] = field(default_factory=Counter)  # requests the upstreams saw
+    slow_cpu: float = 0.0  # CPU seconds the mirror spent while slow clients were held
+    slow_seconds: float = 0.0  # for how long
 
     @property
     def ok(self) -> bool:
@@ -72,6 +85,8 @@ class Report:
             "by kind: " + ", ".join(f"{k}={v}" for k, v in sorted(self.kinds.items())),
             "upstream requests: " + ", ".join(f"{k}={v}" for k, v in sorted(self.upstream.items())),
             f"log: {self.log_lines} lines, {self.log_bytes} bytes, {self.tracebacks} tracebacks",
+            f"slow clients held {self.slow_seconds:.1f} s; mirror CPU meanwhile "
+            f"{self.slow_cpu:.2f} s",
             "log events (other than access lines): "
             + ", ".join(f"{k}={v}" for k, v in self.events.most_common()),
         ]
@@ -322,6 +337,82 @@ def _read_log(process: MirrorProcess, report: Report) -> None:
             report.events[str(event)] += 1
 
 
+def _slow_requests(path: str) -> dict[str, bytes]:
+    ranged = f"GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-59999\r\n\r\n".encode()
+    whole = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    return {
+        "slow-unread-download": whole,
+        "slow-pipelined-unread": ranged * 200 + whole,
+        "slow-endless-headers": b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: a",
+        "slow-silent": b"",
+    }
+
+
+async def _slow_client(host: str, data: bytes) -> socket.socket:
+    """A connection that sends ``data`` (as much as the mirror takes in a second) and then
+    reads nothing, with a receive buffer as small as the kernel allows."""
+    address, _, port = host.rpartition(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (address, int(port)))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(loop.sock_sendall(sock, data), 1.0)
+    return sock
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _pull(url: str) -> tuple[list[int], bytes]:
+    """GET as pulling clients do: again after a 503, Retry-After later, a few times."""
+    statuses: list[int] = []
+    body = b""
+    timeout = aiohttp.ClientTimeout(total=ANSWER_TIMEOUT)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for _ in range(10):
+            async with session.get(url) as answer:
+                statuses.append(answer.status)
+                body = await answer.read()
+                if answer.status != 503:
+                    break
+                await asyncio.sleep(float(answer.headers.get("Retry-After", "1")))
+    return statuses, body
+
+
+async def _slow_clients(process: MirrorProcess, count: int, blob: Blob, report: Report) -> None:
+    path = f"/v2/library/big/blobs/{blob.digest}"
+    await _pull(f"{process.url}{path}")  # cached before the slow clients come
+    kinds = list(_slow_requests(path).items())
+    held: list[socket.socket] = []
+    try:
+        for number in range(count):
+            kind, data = kinds[number % len(kinds)]
+            report.kinds[kind] += 1
+            try:
+                held.append(await _slow_client(process.host, data))
+            except OSError as error:
+                report.violations.append(f"{kind}: connect failed: {error!r}")
+        started, cpu = time.monotonic(), _cpu_seconds(process.pid)
+        statuses, body = await _pull(f"{process.url}{path}")
+        report.statuses[f"pull beside slow clients: {statuses[-1]}"] += 1
+        if statuses[-1] != 200 or body != blob.data:
+            report.violations.append(f"a pull beside slow clients got {statuses}")
+        await asyncio.sleep(SLOW_HOLD)
+        report.slow_seconds = time.monotonic() - started
+        report.slow_cpu = _cpu_seconds(process.pid) - cpu
+        if report.slow_cpu > report.slow_seconds / 4:
+            report.violations.append(
+                f"slow clients cost {report.slow_cpu:.2f} CPU s in {report.slow_seconds:.1f} s"
+            )
+    finally:
+        for sock in held:
+            sock.close()
+
+
 async def _healthy(host: str) -> bool:
     case = Case("check", b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", True)
     received, _ = await _exchange(host, case)
@@ -335,6 +426,7 @@ async def run(
     concurrency: int = 32,
     work_dir: Path,
     serve_args: tuple[str, ...] = (),
+    slow_clients: int = 40,
 ) -> Report:
     report = Report()
     async with FakeHub() as hub, FakeHub() as second:
@@ -344,6 +436,8 @@ async def run(
             hub.add_image("library/app", tag, image)
             second.add_image("org/app", tag, other)
         hub.add_image("org/tool", "latest", other)
+        big = make_random_layer(4 * 1024 * 1024, seed=seed + 2)
+        hub.add_image("library/big", "latest", make_image([big]))
         process = MirrorProcess(
             work_dir / "data",
             hub.url,
@@ -370,6 +464,8 @@ async def run(
             await asyncio.gather(*(one(cases.next()) for _ in range(requests)))
             report.sent = requests
             report.seconds = time.monotonic() - started
+            if slow_clients:
+                await _slow_clients(process, slow_clients, big, report)
             await asyncio.sleep(0.5)  # the last access lines
             report.alive = await _healthy(process.host)
         finally:
@@ -388,10 +484,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--keep", type=Path, help="keep the data dir and log here")
     parser.add_argument("--workers", type=int, default=1, help="mirror serve --workers")
+    parser.add_argument(
+        "--bundles", type=int, metavar="N", help="instead: N hostile bundles for mirror import"
+    )
+    parser.add_argument(
+        "--slow-clients", type=int, default=40, help="slow clients held at the end (0: none)"
+    )
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
         work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
+        if args.bundles is not None:
+            bundles = run_bundles(args.bundles, seed=args.seed, work_dir=work)
+            print(bundles.render())
+            return 0 if bundles.ok else 1
         serve_args = ("--workers", str(args.workers)) if args.workers > 1 else ()
         report = asyncio.run(
             run(
@@ -400,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency=args.concurrency,
                 work_dir=work,
                 serve_args=serve_args,
+                slow_clients=args.slow_clients,
             )
         )
         print(report.render())

@@ -6,9 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from mirror.config import DEFAULT_UPSTREAM, ConfigError, load
 from mirror.reference import DOCKER_HUB
+from mirror.rules import AccessRules
+from tests.support.artifacts import new_key, public_pem
 
 
 def test_defaults() -> None:
@@ -297,3 +300,81 @@ def test_an_unknown_key_suggests_the_closest_one(
         config.write_text(file_text)
     with pytest.raises(ConfigError, match=message):
         load({}, env=env, config_file=config)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        ("docker.io/library/Busybox", "lowercase"),
+        ("acme/", "empty component"),
+        ("acme//tool", "empty component"),
+        ("/acme", "empty component"),
+        ("busybox:1.36@sha256:" + "a" * 64, "a tag and a digest"),
+        ("busybox@sha256:abc", "invalid sha256 digest"),
+        ("busybox:bad tag", "is not a tag"),
+        ("acme/too?", "not a name component"),
+        ("quay.io/acme/*", "no upstream"),
+    ],
+)
+def test_access_patterns_that_cannot_match_stop_the_start(
+    tmp_path: Path, pattern: str, reason: str
+) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text(f"repositories: {{deny: ['{pattern}']}}\n")
+    with pytest.raises(ConfigError, match=reason) as raised:
+        load({}, env={}, config_file=config)
+    assert pattern in str(raised.value)
+    assert "\n" not in str(raised.value)
+    result = run_cli("serve", "--config", str(config), "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert pattern in result.stderr
+
+
+def test_access_patterns_keep_their_reach() -> None:
+    everything = AccessRules.parse(["*"], [])
+    assert everything.permits("ghcr.io", "acme/tool")
+    assert everything.permits(DOCKER_HUB, "acme/tool")
+    hub = AccessRules.parse([], ["docker.io/*"])
+    assert not hub.permits(DOCKER_HUB, "acme/private")
+    assert not hub.permits(DOCKER_HUB, "library/busybox")
+    assert hub.permits("ghcr.io", "acme/private")
+    tagged = AccessRules.parse(["busybox:1.*"], [])
+    assert tagged.permits(DOCKER_HUB, "library/busybox")  # its tags 1.*, not the rest
+    assert not tagged.permits(DOCKER_HUB, "library/alpine")
+
+
+def test_signature_policy_from_the_file(tmp_path: Path) -> None:
+    key = tmp_path / "cosign.pub"
+    key.write_bytes(public_pem(new_key()))
+    config = tmp_path / "mirror.yaml"
+    config.write_text(f"signatures: {{keys: [{key}], repositories: ['library/*', 'acme/*']}}\n")
+    policy = load({}, env={}, config_file=config).signatures
+    assert policy is not None
+    assert policy.keys == (key,)
+    assert [pin.text for pin in policy.repositories] == ["library/*", "acme/*"]
+    assert load({}, env={}).signatures is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("signatures: {keys: [/nonexistent], repositories: ['*']}", "cannot read /nonexistent"),
+        ("signatures: {keys: [KEY], repositories: []}", "repositories: a list of one or more"),
+        ("signatures: {repositories: ['*']}", "keys: a list of one or more PEM"),
+        ("signatures: {keys: [KEY], repos: ['*']}", "unknown key 'repos'"),
+        ("signatures: {keys: [NOTAKEY], repositories: ['*']}", "holds no PEM public key"),
+        ("signatures: {keys: [P384], repositories: ['*']}", "expected an ECDSA P-256 or RSA"),
+    ],
+)
+def test_bad_signature_policies_say_why(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "key.pub").write_bytes(public_pem(new_key()))
+    (tmp_path / "notakey.pub").write_text("hello\n")
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    (tmp_path / "p384.pub").write_bytes(public_pem(p384))
+    for name in ("NOTAKEY", "P384", "KEY"):
+        text = text.replace(name, str(tmp_path / f"{name.lower()}.pub"))
+    config = tmp_path / "mirror.yaml"
+    config.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=f"signatures in .*{message}"):
+        load({}, env={}, config_file=config)

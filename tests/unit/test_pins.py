@@ -13,6 +13,9 @@ from mirror.pins import ImageName, Pin, pinned, split_image
         ("localhost:5000/x", ImageName("localhost:5000", "x")),
         ("docker.io/alpine", ImageName("docker.io", "library/alpine")),
         ("index.docker.io/library/alpine", ImageName("docker.io", "library/alpine")),
+        ("*", ImageName("*", "*")),
+        ("docker.io/*", ImageName("docker.io", "*")),
+        ("al*", ImageName("docker.io", "library/al*")),
         (
             "alpine@sha256:" + "a" * 64,
             ImageName("docker.io", "library/alpine", None, "sha256:" + "a" * 64),
