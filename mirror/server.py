@@ -29,7 +29,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from mirror.app import create_app
 from mirror.config import Settings
-from mirror.listener import Listener, listening_socket
+from mirror.listener import Listener, idle, listening_socket
 from mirror.logs import LogThrottle, configure
 from mirror.routes.middleware import AccessLogger
 from mirror.routes.state import ENGINE, STOPPING, TRANSFERS
@@ -118,12 +118,12 @@ async def _serve(
         for signum in stop_signals:
             loop.add_signal_handler(signum, shutdown.signal, signum)
         assert runner.server is not None
-        shedding = _shed_idle(runner.server, runner.app[TRANSFERS], site, limit)
+        shedding = _shed_idle(runner.app[TRANSFERS], site, limit)
         tasks = [asyncio.create_task(shedding)]
         if tls is not None:
             tasks.append(asyncio.create_task(tls.watch()))
         await shutdown.requested.wait()
-        await shutdown.drain(runner, app[ENGINE].fills.in_flight)
+        await shutdown.drain(site, app[ENGINE].fills.in_flight)
         for task in tasks:
             task.cancel()
     finally:
@@ -147,9 +147,7 @@ def server_tls(settings: Settings) -> ServerTLS | None:
     return ServerTLS(settings.tls_cert, settings.tls_key)
 
 
-async def _shed_idle(
-    server: web.Server, transfers: Transfers, listener: Listener, fd_limit: int
-) -> None:
+async def _shed_idle(transfers: Transfers, listener: Listener, fd_limit: int) -> None:
     """While connections, TLS handshakes and downloads crowd the descriptor limit, end
     handshakes that have gone on a while, then idle keep-alive connections, then stalled
     downloads, each oldest first; no connection is accepted and no download begins (503)
@@ -157,20 +155,16 @@ async def _shed_idle(
     high = max(fd_limit - RESERVED_FDS, fd_limit * 3 // 4)
     low = high * 4 // 5
 
-    def connections_held() -> int:
-        # aiohttp's public ``connections`` copies the list; this is asked very often.
-        return len(server._connections) + listener.handshakes
-
-    transfers.share(high, connections_held)
+    transfers.share(high, lambda: listener.held)
     # Connections are still taken past ``high`` (a download then gets a 503 at once, and
     # an idle connection is shed), but not into the descriptors files and upstreams need.
     ceiling = high + (fd_limit - high) // 2
-    listener.room = lambda: connections_held() + transfers.descriptors < ceiling
+    listener.room = lambda: listener.held + transfers.descriptors < ceiling
     throttle = LogThrottle(10.0)
     seen: set[RequestHandler] = set()
     while True:
         await asyncio.sleep(SHED_INTERVAL)
-        connections = server.connections
+        connections = listener.connections
         used = len(connections) + listener.handshakes + transfers.descriptors
         if used < high:
             seen.clear()
@@ -178,9 +172,9 @@ async def _shed_idle(
         excess = used - low
         ended = listener.shed(excess, SLOW_HANDSHAKE)
         # Oldest first; one accepted since the last look has had no time to send its request.
-        idle = [handler for handler in connections if handler in seen and _idle(handler)]
+        idle_ones = [handler for handler in connections if handler in seen and idle(handler)]
         seen = set(connections)
-        shed = idle[: excess - ended]
+        shed = idle_ones[: excess - ended]
         for handler in shed:
             handler.force_close()
         # A download ended frees its connection's descriptor too.
@@ -200,13 +194,6 @@ async def _shed_idle(
                 fd_limit=fd_limit,
                 suppressed=suppressed,
             )
-
-
-def _idle(handler: RequestHandler) -> bool:
-    # aiohttp keeps no public "idle" flag: a handler waiting for the next request's first
-    # bytes, with none in progress, is what its own keep-alive timer closes.
-    waiter = handler._waiter
-    return not handler._request_in_progress and waiter is not None and not waiter.done()
 
 
 def _loop_exception_handler(throttle: LogThrottle) -> Any:

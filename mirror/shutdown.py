@@ -3,9 +3,11 @@
 1. ``/readyz`` answers 503 at once, while the port keeps accepting for ``shutdown_delay``:
    Kubernetes endpoints and load balancers notice late, and a connection refused before
    they do is a failed pull.
-2. Then the port closes, idle keep-alive connections are closed, and the transfers in
-   flight get up to ``shutdown_grace`` to finish; a fill a client is still reading goes on
-   with it (the client is sent its last byte only once the fill is verified).
+2. Then the mirror's listener (``mirror.listener``) stops accepting: the port closes, TLS
+   handshakes under way are ended (no request has been sent on them yet), idle keep-alive
+   connections are closed, and the transfers in flight get up to ``shutdown_grace`` to
+   finish, their connections closed once they have; a fill a client is still reading goes
+   on with it (the client is sent its last byte only once the fill is verified).
 3. aiohttp's cleanup then cuts whatever is left and closes the engine, which stops the
    fills nobody reads any more: their partial files go and their leases are released, so
    the next pull, here or on another replica, starts them again.
@@ -20,8 +22,8 @@ import contextlib
 import signal
 
 import structlog
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+
+from mirror.listener import Listener, idle
 
 log = structlog.get_logger(__name__)
 
@@ -49,28 +51,25 @@ class Shutdown:
         log.info("shutdown_started", signal=name, delay=self.delay, grace=self.grace)
         self.requested.set()
 
-    async def drain(self, runner: web.BaseRunner, fills_in_flight: int) -> None:
+    async def drain(self, listener: Listener, fills_in_flight: int) -> None:
         """Keep accepting for the delay, then stop accepting and wait for the transfers in
         flight, up to the grace; log what was waited for."""
         await self._wait(self.delay)
-        for site in runner.sites:
-            await site.stop()
-        server = runner.server
-        assert server is not None
-        busy = 0
-        for handler in list(server.connections):
-            if _idle(handler):
-                handler.force_close()
-            else:
-                handler.close()  # after the response in progress
-                busy += 1
-        log.info("shutdown_draining", transfers=busy, fills=fills_in_flight)
+        handshakes = listener.handshakes
+        await listener.stop()
+        busy = listener.close_connections()
+        log.info(
+            "shutdown_draining",
+            transfers=busy,
+            handshakes_ended=handshakes,
+            fills=fills_in_flight,
+        )
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self.grace
-        while server.connections and loop.time() < deadline and not self.forced.is_set():
+        while listener.connections and loop.time() < deadline and not self.forced.is_set():
             await self._wait(min(POLL, deadline - loop.time()))
-        left = sum(not _idle(handler) for handler in server.connections)
+        left = sum(not idle(handler) for handler in listener.connections)
         log.info(
             "shutdown_drained",
             waited=round(loop.time() - started, 2),
@@ -85,9 +84,3 @@ class Shutdown:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.forced.wait(), seconds)
 
-
-def _idle(handler: RequestHandler) -> bool:
-    # aiohttp keeps no public "idle" flag: a handler waiting for the next request's first
-    # bytes, with none in progress, is what its own keep-alive timer closes.
-    waiter = handler._waiter
-    return not handler._request_in_progress and waiter is not None and not waiter.done()

@@ -5,13 +5,16 @@ process exits 0; a second signal stops it at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import signal
+import ssl
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from tests.integration.test_tls import Certificates
 from tests.support.fakehub import FakeHub
 from tests.support.oci import Blob, make_image, make_random_layer
 from tests.support.process import MirrorProcess
@@ -180,3 +183,73 @@ async def test_a_fill_nobody_reads_any_more_stops_and_leaves_nothing_behind(
     with MirrorProcess(data, fake_hub.url) as restarted:
         assert await digest_of(blob_url(restarted, layer)) == layer.digest
     assert fake_hub.count("GET", "cdn") == 2
+
+
+async def closed_without_a_byte(reader: asyncio.StreamReader) -> bool:
+    """Whether the mirror closes this connection without sending anything more."""
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        return await asyncio.wait_for(reader.read(), EXIT_WAIT) == b""
+    return True
+
+
+async def test_at_the_stop_idle_connections_and_unfinished_handshakes_are_closed(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    certificates = Certificates(tmp_path / "tls")
+    layer = make_random_layer(64 * MIB, seed=46)
+    fake_hub.add_image("library/big", "1.0", make_image([layer]))
+    # A grace far longer than the test may wait: the transfer held open below keeps the
+    # process draining while the other connections must already have been closed.
+    mirror = MirrorProcess(
+        tmp_path / "data",
+        fake_hub.url,
+        *certificates.options,
+        "--shutdown-delay",
+        "1s",
+        "--shutdown-grace",
+        "1h",
+        ca_file=certificates.ca_file,
+    )
+    await asyncio.to_thread(mirror.start)
+    tls = ssl.create_default_context(cafile=str(certificates.ca_file))
+    try:
+        idle, idle_writer = await asyncio.open_connection(
+            "127.0.0.1", mirror.port, ssl=tls, server_hostname="127.0.0.1"
+        )
+        idle_writer.write(f"GET /v2/ HTTP/1.1\r\nHost: {mirror.host}\r\n\r\n".encode())
+        head = await idle.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")  # answered, and kept alive
+        connector = aiohttp.TCPConnector(ssl=tls)
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.get(blob_url(mirror, layer)) as response,
+        ):
+            hasher = hashlib.sha256()
+            hasher.update(await response.content.readexactly(MIB))
+            # Connected, never sending its ClientHello: a handshake under way at the stop.
+            handshake, handshake_writer = await asyncio.open_connection("127.0.0.1", mirror.port)
+            mirror.send_signal(signal.SIGTERM)
+            await mirror.wait_for_event("shutdown_draining")
+            assert await closed_without_a_byte(handshake)
+            await idle.readexactly(int(_content_length(head)))
+            assert await closed_without_a_byte(idle)
+            received = MIB + await read_rest(response, hasher)
+        idle_writer.close()
+        handshake_writer.close()
+        assert received == len(layer.data)
+        assert f"sha256:{hasher.hexdigest()}" == layer.digest
+        assert await asyncio.to_thread(mirror.wait, EXIT_WAIT) == 0
+    finally:
+        mirror.stop()
+    draining = await mirror.wait_for_event("shutdown_draining")
+    assert (draining["transfers"], draining["handshakes_ended"]) == (1, 1)
+    drained = await mirror.wait_for_event("shutdown_drained")
+    assert (drained["finished"], drained["cut"]) == (1, 0)
+
+
+def _content_length(head: bytes) -> str:
+    for line in head.decode().split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.lower() == "content-length":
+            return value.strip()
+    raise AssertionError(head)
