@@ -420,12 +420,11 @@ def serve(settings: Settings) -> int:
     try:
         if settings.workers > 1:
             return run_workers(settings, settings.workers)
-        serve_one(settings)
+        return serve_one(settings)
     except OSError as exc:
         # The port is taken or the data dir unusable: say so in one line, not a traceback.
         print(f"mirror: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    return 0
 
 
 def _export(settings: Settings, args: argparse.Namespace) -> int:

@@ -56,11 +56,12 @@ def serve_one(
     *,
     sock: socket.socket | None = None,
     stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
-) -> None:
-    """Serve until one of ``stop_signals``; raises OSError when the port cannot be bound."""
+) -> int:
+    """Serve until one of ``stop_signals``; the exit code (``mirror.shutdown``). Raises
+    OSError when the port cannot be bound."""
     configure(settings.log_level, settings.log_format)
     with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
-        runner.run(_serve(settings, sock, stop_signals))
+        return runner.run(_serve(settings, sock, stop_signals))
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -93,7 +94,7 @@ def raise_fd_limit() -> int:
 
 async def _serve(
     settings: Settings, sock: socket.socket | None, stop_signals: tuple[signal.Signals, ...]
-) -> None:
+) -> int:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_loop_exception_handler(LogThrottle(10.0)))
     limit = raise_fd_limit()
@@ -119,15 +120,18 @@ async def _serve(
             loop.add_signal_handler(signum, shutdown.signal, signum)
         assert runner.server is not None
         shedding = _shed_idle(runner.app[TRANSFERS], site, limit)
-        tasks = [asyncio.create_task(shedding)]
+        tasks = [asyncio.create_task(shedding, name="shed_idle")]
         if tls is not None:
-            tasks.append(asyncio.create_task(tls.watch()))
+            tasks.append(asyncio.create_task(tls.watch(), name="tls_watch"))
+        for task in tasks:
+            shutdown.watch(task)
         await shutdown.requested.wait()
         await shutdown.drain(site, app[ENGINE].fills.in_flight)
         for task in tasks:
             task.cancel()
     finally:
         await runner.cleanup()
+    return shutdown.exit_code
 
 
 def warn_at_start(settings: Settings) -> None:

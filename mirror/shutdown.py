@@ -12,7 +12,10 @@
    fills nobody reads any more: their partial files go and their leases are released, so
    the next pull, here or on another replica, starts them again.
 
-A second signal skips what is left of the waiting.
+A second signal skips what is left of the waiting. A task the process serves with
+(shedding descriptors, reloading the certificate) that fails starts the same stop, and
+the process then exits 1, so that whatever supervises it starts a sound one: without
+its shedding a process would hang once a crowd took every descriptor.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Shutdown:
         self.grace = grace
         self.requested = stopping  # set: /readyz answers 503
         self.forced = asyncio.Event()
+        self.exit_code = 0
 
     def signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -48,7 +52,22 @@ class Shutdown:
             log.warning("shutdown_forced", signal=name)
             self.forced.set()
             return
-        log.info("shutdown_started", signal=name, delay=self.delay, grace=self.grace)
+        self._start(signal=name)
+
+    def watch(self, task: asyncio.Task[None]) -> None:
+        """Stop, and exit 1, should ``task`` (one that runs until cancelled) fail."""
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        log.error("background_task_failed", task=task.get_name(), exc_info=error)
+        self.exit_code = 1
+        if not self.requested.is_set():
+            self._start(reason="background_task_failed")
+
+    def _start(self, **cause: str) -> None:
+        log.info("shutdown_started", **cause, delay=self.delay, grace=self.grace)
         self.requested.set()
 
     async def drain(self, listener: Listener, fills_in_flight: int) -> None:

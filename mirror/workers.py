@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -131,7 +132,8 @@ def _worker(settings: Settings, slot: int, listener: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     structlog.contextvars.bind_contextvars(worker=slot)
     ACCESS.bind(worker=slot)
-    serve_one(settings, sock=listener, stop_signals=(signal.SIGTERM,))
+    # A worker exiting 1 (``mirror.shutdown``) is started again like one that died.
+    sys.exit(serve_one(settings, sock=listener, stop_signals=(signal.SIGTERM,)))
 
 
 def _join_all(processes: list[BaseProcess], timeout: float) -> None:
