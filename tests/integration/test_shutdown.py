@@ -137,21 +137,36 @@ async def test_a_transfer_outlasting_the_grace_is_cut_and_the_process_exits_0(
     assert (drained["finished"], drained["cut"]) == (0, 1)
 
 
-async def test_a_second_signal_stops_at_once(fake_hub: FakeHub, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("second", "workers"),
+    [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGTERM, 2)],
+    ids=["sigint", "sigterm", "sigterm-workers"],
+)
+async def test_a_second_signal_stops_at_once(
+    fake_hub: FakeHub, tmp_path: Path, second: signal.Signals, workers: int
+) -> None:
     layer = make_random_layer(64 * MIB, seed=43)
     fake_hub.add_image("library/big", "1.0", make_image([layer]))
     # A grace far longer than the test may wait: only the second signal can end it in time.
     mirror = MirrorProcess(
-        tmp_path / "data", fake_hub.url, "--shutdown-delay", "10m", "--shutdown-grace", "1h"
+        tmp_path / "data",
+        fake_hub.url,
+        "--shutdown-delay",
+        "10m",
+        "--shutdown-grace",
+        "1h",
+        "--workers",
+        str(workers),
     )
     await asyncio.to_thread(mirror.start)
+    await mirror.wait_for_event("listening", count=workers)
     url = blob_url(mirror, layer)
     try:
         async with aiohttp.ClientSession() as session, session.get(url) as response:
             await response.content.readexactly(MIB)
             mirror.send_signal(signal.SIGTERM)
-            await mirror.wait_for_event("shutdown_started")
-            mirror.send_signal(signal.SIGINT)
+            await mirror.wait_for_event("shutdown_started", count=workers)
+            mirror.send_signal(second)
             assert await asyncio.to_thread(mirror.wait, EXIT_WAIT) == 0
             with pytest.raises(aiohttp.ClientPayloadError):
                 await read_rest(response, hashlib.sha256())  # cut, never a clean end
