@@ -31,11 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mirror.config import Settings
+from mirror.domain.manifests import Manifest, TagRecord, parse
+from mirror.domain.mediatypes import OCI_MANIFEST
+from mirror.domain.reference import Digest
 from mirror.engine import open_engine
-from mirror.manifests import parse
-from mirror.mediatypes import OCI_MANIFEST
-from mirror.reference import Digest
-from mirror.store.protocols import Manifest, TagRecord
 
 MIB = 1024 * 1024
 CHUNK = MIB

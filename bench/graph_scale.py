@@ -21,14 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from mirror import inventory, maintenance
 from mirror.config import Settings
+from mirror.content.embedded import EmbeddedStore
+from mirror.content.schema import edge_rows
+from mirror.domain.manifests import parse
+from mirror.domain.mediatypes import OCI_MANIFEST
 from mirror.engine import Overrides, open_engine
-from mirror.eviction import LOW_WATER, Budget, Evictor
-from mirror.manifests import parse
-from mirror.mediatypes import OCI_MANIFEST
-from mirror.store.embedded import EmbeddedStore
-from mirror.store.schema import edge_rows
+from mirror.services import inventory, maintenance
+from mirror.services.eviction import LOW_WATER, Budget, Evictor
 
 LAYERS = 10
 MIB = 1024 * 1024
@@ -107,7 +107,7 @@ async def measure(data: Path) -> list[tuple[str, str]]:
         budget = usage.bytes - 1  # just over: the pass frees down to LOW_WATER of it
         evictor = Evictor(
             store=engine.store,
-            blobs=engine.blobs,
+            content=engine.content,
             coordinator=engine.coordinator,
             budget=Budget(max_bytes=budget),
             metrics=engine.metrics,

@@ -1,5 +1,5 @@
 import sys
 
-from mirror.cli import main
+from mirror.cli.main import main
 
 sys.exit(main())

@@ -20,11 +20,11 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from mirror.cosign import load_public_key
-from mirror.pins import Pin
-from mirror.reference import DOCKER_HUB
-from mirror.rules import AccessRules
-from mirror.units import (
+from mirror.domain.cosign import load_public_key
+from mirror.domain.pins import Pin
+from mirror.domain.reference import DOCKER_HUB
+from mirror.domain.rules import AccessRules
+from mirror.domain.units import (
     SizeOrShare,
     parse_duration,
     parse_rate,

@@ -1,6 +1,6 @@
 """The engine: every part of the mirror, opened and closed in one place.
 
-``mirror serve`` runs the engine behind the HTTP API (``mirror.app``); the offline
+``mirror serve`` runs the engine behind the HTTP API (``mirror.web.app``); the offline
 subcommands (``ls``, ``gc``, ``verify``, ...) open the very same engine on the same data
 dir without a web server, the way devpi-server's XOM serves both its server and its fsck.
 Tests and embedding programs swap collaborators through :class:`Overrides`.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -29,27 +28,29 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 
-from mirror.clients import PerClient
+from mirror.clock import Clock, as_clock
 from mirror.config import Settings, UpstreamSettings
-from mirror.coordination import (
+from mirror.content.blobs import BlobStore
+from mirror.content.cached import CachedStore
+from mirror.content.embedded import EmbeddedStore
+from mirror.content.layer import Content
+from mirror.content.protocols import MetadataStore
+from mirror.content.redis_store import RedisStore
+from mirror.domain.reference import Digest
+from mirror.metrics import Metrics
+from mirror.services.background import Background
+from mirror.services.clients import PerClient
+from mirror.services.coordination import (
     Coordinator,
     LocalCoordinator,
     RedisCoordinator,
     data_dir_identity,
 )
-from mirror.eviction import INTERVAL, Budget, Evictor
-from mirror.fills import Fills
-from mirror.metrics import Metrics
-from mirror.pulls import PullRecorder
-from mirror.reference import Digest
-from mirror.resolver import Resolver
-from mirror.status import RecentErrors
-from mirror.store.blobs import BlobStore
-from mirror.store.cached import CachedStore
-from mirror.store.content import Content
-from mirror.store.embedded import EmbeddedStore
-from mirror.store.protocols import MetadataStore
-from mirror.store.redis_store import RedisStore
+from mirror.services.eviction import INTERVAL, Budget, Evictor
+from mirror.services.fills import Fills
+from mirror.services.pulls import PullRecorder
+from mirror.services.resolver import Resolver
+from mirror.services.status import RecentErrors
 from mirror.upstream.auth import TokenAuth
 from mirror.upstream.client import USER_AGENT, UpstreamClient
 from mirror.upstream.offline import OfflineUpstream
@@ -65,7 +66,8 @@ class Overrides:
     """Collaborators a test (or an embedding program) provides instead of the defaults."""
 
     store: MetadataStore | None = None
-    clock: Callable[[], float] | None = None
+    # The clock, or a wall-time callable (intervals then measured by the system's).
+    clock: Clock | Callable[[], float] | None = None
     probe_interval: float = 5.0
     eviction_interval: float = INTERVAL
 
@@ -76,6 +78,7 @@ class Engine:
     metrics: Metrics
     store: CachedStore
     blobs: BlobStore
+    content: Content  # blobs in and out, and their records: the only way to them
     coordinator: Coordinator
     fills: Fills
     upstreams: Mapping[str, Upstream]
@@ -83,6 +86,7 @@ class Engine:
     pulls: PullRecorder
     evictor: Evictor
     errors: RecentErrors
+    background: Background  # every task besides answering: started there, stopped together
 
 
 @asynccontextmanager
@@ -100,7 +104,7 @@ async def open_engine(
     """
     overrides = overrides or Overrides()
     metrics = metrics or Metrics()
-    clock = overrides.clock or time.time
+    clock = as_clock(overrides.clock)
     async with AsyncExitStack() as stack:
         blobs = await asyncio.to_thread(_open_blobs, settings, sweep=background)
         inner = overrides.store or await _open_store(settings)
@@ -109,15 +113,16 @@ async def open_engine(
             max_entries=settings.manifest_cache_size,
             max_bytes=settings.manifest_cache_bytes,
             tag_ttl=settings.tag_ttl,
+            clock=clock,
         )
         stack.push_async_callback(store.close)
         coordinator = await asyncio.to_thread(_coordinator, settings, inner)
         stack.push_async_callback(coordinator.close)
         if isinstance(coordinator, RedisCoordinator):  # one Redis: one verdict on its health
             coordinator.on_down, store.on_down = store.failed, coordinator.failed
-        errors = RecentErrors(settings.data_dir / "run", clock=clock)
+        errors = RecentErrors(settings.data_dir / "run", clock=clock.time)
         upstreams = await stack.enter_async_context(
-            _upstreams(settings, metrics, coordinator, overrides, errors)
+            _upstreams(settings, metrics, coordinator, overrides, errors, clock=clock)
         )
         budget = Budget(
             settings.max_cache_size,
@@ -125,30 +130,25 @@ async def open_engine(
             settings.evict_unused_after,
             settings.pins,
         )
-        pulls = PullRecorder(store.graph, clock=clock)
+        pulls = PullRecorder(store, clock=clock.time)
+        content = Content(blobs, store.graph, clock.time)
         evictor = Evictor(
             store=store,
-            blobs=blobs,
+            content=content,
             coordinator=coordinator,
             budget=budget,
             metrics=metrics,
             data_dir=settings.data_dir,
-            clock=clock,
+            clock=clock.time,
             interval=overrides.eviction_interval,
             before_pass=pulls.flush,
         )
 
-        content = Content(blobs, store.graph, clock)
-
         async def stored(digest: Digest, size: int) -> None:
-            try:
-                await content.landed(digest, size)
-            except Exception as exc:  # the graph serves eviction and listing, not the pull
-                log.warning("graph_not_updated", digest=str(digest), error=str(exc))
             evictor.poke()
 
         fills = Fills(
-            blobs,
+            content,
             coordinator,
             stall_timeout=settings.read_timeout,
             on_change=metrics.fills_in_flight.set,
@@ -158,7 +158,7 @@ async def open_engine(
         stack.push_async_callback(fills.close)
         resolver = Resolver(
             store=store,
-            blobs=blobs,
+            content=content,
             fills=fills,
             upstreams=upstreams,
             coordinator=coordinator,
@@ -173,18 +173,21 @@ async def open_engine(
                 miss_rate=settings.client_miss_limit,
             ),
             pulls=pulls,
-            clock=clock,
+            clock=clock.time,
         )
+        tasks = Background()
         if background:
-            pulls.start()
-            stack.push_async_callback(pulls.close)
-            evictor.start()
-            stack.push_async_callback(evictor.close)
+            stack.push_async_callback(pulls.flush)  # the last times, once the flusher stopped
+            tasks.start("pull_times", pulls.flush_forever())
+            tasks.start("evictor", evictor.run_forever(), stopping=evictor.stop)
+        # Every background task (the app's too) stops here, before anything it uses closes.
+        stack.push_async_callback(tasks.stop)
         yield Engine(
             settings,
             metrics,
             store,
             blobs,
+            content,
             coordinator,
             fills,
             upstreams,
@@ -192,6 +195,7 @@ async def open_engine(
             pulls,
             evictor,
             errors,
+            tasks,
         )
 
 
@@ -202,6 +206,8 @@ async def _upstreams(
     coordinator: Coordinator,
     overrides: Overrides,
     errors: RecentErrors,
+    *,
+    clock: Clock,
 ) -> AsyncIterator[dict[str, Upstream]]:
     """One client per upstream registry, sharing one HTTP session; or, offline, the
     client that never connects anywhere."""
@@ -220,13 +226,18 @@ async def _upstreams(
                 name,
                 upstream.url,
                 session,
-                TokenAuth(session, username=upstream.username, password=upstream.password),
+                TokenAuth(
+                    session, username=upstream.username, password=upstream.password, clock=clock
+                ),
                 metrics=metrics,
-                ratelimit=RateLimit(reserve=settings.ratelimit_reserve, shared=shared),
+                ratelimit=RateLimit(
+                    reserve=settings.ratelimit_reserve, shared=shared, clock=clock.time
+                ),
                 probe_interval=overrides.probe_interval,
                 shared=shared,
                 request_timeout=settings.request_timeout,
                 on_error=errors.add,
+                clock=clock,
             )
             stack.push_async_callback(client.close)
             upstreams[name] = client
@@ -240,6 +251,14 @@ def _open_blobs(settings: Settings, *, sweep: bool) -> BlobStore:
     if sweep:  # a server starting; the offline commands leave partial files to gc
         blobs.sweep()
     return blobs
+
+
+async def check_store(settings: Settings) -> None:
+    """Open and close a Redis store once, before a server starts any worker: keys a newer
+    release laid out (``NewerSchema``) stop the start here, in one line."""
+    if settings.redis_url is not None:
+        store = await RedisStore.open(settings.redis_url)
+        await store.close()
 
 
 async def _open_store(settings: Settings) -> MetadataStore:

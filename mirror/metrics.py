@@ -142,7 +142,7 @@ class Metrics:
             self._upstream_known(name)
 
     def _cache_metrics(self) -> None:
-        """The disk budget (``mirror.eviction``): written by the process that runs the
+        """The disk budget (``mirror.services.eviction``): written by the process that runs the
         evictor, so across workers the most recent value is the answer."""
 
         def gauge(name: str, documentation: str) -> Gauge:

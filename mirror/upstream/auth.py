@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +18,8 @@ import aiohttp
 import structlog
 from cachetools import LRUCache
 
-from mirror.errors import UpstreamError
+from mirror.clock import SYSTEM, Clock
+from mirror.domain.errors import UpstreamError
 
 log = structlog.get_logger(__name__)
 
@@ -64,8 +64,10 @@ class TokenAuth:
         *,
         username: str | None = None,
         password: str | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
         self._session = session
+        self._clock = clock
         self._basic = _basic(username, password)
         self._challenge: Challenge | None = None
         # Scopes are repository names a client chose: bounded, least recently used first out.
@@ -87,7 +89,7 @@ class TokenAuth:
         cached = self._tokens.get(scope)
         if cached is None:
             return None
-        if cached[1] <= time.monotonic():
+        if cached[1] <= self._clock.monotonic():
             del self._tokens[scope]  # expired: no use keeping it
             return None
         return f"Bearer {cached[0]}"
@@ -146,7 +148,7 @@ class TokenAuth:
             raise UpstreamError("the upstream token server sent no token", detail={"scope": scope})
         ttl = data.get("expires_in")
         lifetime = float(ttl) if isinstance(ttl, int | float) and ttl > 0 else DEFAULT_TOKEN_TTL
-        expires = time.monotonic() + max(lifetime - EXPIRY_MARGIN, lifetime / 2)
+        expires = self._clock.monotonic() + max(lifetime - EXPIRY_MARGIN, lifetime / 2)
         self._tokens[scope] = (token, expires)
         log.debug("token_fetched", scope=scope, expires_in=lifetime)
         return token

@@ -1,7 +1,7 @@
 """The pull API of one upstream registry.
 
 Upstream status codes stop here: every failure leaves this module as a
-``mirror.errors`` exception. Blob downloads follow the registry's redirect to its CDN
+``mirror.domain.errors`` exception. Blob downloads follow the registry's redirect to its CDN
 by hand, so the Authorization header is never sent to a host other than the registry.
 The client also keeps the upstream's health: its pull quota (``RateLimit``) and a
 circuit breaker that fails fast while the upstream is unreachable.
@@ -22,7 +22,8 @@ import structlog
 from multidict import CIMultiDict
 
 from mirror import __version__
-from mirror.errors import (
+from mirror.clock import SYSTEM, Clock
+from mirror.domain.errors import (
     BlobUnknown,
     IntegrityError,
     ManifestUnknown,
@@ -32,17 +33,17 @@ from mirror.errors import (
     TooManyRequests,
     UpstreamError,
 )
-from mirror.logs import LogThrottle
-from mirror.mediatypes import (
+from mirror.domain.manifests import Manifest
+from mirror.domain.mediatypes import (
     DOCKER_SCHEMA1,
     DOCKER_SCHEMA1_SIGNED,
     KNOWN_MANIFEST_TYPES,
     OCI_INDEX,
     OCI_MANIFEST,
 )
+from mirror.domain.reference import Digest
+from mirror.logs import LogThrottle
 from mirror.metrics import Metrics
-from mirror.reference import Digest
-from mirror.store.protocols import Manifest
 from mirror.upstream.auth import Challenge, TokenAuth, parse_challenge, pull_scope
 from mirror.upstream.breaker import CircuitBreaker
 from mirror.upstream.protocol import (
@@ -80,6 +81,7 @@ class UpstreamClient:
         shared: UpstreamState | None = None,
         request_timeout: float = 10.0,
         on_error: Callable[[str, str, str], None] | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -102,6 +104,7 @@ class UpstreamClient:
             probe_interval=probe_interval,
             on_change=lambda is_open: self.metrics.circuit_open.labels(name).set(int(is_open)),
             shared=shared,
+            clock=clock.time,
         )
 
     @property

@@ -1,7 +1,7 @@
 """The upstream of an air-gapped mirror: there is none.
 
 ``serve --offline`` puts an :class:`OfflineUpstream` where each upstream client would be.
-It never opens a connection; every request fails with an :class:`~mirror.errors.Offline`
+It never opens a connection; every request fails with an :class:`~mirror.domain.errors.Offline`
 error, which is an upstream failure to the resolver (so what the mirror holds is served, as
 when an upstream is down) and a 404 with the registry's usual code to the client, whose
 message says the mirror is offline.
@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import NoReturn
 
-from mirror.errors import BlobOffline, ManifestOffline, NameOffline
-from mirror.reference import Digest
-from mirror.store.protocols import Manifest
+from mirror.domain.errors import BlobOffline, ManifestOffline, NameOffline
+from mirror.domain.manifests import Manifest
+from mirror.domain.reference import Digest
 from mirror.upstream.protocol import (
     BlobResponse,
     Health,

@@ -15,8 +15,8 @@ from typing import Literal, Protocol
 
 import aiohttp
 
-from mirror.reference import Digest
-from mirror.store.protocols import Manifest
+from mirror.domain.manifests import Manifest
+from mirror.domain.reference import Digest
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,10 +17,10 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from mirror.store.cached import CachedStore
-from mirror.store.embedded import EmbeddedStore
-from mirror.store.protocols import MetadataStore
-from mirror.store.redis_store import RedisStore
+from mirror.content.cached import CachedStore
+from mirror.content.embedded import EmbeddedStore
+from mirror.content.protocols import MetadataStore
+from mirror.content.redis_store import RedisStore
 from tests.support.binaries import require_binary
 from tests.support.redis_server import RedisServer
 

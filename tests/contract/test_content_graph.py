@@ -13,12 +13,13 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from mirror.manifests import parse
-from mirror.store.embedded import EmbeddedStore
-from mirror.store.graph import BlobEntry, Usage
-from mirror.store.protocols import MetadataStore
-from mirror.store.redis_store import RedisStore
-from mirror.store.schema import VERSION
+from mirror.content.embedded import EmbeddedStore
+from mirror.content.graph import BlobEntry, Usage
+from mirror.content.protocols import MetadataStore
+from mirror.content.redis_store import RedisStore
+from mirror.content.schema import VERSION
+from mirror.domain.manifests import Manifest, parse
+from mirror.services.closure import blobs_needed
 from tests.support.oci import make_image, make_index, make_layer
 from tests.support.redis_server import RedisServer
 
@@ -31,12 +32,16 @@ async def test_an_index_needs_the_blobs_of_its_children(store: MetadataStore) ->
     index = make_index([amd64, arm64])
     graph = store.graph
     await graph.add_manifest(HUB, "library/app", index.digest, parse(index.index, ""))
+    top = Manifest(index.index, index.media_type, index.digest)
+    await store.put_manifest(HUB, "library/app", top)
     for image in (amd64, arm64):
         await graph.add_manifest(HUB, "library/app", image.digest, parse(image.manifest, ""))
-    needed = await graph.blobs_of(HUB, "library/app", index.digest)
+        manifest = Manifest(image.manifest, image.media_type, image.digest)
+        await store.put_manifest(HUB, "library/app", manifest)
+    needed = await blobs_needed(store, HUB, "library/app", index.digest)
     expected = {blob.digest: blob.size for image in (amd64, arm64) for blob in image.blobs}
     assert needed == expected
-    assert await graph.blobs_of(HUB, "library/app", amd64.digest) == {
+    assert await blobs_needed(store, HUB, "library/app", amd64.digest) == {
         blob.digest: blob.size for blob in amd64.blobs
     }
     shared = amd64.blobs[-1].digest

@@ -20,8 +20,9 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from redis.crc import key_slot
 
-from mirror.store.protocols import Manifest, MetadataStore, TagRecord, referrers_key
-from mirror.store.redis_store import RedisStore, StoreUnavailable
+from mirror.content.protocols import MetadataStore, referrers_key
+from mirror.content.redis_store import RedisStore, StoreUnavailable
+from mirror.domain.manifests import Manifest, TagRecord
 from tests.contract.conftest import Backend
 from tests.support.binaries import require_binary
 from tests.support.redis_server import RedisServer
@@ -297,7 +298,7 @@ async def test_open_accepts_redis_rediss_and_unix_urls() -> None:
         ("rediss://user:secret@redis.internal:6380/3", SSLConnection),
         ("unix:///run/redis/redis.sock?db=3&password=secret", UnixDomainSocketConnection),
     ]:
-        store = await RedisStore.open(url, timeout=1.5)  # connects on first use, not here
+        store = await RedisStore.open(url, timeout=1.5)  # unreachable: the schema check is skipped
         pool = store._redis.connection_pool
         kwargs = pool.connection_kwargs
         assert (kwargs["db"], kwargs["password"]) == (3, "secret"), url

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from mirror.config import AuthSettings, UpstreamSettings
-from mirror.pins import Pin
-from mirror.rules import AccessRules
+from mirror.domain.pins import Pin
+from mirror.domain.rules import AccessRules
 from tests.support.binaries import require_binary
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror, settings_for

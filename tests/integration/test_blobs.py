@@ -8,8 +8,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mirror.store.embedded import EmbeddedStore
-from mirror.store.graph_embedded import EmbeddedGraph
+from mirror.content.embedded import EmbeddedStore
+from mirror.content.graph_embedded import EmbeddedGraph
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror, settings_for
 from tests.support.oci import Blob, make_image, make_layer, make_random_layer

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from mirror.config import Settings, load
-from mirror.units import parse_duration
+from mirror.domain.units import parse_duration
 from tests.support.binaries import require_binary
 
 ROOT = Path(__file__).resolve().parents[2]

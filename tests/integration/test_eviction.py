@@ -14,10 +14,10 @@ from unittest.mock import patch
 
 import aiohttp
 
-from mirror.eviction import LEASE, Pass
-from mirror.pins import Pin
-from mirror.store.blobs import BlobStore
-from mirror.store.graph import BlobEntry
+from mirror.content.blobs import BlobStore
+from mirror.content.graph import BlobEntry
+from mirror.domain.pins import Pin
+from mirror.services.eviction import LEASE, Pass
 from tests.support.binaries import require_binary
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import FakeClock, RunningMirror, settings_for

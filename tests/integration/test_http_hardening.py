@@ -16,8 +16,8 @@ import pytest
 import pytest_asyncio
 
 from mirror.config import UpstreamSettings
-from mirror.store.embedded import EmbeddedStore
-from mirror.store.protocols import Manifest, TagRecord
+from mirror.content.embedded import EmbeddedStore
+from mirror.domain.manifests import Manifest, TagRecord
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror, metric_value, settings_for
 from tests.support.oci import make_image, make_random_layer

@@ -6,9 +6,9 @@ import asyncio
 import threading
 from pathlib import Path
 
-from mirror import bundle
+from mirror.domain.pins import Pin
 from mirror.engine import open_engine
-from mirror.pins import Pin
+from mirror.services import bundle
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror, settings_for
 from tests.support.oci import OCI_MANIFEST, Image, make_image, make_random_layer

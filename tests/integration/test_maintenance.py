@@ -14,10 +14,10 @@ from unittest.mock import patch
 import aiohttp
 import pytest
 
-from mirror import maintenance
-from mirror.reference import Digest
-from mirror.store.content import Content
-from mirror.store.graph import Usage
+from mirror.content.graph import Usage
+from mirror.content.layer import Content
+from mirror.domain.reference import Digest
+from mirror.services import maintenance
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror, settings_for
 from tests.support.oci import OCI_MANIFEST, Image, make_image, make_random_layer

@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import quote
 
 from mirror.config import AccessRules
-from mirror.pins import Pin
+from mirror.domain.pins import Pin
 from tests.support.artifacts import (
     ATTESTATION_TYPE,
     COSIGN_SIG_TYPE,

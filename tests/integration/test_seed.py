@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp
 
-from mirror.inventory import human_size
+from mirror.services.inventory import human_size
 from tests.support.fakehub import FakeHub
 from tests.support.oci import OCI_MANIFEST, make_image, make_index, make_layer
 from tests.support.process import MirrorProcess, run_mirror

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mirror.config import SignatureSettings
-from mirror.pins import Pin
+from mirror.domain.pins import Pin
 from tests.support.artifacts import (
     PrivateKey,
     cosign_referrer,

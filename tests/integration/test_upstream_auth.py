@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fakehub import FakeHub
-from tests.support.mirror import FakeClock, RunningMirror, settings_for
+from tests.support.mirror import FakeClock, MovingClock, RunningMirror, settings_for
 from tests.support.oci import OCI_MANIFEST, make_image, make_layer
 
 ACCEPT = [OCI_MANIFEST]
@@ -46,6 +46,22 @@ async def test_an_expired_token_is_renewed(fake_hub: FakeHub, mirror: RunningMir
     status, _, _ = await mirror.get("/v2/alpine/manifests/other", accept=ACCEPT)
 
     assert status == 200
+    assert token_requests(fake_hub) == 2
+
+
+async def test_a_token_past_its_lifetime_on_the_mirror_clock_is_renewed(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    clock = MovingClock()
+    for tag, content in (("latest", b"g"), ("other", b"h"), ("third", b"i")):
+        fake_hub.add_image("library/alpine", tag, make_image([make_layer(content)]))
+    settings = settings_for(fake_hub.url, tmp_path / "data", tag_ttl=300.0)
+    async with RunningMirror(settings, clock=clock) as mirror:
+        assert (await mirror.get("/v2/alpine/manifests/latest", accept=ACCEPT))[0] == 200
+        assert (await mirror.get("/v2/alpine/manifests/other", accept=ACCEPT))[0] == 200
+        assert token_requests(fake_hub) == 1
+        clock.advance(fake_hub.token_ttl)  # no sleep: the token's lifetime passes at once
+        assert (await mirror.get("/v2/alpine/manifests/third", accept=ACCEPT))[0] == 200
     assert token_requests(fake_hub) == 2
 
 

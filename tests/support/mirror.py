@@ -12,13 +12,13 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
-from mirror.app import Overrides, create_app
 from mirror.config import Settings, UpstreamSettings
+from mirror.content.protocols import MetadataStore
+from mirror.domain.reference import DOCKER_HUB
 from mirror.engine import Engine
-from mirror.reference import DOCKER_HUB
-from mirror.routes.middleware import AccessLogger
-from mirror.routes.state import ENGINE
-from mirror.store.protocols import MetadataStore
+from mirror.web.app import Overrides, create_app
+from mirror.web.routes.middleware import AccessLogger
+from mirror.web.routes.state import ENGINE
 
 
 @dataclass
@@ -32,6 +32,25 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+@dataclass
+class MovingClock:
+    """The engine's whole clock, moved by the test: wall time and intervals alike (token
+    lifetimes, outage timing), unlike FakeClock, which moves the wall time only."""
+
+    now: float = field(default_factory=time.time)
+    since_start: float = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.since_start
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.since_start += seconds
 
 
 def settings_for(upstream_url: str, data_dir: Path, **changes: Any) -> Settings:
@@ -59,7 +78,7 @@ class RunningMirror:
         self,
         settings: Settings,
         *,
-        clock: FakeClock | None = None,
+        clock: FakeClock | MovingClock | None = None,
         probe_interval: float = 5.0,
         store: MetadataStore | None = None,
         eviction_interval: float = 10.0,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from mirror.reference import Digest
-from mirror.store.blobs import BlobStore
+from mirror.content.blobs import BlobStore
+from mirror.domain.reference import Digest
 
 
 def land(blobs: BlobStore, data: bytes) -> Digest:

@@ -9,8 +9,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mirror.config import DEFAULT_UPSTREAM, ConfigError, load
-from mirror.reference import DOCKER_HUB
-from mirror.rules import AccessRules
+from mirror.domain.reference import DOCKER_HUB
+from mirror.domain.rules import AccessRules
 from tests.support.artifacts import new_key, public_pem
 
 

@@ -1,4 +1,4 @@
-"""cosign's signature format, read and checked (mirror.cosign)."""
+"""cosign's signature format, read and checked (mirror.domain.cosign)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from mirror.cosign import load_public_key, payload_names, signatures_in, signed_by
+from mirror.domain.cosign import load_public_key, payload_names, signatures_in, signed_by
 from tests.support.artifacts import (
     cosign_signature,
     new_key,

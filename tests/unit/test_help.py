@@ -5,7 +5,7 @@ import argparse
 import subprocess
 import sys
 
-from mirror.cli import _parser
+from mirror.cli.main import _parser
 from mirror.config import FLAG_KEYS
 
 

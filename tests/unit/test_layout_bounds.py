@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.layout import Bounds, LayoutError, members
+from mirror.services.layout import Bounds, LayoutError, members
 from tests.support.bundles import RawTar
 
 

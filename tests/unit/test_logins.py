@@ -7,7 +7,7 @@ from pathlib import Path
 
 import bcrypt
 
-from mirror.clients import (
+from mirror.services.clients import (
     ADDRESS_FAILURES,
     CHECKS_PER_ADDRESS,
     FREE_FAILURES,

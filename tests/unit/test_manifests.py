@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from mirror.manifests import ManifestParseError, parse
-from mirror.mediatypes import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from mirror.domain.manifests import ManifestParseError, parse
+from mirror.domain.mediatypes import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tests.support.oci import make_image, make_index, make_layer
 
 DIGEST = "sha256:" + "a" * 64

@@ -1,6 +1,6 @@
 import pytest
 
-from mirror.pins import ImageName, Pin, pinned, split_image
+from mirror.domain.pins import ImageName, Pin, pinned, split_image
 
 
 @pytest.mark.parametrize(

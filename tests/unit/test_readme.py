@@ -8,7 +8,7 @@ import argparse
 import re
 from pathlib import Path
 
-from mirror.cli import _DEFAULTS, _parser
+from mirror.cli.main import _DEFAULTS, _parser
 from mirror.config import _KEYS, ENV_PREFIX
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,9 +2,9 @@
 
 import pytest
 
-from mirror.errors import DigestInvalid, ManifestUnknown, NameInvalid
-from mirror.mediatypes import accepts, parse_accept
-from mirror.reference import Digest, Reference, normalize_name
+from mirror.domain.errors import DigestInvalid, ManifestUnknown, NameInvalid
+from mirror.domain.mediatypes import accepts, parse_accept
+from mirror.domain.reference import Digest, Reference, normalize_name
 
 
 @pytest.mark.parametrize(

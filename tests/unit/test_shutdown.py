@@ -6,7 +6,7 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from mirror.shutdown import Shutdown
+from mirror.web.shutdown import Shutdown
 
 
 async def runs_until_cancelled() -> None:

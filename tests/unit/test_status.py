@@ -1,6 +1,6 @@
 """What the status page shows of the configuration."""
 
-from mirror.status import shown_url
+from mirror.services.status import shown_url
 
 
 def test_an_upstream_url_is_shown_without_credentials() -> None:

@@ -1,6 +1,6 @@
 import pytest
 
-from mirror.units import SizeOrShare, parse_duration, parse_size, parse_size_or_percent
+from mirror.domain.units import SizeOrShare, parse_duration, parse_size, parse_size_or_percent
 
 
 @pytest.mark.parametrize(

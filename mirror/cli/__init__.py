@@ -1,0 +1,1 @@
+"""The command line: ``mirror serve`` and the maintenance and air-gap commands."""

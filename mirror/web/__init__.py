@@ -1,0 +1,1 @@
+"""HTTP in: the server and its accept loop, TLS, the application and its routes."""

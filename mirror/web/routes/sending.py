@@ -1,0 +1,199 @@
+"""Sending a blob's bytes to a client: the one place that knows the transfer tricks.
+
+Routes hand over what the content layer gave them (a way to open a landed blob, or a
+fill's file) and the response; the bytes go out with sendfile(2) on a duplicate of the
+connection's socket, waiting for the socket with the loop and within the send deadline
+(``mirror.web.routes.transfers``), or are read and written where sendfile(2) cannot go (TLS,
+a chunked body, small pieces).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from aiohttp import web
+
+from mirror.web.routes.state import EXCHANGE, TRANSFERS
+from mirror.web.routes.transfers import Transfer
+
+# Bytes per sendfile(2) call. One call for a whole blob is what FileResponse makes; calls of
+# a few MiB send a cached 1 GiB blob faster on loopback (see the README's Performance).
+SENDFILE_CHUNK = 8 * 1024 * 1024
+# Under uvloop, which has no loop.sendfile: pieces smaller than this are read and written.
+ZERO_COPY_FROM = 1024 * 1024
+# Bytes per read when a body must go through response.write (a chunked answer).
+WRITE_CHUNK = 1024 * 1024
+
+
+async def send_blob(
+    request: web.Request,
+    response: web.StreamResponse,
+    source: Callable[[], BinaryIO],
+    start: int,
+    stop: int,
+) -> None:
+    """Answer with bytes ``start``..``stop`` of a landed blob, which ``source`` opens (off
+    the loop), and end the answer. Returns once sent, or when the client hung up (aiohttp
+    closes the connection quietly); FileNotFoundError, before the answer begins, when the
+    blob is gone; SourceShrank when the file ended early (the answer is cut short)."""
+    with (
+        request.app[TRANSFERS].running(request.transport) as transfer,
+        await asyncio.to_thread(source) as file,
+        socket_copy(request) as sock,
+    ):
+        await response.prepare(request)
+        try:
+            await Body(request, response, file, start, transfer, sock).sendfile(start, stop)
+        except ConnectionError:
+            return
+        except SourceShrank:
+            raise SourceShrank(os.fstat(file.fileno())) from None
+    await response.write_eof()
+
+
+@contextlib.contextmanager
+def sending(
+    request: web.Request, response: web.StreamResponse, source: Callable[[], BinaryIO], first: int
+) -> Iterator[Body]:
+    """A body sent piece by piece as its bytes arrive (a fill's file, opened by ``source``),
+    counted as a download while it runs."""
+    with (
+        request.app[TRANSFERS].running(request.transport) as transfer,
+        source() as file,
+        socket_copy(request) as sock,
+    ):
+        yield Body(request, response, file, first, transfer, sock)
+
+
+@contextlib.contextmanager
+def socket_copy(request: web.Request) -> Iterator[int | None]:
+    """A descriptor of our own for the connection's socket, for sendfile(2) and to wait on
+    until the socket takes more (uvloop shares its own with no one); taken before the answer
+    begins, so that running out of descriptors is a 503, not a cut connection. None through
+    TLS, which sendfile(2) would bypass."""
+    transport = request.transport
+    raw = None if transport is None else transport.get_extra_info("socket")
+    if raw is None or transport is None or transport.get_extra_info("sslcontext") is not None:
+        yield None
+        return
+    fd = os.dup(raw.fileno())
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
+
+
+class SourceShrank(Exception):
+    """The file being sent ended before the bytes it was expected to hold; ``copy`` is the
+    file that did (its fstat), for taking it out of service."""
+
+    def __init__(self, copy: os.stat_result | None = None) -> None:
+        super().__init__("the file being sent shrank")
+        self.copy = copy
+
+
+@dataclass(slots=True)
+class Body:
+    """A response body sent from a file: bytes ``first``.. of the file are its bytes 0.."""
+
+    request: web.Request
+    response: web.StreamResponse
+    file: BinaryIO
+    first: int
+    transfer: Transfer  # its deadline, and the progress the server sheds by
+    socket: int | None  # the connection's socket for sendfile(2); None: read and write
+
+    async def sendfile(self, position: int, stop: int) -> int:
+        """Send bytes ``position``..``stop`` with sendfile(2), SENDFILE_CHUNK at a time;
+        returns ``stop``. Only for a body of declared length: sendfile(2) bypasses any chunk
+        framing."""
+        transport = self.request.transport
+        loop = asyncio.get_running_loop()
+        while position < stop:
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client went away")
+            count = min(stop - position, SENDFILE_CHUNK)
+            sent = await self._chunk(loop, transport, position, count)
+            if sent == 0:
+                # sendfile(2) at the end of the file: it shrank under us, and asking again
+                # would spin forever.
+                raise SourceShrank
+            position += sent
+            self.request[EXCHANGE].sent = position - self.first
+            self.transfer.moved()
+        return position
+
+    async def _chunk(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        transport: asyncio.Transport,
+        position: int,
+        count: int,
+    ) -> int:
+        """Zero-copy sendfile(2) on the socket's copy, waiting for the socket to take more
+        with the loop (never polling) and within the send deadline (``loop.sendfile`` would
+        wait without one, and uvloop has none); without a copy (TLS, which sendfile(2) would
+        bypass), the bytes are read and written."""
+        fd = self.socket
+        if fd is None or count < ZERO_COPY_FROM:
+            # A small piece (a fill handing on what just arrived) costs less to copy than to
+            # hand to the kernel.
+            data = await asyncio.to_thread(os.pread, self.file.fileno(), count, position)
+            # Waits while the client is slower than the disk.
+            await self.transfer.wait(self.response.write(data))
+            return len(data)
+        while transport.get_write_buffer_size():  # what the transport holds goes first
+            await self._writable(loop, transport, fd)
+        sent = 0
+        while sent < count:
+            try:
+                done = os.sendfile(fd, self.file.fileno(), position + sent, count - sent)
+            except BlockingIOError:
+                await self._writable(loop, transport, fd)
+                continue
+            if done == 0:
+                break
+            sent += done
+            self.transfer.moved()
+        return sent
+
+    async def _writable(
+        self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, fd: int
+    ) -> None:
+        await self.transfer.wait(_writable(loop, fd))
+        if transport.is_closing():
+            # Our copy keeps the socket open after the transport let it go: stop here.
+            raise ConnectionResetError("the client went away")
+
+    async def write(self, position: int, stop: int) -> int:
+        """As ``sendfile``, through ``response.write`` so aiohttp frames the chunks of a body
+        of unknown length; the file is read off the event loop."""
+        fd = self.file.fileno()
+        while position < stop:
+            count = min(stop - position, WRITE_CHUNK)
+            data = await asyncio.to_thread(os.pread, fd, count, position)
+            if not data:
+                raise SourceShrank
+            await self.transfer.wait(self.response.write(data))
+            position += len(data)
+            self.request[EXCHANGE].sent = position - self.first
+        return position
