@@ -50,12 +50,15 @@ class MirrorProcess:
         prefix: tuple[str, ...] = (),
         ca_file: Path | None = None,
         port: int = 0,
+        quick_stop: bool = True,
     ) -> None:
         self.data_dir = data_dir
         self.upstream = upstream
         self.extra = extra
         # Tests stop mirrors often: no pause before the port closes, unless a test asks.
-        self.env = {"MIRROR_SHUTDOWN_DELAY": "0", **(env or {})}
+        # A release from before shutdown_delay refuses the variable (quick_stop=False).
+        quick = {"MIRROR_SHUTDOWN_DELAY": "0"} if quick_stop else {}
+        self.env = {**quick, **(env or {})}
         self.prefix = prefix  # a command the mirror runs under, such as prlimit
         self.ca_file = ca_file  # the mirror serves HTTPS with a certificate this CA signed
         self.fixed_port = port  # 0: a free port each start; else this one (behind nginx)
