@@ -121,6 +121,10 @@ class Settings:
     # auto: uvloop when it is installed; uvloop or asyncio to choose.
     event_loop: str = "auto"
     signatures: SignatureSettings | None = None
+    # On SIGTERM: seconds /readyz says 503 while the port still accepts (load balancers
+    # notice late), then seconds transfers in flight may take to finish.
+    shutdown_delay: float = 5.0
+    shutdown_grace: float = 30.0
 
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
@@ -427,6 +431,8 @@ _KEYS: dict[str, _Key] = {
     "send_timeout": _Key(_positive),
     "event_loop": _Key(_choice("auto", "uvloop", "asyncio")),
     "signatures": _Key(_signatures, flag=False, env=False),
+    "shutdown_delay": _Key(parse_duration),
+    "shutdown_grace": _Key(parse_duration),
 }
 FLAG_KEYS = tuple(key for key, spec in _KEYS.items() if spec.flag)
 
@@ -569,6 +575,8 @@ def _build(values: Mapping[str, Any]) -> Settings:
         send_timeout=values.get("send_timeout", defaults.send_timeout),
         event_loop=values.get("event_loop", defaults.event_loop),
         signatures=values.get("signatures"),
+        shutdown_delay=values.get("shutdown_delay", defaults.shutdown_delay),
+        shutdown_grace=values.get("shutdown_grace", defaults.shutdown_grace),
     )
 
 

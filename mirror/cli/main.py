@@ -264,6 +264,16 @@ def _parser() -> argparse.ArgumentParser:
         "--event-loop", help="auto (uvloop when installed), uvloop or asyncio"
     )
     serve.add_argument(
+        "--shutdown-delay",
+        metavar="DURATION",
+        help="on SIGTERM, keep accepting this long while /readyz answers 503",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        metavar="DURATION",
+        help="then let transfers in flight finish for up to this long",
+    )
+    serve.add_argument(
         "--offline",
         action="store_const",
         const=True,
@@ -326,6 +336,8 @@ _DEFAULTS = {
     "send_timeout": "60",
     "offline": "off",
     "event_loop": "auto",
+    "shutdown_delay": "5s",
+    "shutdown_grace": "30s",
     "max_cache_size": "none",
     "min_free_space": "5%",
     "evict_unused_after": "off",
@@ -423,13 +435,12 @@ def serve(settings: Settings) -> int:
         asyncio.run(check_store(settings))  # before any worker: one line, not one per worker
         if settings.workers > 1:
             return run_workers(settings, settings.workers)
-        serve_one(settings)
+        return serve_one(settings)
     except (OSError, NewerSchema) as exc:
         # The port is taken, the data dir unusable, or the store a newer release's: say so
         # in one line, not a traceback.
         print(f"mirror: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    return 0
 
 
 def _export(settings: Settings, args: argparse.Namespace) -> int:

@@ -5,17 +5,21 @@ the kernel spreads connections over them while a port in use fails at once, like
 single process does, and a second supervisor cannot share the port unnoticed. Workers
 share the data dir and coordinate through its lock files (or Redis). The supervisor
 restarts a worker that dies, gives up (exit 1) when workers keep dying right after their
-start, and stops them all on SIGTERM or SIGINT. Metrics are summed over the workers
-through prometheus-client's multiprocess mode, in ``<data_dir>/run/metrics``.
+start, and on SIGTERM or SIGINT passes SIGTERM on to every worker, which then stops as a
+single process does (``mirror.web.shutdown``); a second signal is passed on too. Metrics are
+summed over the workers through prometheus-client's multiprocess mode, in
+``<data_dir>/run/metrics``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -36,7 +40,8 @@ log = structlog.get_logger(__name__)
 MIN_UPTIME = 5.0
 RESTART_PAUSE = 1.0
 MAX_QUICK_DEATHS = 5
-STOP_TIMEOUT = 15.0
+# Beyond shutdown_delay + shutdown_grace, what a worker may take to close its engine.
+STOP_MARGIN = 10.0
 BACKLOG = 1024
 
 
@@ -50,9 +55,14 @@ def run_workers(settings: Settings, count: int) -> int:
     stopping = False
     quick_deaths = 0
 
+    signalled: set[int] = set()
+
     def stop(signum: int, frame: FrameType | None) -> None:
+        # Passed on at once: every worker's /readyz answers 503 from the signal on. A
+        # second signal passed on makes the workers, already stopping, stop at once.
         nonlocal stopping
         stopping = True
+        signalled.update(_signal_all([process for process, _ in workers.values()]))
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -78,8 +88,13 @@ def run_workers(settings: Settings, count: int) -> int:
                     time.sleep(RESTART_PAUSE)
                 workers[slot] = _start(context, settings, slot, listener)
     finally:
-        _stop_all([process for process, _ in workers.values()])
+        # The workers' copies keep the port open until their shutdown_delay is over.
         listener.close()
+        timeout = settings.shutdown_delay + settings.shutdown_grace + STOP_MARGIN
+        processes = [process for process, _ in workers.values()]
+        # Those the signal did not reach: giving up, an error, or one started meanwhile.
+        _signal_all([process for process in processes if process.pid not in signalled])
+        _join_all(processes, timeout)
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
@@ -117,19 +132,26 @@ def _worker(settings: Settings, slot: int, listener: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when to stop
     structlog.contextvars.bind_contextvars(worker=slot)
     ACCESS.bind(worker=slot)
-    serve_one(settings, sock=listener, stop_signals=(signal.SIGTERM,))
+    # A worker exiting 1 (``mirror.web.shutdown``) is started again like one that died.
+    sys.exit(serve_one(settings, sock=listener, stop_signals=(signal.SIGTERM,)))
 
 
-def _stop_all(processes: list[BaseProcess]) -> None:
-    for process in processes:
-        if process.is_alive() and process.pid is not None:
-            os.kill(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
+def _join_all(processes: list[BaseProcess], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
     for process in processes:
         process.join(max(deadline - time.monotonic(), 0.1))
         if process.is_alive():
             process.kill()
             process.join()
+
+
+def _signal_all(processes: list[BaseProcess]) -> list[int]:
+    """SIGTERM to those alive; their pids."""
+    pids = [p.pid for p in processes if p.is_alive() and p.pid is not None]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # it died just now
+            os.kill(pid, signal.SIGTERM)
+    return pids
 
 
 def _remove_metrics_of(directory: Path, pid: int | None) -> None:

@@ -172,6 +172,11 @@ class Fills:
         # Whether a blob of this size may stay on disk (no larger than the disk budget).
         self._keep = keep
 
+    @property
+    def in_flight(self) -> int:
+        """Blobs being downloaded or followed now."""
+        return len(self._active)
+
     async def open(self, client: Upstream, repository: str, digest: Digest) -> Fill | None:
         """The fill to read ``digest`` from, attached; None when the blob is on disk now.
 

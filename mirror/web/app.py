@@ -36,6 +36,7 @@ from mirror.web.routes.state import (
     SETTINGS,
     SIGNATURES,
     STARTED,
+    STOPPING,
     TRANSFERS,
 )
 from mirror.web.routes.transfers import Transfers
@@ -60,6 +61,7 @@ def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web
         app[HTPASSWD] = Htpasswd(settings.auth.htpasswd)
         app.cleanup_ctx.append(_closing(app[HTPASSWD]))
     app[LOGIN_THROTTLE] = LoginThrottle()
+    app[STOPPING] = asyncio.Event()
     app.cleanup_ctx.append(_lifecycle(settings, overrides or Overrides()))
     v2.add_routes(app)
     ops.add_routes(app)

@@ -7,6 +7,10 @@ And every TLS handshake under way is known: the loop's own TLS server hides one 
 finishes and gives it 60 s, so half-finished handshakes could hold every descriptor. Here
 each has HANDSHAKE_TIMEOUT seconds, and the server counts them and ends the oldest first
 when descriptors run short (``mirror.web.server``).
+
+The listener is also where the connections are counted and told apart (handshakes under
+way, idle keep-alive connections, connections with a request in progress), for shedding
+and for a graceful stop (``mirror.web.shutdown``) alike.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
 from mirror.logs import LogThrottle
@@ -73,6 +78,29 @@ class Listener(web.BaseSite):
         """TLS handshakes (and plain connections being set up) under way: a descriptor each."""
         return len(self._handshakes)
 
+    @property
+    def connections(self) -> list[RequestHandler]:
+        """The connections set up, the oldest first."""
+        return self._web_server().connections
+
+    @property
+    def held(self) -> int:
+        """Descriptors the connections hold: those set up and those being set up."""
+        # The server's public ``connections`` copies its list; this is asked very often.
+        return len(self._web_server()._connections) + len(self._handshakes)
+
+    def close_connections(self) -> int:
+        """Close the idle keep-alive connections now and the others once the response in
+        progress is sent; how many had one in progress."""
+        busy = 0
+        for handler in self.connections:
+            if idle(handler):
+                handler.force_close()
+            else:
+                handler.close()
+                busy += 1
+        return busy
+
     def shed(self, count: int, older_than: float) -> int:
         """End up to ``count`` handshakes begun ``older_than`` seconds ago or more, the
         oldest first; how many were ended."""
@@ -89,11 +117,15 @@ class Listener(web.BaseSite):
         self._accepting = asyncio.create_task(self._accept())
 
     async def stop(self) -> None:
+        """Stop accepting: the port closes, so what waits in its backlog is refused, and
+        handshakes under way are ended, as none of them has sent a request yet."""
+        waits = list(self._handshakes)
         if self._accepting is not None:
-            self._accepting.cancel()
-        for task in self._handshakes:
+            waits.append(self._accepting)
+        for task in waits:
             task.cancel()
-        await asyncio.gather(*self._handshakes, return_exceptions=True)
+        # The socket is closed once nothing is waiting on it any more.
+        await asyncio.gather(*waits, return_exceptions=True)
         self._sock.close()
         await super().stop()
 
@@ -132,9 +164,13 @@ class Listener(web.BaseSite):
         self._handshakes[task] = time.monotonic()
         task.add_done_callback(self._connected)
 
-    async def _connect(self, conn: socket.socket) -> None:
+    def _web_server(self) -> web.Server:
         server = self._runner.server
         assert server is not None
+        return server
+
+    async def _connect(self, conn: socket.socket) -> None:
+        server = self._web_server()
         loop = asyncio.get_running_loop()
         # The transport owns the socket from here, and closes it if the handshake fails,
         # times out or is cancelled. A client that could not or would not finish its
@@ -152,3 +188,10 @@ class Listener(web.BaseSite):
 
     def _connected(self, task: asyncio.Task[None]) -> None:
         self._handshakes.pop(task, None)
+
+
+def idle(handler: RequestHandler) -> bool:
+    """Waiting for the next request's first bytes, with none in progress."""
+    # aiohttp keeps no public "idle" flag; this is the state its own keep-alive timer closes.
+    waiter = handler._waiter
+    return not handler._request_in_progress and waiter is not None and not waiter.done()

@@ -30,10 +30,11 @@ from aiohttp.web_protocol import RequestHandler
 from mirror.config import Settings
 from mirror.logs import LogThrottle, configure
 from mirror.web.app import create_app
-from mirror.web.listener import Listener, listening_socket
+from mirror.web.listener import Listener, idle, listening_socket
 from mirror.web.routes.middleware import AccessLogger
-from mirror.web.routes.state import TRANSFERS
+from mirror.web.routes.state import ENGINE, STOPPING, TRANSFERS
 from mirror.web.routes.transfers import DESCRIPTORS, Transfers
+from mirror.web.shutdown import CUT_TIMEOUT, Shutdown
 from mirror.web.tls import ServerTLS
 
 log = structlog.get_logger(__name__)
@@ -55,11 +56,12 @@ def serve_one(
     *,
     sock: socket.socket | None = None,
     stop_signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
-) -> None:
-    """Serve until one of ``stop_signals``; raises OSError when the port cannot be bound."""
+) -> int:
+    """Serve until one of ``stop_signals``; the exit code (``mirror.web.shutdown``). Raises
+    OSError when the port cannot be bound."""
     configure(settings.log_level, settings.log_format)
     with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
-        runner.run(_serve(settings, sock, stop_signals))
+        return runner.run(_serve(settings, sock, stop_signals))
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -92,15 +94,18 @@ def raise_fd_limit() -> int:
 
 async def _serve(
     settings: Settings, sock: socket.socket | None, stop_signals: tuple[signal.Signals, ...]
-) -> None:
+) -> int:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_loop_exception_handler(LogThrottle(10.0)))
     limit = raise_fd_limit()
+    app = create_app(settings)
     runner = web.AppRunner(
-        create_app(settings),
+        app,
         access_log_class=AccessLogger,
         keepalive_timeout=KEEPALIVE_TIMEOUT,
         handle_signals=False,
+        # Shutdown.drain has given transfers their grace by the time cleanup runs.
+        shutdown_timeout=CUT_TIMEOUT,
     )
     await runner.setup()
     tls = server_tls(settings)
@@ -110,19 +115,23 @@ async def _serve(
         site = Listener(runner, sock, ssl_context=tls.context if tls is not None else None)
         await site.start()
         log.info("listening", address=site.name, fd_limit=limit, tls=tls is not None)
-        stop = asyncio.Event()
+        shutdown = Shutdown(settings.shutdown_delay, settings.shutdown_grace, app[STOPPING])
         for signum in stop_signals:
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, shutdown.signal, signum)
         assert runner.server is not None
-        shedding = _shed_idle(runner.server, runner.app[TRANSFERS], site, limit)
-        tasks = [asyncio.create_task(shedding)]
+        shedding = _shed_idle(runner.app[TRANSFERS], site, limit)
+        tasks = [asyncio.create_task(shedding, name="shed_idle")]
         if tls is not None:
-            tasks.append(asyncio.create_task(tls.watch()))
-        await stop.wait()
+            tasks.append(asyncio.create_task(tls.watch(), name="tls_watch"))
+        for task in tasks:
+            shutdown.watch(task)
+        await shutdown.requested.wait()
+        await shutdown.drain(site, app[ENGINE].fills.in_flight)
         for task in tasks:
             task.cancel()
     finally:
         await runner.cleanup()
+    return shutdown.exit_code
 
 
 def warn_at_start(settings: Settings) -> None:
@@ -142,9 +151,7 @@ def server_tls(settings: Settings) -> ServerTLS | None:
     return ServerTLS(settings.tls_cert, settings.tls_key)
 
 
-async def _shed_idle(
-    server: web.Server, transfers: Transfers, listener: Listener, fd_limit: int
-) -> None:
+async def _shed_idle(transfers: Transfers, listener: Listener, fd_limit: int) -> None:
     """While connections, TLS handshakes and downloads crowd the descriptor limit, end
     handshakes that have gone on a while, then idle keep-alive connections, then stalled
     downloads, each oldest first; no connection is accepted and no download begins (503)
@@ -152,20 +159,16 @@ async def _shed_idle(
     high = max(fd_limit - RESERVED_FDS, fd_limit * 3 // 4)
     low = high * 4 // 5
 
-    def connections_held() -> int:
-        # aiohttp's public ``connections`` copies the list; this is asked very often.
-        return len(server._connections) + listener.handshakes
-
-    transfers.share(high, connections_held)
+    transfers.share(high, lambda: listener.held)
     # Connections are still taken past ``high`` (a download then gets a 503 at once, and
     # an idle connection is shed), but not into the descriptors files and upstreams need.
     ceiling = high + (fd_limit - high) // 2
-    listener.room = lambda: connections_held() + transfers.descriptors < ceiling
+    listener.room = lambda: listener.held + transfers.descriptors < ceiling
     throttle = LogThrottle(10.0)
     seen: set[RequestHandler] = set()
     while True:
         await asyncio.sleep(SHED_INTERVAL)
-        connections = server.connections
+        connections = listener.connections
         used = len(connections) + listener.handshakes + transfers.descriptors
         if used < high:
             seen.clear()
@@ -173,9 +176,9 @@ async def _shed_idle(
         excess = used - low
         ended = listener.shed(excess, SLOW_HANDSHAKE)
         # Oldest first; one accepted since the last look has had no time to send its request.
-        idle = [handler for handler in connections if handler in seen and _idle(handler)]
+        idle_ones = [handler for handler in connections if handler in seen and idle(handler)]
         seen = set(connections)
-        shed = idle[: excess - ended]
+        shed = idle_ones[: excess - ended]
         for handler in shed:
             handler.force_close()
         # A download ended frees its connection's descriptor too.
@@ -195,13 +198,6 @@ async def _shed_idle(
                 fd_limit=fd_limit,
                 suppressed=suppressed,
             )
-
-
-def _idle(handler: RequestHandler) -> bool:
-    # aiohttp keeps no public "idle" flag: a handler waiting for the next request's first
-    # bytes, with none in progress, is what its own keep-alive timer closes.
-    waiter = handler._waiter
-    return not handler._request_in_progress and waiter is not None and not waiter.done()
 
 
 def _loop_exception_handler(throttle: LogThrottle) -> Any:

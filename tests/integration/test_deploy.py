@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-from mirror.config import ConfigError, load
+from mirror.config import ConfigError, Settings, load
 from mirror.content.redis_client import parse_sentinel_url
+from mirror.domain.units import parse_duration
 from tests.support.binaries import require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -221,3 +222,48 @@ def test_the_systemd_unit_is_hardened_and_its_config_loads(tmp_path: Path) -> No
     assert "ExecStart=/opt/mirror/bin/mirror serve --config /etc/mirror/config.yaml" in text
     settings = load({}, env={}, config_file=DEPLOY / "config.yaml")
     assert settings.data_dir == Path("/var/lib/mirror")
+
+
+def stopping_takes(config_text: str, env: dict[str, str], tmp_path: Path) -> float:
+    """What a graceful stop may take with this config: shutdown_delay + shutdown_grace."""
+    path = tmp_path / "stop.yaml"
+    path.write_text(config_text)
+    settings: Settings = load({}, env=env, config_file=path)
+    return settings.shutdown_delay + settings.shutdown_grace
+
+
+def test_kubernetes_gives_a_stopping_pod_more_time_than_its_grace(tmp_path: Path) -> None:
+    for overlay in ("overlays/single", "overlays/replicas"):
+        documents = build(overlay)
+        config = of_kind(documents, "ConfigMap", "mirror-config")["data"]["config.yaml"]
+        deployment = of_kind(documents, "Deployment", "mirror")
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        # /readyz turns 503 on SIGTERM and the port stays open for shutdown_delay: the
+        # endpoints drop the pod meanwhile, so no preStop sleep stands before the signal.
+        assert "preStop" not in container.get("lifecycle", {})
+        assert pod["terminationGracePeriodSeconds"] > stopping_takes(config, env, tmp_path)
+    replicas = of_kind(build("overlays/replicas"), "Deployment", "mirror")["spec"]
+    # A rolling update starts a new pod before it stops an old one.
+    assert replicas["strategy"]["type"] == "RollingUpdate"
+    assert replicas["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    budget = of_kind(build("overlays/replicas"), "PodDisruptionBudget", "mirror")["spec"]
+    assert 0 < budget["maxUnavailable"] < replicas["replicas"]
+
+
+def test_systemd_and_compose_wait_longer_than_the_grace(tmp_path: Path) -> None:
+    unit = (DEPLOY / "mirror.service").read_text()
+    env = dict(re.findall(r"^Environment=(MIRROR_[A-Z_]+)=(.*)$", unit, re.MULTILINE))
+    needed = stopping_takes((DEPLOY / "config.yaml").read_text(), env, tmp_path)
+    (timeout,) = re.findall(r"^TimeoutStopSec=(\S+)$", unit, re.MULTILINE)
+    assert parse_duration(timeout) > needed
+    # SIGTERM to the main process alone: with --workers it passes it on, and a second
+    # SIGTERM straight from systemd would make the workers stop at once.
+    assert re.search(r"^KillMode=mixed$", unit, re.MULTILINE)
+    compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+    for name in ("mirror-a", "mirror-b"):
+        service = compose["services"][name]
+        variables = {k: str(v) for k, v in service["environment"].items()}
+        needed = stopping_takes("{}", variables, tmp_path)
+        assert parse_duration(service["stop_grace_period"]) > needed

@@ -90,6 +90,7 @@ def old_mirror(tree: Path, data_dir: Path, upstream: str, *extra: str, name: str
         env={"PYTHONPATH": str(tree)},
         prefix=("env", f"--chdir={tree}"),
         name=name,
+        quick_stop=False,  # it has no shutdown_delay: SIGTERM stops it at once
     )
 
 

@@ -20,6 +20,8 @@ from tests.support.realregistry import free_port
 START_TIMEOUT = 20.0
 # Access lines wait up to 50 ms to share a write (mirror.logs.ACCESS_DELAY); a little more.
 ACCESS_LINE_DELAY = 0.15
+# How long a test waits for a log line before it gives up (not a timed assertion).
+EVENT_WAIT = 60.0
 
 
 def run_mirror(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -47,13 +49,19 @@ class MirrorProcess:
         name: str = "mirror",
         prefix: tuple[str, ...] = (),
         ca_file: Path | None = None,
+        port: int = 0,
+        quick_stop: bool = True,
     ) -> None:
         self.data_dir = data_dir
         self.upstream = upstream
         self.extra = extra
-        self.env = env or {}
+        # Tests stop mirrors often: no pause before the port closes, unless a test asks.
+        # A release from before shutdown_delay refuses the variable (quick_stop=False).
+        quick = {"MIRROR_SHUTDOWN_DELAY": "0"} if quick_stop else {}
+        self.env = {**quick, **(env or {})}
         self.prefix = prefix  # a command the mirror runs under, such as prlimit
         self.ca_file = ca_file  # the mirror serves HTTPS with a certificate this CA signed
+        self.fixed_port = port  # 0: a free port each start; else this one (behind nginx)
         self.port = 0
         self.log_path = data_dir.parent / f"{data_dir.name}-{name}.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -72,7 +80,7 @@ class MirrorProcess:
         return self._process.pid
 
     def start(self) -> None:
-        self.port = free_port()
+        self.port = self.fixed_port or free_port()
         command = [
             *self.prefix,
             sys.executable,
@@ -125,6 +133,28 @@ class MirrorProcess:
             self._process.send_signal(signal.SIGKILL)
             self._process.wait(timeout=10)
             self._process = None
+
+    def send_signal(self, signum: int) -> None:
+        assert self._process is not None
+        self._process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        """The exit code, once it has exited; raises TimeoutExpired if it has not by then."""
+        assert self._process is not None
+        code = self._process.wait(timeout=timeout)
+        self._process = None
+        return code
+
+    async def wait_for_event(self, event: str, *, count: int = 1) -> dict[str, object]:
+        """The first log line of ``event``, once the process (its workers) wrote ``count``."""
+        deadline = time.monotonic() + EVENT_WAIT
+        while time.monotonic() < deadline:
+            lines = (json.loads(line) for line in self.log().splitlines() if line.startswith("{"))
+            found = [entry for entry in lines if entry.get("event") == event]
+            if len(found) >= count:
+                return dict(found[0])
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no {event} in the log:\n{self.log()[-3000:]}")
 
     def stop(self) -> None:
         if self._process is None:

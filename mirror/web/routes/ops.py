@@ -9,7 +9,7 @@ from aiohttp import web
 
 from mirror.metrics import CONTENT_TYPE_LATEST
 from mirror.web.routes.middleware import NOSNIFF, NOSNIFF_HEADER, add_route
-from mirror.web.routes.state import ENGINE, EXCHANGE, HTPASSWD, METRICS, RESOLVER
+from mirror.web.routes.state import ENGINE, EXCHANGE, HTPASSWD, METRICS, RESOLVER, STOPPING
 from mirror.web.routes.v2 import check_method
 
 _HEADERS = {NOSNIFF_HEADER: NOSNIFF}
@@ -29,11 +29,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the data dir is usable and, with logins on, the password file readable.
-    The store and the upstreams are reported, not required: with Redis or the upstream
-    down the mirror still serves what it holds."""
+    """Ready when the data dir is usable, the process is not stopping and, with logins on,
+    the password file readable. The store and the upstreams are reported, not required:
+    with Redis or the upstream down the mirror still serves what it holds."""
     request[EXCHANGE].route = "ops"
     check_method(request)
+    if request.app[STOPPING].is_set():
+        # Told to stop: load balancers and Kubernetes endpoints stop sending new pulls here.
+        return web.json_response({"status": "stopping"}, status=503, headers=_HEADERS)
     resolver = request.app[RESOLVER]
     writable = await resolver.writable()
     checks = {"data_dir": "ok" if writable else "not writable"}

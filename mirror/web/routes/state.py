@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -39,6 +40,8 @@ LOGIN_THROTTLE = web.AppKey("login_throttle", LoginThrottle)
 # The last hour of request totals, and when the service started (the status page).
 HISTORY = web.AppKey("history", History)
 STARTED = web.AppKey("started", float)
+# Set when the process was told to stop (mirror.web.shutdown): /readyz answers 503 from then on.
+STOPPING = web.AppKey("stopping", asyncio.Event)
 
 
 @dataclass(slots=True)
