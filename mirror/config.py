@@ -24,6 +24,7 @@ from mirror.cosign import load_public_key
 from mirror.pins import Pin
 from mirror.reference import DOCKER_HUB
 from mirror.rules import AccessRules
+from mirror.storage_settings import S3_ENV_PREFIX, S3Settings, parse_storage, s3_environment
 from mirror.units import (
     SizeOrShare,
     parse_duration,
@@ -118,6 +119,8 @@ class Settings:
     # auto: uvloop when it is installed; uvloop or asyncio to choose.
     event_loop: str = "auto"
     signatures: SignatureSettings | None = None
+    # Blobs in S3-compatible object storage rather than in data_dir (mirror.storage_settings).
+    storage: S3Settings | None = None
 
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
@@ -423,6 +426,8 @@ _KEYS: dict[str, _Key] = {
     "send_timeout": _Key(_positive),
     "event_loop": _Key(_choice("auto", "uvloop", "asyncio")),
     "signatures": _Key(_signatures, flag=False, env=False),
+    # Nested: each s3 key as MIRROR_STORAGE_S3_<KEY> (read in load()).
+    "storage": _Key(parse_storage, flag=False, env=False),
 }
 FLAG_KEYS = tuple(key for key, spec in _KEYS.items() if spec.flag)
 
@@ -444,8 +449,10 @@ def load(
                 for key, value in _read_file(config_file).items()
             }
         )
-    from_env: dict[str, tuple[Any, str]] = {}
+    from_env = _storage_from_env(env, sources[0] if sources else {})
     for name, value in env.items():
+        if name.startswith(S3_ENV_PREFIX):
+            continue
         if name.startswith(ENV_PREFIX) and name != f"{ENV_PREFIX}CONFIG":
             key = name.removeprefix(ENV_PREFIX).lower()
             if key not in _KEYS and _SERVICE_LINK_RE.fullmatch(name):
@@ -468,6 +475,22 @@ def load(
             # Upstreams merge by registry name: a flag for ghcr.io keeps the file's docker.io.
             merged[key] = {**merged.get(key, {}), **value} if key == "upstream" else value
     return _build(merged)
+
+
+def _storage_from_env(
+    env: Mapping[str, str], from_file: Mapping[str, tuple[Any, str]]
+) -> dict[str, tuple[Any, str]]:
+    """``storage`` from the MIRROR_STORAGE_S3_<KEY> variables, each over the file's key."""
+    try:
+        s3_env = s3_environment(env)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not s3_env:
+        return {}
+    in_file = from_file.get("storage", ({}, ""))[0]
+    s3_file = in_file.get("s3") if isinstance(in_file, dict) else None
+    merged = {**(s3_file if isinstance(s3_file, dict) else {}), **s3_env}
+    return {"storage": ({"s3": merged}, f"{S3_ENV_PREFIX}*")}
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -495,6 +518,8 @@ def _parse_all(raw: Mapping[str, tuple[Any, str]]) -> dict[str, Any]:
         try:
             parsed[key] = _KEYS[key].parse(value)
         except (TypeError, ValueError) as exc:
+            if key == "storage":  # a whole mapping: the message names the key within it
+                raise ConfigError(f"{origin}: {_one_line(exc)}") from None
             raise ConfigError(f"bad value {value!r} for {origin}: {_one_line(exc)}") from None
     return parsed
 
@@ -560,6 +585,7 @@ def _build(values: Mapping[str, Any]) -> Settings:
         send_timeout=values.get("send_timeout", defaults.send_timeout),
         event_loop=values.get("event_loop", defaults.event_loop),
         signatures=values.get("signatures"),
+        storage=values.get("storage"),
     )
 
 
