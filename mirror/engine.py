@@ -8,7 +8,7 @@ Tests and embedding programs swap collaborators through :class:`Overrides`.
     Engine
     ├── store        metadata (manifests, tags, negative answers): embedded SQLite or Redis,
     │                behind the in-process CachedStore
-    ├── blobs        blob files on disk by digest
+    ├── blobs        blob bytes by digest: files in the data dir, or objects in a bucket
     ├── coordinator  leases across workers (flock) and replicas (Redis)
     ├── fills        blob downloads shared by their readers
     ├── upstreams    one client per upstream registry (token auth, quota, circuit breaker),
@@ -51,6 +51,8 @@ from mirror.store.content import Content
 from mirror.store.embedded import EmbeddedStore
 from mirror.store.protocols import MetadataStore
 from mirror.store.redis_store import RedisStore
+from mirror.store.s3 import open_s3
+from mirror.store.storage import BlobStorage
 from mirror.upstream.auth import TokenAuth
 from mirror.upstream.client import USER_AGENT, UpstreamClient
 from mirror.upstream.offline import OfflineUpstream
@@ -77,7 +79,7 @@ class Engine:
     settings: Settings
     metrics: Metrics
     store: CachedStore
-    blobs: BlobStore
+    blobs: BlobStorage
     content: Content  # blobs in and out, and their records: the only way to them
     coordinator: Coordinator
     fills: Fills
@@ -106,8 +108,8 @@ async def open_engine(
     metrics = metrics or Metrics()
     clock = as_clock(overrides.clock)
     async with AsyncExitStack() as stack:
-        blobs = await asyncio.to_thread(_open_blobs, settings, sweep=background)
-        inner = overrides.store or await _open_store(settings)
+        blobs, scope = await _open_storage(stack, settings, sweep=background)
+        inner = overrides.store or await _open_store(settings, scope)
         store = CachedStore(
             inner,
             max_entries=settings.manifest_cache_size,
@@ -116,7 +118,7 @@ async def open_engine(
             clock=clock,
         )
         stack.push_async_callback(store.close)
-        coordinator = await asyncio.to_thread(_coordinator, settings, inner)
+        coordinator = await asyncio.to_thread(_coordinator, settings, inner, scope)
         stack.push_async_callback(coordinator.close)
         if isinstance(coordinator, RedisCoordinator):  # one Redis: one verdict on its health
             coordinator.on_down, store.on_down = store.failed, coordinator.failed
@@ -244,6 +246,28 @@ async def _upstreams(
         yield upstreams
 
 
+async def _open_storage(
+    stack: AsyncExitStack, settings: Settings, *, sweep: bool
+) -> tuple[BlobStorage, str]:
+    """Where blobs live, and the scope of their records and leases in a shared Redis: the
+    data dir's, or, in object storage, the bucket's (replicas then share no disk)."""
+    if settings.storage is None:
+        blobs = await asyncio.to_thread(_open_blobs, settings, sweep=sweep)
+        return blobs, await asyncio.to_thread(data_dir_identity, settings.data_dir)
+    await asyncio.to_thread(settings.data_dir.mkdir, parents=True, exist_ok=True)
+    bucket = await stack.enter_async_context(
+        open_s3(
+            settings.storage,
+            settings.data_dir / "spool",
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.request_timeout,
+        )
+    )
+    if sweep:
+        await asyncio.to_thread(bucket.sweep)
+    return bucket, bucket.identity()
+
+
 def _open_blobs(settings: Settings, *, sweep: bool) -> BlobStore:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     blobs = BlobStore(settings.data_dir / "blobs")
@@ -253,10 +277,9 @@ def _open_blobs(settings: Settings, *, sweep: bool) -> BlobStore:
     return blobs
 
 
-async def _open_store(settings: Settings) -> MetadataStore:
+async def _open_store(settings: Settings, scope: str) -> MetadataStore:
     if settings.redis_url is not None:
-        # Blob records are the data dir's: replicas with data dirs of their own keep theirs.
-        scope = await asyncio.to_thread(data_dir_identity, settings.data_dir)
+        # Blob records are the storage's: replicas with data dirs of their own keep theirs.
         return await RedisStore.open(settings.redis_url, scope=scope)
     return await EmbeddedStore.open(settings.data_dir)
 
@@ -269,10 +292,9 @@ def _shared_state(settings: Settings, coordinator: Coordinator, upstream: str) -
     return on_host
 
 
-def _coordinator(settings: Settings, store: MetadataStore) -> Coordinator:
+def _coordinator(settings: Settings, store: MetadataStore, scope: str) -> Coordinator:
     local = LocalCoordinator(settings.data_dir / "locks")
     if isinstance(store, RedisStore):
-        scope = data_dir_identity(settings.data_dir)
         return RedisCoordinator(store.client, local, scope=scope)
     return local
 

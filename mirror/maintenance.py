@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from mirror.engine import Engine
 from mirror.reference import Digest
 from mirror.store.content import Content
 from mirror.store.graph import BlobEntry
+from mirror.store.storage import Copy
 
 GRACE = 3600.0
 _READ = 1024 * 1024
@@ -49,10 +49,10 @@ async def gc(engine: Engine, *, dry_run: bool, now: float | None = None) -> GcRe
         digest = Digest.parse(name)
         # Looked at again just before it goes: a copy landed since the listing is young.
         found = await content.inspect(digest)
-        if found is None or now - found.st_mtime <= GRACE:
+        if found is None or now - found.modified <= GRACE:
             continue
         if dry_run or await content.remove(digest, found):
-            report.blobs.append((name, found.st_size))
+            report.blobs.append((name, found.size))
     return report
 
 
@@ -77,7 +77,7 @@ async def verify(
     # disk listed or not among the records read, never reported missing.
     recorded = {entry.digest for entry in await _all_present(engine)}
     on_disk = await engine.content.on_disk()
-    corrupt_copies: dict[str, os.stat_result] = {}
+    corrupt_copies: dict[str, Copy] = {}
     for done, (name, (size, _)) in enumerate(sorted(on_disk.items()), start=1):
         digest = Digest.parse(name)
         hashed = await asyncio.to_thread(_hashes_to, engine.content, digest)
@@ -111,13 +111,13 @@ async def _all_present(engine: Engine) -> list[BlobEntry]:
     return entries
 
 
-def _hashes_to(content: Content, digest: Digest) -> tuple[bool, os.stat_result] | None:
+def _hashes_to(content: Content, digest: Digest) -> tuple[bool, Copy] | None:
     """Whether the file's content has ``digest``, and the copy that was read (the one a
     repair may remove); None when it is gone (evicted meanwhile)."""
     hasher = hashlib.new(digest.algorithm)
     try:
         with content.open(digest) as file:
-            copy = os.fstat(file.fileno())
+            copy = content.copy_of(file)
             while chunk := file.read(_READ):
                 hasher.update(chunk)
     except FileNotFoundError:

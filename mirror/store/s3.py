@@ -1,0 +1,576 @@
+"""Blobs in an S3-compatible bucket: ``<prefix>blobs/<algorithm>/<hex>``.
+
+A blob being written is spooled to the data dir (its readers stream from there, as from a
+local fill, so the first byte goes out as soon as with a local disk) while its parts go to a
+multipart upload as they fill up. The upload is completed only at commit, which the writer
+calls after it checked the digest; anything else aborts it. So an object under a blob's key
+is always whole and verified, and a multipart upload left by a crash is never visible
+(``gc`` aborts those older than an hour).
+
+The calls of :class:`~mirror.store.storage.BlobStorage` block, and the content layer makes
+them from threads; here they run as coroutines of the one aiobotocore client on the event
+loop, and the thread waits for them. ``size`` (the hot path) never waits on the network: it
+answers from what this process knows to be in the bucket (listed at start, landed, found);
+:meth:`S3Blobs.locate` asks the bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import time
+from collections.abc import AsyncIterator, Coroutine
+from concurrent.futures import Future
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import structlog
+from aiobotocore.session import get_session
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from mirror.reference import Digest
+from mirror.storage_settings import S3Settings
+from mirror.store.blobs import BlobStore, MemoryCopy, Partial
+from mirror.store.storage import Copy, StorageError
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# Bytes per part of a multipart upload (S3's minimum is 5 MiB, all but the last part).
+PART_SIZE = 8 * 1024 * 1024
+# Parts of one blob uploading at once; each holds its bytes in memory while it does.
+UPLOADS_AT_ONCE = 4
+# A multipart upload older than this was left by a crashed writer: gc aborts it.
+ABANDONED = 3600.0
+# Bytes per read when an object is streamed.
+READ_CHUNK = 1024 * 1024
+# How long a blocking call waits for the bucket before it counts as down.
+CALL_TIMEOUT = 60.0
+# After a failure, seconds the bucket is left alone (blobs go from upstream to clients,
+# unstored) before a request tries it again: an outage costs one timeout, not one each.
+DOWN_FOR = 5.0
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return f"{error.get('Code', 'error')} ({status}): {error.get('Message', '')}".strip()
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _missing(exc: ClientError) -> bool:
+    error = exc.response.get("Error", {})
+    return error.get("Code") in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
+
+
+@asynccontextmanager
+async def open_s3(
+    settings: S3Settings, spool: Path, *, connect_timeout: float, read_timeout: float
+) -> AsyncIterator[S3Blobs]:
+    """The bucket, checked (and created when missing, if the credentials may); StorageError,
+    saying which, when the credentials are refused or the bucket is missing for good."""
+    session = get_session()
+    config = Config(
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        # Standard mode retries 503 SlowDown and throttling with backoff and jitter.
+        retries={"max_attempts": 4, "mode": "standard"},
+        s3={"addressing_style": "path" if settings.path_style else "virtual"},
+        signature_version="s3v4",
+        # Ceph RGW, GCS and older MinIO refuse the CRC checksums botocore adds by default.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        max_pool_connections=64,
+    )
+    region = (
+        settings.region
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or "us-east-1"
+    )
+    options: dict[str, Any] = {"region_name": region, "config": config}
+    if settings.ca_file is not None:
+        options["verify"] = str(settings.ca_file)
+    if settings.access_key_id is not None:
+        options["aws_access_key_id"] = settings.access_key_id
+        options["aws_secret_access_key"] = settings.secret_access_key
+    async with AsyncExitStack() as stack:
+        endpoint = settings.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+        client = await stack.enter_async_context(
+            session.create_client("s3", endpoint_url=endpoint, **options)
+        )
+        signer = client
+        if settings.public_endpoint is not None:  # presigning only: never connects
+            signer = await stack.enter_async_context(
+                session.create_client("s3", endpoint_url=settings.public_endpoint, **options)
+            )
+        blobs = S3Blobs(settings, client, signer, spool, asyncio.get_running_loop())
+        await blobs.check_bucket(endpoint or "AWS S3")
+        yield blobs
+
+
+@dataclass(frozen=True, slots=True)
+class _Object:
+    key: str
+    size: int
+    etag: str
+    modified: float
+
+
+class S3Blobs:
+    """:class:`~mirror.store.storage.BlobStorage` on a bucket."""
+
+    local = False
+
+    def __init__(
+        self,
+        settings: S3Settings,
+        client: Any,
+        signer: Any,
+        spool: Path,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        self.prefix = f"{settings.prefix}blobs/"
+        self._client = client
+        self._signer = signer
+        self._loop = loop
+        spool.mkdir(parents=True, exist_ok=True)
+        self.spool = BlobStore(spool)  # partial files, locked by their writers, swept
+        self._known: dict[Digest, int] = {}  # in the bucket, as far as this process knows
+        self._down_until = 0.0  # monotonic; the bucket failed and is left alone till then
+
+    @property
+    def degraded(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def _failed(self, exc: BaseException) -> StorageError:
+        """A failure to raise; one that is no answer about an object (the bucket down,
+        hanging, 5xx after the retries) takes the bucket out of use for DOWN_FOR."""
+        status = 0
+        if isinstance(exc, ClientError):
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if not 400 <= status < 500:
+            if not self.degraded:
+                log.warning("object_storage_unavailable", error=_describe(exc), retry_in=DOWN_FOR)
+            self._down_until = time.monotonic() + DOWN_FOR
+        return StorageError(f"object storage: {_describe(exc)}")
+
+    def identity(self) -> str:
+        """What the records and leases of every replica on this bucket are scoped by."""
+        endpoint = self.settings.endpoint or os.environ.get("AWS_ENDPOINT_URL") or "aws"
+        return f"s3:{endpoint}/{self.bucket}/{self.settings.prefix}"
+
+    def key(self, digest: Digest) -> str:
+        return f"{self.prefix}{digest.algorithm}/{digest.hex}"
+
+    def _digest(self, key: str) -> Digest | None:
+        algorithm, _, hex_ = key.removeprefix(self.prefix).partition("/")
+        try:
+            return Digest.parse(f"{algorithm}:{hex_}")
+        except ValueError:
+            return None  # not ours
+
+    # -- start -------------------------------------------------------------------------
+
+    async def check_bucket(self, where: str) -> None:
+        try:
+            await self._client.head_bucket(Bucket=self.bucket)
+            return
+        except NoCredentialsError:
+            raise StorageError(
+                "object storage: no credentials (set s3.access_key_id_file and "
+                "s3.secret_access_key_file, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+            ) from None
+        except ClientError as exc:
+            if not _missing(exc):
+                raise StorageError(
+                    f"object storage at {where} refused the credentials for bucket "
+                    f"{self.bucket!r}: {_describe(exc)}"
+                ) from None
+        except (BotoCoreError, OSError) as exc:
+            raise StorageError(f"object storage at {where} unreachable: {_describe(exc)}") from None
+        await self._create_bucket(where)
+
+    async def _create_bucket(self, where: str) -> None:
+        options: dict[str, Any] = {"Bucket": self.bucket}
+        region = self._client.meta.region_name
+        if region and region != "us-east-1":
+            options["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            await self._client.create_bucket(**options)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                return  # another replica made it meanwhile
+            raise StorageError(
+                f"object storage at {where}: bucket {self.bucket!r} is missing and could "
+                f"not be created: {_describe(exc)}"
+            ) from None
+        log.info("bucket_created", bucket=self.bucket)
+
+    # -- bridging the blocking protocol onto the loop ----------------------------------
+
+    def _wait(self, work: Coroutine[Any, Any, T], timeout: float = CALL_TIMEOUT) -> T:
+        """Run ``work`` on the loop and wait for it, from a thread (never the loop's own)."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            work.close()
+            raise RuntimeError("a blocking storage call on the event loop")
+        future = asyncio.run_coroutine_threadsafe(work, self._loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise self._failed(TimeoutError("object storage did not answer in time")) from None
+
+    def _submit(self, work: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(work, self._loop)
+
+    async def _head(self, digest: Digest) -> _Object | None:
+        try:
+            found = await self._client.head_object(Bucket=self.bucket, Key=self.key(digest))
+        except ClientError as exc:
+            if _missing(exc):
+                self._known.pop(digest, None)
+                return None
+            raise self._failed(exc) from None
+        except (BotoCoreError, OSError) as exc:
+            raise self._failed(exc) from None
+        size = int(found["ContentLength"])
+        self._known[digest] = size
+        return _Object(
+            self.key(digest), size, str(found["ETag"]), found["LastModified"].timestamp()
+        )
+
+    # -- BlobStorage -------------------------------------------------------------------
+
+    def size(self, digest: Digest) -> int | None:
+        return None if self.degraded else self._known.get(digest)
+
+    def locate(self, digest: Digest) -> int | None:
+        """The size of a blob in the bucket, asking it when this process does not know."""
+        if self.degraded:
+            return None
+        known = self._known.get(digest)
+        if known is not None:
+            return known
+        found = self._wait(self._head(digest))
+        return None if found is None else found.size
+
+    def stat(self, digest: Digest) -> Copy | None:
+        found = self._wait(self._head(digest))
+        if found is None:
+            return None
+        return Copy(found.size, found.modified, (found.etag, found.size, found.modified))
+
+    def open(self, digest: Digest) -> BinaryIO:
+        """The object's bytes as a file (for the blocking readers: verify, export)."""
+        body, copy = self._wait(self._get(digest, 0, None))
+        return io.BufferedReader(_ObjectFile(self, body, copy), READ_CHUNK)
+
+    def copy_of(self, file: BinaryIO) -> Copy:
+        raw = getattr(file, "raw", file)
+        assert isinstance(raw, _ObjectFile)
+        return raw.copy
+
+    async def _get(self, digest: Digest, start: int, stop: int | None) -> tuple[Any, Copy]:
+        options: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(digest)}
+        if start or stop is not None:
+            options["Range"] = f"bytes={start}-{'' if stop is None else stop - 1}"
+        try:
+            found = await self._client.get_object(**options)
+        except ClientError as exc:
+            if _missing(exc):
+                self._known.pop(digest, None)
+                raise FileNotFoundError(self.key(digest)) from None
+            raise self._failed(exc) from None
+        except (BotoCoreError, OSError) as exc:
+            raise self._failed(exc) from None
+        modified = found["LastModified"].timestamp()
+        size = int(found.get("ContentLength", 0))
+        return found["Body"], Copy(size, modified, (str(found["ETag"]), size, modified))
+
+    async def chunks(self, digest: Digest, start: int, stop: int) -> AsyncIterator[bytes]:
+        """Bytes ``start``..``stop`` of the object, as they arrive (the Range goes to the
+        bucket); FileNotFoundError before the first when it is gone."""
+        body, _ = await self._get(digest, start, stop)
+        try:
+            while chunk := await body.read(READ_CHUNK):
+                yield chunk
+        except (BotoCoreError, OSError) as exc:
+            raise self._failed(exc) from None
+        finally:
+            body.close()
+
+    async def presign(self, digest: Digest) -> str | None:
+        if not self.settings.redirect:
+            return None
+        url: str = await self._signer.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self.key(digest)},
+            ExpiresIn=int(self.settings.redirect_expiry),
+        )
+        return url
+
+    def open_landed(self, digest: Digest) -> int | None:
+        return None  # no descriptor on an object: a follower reads the bucket once landed
+
+    def open_partial(self, digest: Digest, name: str) -> int | None:
+        return self.spool.open_partial(digest, name)  # a writer on this host only
+
+    def read(self, digest: Digest) -> MemoryCopy | None:
+        return None  # no copy in memory: it could not tell when the object goes
+
+    def new_partial(self, digest: Digest) -> S3Writer:
+        writer = S3Writer(self, digest, self.spool.new_partial(digest))
+        if self.degraded:  # its clients get it from the spool; nothing waits on the bucket
+            writer._fail(StorageError("object storage is unavailable"))
+        return writer
+
+    def remove(self, digest: Digest, inspected: Copy) -> bool:
+        found = self.stat(digest)
+        if found is None or found.identity != inspected.identity:
+            return False
+        self._wait(self._delete(digest))
+        return True
+
+    def quarantine(self, digest: Digest, opened: Copy | None = None) -> bool:
+        if opened is not None:
+            return self.remove(digest, opened)
+        if self.stat(digest) is None:
+            return False
+        self._wait(self._delete(digest))
+        return True
+
+    async def _delete(self, digest: Digest) -> None:
+        self._known.pop(digest, None)
+        try:
+            await self._client.delete_object(Bucket=self.bucket, Key=self.key(digest))
+        except (BotoCoreError, ClientError, OSError) as exc:
+            raise self._failed(exc) from None
+
+    def on_disk(self) -> dict[str, tuple[int, float]]:
+        found = self._wait(self._list())
+        self._known = {digest: size for digest, (size, _) in found.items()}
+        return {str(digest): entry for digest, entry in found.items()}
+
+    async def _list(self) -> dict[Digest, tuple[int, float]]:
+        found: dict[Digest, tuple[int, float]] = {}
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for item in page.get("Contents", ()):
+                    digest = self._digest(item["Key"])
+                    if digest is not None:
+                        found[digest] = (int(item["Size"]), item["LastModified"].timestamp())
+        except (BotoCoreError, ClientError, OSError) as exc:
+            raise self._failed(exc) from None
+        return found
+
+    def sweep(self, *, dry_run: bool = False) -> int:
+        """Spool files of crashed writers, and multipart uploads abandoned over an hour."""
+        return self.spool.sweep(dry_run=dry_run) + self._wait(self._abort_abandoned(dry_run))
+
+    async def _abort_abandoned(self, dry_run: bool) -> int:
+        aborted = 0
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        try:
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for upload in page.get("Uploads", ()):
+                    if time.time() - upload["Initiated"].timestamp() <= ABANDONED:
+                        continue
+                    if not dry_run:
+                        await self._client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+                    aborted += 1
+        except (BotoCoreError, ClientError, OSError) as exc:
+            raise self._failed(exc) from None
+        if aborted and not dry_run:
+            log.info("multipart_uploads_aborted", count=aborted)
+        return aborted
+
+    def writable(self) -> bool:
+        return os.access(self.spool.root, os.W_OK)
+
+    async def reachable(self) -> bool:
+        """Whether the bucket answers now (readiness: degraded when not)."""
+        try:
+            await asyncio.wait_for(self._client.head_bucket(Bucket=self.bucket), 5.0)
+        except (TimeoutError, BotoCoreError, ClientError, OSError) as exc:
+            self._failed(exc)
+            return False
+        self._down_until = 0.0
+        return True
+
+
+class _ObjectFile(io.RawIOBase):
+    """An object's body read from a thread, each read a coroutine on the loop."""
+
+    def __init__(self, blobs: S3Blobs, body: Any, copy: Copy) -> None:
+        self._blobs, self._body, self.copy = blobs, body, copy
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data: bytes = self._blobs._wait(self._body.read(len(buffer)))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._blobs._loop.call_soon_threadsafe(self._body.close)
+        super().close()
+
+
+@dataclass(eq=False)
+class S3Writer:
+    """A blob being written: spooled locally for its readers, uploaded part by part."""
+
+    blobs: S3Blobs
+    digest: Digest
+    partial: Partial
+    written: int = 0
+    _uploaded_to: int = 0  # bytes handed to part uploads
+    _created: Future[str] | None = None  # the multipart upload's id, once it exists
+    _parts: list[Future[dict[str, Any]]] = field(default_factory=list)
+    _failed: BaseException | None = None
+    _slots: asyncio.Semaphore | None = None
+
+    @property
+    def fd(self) -> int:
+        return self.partial.fd
+
+    @property
+    def name(self) -> str:
+        return self.partial.name
+
+    def open_reader(self) -> int:
+        return self.partial.open_reader()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.partial.write(data)
+        self.written = self.partial.written
+        while self._failed is None and self.written - self._uploaded_to >= PART_SIZE:
+            self._start_part(self._uploaded_to, PART_SIZE)
+
+    def _start_part(self, start: int, length: int) -> None:
+        """Upload bytes ``start``..``start + length`` of the spool as the next part, on the
+        loop: the download never waits for the bucket."""
+        if self._created is None:
+            self._created = self.blobs._submit(self._create())
+        number = len(self._parts) + 1
+        part = self.blobs._submit(self._part(number, start, length))
+        part.add_done_callback(self._part_done)
+        self._parts.append(part)
+        self._uploaded_to = start + length
+
+    async def _create(self) -> str:
+        created = await self.blobs._client.create_multipart_upload(
+            Bucket=self.blobs.bucket, Key=self.blobs.key(self.digest)
+        )
+        return str(created["UploadId"])
+
+    async def _part(self, number: int, start: int, length: int) -> dict[str, Any]:
+        assert self._created is not None
+        upload_id = await asyncio.wrap_future(self._created)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(UPLOADS_AT_ONCE)
+        async with self._slots:
+            data = await asyncio.to_thread(os.pread, self.partial.fd, length, start)
+            answer = await self.blobs._client.upload_part(
+                Bucket=self.blobs.bucket,
+                Key=self.blobs.key(self.digest),
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=data,
+            )
+        return {"PartNumber": number, "ETag": answer["ETag"]}
+
+    def _part_done(self, part: Future[dict[str, Any]]) -> None:
+        if not part.cancelled() and part.exception() is not None:
+            self._fail(part.exception())  # type: ignore[arg-type]
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failed is None:
+            self._failed = exc
+            if not isinstance(exc, StorageError):
+                self.blobs._failed(exc)
+            log.warning(
+                "blob_not_stored", digest=str(self.digest), error=_describe(exc), bucket=True
+            )
+
+    def commit(self) -> bool:
+        """Complete the upload (the writer checked the digest): whether the blob is in the
+        bucket now. When the bucket failed, its readers still finish from the spool, and
+        nothing is stored."""
+        try:
+            if self._failed is None:
+                self._complete()
+        except Exception as exc:
+            self._fail(exc)
+        stored = self._failed is None
+        if stored:
+            self.blobs._known[self.digest] = self.written
+        else:
+            self._abort()
+        self.partial.discard()  # readers hold descriptors of their own on the spool
+        return stored
+
+    def _complete(self) -> None:
+        key = self.blobs.key(self.digest)
+        client = self.blobs._client
+        if self._created is None:  # smaller than a part: one PUT
+            data = os.pread(self.partial.fd, self.written, 0)
+            self.blobs._wait(client.put_object(Bucket=self.blobs.bucket, Key=key, Body=data))
+            return
+        if self.written > self._uploaded_to:
+            self._start_part(self._uploaded_to, self.written - self._uploaded_to)
+        upload_id = self._created.result(CALL_TIMEOUT)
+        parts = [part.result(CALL_TIMEOUT) for part in self._parts]
+        if self._failed is not None:
+            raise self._failed
+        self.blobs._wait(
+            client.complete_multipart_upload(
+                Bucket=self.blobs.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        )
+
+    def discard(self) -> None:
+        """The blob failed (or its digest did not match): nothing of it stays anywhere."""
+        try:
+            self._abort()
+        finally:
+            self.partial.discard()
+
+    def _abort(self) -> None:
+        created, self._created = self._created, None
+        if created is None:
+            return
+        for part in self._parts:
+            with contextlib.suppress(Exception):
+                part.result(CALL_TIMEOUT)
+        with contextlib.suppress(Exception):
+            upload_id = created.result(CALL_TIMEOUT)
+            self.blobs._wait(
+                self.blobs._client.abort_multipart_upload(
+                    Bucket=self.blobs.bucket, Key=self.blobs.key(self.digest), UploadId=upload_id
+                ),
+                timeout=30.0,
+            )
