@@ -53,6 +53,7 @@ from mirror.store.protocols import MetadataStore
 from mirror.store.redis_store import RedisStore
 from mirror.store.s3 import open_s3
 from mirror.store.storage import BlobStorage
+from mirror.units import SizeOrShare
 from mirror.upstream.auth import TokenAuth
 from mirror.upstream.client import USER_AGENT, UpstreamClient
 from mirror.upstream.offline import OfflineUpstream
@@ -128,7 +129,8 @@ async def open_engine(
         )
         budget = Budget(
             settings.max_cache_size,
-            settings.min_free_space,
+            # Blobs in a bucket take no room on the data dir's disk: nothing to free there.
+            settings.min_free_space if blobs.local else SizeOrShare(bytes=0),
             settings.evict_unused_after,
             settings.pins,
         )
@@ -265,6 +267,7 @@ async def _open_storage(
     )
     if sweep:
         await asyncio.to_thread(bucket.sweep)
+    await asyncio.to_thread(bucket.on_disk)  # what it holds, known to the hot path
     return bucket, bucket.identity()
 
 

@@ -41,7 +41,7 @@ class GcReport:
 async def gc(engine: Engine, *, dry_run: bool, now: float | None = None) -> GcReport:
     now = time.time() if now is None else now
     report = GcReport()
-    report.partials = await engine.content.sweep(dry_run=dry_run)
+    report.partials = await engine.content.sweep(dry_run=dry_run, now=now)
     on_disk = await engine.content.on_disk()
     settled = [digest for digest, (_, mtime) in on_disk.items() if now - mtime > GRACE]
     content = engine.content

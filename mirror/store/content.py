@@ -126,9 +126,10 @@ class Content:
         """Which copy of a blob an opened one is (what :meth:`remove` may remove)."""
         return self.blobs.copy_of(file)
 
-    async def sweep(self, *, dry_run: bool = False) -> int:
-        """Remove what crashed writers left (or only count it)."""
-        return await asyncio.to_thread(self.blobs.sweep, dry_run=dry_run)
+    async def sweep(self, *, dry_run: bool = False, now: float | None = None) -> int:
+        """Remove what crashed writers left (or only count it): partial files, and uploads
+        to object storage abandoned for over an hour before ``now``."""
+        return await asyncio.to_thread(self.blobs.sweep, dry_run=dry_run, now=now)
 
     async def on_disk(self) -> dict[str, tuple[int, float]]:
         """Every landed blob: digest -> (size, modification time). A walk of all of them."""

@@ -379,17 +379,20 @@ class S3Blobs:
             raise self._failed(exc) from None
         return found
 
-    def sweep(self, *, dry_run: bool = False) -> int:
-        """Spool files of crashed writers, and multipart uploads abandoned over an hour."""
-        return self.spool.sweep(dry_run=dry_run) + self._wait(self._abort_abandoned(dry_run))
+    def sweep(self, *, dry_run: bool = False, now: float | None = None) -> int:
+        """Spool files of crashed writers, and multipart uploads abandoned over an hour
+        (before ``now``)."""
+        now = time.time() if now is None else now
+        swept = self.spool.sweep(dry_run=dry_run)
+        return swept + self._wait(self._abort_abandoned(dry_run, now))
 
-    async def _abort_abandoned(self, dry_run: bool) -> int:
+    async def _abort_abandoned(self, dry_run: bool, now: float) -> int:
         aborted = 0
         paginator = self._client.get_paginator("list_multipart_uploads")
         try:
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
                 for upload in page.get("Uploads", ()):
-                    if time.time() - upload["Initiated"].timestamp() <= ABANDONED:
+                    if now - upload["Initiated"].timestamp() <= ABANDONED:
                         continue
                     if not dry_run:
                         await self._client.abort_multipart_upload(

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -14,12 +18,20 @@ import pytest_asyncio
 from aiobotocore.session import get_session
 from botocore.config import Config
 
+from mirror import maintenance
+from mirror.config import load
+from mirror.engine import open_engine
 from tests.support.binaries import require_binary
 from tests.support.fakehub import FakeHub
 from tests.support.oci import OCI_MANIFEST, make_image, make_layer, make_random_layer
-from tests.support.process import MirrorProcess
+from tests.support.process import (
+    MirrorProcess,
+    dir_blobs_verified,
+    dir_manifest_digest,
+    skopeo_copy,
+)
 from tests.support.redis_server import RedisServer
-from tests.support.seaweedfs import ACCESS_KEY, SECRET_KEY, SeaweedFS
+from tests.support.seaweedfs import ACCESS_KEY, READER_KEY, SECRET_KEY, SeaweedFS
 
 ACCEPT = {"Accept": OCI_MANIFEST}
 BUCKET = "mirror-blobs"
@@ -165,3 +177,183 @@ async def test_two_replicas_on_one_bucket_fetch_each_blob_once(
     finally:
         for process in pair:
             await asyncio.to_thread(process.stop)
+
+
+def mirror_command(
+    data_dir: Path, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``python -m mirror ARGS --data-dir DIR`` with the storage's environment."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MIRROR_", "AWS_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "mirror", *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, **env},
+        check=False,
+    )
+
+
+async def test_verify_finds_an_object_whose_bytes_were_replaced_and_repair_fixes_it(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, served: MirrorProcess
+) -> None:
+    layer = make_random_layer(1024 * 1024, seed=12)
+    image = make_image([layer])
+    fake_hub.add_image("library/app", "1.0", image)
+    key = f"blobs/sha256/{layer.digest.removeprefix('sha256:')}"
+    async with aiohttp.ClientSession() as session:
+        await get(session, f"{served.url}/v2/app/manifests/1.0")
+        assert await get(session, f"{served.url}/v2/app/blobs/{layer.digest}") == (200, layer.data)
+        async with s3_client(seaweedfs) as client:  # type: ignore[attr-defined]
+            await client.put_object(Bucket=bucket, Key=key, Body=b"x" * len(layer.data))
+        env = seaweedfs.env(bucket)
+
+        checked = await asyncio.to_thread(mirror_command, served.data_dir, env, "verify")
+        assert checked.returncode == 1, checked.stderr
+        assert f"corrupt {layer.digest}: needed by docker.io/library/app" in checked.stdout
+        repaired = await asyncio.to_thread(
+            mirror_command, served.data_dir, env, "verify", "--repair"
+        )
+        assert "1 taken out of service" in repaired.stdout, repaired.stderr
+        assert key not in await objects(seaweedfs, bucket)
+
+        fake_hub.clear_log()
+        assert await get(session, f"{served.url}/v2/app/blobs/{layer.digest}") == (200, layer.data)
+        assert fake_hub.count("GET", "cdn") == 1  # fetched again, whole
+        again = await asyncio.to_thread(mirror_command, served.data_dir, env, "verify")
+        assert again.returncode == 0, again.stdout
+
+
+async def test_the_budget_holds_on_the_bucket(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, tmp_path: Path
+) -> None:
+    layers = [make_random_layer(3 * 1024 * 1024, seed=40 + n) for n in range(4)]
+    for n, layer in enumerate(layers):
+        fake_hub.add_image(f"library/app{n}", "1.0", make_image([layer]))
+    process = MirrorProcess(
+        tmp_path / "data", fake_hub.url, "--max-cache-size", "7MiB", env=seaweedfs.env(bucket)
+    )
+    await asyncio.to_thread(process.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for n, layer in enumerate(layers):
+                await get(session, f"{process.url}/v2/app{n}/manifests/1.0")
+                url = f"{process.url}/v2/app{n}/blobs/{layer.digest}"
+                assert await get(session, url) == (200, layer.data)
+        for _ in range(200):  # each landing starts an eviction pass
+            stored = await objects(seaweedfs, bucket)
+            if sum(len(data) for data in stored.values()) <= 7 * 1024 * 1024:
+                break
+            await asyncio.sleep(0.1)
+        assert sum(len(data) for data in stored.values()) <= 7 * 1024 * 1024
+        newest = f"blobs/sha256/{layers[-1].digest.removeprefix('sha256:')}"
+        assert stored[newest] == layers[-1].data  # least recently pulled go first
+    finally:
+        await asyncio.to_thread(process.stop)
+
+
+async def test_with_the_storage_down_manifests_answer_and_blobs_come_from_upstream(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    cached = make_random_layer(2 * 1024 * 1024, seed=51)
+    fresh = make_random_layer(2 * 1024 * 1024, seed=52)
+    image = make_image([cached])
+    fake_hub.add_image("library/app", "1.0", image)
+    fake_hub.add_image("library/other", "1.0", make_image([fresh]))
+    with SeaweedFS() as storage:
+        process = MirrorProcess(tmp_path / "data", fake_hub.url, env=storage.env("outage"))
+        await asyncio.to_thread(process.start)
+        try:
+            async with aiohttp.ClientSession() as session:
+                manifest_url = f"{process.url}/v2/app/manifests/1.0"
+                blob_url = f"{process.url}/v2/app/blobs/{cached.digest}"
+                assert await get(session, manifest_url) == (200, image.manifest)
+                assert await get(session, blob_url) == (200, cached.data)
+
+                await asyncio.to_thread(storage.stop)
+                fake_hub.clear_log()
+                assert await get(session, manifest_url) == (200, image.manifest)
+                assert await get(session, blob_url) == (200, cached.data)
+                assert fake_hub.count("GET", "cdn") == 1  # streamed from upstream, unstored
+                async with session.get(f"{process.url}/readyz") as response:
+                    ready = await response.json()
+                assert (response.status, ready["status"]) == (200, "degraded")
+                assert ready["checks"]["storage"] == "degraded"
+
+                await asyncio.to_thread(storage.start)
+                for _ in range(100):  # the next probe finds it back
+                    async with session.get(f"{process.url}/readyz") as response:
+                        if (await response.json())["status"] == "ready":
+                            break
+                    await asyncio.sleep(0.1)
+                url = f"{process.url}/v2/other/blobs/{fresh.digest}"
+                await get(session, f"{process.url}/v2/other/manifests/1.0")
+                assert await get(session, url) == (200, fresh.data)
+                key = f"blobs/sha256/{fresh.digest.removeprefix('sha256:')}"
+                assert (await objects(storage, "outage"))[key] == fresh.data
+        finally:
+            await asyncio.to_thread(process.stop)
+
+
+async def test_redirect_mode_sends_clients_to_the_bucket_and_skopeo_follows(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, tmp_path: Path
+) -> None:
+    require_binary("skopeo")
+    layer = make_random_layer(1024 * 1024, seed=61)
+    image = make_image([layer])
+    fake_hub.add_image("library/app", "1.0", image)
+    env = {**seaweedfs.env(bucket), "MIRROR_STORAGE_S3_REDIRECT": "true"}
+    with MirrorProcess(tmp_path / "data", fake_hub.url, env=env) as process:
+        await skopeo_copy(f"{process.host}/app:1.0", tmp_path / "first")
+        async with aiohttp.ClientSession() as session:
+            url = f"{process.url}/v2/app/blobs/{layer.digest}"
+            async with session.get(url, allow_redirects=False) as response:
+                assert response.status == 307
+                assert response.headers["Location"].startswith(f"{seaweedfs.endpoint}/{bucket}/")
+            async with session.get(url) as response:  # followed: the bucket answers
+                assert (response.status, await response.read()) == (200, layer.data)
+        fake_hub.clear_log()
+        await skopeo_copy(f"{process.host}/app:1.0", tmp_path / "second")
+        assert dir_manifest_digest(tmp_path / "second") == image.digest
+        assert dir_blobs_verified(tmp_path / "second") == 2  # the layer and the config
+        assert fake_hub.count("GET", "cdn") == 0
+
+
+async def test_gc_aborts_multipart_uploads_abandoned_for_over_an_hour(
+    fake_hub: FakeHub,
+    seaweedfs: SeaweedFS,
+    bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = seaweedfs.env(bucket)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the standard variables
+        monkeypatch.setenv(name, env.pop(name))
+    settings = load({"data_dir": str(tmp_path / "data"), "upstream": fake_hub.url}, env=env)
+    key = "blobs/sha256/" + "ab" * 32
+    async with open_engine(settings) as engine, s3_client(seaweedfs) as client:  # type: ignore[attr-defined]
+        await client.create_multipart_upload(Bucket=bucket, Key=key)
+        young = await maintenance.gc(engine, dry_run=False)
+        assert young.partials == 0  # a crash is not told from a slow upload so soon
+        later = await maintenance.gc(engine, dry_run=False, now=time.time() + 2 * 3600)
+        assert later.partials == 1
+        uploads = await client.list_multipart_uploads(Bucket=bucket)
+        assert uploads.get("Uploads", []) == []
+
+
+def test_wrong_credentials_or_an_uncreatable_bucket_stop_the_start_in_one_line(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, tmp_path: Path
+) -> None:
+    wrong = {**seaweedfs.env("mirror-start"), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    refused = mirror_command(tmp_path / "a", wrong, "serve", "--upstream", fake_hub.url)
+    assert refused.returncode == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    assert "refused the credentials for bucket 'mirror-start'" in lines[0]
+
+    reader = {**seaweedfs.env("mirror-never"), "AWS_ACCESS_KEY_ID": READER_KEY}
+    missing = mirror_command(tmp_path / "b", reader, "serve", "--upstream", fake_hub.url)
+    assert missing.returncode == 1
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1, missing.stderr
+    assert "bucket 'mirror-never' is missing and could not be created" in lines[0]

@@ -24,6 +24,8 @@ from tests.support.daemon import terminate
 START_TIMEOUT = 30.0
 ACCESS_KEY = "mirror-test-key"
 SECRET_KEY = "mirror-test-secret"
+# May read, and not create buckets: a start against a missing bucket must fail.
+READER_KEY = "mirror-test-reader"
 # weed listens on each HTTP port and on that port + 10000 (gRPC).
 GRPC_OFFSET = 10000
 
@@ -79,7 +81,12 @@ class SeaweedFS:
                             "name": "mirror",
                             "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                        }
+                        },
+                        {
+                            "name": "reader",
+                            "credentials": [{"accessKey": READER_KEY, "secretKey": SECRET_KEY}],
+                            "actions": ["Read", "List"],
+                        },
                     ]
                 }
             )
