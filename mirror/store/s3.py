@@ -52,9 +52,11 @@ ABANDONED = 3600.0
 READ_CHUNK = 1024 * 1024
 # How long a blocking call waits for the bucket before it counts as down.
 CALL_TIMEOUT = 60.0
-# After a failure, seconds the bucket is left alone (blobs go from upstream to clients,
-# unstored) before a request tries it again: an outage costs one timeout, not one each.
-DOWN_FOR = 5.0
+# After a failure the bucket is left alone (blobs go from upstream to clients, unstored)
+# and a probe asks it this often, this patiently, until it answers: an outage costs one
+# request its timeouts, not every request.
+PROBE_INTERVAL = 2.0
+PROBE_TIMEOUT = 5.0
 
 
 def _describe(exc: BaseException) -> str:
@@ -112,6 +114,7 @@ async def open_s3(
                 session.create_client("s3", endpoint_url=settings.public_endpoint, **options)
             )
         blobs = S3Blobs(settings, client, signer, spool, asyncio.get_running_loop())
+        stack.push_async_callback(blobs.close)
         await blobs.check_bucket(endpoint or "AWS S3")
         yield blobs
 
@@ -146,23 +149,54 @@ class S3Blobs:
         spool.mkdir(parents=True, exist_ok=True)
         self.spool = BlobStore(spool)  # partial files, locked by their writers, swept
         self._known: dict[Digest, int] = {}  # in the bucket, as far as this process knows
-        self._down_until = 0.0  # monotonic; the bucket failed and is left alone till then
+        self._down_since: float | None = None  # monotonic; None: in use
+        self._probe: asyncio.Task[None] | None = None
 
     @property
     def degraded(self) -> bool:
-        return time.monotonic() < self._down_until
+        return self._down_since is not None
 
     def _failed(self, exc: BaseException) -> StorageError:
         """A failure to raise; one that is no answer about an object (the bucket down,
-        hanging, 5xx after the retries) takes the bucket out of use for DOWN_FOR."""
+        hanging, 5xx after the retries) takes the bucket out of use until a probe finds it
+        back. Called on the loop or from a thread."""
         status = 0
         if isinstance(exc, ClientError):
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        if not 400 <= status < 500:
-            if not self.degraded:
-                log.warning("object_storage_unavailable", error=_describe(exc), retry_in=DOWN_FOR)
-            self._down_until = time.monotonic() + DOWN_FOR
+        if not 400 <= status < 500 and self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning(
+                "object_storage_unavailable", error=_describe(exc), retry_interval=PROBE_INTERVAL
+            )
+            self._loop.call_soon_threadsafe(self._start_probe)
         return StorageError(f"object storage: {_describe(exc)}")
+
+    def _start_probe(self) -> None:
+        if self._probe is None or self._probe.done():
+            self._probe = self._loop.create_task(self._probe_until_back())
+
+    async def _probe_until_back(self) -> None:
+        while True:  # a remote service: nothing to wait on but time
+            if await self._answers():
+                break
+            await asyncio.sleep(PROBE_INTERVAL)
+        if self._down_since is not None:
+            down_for = round(time.monotonic() - self._down_since, 1)
+            log.info("object_storage_available", down_for=down_for)
+        self._down_since = None
+
+    async def _answers(self) -> bool:
+        try:
+            await asyncio.wait_for(self._client.head_bucket(Bucket=self.bucket), PROBE_TIMEOUT)
+        except (TimeoutError, BotoCoreError, ClientError, OSError):
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
 
     def identity(self) -> str:
         """What the records and leases of every replica on this bucket are scoped by."""
@@ -410,12 +444,13 @@ class S3Blobs:
 
     async def reachable(self) -> bool:
         """Whether the bucket answers now (readiness: degraded when not)."""
+        if self.degraded:
+            return False  # the probe is on it
         try:
-            await asyncio.wait_for(self._client.head_bucket(Bucket=self.bucket), 5.0)
+            await asyncio.wait_for(self._client.head_bucket(Bucket=self.bucket), PROBE_TIMEOUT)
         except (TimeoutError, BotoCoreError, ClientError, OSError) as exc:
             self._failed(exc)
             return False
-        self._down_until = 0.0
         return True
 
 

@@ -357,3 +357,47 @@ def test_wrong_credentials_or_an_uncreatable_bucket_stop_the_start_in_one_line(
     lines = missing.stderr.strip().splitlines()
     assert len(lines) == 1, missing.stderr
     assert "bucket 'mirror-never' is missing and could not be created" in lines[0]
+
+
+async def test_with_the_storage_hanging_a_pull_still_succeeds_from_upstream(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    cached = make_random_layer(2 * 1024 * 1024, seed=71)
+    image = make_image([cached])
+    fake_hub.add_image("library/app", "1.0", image)
+    with SeaweedFS() as storage:
+        process = MirrorProcess(
+            tmp_path / "data",
+            fake_hub.url,
+            "--request-timeout",
+            "1",  # how long a call to the bucket may go unanswered
+            env=storage.env("hanging"),
+        )
+        await asyncio.to_thread(process.start)
+        try:
+            async with aiohttp.ClientSession() as session:
+                manifest_url = f"{process.url}/v2/app/manifests/1.0"
+                blob_url = f"{process.url}/v2/app/blobs/{cached.digest}"
+                assert await get(session, manifest_url) == (200, image.manifest)
+                assert await get(session, blob_url) == (200, cached.data)
+
+                storage.pause()
+                fake_hub.clear_log()
+                assert await get(session, manifest_url) == (200, image.manifest)
+                assert await get(session, blob_url) == (200, cached.data)
+                assert fake_hub.count("GET", "cdn") == 1
+                async with session.get(f"{process.url}/readyz") as response:
+                    assert (await response.json())["checks"]["storage"] == "degraded"
+
+                storage.resume()
+                for _ in range(100):
+                    async with session.get(f"{process.url}/readyz") as response:
+                        if (await response.json())["status"] == "ready":
+                            break
+                    await asyncio.sleep(0.1)
+                fake_hub.clear_log()
+                assert await get(session, blob_url) == (200, cached.data)
+                assert fake_hub.count("GET", "cdn") == 0  # from the bucket again
+        finally:
+            storage.resume()
+            await asyncio.to_thread(process.stop)

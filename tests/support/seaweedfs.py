@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -152,6 +153,8 @@ class SeaweedFS:
         return True
 
     def _terminate(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            os.kill(self._process.pid, signal.SIGCONT)  # a paused one cannot act on SIGTERM
         process, self._process = self._process, None
         terminate(process)
         if self._log is not None:
@@ -160,6 +163,15 @@ class SeaweedFS:
 
     def stop(self) -> None:
         self._terminate()
+
+    def pause(self) -> None:
+        """SIGSTOP: connections are still accepted (by the kernel) and never answered."""
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGCONT)
 
     def close(self) -> None:
         self._terminate()
