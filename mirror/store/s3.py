@@ -571,12 +571,16 @@ class S3Writer:
     def _complete(self) -> None:
         key = self.blobs.key(self.digest)
         client = self.blobs._client
-        if self._created is None:  # smaller than a part: one PUT
+        if self._created is None and self.written <= PART_SIZE:  # one PUT
             data = os.pread(self.partial.fd, self.written, 0)
             self.blobs._wait(client.put_object(Bucket=self.blobs.bucket, Key=key, Body=data))
             return
+        # Parts not started yet: a writer that wrote the spool's descriptor itself (import).
+        while self.written - self._uploaded_to > PART_SIZE:
+            self._start_part(self._uploaded_to, PART_SIZE)
         if self.written > self._uploaded_to:
             self._start_part(self._uploaded_to, self.written - self._uploaded_to)
+        assert self._created is not None  # more than a part: started above if not before
         upload_id = self._created.result(CALL_TIMEOUT)
         parts = [part.result(CALL_TIMEOUT) for part in self._parts]
         if self._failed is not None:

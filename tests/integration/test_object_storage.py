@@ -383,6 +383,10 @@ async def test_with_the_storage_hanging_a_pull_still_succeeds_from_upstream(
 
                 storage.pause()
                 fake_hub.clear_log()
+                async with session.head(blob_url) as response:  # from memory, not the bucket
+                    assert response.status == 200
+                    assert response.headers["Content-Length"] == str(len(cached.data))
+                assert fake_hub.requests() == []
                 assert await get(session, manifest_url) == (200, image.manifest)
                 assert await get(session, blob_url) == (200, cached.data)
                 assert fake_hub.count("GET", "cdn") == 1
@@ -401,3 +405,38 @@ async def test_with_the_storage_hanging_a_pull_still_succeeds_from_upstream(
         finally:
             storage.resume()
             await asyncio.to_thread(process.stop)
+
+
+async def test_seed_and_export_from_one_bucket_import_into_another(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, tmp_path: Path
+) -> None:
+    big = make_random_layer(20 * 1024 * 1024, seed=81)  # more than a part
+    image = make_image([big, make_layer(b"small layer" * 50)])
+    fake_hub.add_image("library/app", "1.0", image)
+    connected, offline = seaweedfs.env(bucket), seaweedfs.env(f"{bucket}-offline")
+    upstream = ("--upstream", fake_hub.url)
+    seeded = await asyncio.to_thread(
+        mirror_command, tmp_path / "connected", connected, "seed", *upstream, "app:1.0"
+    )
+    assert seeded.returncode == 0, seeded.stderr
+    bundle = tmp_path / "bundle.tar"
+    exported = await asyncio.to_thread(
+        mirror_command, tmp_path / "connected", connected, "export", "--output", str(bundle)
+    )
+    assert exported.returncode == 0, exported.stderr
+    imported = await asyncio.to_thread(
+        mirror_command, tmp_path / "offline", offline, "import", str(bundle)
+    )
+    assert imported.returncode == 0, imported.stderr
+    stored = await objects(seaweedfs, f"{bucket}-offline")
+    for layer in image.blobs:
+        assert stored[f"blobs/sha256/{layer.digest.removeprefix('sha256:')}"] == layer.data
+    assert blob_files(tmp_path / "offline") == []
+
+    fake_hub.clear_log()
+    with MirrorProcess(tmp_path / "offline", fake_hub.url, "--offline", env=offline) as served:
+        destination = tmp_path / "pulled"
+        await skopeo_copy(f"{served.host}/app:1.0", destination)
+        assert dir_manifest_digest(destination) == image.digest
+        assert dir_blobs_verified(destination) == 3
+    assert fake_hub.requests() == []
