@@ -109,7 +109,7 @@ async def open_engine(
     metrics = metrics or Metrics()
     clock = as_clock(overrides.clock)
     async with AsyncExitStack() as stack:
-        blobs, scope = await _open_storage(stack, settings, sweep=background)
+        blobs, scope = await _open_storage(stack, settings, metrics, sweep=background)
         inner = overrides.store or await _open_store(settings, scope)
         store = CachedStore(
             inner,
@@ -249,7 +249,7 @@ async def _upstreams(
 
 
 async def _open_storage(
-    stack: AsyncExitStack, settings: Settings, *, sweep: bool
+    stack: AsyncExitStack, settings: Settings, metrics: Metrics, *, sweep: bool
 ) -> tuple[BlobStorage, str]:
     """Where blobs live, and the scope of their records and leases in a shared Redis: the
     data dir's, or, in object storage, the bucket's (replicas then share no disk)."""
@@ -263,6 +263,7 @@ async def _open_storage(
             settings.data_dir / "spool",
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.request_timeout,
+            metrics=metrics,
         )
     )
     if sweep:

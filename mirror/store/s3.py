@@ -30,9 +30,11 @@ from typing import Any, BinaryIO, TypeVar
 
 import structlog
 from aiobotocore.session import get_session
+from botocore import xform_name
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.storage_settings import S3Settings
 from mirror.store.blobs import BlobStore, MemoryCopy, Partial
@@ -74,7 +76,12 @@ def _missing(exc: ClientError) -> bool:
 
 @asynccontextmanager
 async def open_s3(
-    settings: S3Settings, spool: Path, *, connect_timeout: float, read_timeout: float
+    settings: S3Settings,
+    spool: Path,
+    *,
+    connect_timeout: float,
+    read_timeout: float,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[S3Blobs]:
     """The bucket, checked (and created when missing, if the credentials may); StorageError,
     saying which, when the credentials are refused or the bucket is missing for good."""
@@ -108,6 +115,8 @@ async def open_s3(
         client = await stack.enter_async_context(
             session.create_client("s3", endpoint_url=endpoint, **options)
         )
+        if metrics is not None:
+            _count_requests(client, metrics)
         signer = client
         if settings.public_endpoint is not None:  # presigning only: never connects
             signer = await stack.enter_async_context(
@@ -117,6 +126,40 @@ async def open_s3(
         stack.push_async_callback(blobs.close)
         await blobs.check_bucket(endpoint or "AWS S3")
         yield blobs
+
+
+def _count_requests(client: Any, metrics: Metrics) -> None:
+    """Count every request to the bucket and time it, by operation and result (botocore's
+    events: retries of one call count once, with the call's final result)."""
+
+    def started(model: Any, context: dict[str, Any], **_: Any) -> None:
+        context["mirror_started"] = time.monotonic()
+        context["mirror_operation"] = model.name
+
+    def answered(model: Any, http_response: Any, context: dict[str, Any], **_: Any) -> None:
+        status = int(http_response.status_code)
+        result = (
+            "ok" if status < 300
+            else "not_found" if status == 404
+            else "refused" if status < 500
+            else "failed"
+        )  # fmt: skip
+        _count(model.name, result, context)
+
+    def unreachable(context: dict[str, Any], **_: Any) -> None:
+        _count(context.get("mirror_operation", "unknown"), "unreachable", context)
+
+    def _count(operation: str, result: str, context: dict[str, Any]) -> None:
+        op = xform_name(operation)
+        metrics.storage_requests.labels(op, result).inc()
+        began = context.get("mirror_started")
+        if began is not None:
+            metrics.storage_duration.labels(op).observe(time.monotonic() - began)
+
+    events = client.meta.events
+    events.register("before-call.s3", started)
+    events.register("after-call.s3", answered)
+    events.register("after-call-error.s3", unreachable)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from mirror.config import load
 from mirror.engine import open_engine
 from tests.support.binaries import require_binary
 from tests.support.fakehub import FakeHub
+from tests.support.mirror import metric_value
 from tests.support.oci import OCI_MANIFEST, make_image, make_layer, make_random_layer
 from tests.support.process import (
     MirrorProcess,
@@ -121,6 +122,13 @@ async def test_a_pull_lands_the_blobs_in_the_bucket_and_none_in_the_data_dir(
         )
         assert (status, body) == (206, big.data[100:200])
         assert fake_hub.count("GET", "cdn") == 0  # from the bucket
+        async with session.get(f"{served.url}/metrics") as response:
+            page = await response.text()
+        for op in ("upload_part", "complete_multipart_upload", "put_object", "get_object"):
+            assert (
+                metric_value(page, "mirror_storage_requests_total", op=op, result="ok") or 0
+            ) >= 1, op
+        assert metric_value(page, "mirror_storage_request_duration_seconds_count", op="get_object")
 
 
 async def test_a_bad_upstream_blob_never_becomes_an_object(
@@ -279,6 +287,12 @@ async def test_with_the_storage_down_manifests_answer_and_blobs_come_from_upstre
                     ready = await response.json()
                 assert (response.status, ready["status"]) == (200, "degraded")
                 assert ready["checks"]["storage"] == "degraded"
+                async with session.get(f"{process.url}/metrics") as response:
+                    page = await response.text()
+                lost = metric_value(
+                    page, "mirror_storage_requests_total", op="get_object", result="unreachable"
+                )
+                assert lost == 1  # one call (its retries within), then the bucket is left alone
 
                 await asyncio.to_thread(storage.start)
                 for _ in range(100):  # the next probe finds it back
