@@ -265,8 +265,8 @@ class Fills:
     async def _download(
         self, fill: Fill, client: Upstream, repository: str, lease: Lease
     ) -> bool:
-        """Fetch, verify and commit the blob: whether it landed. A failure is reported here,
-        and ends the fill."""
+        """Fetch, verify and commit the blob: whether it landed (and was stored). A failure
+        is reported here, and ends the fill."""
         partial: BlobWriter | None = None
         try:
             async with client.open_blob(repository, fill.digest) as response:
@@ -275,13 +275,13 @@ class Fills:
                 await lease.publish({"partial": partial.name, "size": response.size})
                 await _copy(fill, partial, response.content)
             fill.verified = True
-            await self._content.land(
+            # False: object storage refused it, and its readers had it from the spool.
+            return await self._content.land(
                 partial,
                 fill.digest,
                 record=self._keep(fill.written),
                 committed=lambda: self._committed(fill),
             )
-            return True
         except BaseException as exc:
             if fill.state is FillState.DONE:  # landed: only its record was cut short
                 raise

@@ -103,20 +103,22 @@ class Content:
         record: bool = True,
         at: float | None = None,
         committed: Callable[[], None] = lambda: None,
-    ) -> None:
+    ) -> bool:
         """A blob whose bytes the writer verified against ``digest``: commit it atomically,
         tell ``committed`` (a fill lets its readers finish, before any graph call), then
         record it present (unless ``record`` is off: one too large to keep, which its
         writer removes again). The blob has landed even if recording fails: the record
-        follows at the next reconciliation."""
+        follows at the next reconciliation. False when the storage refused it (object
+        storage down): nothing was stored, and the writer's readers still finish."""
         stored = await asyncio.to_thread(partial.commit)
         committed()
         if not record or not stored:
-            return
+            return stored
         try:
             await self.landed(digest, partial.written, at)
         except Exception as exc:  # the graph serves eviction and listing, not the pull
             log.warning("graph_not_updated", digest=str(digest), error=str(exc))
+        return True
 
     async def quarantine(self, digest: Digest, opened: os.stat_result) -> bool:
         """Take a blob found damaged while served out of service (the copy ``opened``)."""
