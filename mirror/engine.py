@@ -264,6 +264,7 @@ async def _open_storage(
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.request_timeout,
             metrics=metrics,
+            hot=settings.data_dir / "hot",
         )
     )
     if sweep:

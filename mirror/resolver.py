@@ -480,7 +480,11 @@ class Resolver:
         )
 
     async def _stored_blob(self, digest: Digest, size: int) -> CachedBlob:
-        """A blob in object storage: streamed from there, or a presigned URL to it."""
+        """A blob in object storage: from its copy in the hot tier when there is one (with
+        sendfile); else streamed from the bucket, or a presigned URL to it."""
+        if self._content.has_local(digest):
+            return CachedBlob(partial(self._content.open_local, digest), size)
+        self._content.warm(digest, size)
         return CachedBlob(
             partial(self._content.open, digest),
             size,

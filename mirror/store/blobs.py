@@ -118,6 +118,15 @@ class BlobStore:
         """The blob's file, for serving (blocking); FileNotFoundError when it is not on disk."""
         return open(self.path(digest), "rb", buffering=0)
 
+    def has_local(self, digest: Digest) -> bool:
+        return self.size(digest) is not None
+
+    def open_local(self, digest: Digest) -> BinaryIO:
+        return self.open(digest)
+
+    def warm(self, digest: Digest, size: int) -> None:
+        pass  # every blob here is local
+
     def copy_of(self, file: BinaryIO) -> Copy:
         """Which copy an opened blob file is (for removing that one only)."""
         return Copy.of(os.fstat(file.fileno()))

@@ -61,6 +61,19 @@ class Content:
                 return None  # down: the blob comes from upstream, unstored, meanwhile
         return size
 
+    def has_local(self, digest: Digest) -> bool:
+        """Whether a landed blob has a local file for sendfile (in object storage: a copy
+        in the hot tier; one stat)."""
+        return self.blobs.has_local(digest)
+
+    def open_local(self, digest: Digest) -> BinaryIO:
+        """That local file (blocking); FileNotFoundError when it is gone."""
+        return self.blobs.open_local(digest)
+
+    def warm(self, digest: Digest, size: int) -> None:
+        """A blob went out from object storage: keep a copy in the hot tier, if any."""
+        self.blobs.warm(digest, size)
+
     def chunks(self, digest: Digest, start: int, stop: int) -> AsyncIterator[bytes]:
         """Bytes ``start``..``stop`` of a landed blob as they are read (object storage passes
         the range on); FileNotFoundError before the first when it is gone."""

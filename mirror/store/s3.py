@@ -38,6 +38,7 @@ from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.storage_settings import S3Settings
 from mirror.store.blobs import BlobStore, MemoryCopy, Partial
+from mirror.store.hot import HotTier
 from mirror.store.storage import Copy, StorageError
 
 log = structlog.get_logger(__name__)
@@ -82,6 +83,7 @@ async def open_s3(
     connect_timeout: float,
     read_timeout: float,
     metrics: Metrics | None = None,
+    hot: Path | None = None,
 ) -> AsyncIterator[S3Blobs]:
     """The bucket, checked (and created when missing, if the credentials may); StorageError,
     saying which, when the credentials are refused or the bucket is missing for good."""
@@ -123,6 +125,8 @@ async def open_s3(
                 session.create_client("s3", endpoint_url=settings.public_endpoint, **options)
             )
         blobs = S3Blobs(settings, client, signer, spool, asyncio.get_running_loop())
+        if hot is not None and settings.local_cache_size > 0:
+            blobs.hot = await asyncio.to_thread(HotTier, hot, settings.local_cache_size)
         stack.push_async_callback(blobs.close)
         await blobs.check_bucket(endpoint or "AWS S3")
         yield blobs
@@ -194,6 +198,8 @@ class S3Blobs:
         self._known: dict[Digest, int] = {}  # in the bucket, as far as this process knows
         self._down_since: float | None = None  # monotonic; None: in use
         self._probe: asyncio.Task[None] | None = None
+        self.hot: HotTier | None = None  # local_cache_size: copies sent with sendfile
+        self._warming: dict[Digest, asyncio.Task[None]] = {}
 
     @property
     def degraded(self) -> bool:
@@ -236,10 +242,10 @@ class S3Blobs:
         return True
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        tasks = [*self._warming.values(), *([self._probe] if self._probe else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def identity(self) -> str:
         """What the records and leases of every replica on this bucket are scoped by."""
@@ -357,6 +363,43 @@ class S3Blobs:
         body, copy = self._wait(self._get(digest, 0, None))
         return io.BufferedReader(_ObjectFile(self, body, copy), READ_CHUNK)
 
+    def has_local(self, digest: Digest) -> bool:
+        return self.hot is not None and self.hot.has(digest)
+
+    def open_local(self, digest: Digest) -> BinaryIO:
+        if self.hot is None:
+            raise FileNotFoundError(self.key(digest))
+        return self.hot.open(digest)
+
+    def warm(self, digest: Digest, size: int) -> None:
+        hot = self.hot
+        if hot is None or not hot.fits(size) or digest in self._warming or self.degraded:
+            return
+        task = self._loop.create_task(self._warm(hot, digest))
+        self._warming[digest] = task
+        task.add_done_callback(lambda _: self._warming.pop(digest, None))
+
+    async def _warm(self, hot: HotTier, digest: Digest) -> None:
+        """Read the object back into the hot tier, hashed on the way: only bytes that match
+        their digest are kept."""
+        partial = await asyncio.to_thread(hot.new_partial, digest)
+        try:
+            hasher = digest.hasher()
+            body, _ = await self._get(digest, 0, None)
+            try:
+                while chunk := await body.read(READ_CHUNK):
+                    hasher.update(chunk)
+                    await asyncio.to_thread(partial.write, chunk)
+            finally:
+                body.close()
+            if hasher.hexdigest() != digest.hex:
+                raise StorageError(f"object storage: {self.key(digest)} does not match it")
+            await asyncio.to_thread(hot.take, partial, digest)
+        except (OSError, BotoCoreError) as exc:
+            log.info("hot_copy_not_kept", digest=str(digest), error=str(exc))
+        finally:
+            await asyncio.to_thread(partial.discard)
+
     def copy_of(self, file: BinaryIO) -> Copy:
         raw = getattr(file, "raw", file)
         assert isinstance(raw, _ObjectFile)
@@ -424,6 +467,14 @@ class S3Blobs:
         return True
 
     def quarantine(self, digest: Digest, opened: Copy | None = None) -> bool:
+        if opened is not None and self.hot is not None:
+            try:
+                held = Copy.of(self.hot.files.path(digest).stat())
+            except FileNotFoundError:
+                held = None
+            if held is not None and held.identity == opened.identity:
+                self.hot.drop(digest)  # the damaged copy was the local one: the object stays
+                return True
         if opened is not None:
             return self.remove(digest, opened)
         if self.stat(digest) is None:
@@ -433,6 +484,8 @@ class S3Blobs:
 
     async def _delete(self, digest: Digest) -> None:
         self._known.pop(digest, None)
+        if self.hot is not None:
+            self.hot.drop(digest)
         try:
             await self._client.delete_object(Bucket=self.bucket, Key=self.key(digest))
         except (BotoCoreError, ClientError, OSError) as exc:
@@ -461,6 +514,8 @@ class S3Blobs:
         (before ``now``)."""
         now = time.time() if now is None else now
         swept = self.spool.sweep(dry_run=dry_run)
+        if self.hot is not None:
+            swept += self.hot.sweep(dry_run=dry_run)
         return swept + self._wait(self._abort_abandoned(dry_run, now))
 
     async def _abort_abandoned(self, dry_run: bool, now: float) -> int:
@@ -606,10 +661,20 @@ class S3Writer:
         stored = self._failed is None
         if stored:
             self.blobs._known[self.digest] = self.written
+            self._keep_hot()
         else:
             self._abort()
         self.partial.discard()  # readers hold descriptors of their own on the spool
         return stored
+
+    def _keep_hot(self) -> None:
+        """The spool is a verified copy: the hot tier keeps it, when it has room for it."""
+        hot = self.blobs.hot
+        if hot is not None and hot.fits(self.written):
+            try:
+                hot.take(self.partial, self.digest)
+            except OSError as exc:
+                log.info("hot_copy_not_kept", digest=str(self.digest), error=str(exc))
 
     def _complete(self) -> None:
         key = self.blobs.key(self.digest)

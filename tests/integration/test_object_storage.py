@@ -454,3 +454,50 @@ async def test_seed_and_export_from_one_bucket_import_into_another(
         assert dir_manifest_digest(destination) == image.digest
         assert dir_blobs_verified(destination) == 3
     assert fake_hub.requests() == []
+
+
+async def test_the_hot_tier_keeps_blobs_in_the_data_dir_up_to_its_size(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    small = make_random_layer(2 * 1024 * 1024, seed=91)
+    large = make_random_layer(5 * 1024 * 1024, seed=92)  # more than the whole tier
+    image = make_image([small, large])
+    fake_hub.add_image("library/app", "1.0", image)
+    with SeaweedFS() as storage:
+        env = {**storage.env("hot"), "MIRROR_STORAGE_S3_LOCAL_CACHE_SIZE": "4MiB"}
+        filler = MirrorProcess(tmp_path / "filler", fake_hub.url, env=env, name="filler")
+        other = MirrorProcess(tmp_path / "other", fake_hub.url, env=env, name="other")
+        await asyncio.to_thread(filler.start)
+        await asyncio.to_thread(other.start)
+        try:
+            async with aiohttp.ClientSession() as session:
+                await get(session, f"{filler.url}/v2/app/manifests/1.0")
+                for layer in (small, large):
+                    url = f"{filler.url}/v2/app/blobs/{layer.digest}"
+                    assert await get(session, url) == (200, layer.data)
+                hot = {path.name for path in blob_files(filler.data_dir / "hot")}
+                assert hot == {small.digest.removeprefix("sha256:")}
+                assert blob_files(filler.data_dir / "spool") == []
+
+                # The other replica reads the bucket once, then keeps a copy of its own.
+                await get(session, f"{other.url}/v2/app/manifests/1.0")
+                url = f"{other.url}/v2/app/blobs/{small.digest}"
+                assert await get(session, url) == (200, small.data)
+                kept = other.data_dir / "hot" / "sha256" / small.digest[7:9] / small.digest[7:]
+                for _ in range(200):  # copied in the background
+                    if kept.exists():
+                        break
+                    await asyncio.sleep(0.05)
+                assert kept.read_bytes() == small.data
+
+                storage.pause()  # from the data dir now: the bucket is not asked
+                fake_hub.clear_log()
+                for process in (filler, other):
+                    url = f"{process.url}/v2/app/blobs/{small.digest}"
+                    assert await get(session, url, Range="bytes=10-19") == (206, small.data[10:20])
+                    assert await get(session, url) == (200, small.data)
+                assert fake_hub.requests() == []
+        finally:
+            storage.resume()
+            for process in (filler, other):
+                await asyncio.to_thread(process.stop)
