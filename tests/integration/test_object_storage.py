@@ -287,6 +287,13 @@ async def test_with_the_storage_down_manifests_answer_and_blobs_come_from_upstre
                     ready = await response.json()
                 assert (response.status, ready["status"]) == (200, "degraded")
                 assert ready["checks"]["storage"] == "degraded"
+                async with session.get(f"{process.url}/status.json") as response:
+                    shown = (await response.json())["disk"]["storage"]
+                assert shown == {
+                    "bucket": "outage",
+                    "endpoint": storage.endpoint,
+                    "state": "degraded",
+                }
                 async with session.get(f"{process.url}/metrics") as response:
                     page = await response.text()
                 lost = metric_value(
