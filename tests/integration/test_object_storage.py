@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiobotocore.session import get_session
+from aiohttp import web
 from botocore.config import Config
 
 from mirror import maintenance
@@ -508,3 +509,91 @@ async def test_the_hot_tier_keeps_blobs_in_the_data_dir_up_to_its_size(
             storage.resume()
             for process in (filler, other):
                 await asyncio.to_thread(process.stop)
+
+
+class SlowingProxy:
+    """A loopback proxy in front of the S3 server that answers the next ``slowdowns``
+    requests for blob objects with 503 SlowDown, as a busy S3 does, and forwards the rest
+    untouched (the Host header too, which the signature covers)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.slowdowns = 0
+        self.refused = 0
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.slowdowns > 0 and "/blobs/" in request.path:
+            self.slowdowns -= 1
+            self.refused += 1
+            await request.read()
+            body = (
+                b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
+            )
+            return web.Response(status=503, body=body, content_type="application/xml")
+        assert self._session is not None
+        async with self._session.request(
+            request.method,
+            self.target + request.path_qs,
+            headers={k: v for k, v in request.headers.items() if k.lower() != "transfer-encoding"},
+            data=await request.read(),
+            allow_redirects=False,
+        ) as answer:
+            body = await answer.read()
+            headers = {
+                k: v
+                for k, v in answer.headers.items()
+                if k.lower() not in ("transfer-encoding", "content-length", "content-encoding")
+            }
+            return web.Response(status=answer.status, body=body, headers=headers)
+
+
+async def test_slow_down_answers_are_retried_and_no_client_sees_them(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, tmp_path: Path
+) -> None:
+    layer = make_random_layer(12 * 1024 * 1024, seed=101)  # two parts
+    image = make_image([layer])
+    fake_hub.add_image("library/app", "1.0", image)
+    proxy = SlowingProxy(seaweedfs.endpoint)
+    await proxy.start()
+    env = {**seaweedfs.env(bucket), "MIRROR_STORAGE_S3_ENDPOINT": proxy.url}
+    process = MirrorProcess(tmp_path / "data", fake_hub.url, env=env)
+    try:
+        await asyncio.to_thread(process.start)
+        async with aiohttp.ClientSession() as session:
+            await get(session, f"{process.url}/v2/app/manifests/1.0")
+            proxy.slowdowns = 2  # the first part upload is refused twice
+            url = f"{process.url}/v2/app/blobs/{layer.digest}"
+            assert await get(session, url) == (200, layer.data)
+            key = f"blobs/sha256/{layer.digest.removeprefix('sha256:')}"
+            assert (await objects(seaweedfs, bucket))[key] == layer.data  # stored all the same
+
+            proxy.slowdowns = 2  # and the reads from the bucket
+            fake_hub.clear_log()
+            assert await get(session, url) == (200, layer.data)
+            assert fake_hub.count("GET", "cdn") == 0
+            assert proxy.refused == 4
+            async with session.get(f"{process.url}/readyz") as response:
+                assert (await response.json())["status"] == "ready"
+    finally:
+        await asyncio.to_thread(process.stop)
+        await proxy.close()
