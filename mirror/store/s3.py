@@ -17,62 +17,42 @@ answers from what this process knows to be in the bucket (listed at start, lande
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import os
 import time
 from collections.abc import AsyncIterator, Coroutine
 from concurrent.futures import Future
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import structlog
 from aiobotocore.session import get_session
-from botocore import xform_name
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.storage_settings import S3Settings
-from mirror.store.blobs import BlobStore, MemoryCopy, Partial
+from mirror.store.blobs import BlobStore, MemoryCopy
 from mirror.store.hot import HotTier
+from mirror.store.s3_client import CALL_TIMEOUT, client_options, count_requests, describe, missing
+from mirror.store.s3_writer import S3Writer
 from mirror.store.storage import Copy, StorageError
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-# Bytes per part of a multipart upload (S3's minimum is 5 MiB, all but the last part).
-PART_SIZE = 8 * 1024 * 1024
-# Parts of one blob uploading at once; each holds its bytes in memory while it does.
-UPLOADS_AT_ONCE = 4
 # A multipart upload older than this was left by a crashed writer: gc aborts it.
 ABANDONED = 3600.0
 # Bytes per read when an object is streamed.
 READ_CHUNK = 1024 * 1024
-# How long a blocking call waits for the bucket before it counts as down.
-CALL_TIMEOUT = 60.0
 # After a failure the bucket is left alone (blobs go from upstream to clients, unstored)
 # and a probe asks it this often, this patiently, until it answers: an outage costs one
 # request its timeouts, not every request.
 PROBE_INTERVAL = 2.0
 PROBE_TIMEOUT = 5.0
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return f"{error.get('Code', 'error')} ({status}): {error.get('Message', '')}".strip()
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _missing(exc: ClientError) -> bool:
-    error = exc.response.get("Error", {})
-    return error.get("Code") in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
 
 
 @asynccontextmanager
@@ -88,37 +68,16 @@ async def open_s3(
     """The bucket, checked (and created when missing, if the credentials may); StorageError,
     saying which, when the credentials are refused or the bucket is missing for good."""
     session = get_session()
-    config = Config(
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        # Standard mode retries 503 SlowDown and throttling with backoff and jitter.
-        retries={"max_attempts": 4, "mode": "standard"},
-        s3={"addressing_style": "path" if settings.path_style else "virtual"},
-        signature_version="s3v4",
-        # Ceph RGW, GCS and older MinIO refuse the CRC checksums botocore adds by default.
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-        max_pool_connections=64,
+    options = client_options(
+        settings, connect_timeout=connect_timeout, read_timeout=read_timeout
     )
-    region = (
-        settings.region
-        or os.environ.get("AWS_REGION")
-        or os.environ.get("AWS_DEFAULT_REGION")
-        or "us-east-1"
-    )
-    options: dict[str, Any] = {"region_name": region, "config": config}
-    if settings.ca_file is not None:
-        options["verify"] = str(settings.ca_file)
-    if settings.access_key_id is not None:
-        options["aws_access_key_id"] = settings.access_key_id
-        options["aws_secret_access_key"] = settings.secret_access_key
     async with AsyncExitStack() as stack:
         endpoint = settings.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
         client = await stack.enter_async_context(
             session.create_client("s3", endpoint_url=endpoint, **options)
         )
         if metrics is not None:
-            _count_requests(client, metrics)
+            count_requests(client, metrics)
         signer = client
         if settings.public_endpoint is not None:  # presigning only: never connects
             signer = await stack.enter_async_context(
@@ -130,40 +89,6 @@ async def open_s3(
         stack.push_async_callback(blobs.close)
         await blobs.check_bucket(endpoint or "AWS S3")
         yield blobs
-
-
-def _count_requests(client: Any, metrics: Metrics) -> None:
-    """Count every request to the bucket and time it, by operation and result (botocore's
-    events: retries of one call count once, with the call's final result)."""
-
-    def started(model: Any, context: dict[str, Any], **_: Any) -> None:
-        context["mirror_started"] = time.monotonic()
-        context["mirror_operation"] = model.name
-
-    def answered(model: Any, http_response: Any, context: dict[str, Any], **_: Any) -> None:
-        status = int(http_response.status_code)
-        result = (
-            "ok" if status < 300
-            else "not_found" if status == 404
-            else "refused" if status < 500
-            else "failed"
-        )  # fmt: skip
-        _count(model.name, result, context)
-
-    def unreachable(context: dict[str, Any], **_: Any) -> None:
-        _count(context.get("mirror_operation", "unknown"), "unreachable", context)
-
-    def _count(operation: str, result: str, context: dict[str, Any]) -> None:
-        op = xform_name(operation)
-        metrics.storage_requests.labels(op, result).inc()
-        began = context.get("mirror_started")
-        if began is not None:
-            metrics.storage_duration.labels(op).observe(time.monotonic() - began)
-
-    events = client.meta.events
-    events.register("before-call.s3", started)
-    events.register("after-call.s3", answered)
-    events.register("after-call-error.s3", unreachable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,10 +140,10 @@ class S3Blobs:
         if not 400 <= status < 500 and self._down_since is None:
             self._down_since = time.monotonic()
             log.warning(
-                "object_storage_unavailable", error=_describe(exc), retry_interval=PROBE_INTERVAL
+                "object_storage_unavailable", error=describe(exc), retry_interval=PROBE_INTERVAL
             )
             self._loop.call_soon_threadsafe(self._start_probe)
-        return StorageError(f"object storage: {_describe(exc)}")
+        return StorageError(f"object storage: {describe(exc)}")
 
     def _start_probe(self) -> None:
         if self._probe is None or self._probe.done():
@@ -274,13 +199,13 @@ class S3Blobs:
                 "s3.secret_access_key_file, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
             ) from None
         except ClientError as exc:
-            if not _missing(exc):
+            if not missing(exc):
                 raise StorageError(
                     f"object storage at {where} refused the credentials for bucket "
-                    f"{self.bucket!r}: {_describe(exc)}"
+                    f"{self.bucket!r}: {describe(exc)}"
                 ) from None
         except (BotoCoreError, OSError) as exc:
-            raise StorageError(f"object storage at {where} unreachable: {_describe(exc)}") from None
+            raise StorageError(f"object storage at {where} unreachable: {describe(exc)}") from None
         await self._create_bucket(where)
 
     async def _create_bucket(self, where: str) -> None:
@@ -296,7 +221,7 @@ class S3Blobs:
                 return  # another replica made it meanwhile
             raise StorageError(
                 f"object storage at {where}: bucket {self.bucket!r} is missing and could "
-                f"not be created: {_describe(exc)}"
+                f"not be created: {describe(exc)}"
             ) from None
         log.info("bucket_created", bucket=self.bucket)
 
@@ -325,7 +250,7 @@ class S3Blobs:
         try:
             found = await self._client.head_object(Bucket=self.bucket, Key=self.key(digest))
         except ClientError as exc:
-            if _missing(exc):
+            if missing(exc):
                 self._known.pop(digest, None)
                 return None
             raise self._failed(exc) from None
@@ -412,7 +337,7 @@ class S3Blobs:
         try:
             found = await self._client.get_object(**options)
         except ClientError as exc:
-            if _missing(exc):
+            if missing(exc):
                 self._known.pop(digest, None)
                 raise FileNotFoundError(self.key(digest)) from None
             raise self._failed(exc) from None
@@ -570,157 +495,3 @@ class _ObjectFile(io.RawIOBase):
         if not self.closed:
             self._blobs._loop.call_soon_threadsafe(self._body.close)
         super().close()
-
-
-@dataclass(eq=False)
-class S3Writer:
-    """A blob being written: spooled locally for its readers, uploaded part by part."""
-
-    blobs: S3Blobs
-    digest: Digest
-    partial: Partial
-    written: int = 0
-    _uploaded_to: int = 0  # bytes handed to part uploads
-    _created: Future[str] | None = None  # the multipart upload's id, once it exists
-    _parts: list[Future[dict[str, Any]]] = field(default_factory=list)
-    _failed: BaseException | None = None
-    _slots: asyncio.Semaphore | None = None
-
-    @property
-    def fd(self) -> int:
-        return self.partial.fd
-
-    @property
-    def name(self) -> str:
-        return self.partial.name
-
-    def open_reader(self) -> int:
-        return self.partial.open_reader()
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.partial.write(data)
-        self.written = self.partial.written
-        while self._failed is None and self.written - self._uploaded_to >= PART_SIZE:
-            self._start_part(self._uploaded_to, PART_SIZE)
-
-    def _start_part(self, start: int, length: int) -> None:
-        """Upload bytes ``start``..``start + length`` of the spool as the next part, on the
-        loop: the download never waits for the bucket."""
-        if self._created is None:
-            self._created = self.blobs._submit(self._create())
-        number = len(self._parts) + 1
-        part = self.blobs._submit(self._part(number, start, length))
-        part.add_done_callback(self._part_done)
-        self._parts.append(part)
-        self._uploaded_to = start + length
-
-    async def _create(self) -> str:
-        created = await self.blobs._client.create_multipart_upload(
-            Bucket=self.blobs.bucket, Key=self.blobs.key(self.digest)
-        )
-        return str(created["UploadId"])
-
-    async def _part(self, number: int, start: int, length: int) -> dict[str, Any]:
-        assert self._created is not None
-        upload_id = await asyncio.wrap_future(self._created)
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(UPLOADS_AT_ONCE)
-        async with self._slots:
-            data = await asyncio.to_thread(os.pread, self.partial.fd, length, start)
-            answer = await self.blobs._client.upload_part(
-                Bucket=self.blobs.bucket,
-                Key=self.blobs.key(self.digest),
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=data,
-            )
-        return {"PartNumber": number, "ETag": answer["ETag"]}
-
-    def _part_done(self, part: Future[dict[str, Any]]) -> None:
-        if not part.cancelled() and part.exception() is not None:
-            self._fail(part.exception())  # type: ignore[arg-type]
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._failed is None:
-            self._failed = exc
-            if not isinstance(exc, StorageError):
-                self.blobs._failed(exc)
-            log.warning(
-                "blob_not_stored", digest=str(self.digest), error=_describe(exc), bucket=True
-            )
-
-    def commit(self) -> bool:
-        """Complete the upload (the writer checked the digest): whether the blob is in the
-        bucket now. When the bucket failed, its readers still finish from the spool, and
-        nothing is stored."""
-        try:
-            if self._failed is None:
-                self._complete()
-        except Exception as exc:
-            self._fail(exc)
-        stored = self._failed is None
-        if stored:
-            self.blobs._known[self.digest] = self.written
-            self._keep_hot()
-        else:
-            self._abort()
-        self.partial.discard()  # readers hold descriptors of their own on the spool
-        return stored
-
-    def _keep_hot(self) -> None:
-        """The spool is a verified copy: the hot tier keeps it, when it has room for it."""
-        hot = self.blobs.hot
-        if hot is not None and hot.fits(self.written):
-            try:
-                hot.take(self.partial, self.digest)
-            except OSError as exc:
-                log.info("hot_copy_not_kept", digest=str(self.digest), error=str(exc))
-
-    def _complete(self) -> None:
-        key = self.blobs.key(self.digest)
-        client = self.blobs._client
-        if self._created is None and self.written <= PART_SIZE:  # one PUT
-            data = os.pread(self.partial.fd, self.written, 0)
-            self.blobs._wait(client.put_object(Bucket=self.blobs.bucket, Key=key, Body=data))
-            return
-        # Parts not started yet: a writer that wrote the spool's descriptor itself (import).
-        while self.written - self._uploaded_to > PART_SIZE:
-            self._start_part(self._uploaded_to, PART_SIZE)
-        if self.written > self._uploaded_to:
-            self._start_part(self._uploaded_to, self.written - self._uploaded_to)
-        assert self._created is not None  # more than a part: started above if not before
-        upload_id = self._created.result(CALL_TIMEOUT)
-        parts = [part.result(CALL_TIMEOUT) for part in self._parts]
-        if self._failed is not None:
-            raise self._failed
-        self.blobs._wait(
-            client.complete_multipart_upload(
-                Bucket=self.blobs.bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-            )
-        )
-
-    def discard(self) -> None:
-        """The blob failed (or its digest did not match): nothing of it stays anywhere."""
-        try:
-            self._abort()
-        finally:
-            self.partial.discard()
-
-    def _abort(self) -> None:
-        created, self._created = self._created, None
-        if created is None:
-            return
-        for part in self._parts:
-            with contextlib.suppress(Exception):
-                part.result(CALL_TIMEOUT)
-        with contextlib.suppress(Exception):
-            upload_id = created.result(CALL_TIMEOUT)
-            self.blobs._wait(
-                self.blobs._client.abort_multipart_upload(
-                    Bucket=self.blobs.bucket, Key=self.blobs.key(self.digest), UploadId=upload_id
-                ),
-                timeout=30.0,
-            )
