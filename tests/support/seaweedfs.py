@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import pytest
 
@@ -94,7 +95,7 @@ class SeaweedFS:
         )
         self.master, self.volume, self.filer, self.s3_port, self.admin = _ports(5)
         self._process: subprocess.Popen[bytes] | None = None
-        self._log = None
+        self._log: BinaryIO | None = None
 
     @property
     def endpoint(self) -> str:
