@@ -32,6 +32,7 @@ from mirror.domain.units import (
     parse_size,
     parse_size_or_percent,
 )
+from mirror.storage_settings import S3_ENV_PREFIX, S3Settings, parse_storage, s3_environment
 
 ENV_PREFIX = "MIRROR_"
 # What Kubernetes puts in every pod for a Service named "mirror" (service links):
@@ -125,6 +126,8 @@ class Settings:
     # notice late), then seconds transfers in flight may take to finish.
     shutdown_delay: float = 5.0
     shutdown_grace: float = 30.0
+    # Blobs in S3-compatible object storage rather than in data_dir (mirror.storage_settings).
+    storage: S3Settings | None = None
 
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
@@ -433,6 +436,8 @@ _KEYS: dict[str, _Key] = {
     "signatures": _Key(_signatures, flag=False, env=False),
     "shutdown_delay": _Key(parse_duration),
     "shutdown_grace": _Key(parse_duration),
+    # Nested: each s3 key as MIRROR_STORAGE_S3_<KEY> (read in load()).
+    "storage": _Key(parse_storage, flag=False, env=False),
 }
 FLAG_KEYS = tuple(key for key, spec in _KEYS.items() if spec.flag)
 
@@ -454,8 +459,10 @@ def load(
                 for key, value in _read_file(config_file).items()
             }
         )
-    from_env: dict[str, tuple[Any, str]] = {}
+    from_env = _storage_from_env(env, sources[0] if sources else {})
     for name, value in env.items():
+        if name.startswith(S3_ENV_PREFIX):
+            continue
         if name.startswith(ENV_PREFIX) and name != f"{ENV_PREFIX}CONFIG":
             key = name.removeprefix(ENV_PREFIX).lower()
             if key not in _KEYS and _SERVICE_LINK_RE.fullmatch(name):
@@ -478,6 +485,22 @@ def load(
             # Upstreams merge by registry name: a flag for ghcr.io keeps the file's docker.io.
             merged[key] = {**merged.get(key, {}), **value} if key == "upstream" else value
     return _build(merged)
+
+
+def _storage_from_env(
+    env: Mapping[str, str], from_file: Mapping[str, tuple[Any, str]]
+) -> dict[str, tuple[Any, str]]:
+    """``storage`` from the MIRROR_STORAGE_S3_<KEY> variables, each over the file's key."""
+    try:
+        s3_env = s3_environment(env)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not s3_env:
+        return {}
+    in_file = from_file.get("storage", ({}, ""))[0]
+    s3_file = in_file.get("s3") if isinstance(in_file, dict) else None
+    merged = {**(s3_file if isinstance(s3_file, dict) else {}), **s3_env}
+    return {"storage": ({"s3": merged}, f"{S3_ENV_PREFIX}*")}
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -505,6 +528,8 @@ def _parse_all(raw: Mapping[str, tuple[Any, str]]) -> dict[str, Any]:
         try:
             parsed[key] = _KEYS[key].parse(value)
         except (TypeError, ValueError) as exc:
+            if key == "storage":  # a whole mapping: the message names the key within it
+                raise ConfigError(f"{origin}: {_one_line(exc)}") from None
             shown = masked_url(str(value)) if key == "redis_url" else value
             raise ConfigError(f"bad value {shown!r} for {origin}: {_one_line(exc)}") from None
     return parsed
@@ -577,6 +602,7 @@ def _build(values: Mapping[str, Any]) -> Settings:
         signatures=values.get("signatures"),
         shutdown_delay=values.get("shutdown_delay", defaults.shutdown_delay),
         shutdown_grace=values.get("shutdown_grace", defaults.shutdown_grace),
+        storage=values.get("storage"),
     )
 
 

@@ -8,7 +8,7 @@ Tests and embedding programs swap collaborators through :class:`Overrides`.
     Engine
     ├── store        metadata (manifests, tags, negative answers): embedded SQLite or Redis,
     │                behind the in-process CachedStore
-    ├── blobs        blob files on disk by digest
+    ├── blobs        blob bytes by digest: files in the data dir, or objects in a bucket
     ├── coordinator  leases across workers (flock) and replicas (Redis)
     ├── fills        blob downloads shared by their readers
     ├── upstreams    one client per upstream registry (token auth, quota, circuit breaker),
@@ -36,7 +36,10 @@ from mirror.content.embedded import EmbeddedStore
 from mirror.content.layer import Content
 from mirror.content.protocols import MetadataStore
 from mirror.content.redis_store import RedisStore
+from mirror.content.s3 import open_s3
+from mirror.content.storage import BlobStorage
 from mirror.domain.reference import Digest
+from mirror.domain.units import SizeOrShare
 from mirror.metrics import Metrics
 from mirror.services.background import Background
 from mirror.services.clients import PerClient
@@ -77,7 +80,7 @@ class Engine:
     settings: Settings
     metrics: Metrics
     store: CachedStore
-    blobs: BlobStore
+    blobs: BlobStorage
     content: Content  # blobs in and out, and their records: the only way to them
     coordinator: Coordinator
     fills: Fills
@@ -106,8 +109,8 @@ async def open_engine(
     metrics = metrics or Metrics()
     clock = as_clock(overrides.clock)
     async with AsyncExitStack() as stack:
-        blobs = await asyncio.to_thread(_open_blobs, settings, sweep=background)
-        inner = overrides.store or await _open_store(settings)
+        blobs, scope = await _open_storage(stack, settings, metrics, sweep=background)
+        inner = overrides.store or await _open_store(settings, scope)
         store = CachedStore(
             inner,
             max_entries=settings.manifest_cache_size,
@@ -116,7 +119,7 @@ async def open_engine(
             clock=clock,
         )
         stack.push_async_callback(store.close)
-        coordinator = await asyncio.to_thread(_coordinator, settings, inner)
+        coordinator = await asyncio.to_thread(_coordinator, settings, inner, scope)
         stack.push_async_callback(coordinator.close)
         if isinstance(coordinator, RedisCoordinator):  # one Redis: one verdict on its health
             coordinator.on_down, store.on_down = store.failed, coordinator.failed
@@ -128,7 +131,8 @@ async def open_engine(
         )
         budget = Budget(
             settings.max_cache_size,
-            settings.min_free_space,
+            # Blobs in a bucket take no room on the data dir's disk: nothing to free there.
+            settings.min_free_space if blobs.local else SizeOrShare(bytes=0),
             settings.evict_unused_after,
             settings.pins,
         )
@@ -246,6 +250,31 @@ async def _upstreams(
         yield upstreams
 
 
+async def _open_storage(
+    stack: AsyncExitStack, settings: Settings, metrics: Metrics, *, sweep: bool
+) -> tuple[BlobStorage, str]:
+    """Where blobs live, and the scope of their records and leases in a shared Redis: the
+    data dir's, or, in object storage, the bucket's (replicas then share no disk)."""
+    if settings.storage is None:
+        blobs = await asyncio.to_thread(_open_blobs, settings, sweep=sweep)
+        return blobs, await asyncio.to_thread(data_dir_identity, settings.data_dir)
+    await asyncio.to_thread(settings.data_dir.mkdir, parents=True, exist_ok=True)
+    bucket = await stack.enter_async_context(
+        open_s3(
+            settings.storage,
+            settings.data_dir / "spool",
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.request_timeout,
+            metrics=metrics,
+            hot=settings.data_dir / "hot",
+        )
+    )
+    if sweep:
+        await asyncio.to_thread(bucket.sweep)
+    await asyncio.to_thread(bucket.on_disk)  # what it holds, known to the hot path
+    return bucket, bucket.identity()
+
+
 def _open_blobs(settings: Settings, *, sweep: bool) -> BlobStore:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     blobs = BlobStore(settings.data_dir / "blobs")
@@ -259,14 +288,13 @@ async def check_store(settings: Settings) -> None:
     """Open and close a Redis store once, before a server starts any worker: keys a newer
     release laid out (``NewerSchema``) stop the start here, in one line."""
     if settings.redis_url is not None:
-        store = await RedisStore.open(settings.redis_url)
+        store = await RedisStore.open(settings.redis_url, ca_file=settings.redis_ca_file)
         await store.close()
 
 
-async def _open_store(settings: Settings) -> MetadataStore:
+async def _open_store(settings: Settings, scope: str) -> MetadataStore:
     if settings.redis_url is not None:
-        # Blob records are the data dir's: replicas with data dirs of their own keep theirs.
-        scope = await asyncio.to_thread(data_dir_identity, settings.data_dir)
+        # Blob records are the storage's: replicas with data dirs of their own keep theirs.
         return await RedisStore.open(
             settings.redis_url, scope=scope, ca_file=settings.redis_ca_file
         )
@@ -281,10 +309,9 @@ def _shared_state(settings: Settings, coordinator: Coordinator, upstream: str) -
     return on_host
 
 
-def _coordinator(settings: Settings, store: MetadataStore) -> Coordinator:
+def _coordinator(settings: Settings, store: MetadataStore, scope: str) -> Coordinator:
     local = LocalCoordinator(settings.data_dir / "locks")
     if isinstance(store, RedisStore):
-        scope = data_dir_identity(settings.data_dir)
         return RedisCoordinator(store.client, local, scope=scope)
     return local
 

@@ -168,6 +168,20 @@ class Metrics:
         self.evicted_bytes = Counter(
             "mirror_evicted_bytes", "Bytes of blobs evicted.", registry=self.registry
         )
+        self.storage_requests = Counter(
+            "mirror_storage_requests",
+            "Requests to object storage, by operation (get_object, upload_part, ...) and"
+            " result: ok, not_found, refused (4xx), failed (5xx) or unreachable.",
+            ["op", "result"],
+            registry=self.registry,
+        )
+        self.storage_duration = Histogram(
+            "mirror_storage_request_duration_seconds",
+            "Time object storage took to answer, by operation (a GET's until its headers).",
+            ["op"],
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
         self.cache_budget.set(math.nan)
         for reason in ("budget", "free_space", "unused"):
             self.evictions.labels(reason)

@@ -9,21 +9,25 @@ left by a crash and is swept.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import structlog
 
+from mirror.content.storage import Copy
 from mirror.domain.reference import Digest
 
 log = structlog.get_logger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
+_CHUNK = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -51,12 +55,13 @@ class Partial:
             view = view[os.write(self.fd, view) :]
         self.written += len(data)
 
-    def commit(self) -> None:
+    def commit(self) -> bool:
         """Make the blob visible at its final path, durably."""
         os.fsync(self.fd)
         os.rename(self.path, self.final)
         _fsync_dir(self.final.parent)
         self._close()
+        return True
 
     def discard(self) -> None:
         try:
@@ -91,6 +96,8 @@ class MemoryCopy:
 
 
 class BlobStore:
+    local = True  # landed blobs are files, sent with sendfile(2)
+
     def __init__(self, root: Path) -> None:
         self.root = root
 
@@ -104,9 +111,42 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
+    def locate(self, digest: Digest) -> int | None:
+        return self.size(digest)
+
     def open(self, digest: Digest) -> BinaryIO:
         """The blob's file, for serving (blocking); FileNotFoundError when it is not on disk."""
         return open(self.path(digest), "rb", buffering=0)
+
+    def has_local(self, digest: Digest) -> bool:
+        return self.size(digest) is not None
+
+    def open_local(self, digest: Digest) -> BinaryIO:
+        return self.open(digest)
+
+    def warm(self, digest: Digest, size: int) -> None:
+        pass  # every blob here is local
+
+    def copy_of(self, file: BinaryIO) -> Copy:
+        """Which copy an opened blob file is (for removing that one only)."""
+        return Copy.of(os.fstat(file.fileno()))
+
+    async def chunks(self, digest: Digest, start: int, stop: int) -> AsyncIterator[bytes]:
+        """Bytes ``start``..``stop`` of the blob, read off the loop (where no sendfile goes)."""
+        with await asyncio.to_thread(self.open, digest) as file:
+            while start < stop:
+                count = min(stop - start, _CHUNK)
+                data = await asyncio.to_thread(os.pread, file.fileno(), count, start)
+                if not data:
+                    raise EOFError("the blob file ended early")
+                start += len(data)
+                yield data
+
+    async def presign(self, digest: Digest) -> str | None:
+        return None  # a file has no URL of its own
+
+    async def reachable(self) -> bool:
+        return True
 
     def open_landed(self, digest: Digest) -> int | None:
         """A descriptor on the blob's file, or None when it has not landed (yet)."""
@@ -138,29 +178,27 @@ class BlobStore:
             return None
         return MemoryCopy(data, path, stat.st_dev, stat.st_ino)
 
-    def quarantine(self, digest: Digest, opened: os.stat_result | None = None) -> bool:
+    def quarantine(self, digest: Digest, opened: Copy | None = None) -> bool:
         """Take a damaged blob out of service, so the next pull fetches it again; returns
         whether a file was removed. With ``opened`` (the fstat of the file found damaged),
         only that very file goes: one fetched again since then is left alone."""
         path = self.path(digest)
         try:
-            if opened is not None:
-                current = path.stat()
-                if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
-                    return False
+            if opened is not None and Copy.of(path.stat()).identity != opened.identity:
+                return False
             path.unlink()
         except FileNotFoundError:
             return False
         return True
 
-    def stat(self, digest: Digest) -> os.stat_result | None:
+    def stat(self, digest: Digest) -> Copy | None:
         """The blob's file as it is now, or None: what :meth:`remove` is told it inspected."""
         try:
-            return self.path(digest).stat()
+            return Copy.of(self.path(digest).stat())
         except FileNotFoundError:
             return None
 
-    def remove(self, digest: Digest, inspected: os.stat_result) -> bool:
+    def remove(self, digest: Digest, inspected: Copy) -> bool:
         """Remove the copy of a blob that was inspected (``inspected`` is its stat); a copy
         landed since (a fill, an import) stays. Whether the inspected copy went.
 
@@ -175,7 +213,7 @@ class BlobStore:
         except FileNotFoundError:
             return False
         try:
-            if _same_copy(os.stat(aside), inspected):
+            if Copy.of(os.stat(aside)).identity == inspected.identity:
                 return True
             with contextlib.suppress(FileExistsError):
                 os.link(aside, path)
@@ -211,8 +249,9 @@ class BlobStore:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return Partial(path=path, final=final, fd=fd)
 
-    def sweep(self, *, dry_run: bool = False) -> int:
-        """Remove partial files left by a crashed writer (or only count them); how many."""
+    def sweep(self, *, dry_run: bool = False, now: float | None = None) -> int:
+        """Remove partial files left by a crashed writer (or only count them); how many.
+        (A lock, not an age, tells a crashed writer's: ``now`` does not matter here.)"""
         removed = 0
         if not self.root.exists():
             return 0
@@ -224,15 +263,6 @@ class BlobStore:
         if removed and not dry_run:
             log.info("partial_blobs_swept", count=removed)
         return removed
-
-
-def _same_copy(found: os.stat_result, inspected: os.stat_result) -> bool:
-    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns) == (
-        inspected.st_dev,
-        inspected.st_ino,
-        inspected.st_size,
-        inspected.st_mtime_ns,
-    )
 
 
 def _orphaned(path: Path) -> bool:

@@ -17,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import BinaryIO
 
 import structlog
 
 from mirror.content.blobs import MemoryCopy
 from mirror.content.graph import ContentGraph
-from mirror.content.storage import BlobStorage, BlobWriter
+from mirror.content.storage import BlobStorage, BlobWriter, Copy, StorageError
 from mirror.domain.reference import Digest
 
 log = structlog.get_logger(__name__)
@@ -38,9 +38,54 @@ class Content:
         self._graph = graph
         self._clock = clock
 
+    @property
+    def local(self) -> bool:
+        """Whether landed blobs are local files (sent with sendfile); else they stream
+        from object storage (:meth:`chunks`)."""
+        return self.blobs.local
+
     def present(self, digest: Digest) -> int | None:
-        """The size of a blob that has landed, or None (one stat: fit for the hot path)."""
+        """The size of a blob that has landed, or None (one stat, or a lookup in memory for
+        object storage, where another replica's blob may be missing: :meth:`find`)."""
         return self.blobs.size(digest)
+
+    async def find(self, digest: Digest) -> int | None:
+        """As :meth:`present`, but asking object storage when this process does not know:
+        for whoever is about to fetch a blob from upstream, which another replica may have
+        landed. The same stat for a local disk."""
+        size = self.blobs.size(digest)
+        if size is None and not self.blobs.local:
+            try:
+                size = await asyncio.to_thread(self.blobs.locate, digest)
+            except StorageError:
+                return None  # down: the blob comes from upstream, unstored, meanwhile
+        return size
+
+    def has_local(self, digest: Digest) -> bool:
+        """Whether a landed blob has a local file for sendfile (in object storage: a copy
+        in the hot tier; one stat)."""
+        return self.blobs.has_local(digest)
+
+    def open_local(self, digest: Digest) -> BinaryIO:
+        """That local file (blocking); FileNotFoundError when it is gone."""
+        return self.blobs.open_local(digest)
+
+    def warm(self, digest: Digest, size: int) -> None:
+        """A blob went out from object storage: keep a copy in the hot tier, if any."""
+        self.blobs.warm(digest, size)
+
+    def chunks(self, digest: Digest, start: int, stop: int) -> AsyncIterator[bytes]:
+        """Bytes ``start``..``stop`` of a landed blob as they are read (object storage passes
+        the range on); FileNotFoundError before the first when it is gone."""
+        return self.blobs.chunks(digest, start, stop)
+
+    async def presign(self, digest: Digest) -> str | None:
+        """A URL a client may fetch the blob from itself (object storage with redirects)."""
+        return await self.blobs.presign(digest)
+
+    async def reachable(self) -> bool:
+        """Whether the storage answers now (object storage; a disk always does)."""
+        return await self.blobs.reachable()
 
     def open(self, digest: Digest) -> BinaryIO:
         """A landed blob's bytes, for serving (blocking: off the loop); FileNotFoundError
@@ -70,25 +115,34 @@ class Content:
         *,
         at: float | None = None,
         committed: Callable[[], None] = lambda: None,
-    ) -> None:
+    ) -> bool:
         """A blob whose bytes the writer verified against ``digest``: commit it atomically,
         tell ``committed`` (a fill lets its readers finish, before any graph call), then
         record it present. The blob has landed even if recording fails: the record follows
-        at the next reconciliation."""
-        await asyncio.to_thread(partial.commit)
+        at the next reconciliation. False when the storage refused it (object storage
+        down): nothing was stored, and the writer's readers still finish."""
+        stored = await asyncio.to_thread(partial.commit)
         committed()
+        if not stored:
+            return False
         try:
             await self.landed(digest, partial.written, at)
         except Exception as exc:  # the graph serves eviction and listing, not the pull
             log.warning("graph_not_updated", digest=str(digest), error=str(exc))
+        return True
 
     async def quarantine(self, digest: Digest, opened: os.stat_result) -> bool:
         """Take a blob found damaged while served out of service (the copy ``opened``)."""
-        return await asyncio.to_thread(self.blobs.quarantine, digest, opened)
+        return await asyncio.to_thread(self.blobs.quarantine, digest, Copy.of(opened))
 
-    async def sweep(self, *, dry_run: bool = False) -> int:
-        """Remove what crashed writers left (or only count it)."""
-        return await asyncio.to_thread(self.blobs.sweep, dry_run=dry_run)
+    def copy_of(self, file: BinaryIO) -> Copy:
+        """Which copy of a blob an opened one is (what :meth:`remove` may remove)."""
+        return self.blobs.copy_of(file)
+
+    async def sweep(self, *, dry_run: bool = False, now: float | None = None) -> int:
+        """Remove what crashed writers left (or only count it): partial files, and uploads
+        to object storage abandoned for over an hour before ``now``."""
+        return await asyncio.to_thread(self.blobs.sweep, dry_run=dry_run, now=now)
 
     async def on_disk(self) -> dict[str, tuple[int, float]]:
         """Every landed blob: digest -> (size, modification time). A walk of all of them."""
@@ -101,11 +155,11 @@ class Content:
         """A blob's file appeared at its final path, verified: record it present."""
         await self._graph.blob_stored(str(digest), size, self._clock() if at is None else at)
 
-    async def inspect(self, digest: Digest) -> os.stat_result | None:
+    async def inspect(self, digest: Digest) -> Copy | None:
         """The blob's file as it is now, for :meth:`remove`; None when it is not on disk."""
         return await asyncio.to_thread(self.blobs.stat, digest)
 
-    async def remove(self, digest: Digest, inspected: os.stat_result) -> bool:
+    async def remove(self, digest: Digest, inspected: Copy) -> bool:
         """Remove the copy that was inspected, and record it right away: absent, unless
         another copy landed meanwhile. Whether the inspected copy went."""
         removed = await asyncio.to_thread(self.blobs.remove, digest, inspected)
@@ -121,4 +175,4 @@ class Content:
         await self._graph.blobs_removed([str(digest)])
         found = await self.inspect(digest)
         if found is not None:  # landed again between the removal and its record
-            await self.landed(digest, found.st_size)
+            await self.landed(digest, found.size)

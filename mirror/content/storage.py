@@ -1,27 +1,58 @@
-"""Where blob bytes live, behind one small interface: the local filesystem today
-(:class:`~mirror.content.blobs.BlobStore`), object storage next.
+
+"""Where blob bytes live, behind one small interface: the local filesystem
+(:class:`~mirror.content.blobs.BlobStore`) or an S3-compatible bucket
+(:class:`~mirror.content.s3.S3Blobs`).
 
 Only the content layer (:class:`~mirror.content.layer.Content`) calls it; nobody else
 builds a blob's path, renames a file or opens one by name. Every call blocks (disk or
 network): the content layer runs them off the loop, except ``size`` on the hot path,
-which is one ``stat`` for the filesystem.
+which is one ``stat`` for the filesystem and a lookup in memory for a bucket, and
+``open_landed``/``open_partial``, which never touch the network.
 
 A blob being written is a :class:`BlobWriter`: a local spool file, locked by its writer,
-that readers of a fill stream from as it grows (an object store uploads it on commit).
+that readers of a fill stream from as it grows (a bucket gets it part by part, and the
+object appears on commit).
+
+A :class:`Copy` is one copy of a blob as it was inspected: removing "the copy inspected"
+compares it with what is there now (an inode and modification time, an ETag).
 """
 
 from __future__ import annotations
 
 import os
-from typing import BinaryIO, Protocol
+from collections.abc import AsyncIterator, Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from mirror.content.blobs import MemoryCopy
 from mirror.domain.reference import Digest
+
+if TYPE_CHECKING:
+    from mirror.content.blobs import MemoryCopy
+
+
+class StorageError(OSError):
+    """Object storage refused or did not answer; the message says which, in one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    size: int
+    modified: float  # seconds since the epoch
+    identity: Hashable  # equal only for the very same copy
+
+    @classmethod
+    def of(cls, stat: os.stat_result) -> Copy:
+        identity = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        return cls(stat.st_size, stat.st_mtime, identity)
 
 
 class BlobWriter(Protocol):
-    fd: int  # the spool file, written at its position
     written: int
+
+    @property
+    def fd(self) -> int:
+        """The spool file, written at its position."""
+        ...
 
     @property
     def name(self) -> str: ...
@@ -30,17 +61,43 @@ class BlobWriter(Protocol):
 
     def write(self, data: bytes | bytearray | memoryview) -> None: ...
 
-    def commit(self) -> None: ...
+    def commit(self) -> bool:
+        """Make the verified blob visible; False when the storage refused it (its readers
+        still finish from the spool, and nothing is stored)."""
+        ...
 
     def discard(self) -> None: ...
 
 
 class BlobStorage(Protocol):
+    # Whether landed blobs are local files (sendfile); else they are read through chunks().
+    local: bool
+
     def size(self, digest: Digest) -> int | None: ...
 
-    def stat(self, digest: Digest) -> os.stat_result | None: ...
+    def locate(self, digest: Digest) -> int | None: ...
+
+    def stat(self, digest: Digest) -> Copy | None: ...
 
     def open(self, digest: Digest) -> BinaryIO: ...
+
+    def copy_of(self, file: BinaryIO) -> Copy: ...
+
+    def has_local(self, digest: Digest) -> bool:
+        """Whether a landed blob has a local file to send with sendfile (object storage:
+        a copy in its hot tier)."""
+        ...
+
+    def open_local(self, digest: Digest) -> BinaryIO: ...
+
+    def warm(self, digest: Digest, size: int) -> None:
+        """A blob was sent from object storage: copy it into the hot tier, in the
+        background, if it has one (called on the loop)."""
+        ...
+
+    def chunks(self, digest: Digest, start: int, stop: int) -> AsyncIterator[bytes]: ...
+
+    async def presign(self, digest: Digest) -> str | None: ...
 
     def open_landed(self, digest: Digest) -> int | None: ...
 
@@ -50,12 +107,14 @@ class BlobStorage(Protocol):
 
     def new_partial(self, digest: Digest) -> BlobWriter: ...
 
-    def remove(self, digest: Digest, inspected: os.stat_result) -> bool: ...
+    def remove(self, digest: Digest, inspected: Copy) -> bool: ...
 
-    def quarantine(self, digest: Digest, opened: os.stat_result | None = None) -> bool: ...
+    def quarantine(self, digest: Digest, opened: Copy | None = None) -> bool: ...
 
     def on_disk(self) -> dict[str, tuple[int, float]]: ...
 
-    def sweep(self, *, dry_run: bool = False) -> int: ...
+    def sweep(self, *, dry_run: bool = False, now: float | None = None) -> int: ...
 
     def writable(self) -> bool: ...
+
+    async def reachable(self) -> bool: ...

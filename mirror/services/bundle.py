@@ -910,7 +910,8 @@ def _land(
                 partial.discard()
                 return False
             partial.written = member.size
-            run(engine.content.land(partial, digest))
+            if not run(engine.content.land(partial, digest)):
+                raise OSError(f"object storage did not take blob {digest}")
             return True
         except BaseException:
             partial.discard()

@@ -20,7 +20,7 @@ import asyncio
 import enum
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -41,6 +41,8 @@ log = structlog.get_logger(__name__)
 WRITE_BATCH = 1024 * 1024
 # How often a follower looks at another process's partial file.
 FOLLOW_POLL = 0.02
+# How often a follower asks object storage whether another replica's fill landed there.
+REMOTE_POLL = 0.2
 # How long closing waits for fills whose bytes are verified to land and be recorded.
 LANDING_WAIT = 5.0
 
@@ -76,6 +78,10 @@ class FillState(enum.Enum):
 
 class FillHandover(UpstreamError):
     """The process we followed went away before sending anything: start over."""
+
+
+class FillLandedElsewhere(FillHandover):
+    """Another replica's fill landed in object storage: start over, and read it there."""
 
 
 @dataclass(eq=False)
@@ -204,7 +210,7 @@ class Fills:
             self._done(fill)
             fill._finish(_as_registry_error(exc))
             raise
-        if lease is not None and self._content.present(fill.digest) is not None:
+        if lease is not None and await self._content.find(fill.digest) is not None:
             await lease.release()  # finished elsewhere while we asked: read the blob
             lease = None
         if lease is not None:
@@ -256,8 +262,8 @@ class Fills:
     async def _download(
         self, fill: Fill, client: Upstream, repository: str, lease: Lease
     ) -> bool:
-        """Fetch, verify and commit the blob: whether it landed. A failure is reported here,
-        and ends the fill."""
+        """Fetch, verify and commit the blob: whether it landed (and was stored). A failure
+        is reported here, and ends the fill."""
         partial: BlobWriter | None = None
         try:
             async with client.open_blob(repository, fill.digest) as response:
@@ -273,10 +279,10 @@ class Fills:
                 await asyncio.to_thread(partial.discard)
                 log.info("blob_not_kept", digest=str(fill.digest), size=fill.written)
                 return False
-            await self._content.land(
+            # False: object storage refused it, and its readers had it from the spool.
+            return await self._content.land(
                 partial, fill.digest, committed=lambda: self._committed(fill)
             )
-            return True
         except BaseException as exc:
             if fill.state is FillState.DONE:  # landed: only its record was cut short
                 raise
@@ -300,33 +306,32 @@ class Fills:
             return False
 
     async def _follow(self, fill: Fill, key: str) -> None:
-        """Stream another process's fill from its partial file, by polling its size."""
+        """Stream another process's fill from its partial file, by polling its size. A
+        replica that shares no disk with it waits for the blob to land in object storage."""
         progress_at = time.monotonic()
         try:
             while True:
-                if fill._fd is None:
-                    landed = self._content.open_landed(fill.digest)
-                    if landed is not None:
-                        fill._started(landed, os.fstat(landed).st_size)
-                holder = await self._coordinator.holder(key)
-                if fill._fd is None and holder and holder.get("partial"):
-                    fd = self._content.open_partial(fill.digest, str(holder["partial"]))
-                    if fd is not None:
-                        fill._started(fd, holder.get("size"))
+                holder = await self._open_source(fill, key)
+                if fill._fd is None and not self._content.local:
+                    if await self._content.find(fill.digest) is not None:
+                        raise FillLandedElsewhere("the blob landed in object storage")
+                    if holder is not None:
+                        progress_at = time.monotonic()  # its holder keeps its lease alive
                 if fill._fd is not None:
                     written = os.fstat(fill._fd).st_size
                     if written > fill.written:
                         fill._progress(written)
                         progress_at = time.monotonic()
-                    landed = self._content.present(fill.digest) is not None
-                    if landed and written == (fill.size or written):
+                    if written == (fill.size or written) and await self._landed_yet(fill):
                         fill.size = written
                         break
-                if holder is None and self._content.present(fill.digest) is None:
+                if holder is None and await self._content.find(fill.digest) is None:
                     raise FillHandover("the process filling this blob went away")
                 if time.monotonic() - progress_at > self._stall_timeout:
                     raise UpstreamError("the process filling this blob stalled")
-                await asyncio.sleep(FOLLOW_POLL)
+                await asyncio.sleep(
+                    FOLLOW_POLL if fill._fd is not None or self._content.local else REMOTE_POLL
+                )
             self._done(fill)
             fill._finish()
         except BaseException as exc:
@@ -334,6 +339,23 @@ class Fills:
             fill._finish(_as_registry_error(exc))
             if not isinstance(exc, Exception):
                 raise
+
+    async def _open_source(self, fill: Fill, key: str) -> Mapping[str, Any] | None:
+        """Open the landed blob, or else the holder's partial file, when there is none yet;
+        the lease's holder (None: nobody holds it)."""
+        if fill._fd is None:
+            landed = self._content.open_landed(fill.digest)
+            if landed is not None:
+                fill._started(landed, os.fstat(landed).st_size)
+        holder = await self._coordinator.holder(key)
+        if fill._fd is None and holder and holder.get("partial"):
+            fd = self._content.open_partial(fill.digest, str(holder["partial"]))
+            if fd is not None:
+                fill._started(fd, holder.get("size"))
+        return holder
+
+    async def _landed_yet(self, fill: Fill) -> bool:
+        return await self._content.find(fill.digest) is not None
 
 
 async def _copy(fill: Fill, partial: BlobWriter, content: aiohttp.StreamReader) -> None:

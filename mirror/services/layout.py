@@ -365,6 +365,15 @@ def hash_matches(member: Member, digest: Digest, progress: Callable[[int], None]
     return hasher.hexdigest() == digest.hex
 
 
+def _is_file(blob: BinaryIO) -> bool:
+    """Whether a blob is a file with a descriptor (not an object streamed from a bucket)."""
+    try:
+        blob.fileno()
+    except OSError:  # io.UnsupportedOperation
+        return False
+    return True
+
+
 def copy_range(
     source: int, offset: int, target: int, size: int, progress: Callable[[int], None]
 ) -> None:
@@ -444,7 +453,7 @@ class TarWriter:
         """Copy an open file of ``size`` bytes (it must not change meanwhile: blobs never do)."""
         self._write(self._info(name, size).tobuf(format=tarfile.PAX_FORMAT))
         left = size
-        if self._compressor is None:
+        if self._compressor is None and _is_file(blob):
             # The hashing thread reads the blob as the kernel copies it.
             self._hash.update_from(blob.fileno(), 0, size)
             copy_range(blob.fileno(), 0, self._file.fileno(), size, progress)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mirror.content.graph import BlobEntry
 from mirror.content.layer import Content
+from mirror.content.storage import Copy
 from mirror.domain.reference import Digest
 from mirror.engine import Engine
 
@@ -41,7 +41,7 @@ class GcReport:
 async def gc(engine: Engine, *, dry_run: bool, now: float | None = None) -> GcReport:
     now = time.time() if now is None else now
     report = GcReport()
-    report.partials = await engine.content.sweep(dry_run=dry_run)
+    report.partials = await engine.content.sweep(dry_run=dry_run, now=now)
     on_disk = await engine.content.on_disk()
     settled = [digest for digest, (_, mtime) in on_disk.items() if now - mtime > GRACE]
     content = engine.content
@@ -49,10 +49,10 @@ async def gc(engine: Engine, *, dry_run: bool, now: float | None = None) -> GcRe
         digest = Digest.parse(name)
         # Looked at again just before it goes: a copy landed since the listing is young.
         found = await content.inspect(digest)
-        if found is None or now - found.st_mtime <= GRACE:
+        if found is None or now - found.modified <= GRACE:
             continue
         if dry_run or await content.remove(digest, found):
-            report.blobs.append((name, found.st_size))
+            report.blobs.append((name, found.size))
     return report
 
 
@@ -77,7 +77,7 @@ async def verify(
     # disk listed or not among the records read, never reported missing.
     recorded = {entry.digest for entry in await _all_present(engine)}
     on_disk = await engine.content.on_disk()
-    corrupt_copies: dict[str, os.stat_result] = {}
+    corrupt_copies: dict[str, Copy] = {}
     for done, (name, (size, _)) in enumerate(sorted(on_disk.items()), start=1):
         digest = Digest.parse(name)
         hashed = await asyncio.to_thread(_hashes_to, engine.content, digest)
@@ -111,13 +111,13 @@ async def _all_present(engine: Engine) -> list[BlobEntry]:
     return entries
 
 
-def _hashes_to(content: Content, digest: Digest) -> tuple[bool, os.stat_result] | None:
+def _hashes_to(content: Content, digest: Digest) -> tuple[bool, Copy] | None:
     """Whether the file's content has ``digest``, and the copy that was read (the one a
     repair may remove); None when it is gone (evicted meanwhile)."""
     hasher = hashlib.new(digest.algorithm)
     try:
         with content.open(digest) as file:
-            copy = os.fstat(file.fileno())
+            copy = content.copy_of(file)
             while chunk := file.read(_READ):
                 hasher.update(chunk)
     except FileNotFoundError:

@@ -25,7 +25,7 @@ import enum
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import BinaryIO
@@ -38,6 +38,10 @@ from mirror.content.blobs import MemoryCopy
 from mirror.content.cached import CachedStore
 from mirror.content.layer import Content
 from mirror.content.protocols import REPOSITORY_MISSING, StoreUnavailable, blob_missing
+
+# What reading a stored blob raises when object storage fails: the web layer meets storage
+# only through the resolver's blobs.
+from mirror.content.storage import StorageError as StorageError  # noqa: PLC0414 - re-exported
 from mirror.domain.errors import (
     BlobUnknown,
     ManifestUnknown,
@@ -92,6 +96,10 @@ class CachedBlob:
     open: Callable[[], BinaryIO] | None
     size: int
     data: bytes | None = None  # the whole blob, when it is small enough to be kept in memory
+    # In object storage: bytes start..stop as they arrive; and, with redirects on, the
+    # presigned URL a client is sent to instead.
+    stream: Callable[[int, int], AsyncIterator[bytes]] | None = None
+    location: str | None = None
 
 
 class Resolver:
@@ -437,7 +445,10 @@ class Resolver:
             self.pulls.blob(str(digest))
             return CachedBlob(None, len(held), held)
         for _ in range(3):
-            size = self._content.present(digest)
+            size = await self._content.find(digest)
+            if size is not None and not self._content.local:
+                self.pulls.blob(str(digest))
+                return await self._stored_blob(digest, size)
             if size is not None:
                 self.pulls.blob(str(digest))
                 data = None
@@ -467,6 +478,19 @@ class Resolver:
             return fill
         raise UpstreamError(
             "the blob transfer could not be started", detail={"digest": str(digest)}
+        )
+
+    async def _stored_blob(self, digest: Digest, size: int) -> CachedBlob:
+        """A blob in object storage: from its copy in the hot tier when there is one (with
+        sendfile); else streamed from the bucket, or a presigned URL to it."""
+        if self._content.has_local(digest):
+            return CachedBlob(partial(self._content.open_local, digest), size)
+        self._content.warm(digest, size)
+        return CachedBlob(
+            partial(self._content.open, digest),
+            size,
+            stream=partial(self._content.chunks, digest),
+            location=await self._content.presign(digest),
         )
 
     def _small_blob(self, digest: Digest) -> bytes | None:

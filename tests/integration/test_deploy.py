@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mirror.config import ConfigError, Settings, load
+from mirror.config import Settings, load
 from mirror.content.redis_client import parse_sentinel_url
 from mirror.domain.units import parse_duration
 from tests.support.binaries import require_binary
@@ -165,9 +165,6 @@ def test_the_object_storage_config_keeps_the_base_settings(tmp_path: Path) -> No
     assert settings.data_dir == Path("/var/lib/mirror/data")
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ConfigError, reason="storage.s3 lands with the object-storage branch"
-)
 def test_the_object_storage_config_map_is_a_config_the_mirror_loads(tmp_path: Path) -> None:
     config = config_of(build(OBJECT_STORAGE))
     s3 = config["storage"]["s3"]
@@ -179,7 +176,7 @@ def test_the_object_storage_config_map_is_a_config_the_mirror_loads(tmp_path: Pa
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     settings = load({}, env={}, config_file=path)
-    storage = getattr(settings, "storage", None)  # settings.storage, once it exists
+    storage = settings.storage
     assert storage is not None
     assert (storage.bucket, storage.access_key_id, storage.secret_access_key) == (
         "mirror", "key-id", "secret",

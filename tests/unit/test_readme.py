@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mirror.cli.main import _DEFAULTS, _parser
 from mirror.config import _KEYS, ENV_PREFIX
+from mirror.storage_settings import S3_ENV_PREFIX
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,8 +53,8 @@ def test_the_readme_table_lists_every_setting_with_its_flag_env_and_default() ->
         assert any(flags[flag] == key for flag in named_flags) == spec.flag, (key, flag_cell)
         assert named_flags or flag_cell == "(none)", (key, flag_cell)
         own_env = f"{ENV_PREFIX}{key.upper()}"
-        named_env = set(re.findall(rf"{ENV_PREFIX}[A-Z_]+", env_cell))
-        assert {name.removeprefix(ENV_PREFIX).lower() for name in named_env} <= set(_KEYS)
+        named_env = set(re.findall(rf"{ENV_PREFIX}[A-Z0-9_]+", env_cell))
+        assert {_setting(name) for name in named_env} <= set(_KEYS)
         assert (own_env in named_env) == spec.env, (key, env_cell)
         assert named_env or env_cell == "(none)", (key, env_cell)
         assert default_cell, key
@@ -61,6 +62,14 @@ def test_the_readme_table_lists_every_setting_with_its_flag_env_and_default() ->
             # --help's default, up to its explanation after a colon, begins the cell.
             shown = _DEFAULTS[key].partition(":")[0]
             assert default_cell.replace("`", "").startswith(shown), (key, default_cell, shown)
+
+
+def _setting(variable: str) -> str:
+    """The setting an environment variable sets: nested ones (``MIRROR_STORAGE_S3_BUCKET``)
+    set a key of their mapping."""
+    if variable.startswith(S3_ENV_PREFIX):
+        return "storage"
+    return variable.removeprefix(ENV_PREFIX).lower()
 
 
 def test_config_example_has_a_line_for_every_setting() -> None:

@@ -50,12 +50,16 @@ async def readyz(request: web.Request) -> web.Response:
     upstreams: dict[str, Any] = {}
     for name, client in resolver.upstreams.items():
         upstreams[name] = asdict(await client.health())
+    reported = {"store": store}
+    if not engine.content.local:  # object storage down: blobs come from upstream, unstored
+        reported["storage"] = "ok" if await engine.content.reachable() else "degraded"
     ready = all(value == "ok" for value in checks.values())
-    status = "not ready" if not ready else "ready" if store == "ok" else "degraded"
+    healthy = all(value == "ok" for value in reported.values())
+    status = "not ready" if not ready else "ready" if healthy else "degraded"
     body = {
         "status": status,
         "offline": engine.settings.offline,
-        "checks": {**checks, "store": store},
+        "checks": {**checks, **reported},
         "upstreams": upstreams,
     }
     return web.json_response(body, status=200 if ready else 503, headers=_HEADERS)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -53,6 +53,37 @@ async def send_blob(
             return
         except SourceShrank:
             raise SourceShrank(os.fstat(file.fileno())) from None
+    await response.write_eof()
+
+
+async def send_stream(
+    request: web.Request, response: web.StreamResponse, chunks: AsyncIterator[bytes]
+) -> None:
+    """Answer with the bytes ``chunks`` yields (a blob in object storage), and end the
+    answer. The first piece is awaited before the answer begins, so a blob that is gone
+    (FileNotFoundError) or storage that fails (StorageError) is raised while another answer
+    can still be given; a failure later cuts the connection, as a shrunk file does."""
+    with request.app[TRANSFERS].running(request.transport) as transfer:
+        try:
+            data = await anext(chunks, b"")
+            await response.prepare(request)
+            sent = 0
+            while data:
+                await transfer.wait(response.write(data))
+                sent += len(data)
+                request[EXCHANGE].sent = sent
+                transfer.moved()
+                data = await anext(chunks, b"")
+        except ConnectionError:
+            return
+        except OSError:
+            if not response.prepared:
+                raise
+            if request.transport is not None:
+                request.transport.abort()  # the client must see a failed transfer
+            raise
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
     await response.write_eof()
 
 

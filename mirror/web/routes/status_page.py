@@ -85,6 +85,7 @@ PAGE = """<!doctype html>
   </section>
   <section>
     <h2>Disk</h2>
+    <div class="label muted" id="storage"></div>
     <div class="figures">
       <div class="figure"><div class="big" id="disk-used">-</div>
         <div class="label" id="disk-budget">cached blobs</div></div>
@@ -191,6 +192,8 @@ function draw(s) {
   const served = s.since_start.bytes_from_cache + s.since_start.bytes_from_upstream;
   $("cache-share").style.width = (served ? 100 * s.since_start.bytes_from_cache / served : 0) + "%";
   const disk = s.disk;
+  text("storage", disk.storage ? "blobs in bucket " + disk.storage.bucket + " at "
+       + disk.storage.endpoint + " (" + disk.storage.state + "); free space: the spool's" : "");
   text("disk-used", size(disk.used));
   text("disk-budget", disk.budget ? "cached blobs, of a " + size(disk.budget) + " budget"
                                   : "cached blobs (no budget set)");

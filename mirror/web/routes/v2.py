@@ -30,7 +30,7 @@ from mirror.domain.reference import DOCKER_HUB, Digest, Reference, normalize_nam
 from mirror.domain.rules import OPEN, Scope
 from mirror.services.fills import Fill, FillState
 from mirror.services.referrers import FILTERS_HEADER, filtered
-from mirror.services.resolver import CachedBlob
+from mirror.services.resolver import CachedBlob, StorageError
 from mirror.web.routes.access import screen, screen_resolved
 from mirror.web.routes.middleware import (
     API_VERSION,
@@ -39,7 +39,7 @@ from mirror.web.routes.middleware import (
     NOSNIFF_HEADER,
     add_route,
 )
-from mirror.web.routes.sending import SourceShrank, send_blob, sending
+from mirror.web.routes.sending import SourceShrank, send_blob, send_stream, sending
 from mirror.web.routes.state import EXCHANGE, REFERRERS, RESOLVER, SETTINGS, SIGNATURES, TRANSFERS
 
 log = structlog.get_logger(__name__)
@@ -217,6 +217,8 @@ async def _blob_body(
             return await _send_cached(request, digest, source, headers)
         except FileNotFoundError:
             continue  # deleted since it was found (by hand, say): fetch it again
+        except StorageError:
+            continue  # object storage failed before the answer: from upstream, unstored
     if isinstance(source, CachedBlob):
         raise BlobUnknown(detail={"digest": str(digest)})
     try:
@@ -247,6 +249,8 @@ async def _send_cached(
     if blob.data is not None:  # a small blob, from memory: one write
         request[EXCHANGE].cache = "hit"
         return _from_memory(request, headers, blob.data)
+    if blob.stream is not None:
+        return await _send_stored(request, blob, headers)
     assert blob.open is not None, "a blob not in memory has landed"
     response, start, stop = _ranged(request, headers, blob.size)
     try:
@@ -256,6 +260,27 @@ async def _send_cached(
         await _quarantine(request, digest, blob, shrank.copy)
         return response
     request[EXCHANGE].cache = "hit"
+    return response
+
+
+async def _send_stored(
+    request: web.Request, blob: CachedBlob, headers: Mapping[str, str]
+) -> web.StreamResponse:
+    """A blob in object storage: a redirect to it (a presigned URL), or its bytes streamed
+    from the bucket, the range passed on."""
+    request[EXCHANGE].cache = "hit"
+    if blob.location is not None:
+        redirect = web.Response(status=307, headers={**headers, "Location": blob.location})
+        redirect.headers.pop("Content-Type", None)
+        return redirect
+    assert blob.stream is not None
+    response, start, stop = _ranged(request, headers, blob.size)
+    try:
+        await send_stream(request, response, blob.stream(start, stop))
+    except StorageError as exc:
+        if not response.prepared:
+            raise
+        log.warning("blob_transfer_aborted", error=str(exc), sent=request[EXCHANGE].sent or 0)
     return response
 
 

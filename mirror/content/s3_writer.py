@@ -1,0 +1,184 @@
+"""A blob being written to object storage: spooled to the data dir for its readers, and
+uploaded part by part as the spool grows, on the event loop (the download never waits for
+the bucket). The upload is completed only at commit, which the writer calls after it checked
+the digest; anything else aborts it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from mirror.content.blobs import Partial
+from mirror.content.s3_client import CALL_TIMEOUT, describe
+from mirror.content.storage import StorageError
+from mirror.domain.reference import Digest
+
+if TYPE_CHECKING:
+    from mirror.content.s3 import S3Blobs
+
+log = structlog.get_logger(__name__)
+
+# Bytes per part of a multipart upload (S3's minimum is 5 MiB, all but the last part).
+PART_SIZE = 8 * 1024 * 1024
+# Parts of one blob uploading at once; each holds its bytes in memory while it does.
+UPLOADS_AT_ONCE = 4
+
+
+@dataclass(eq=False)
+class S3Writer:
+    """A blob being written: spooled locally for its readers, uploaded part by part."""
+
+    blobs: S3Blobs
+    digest: Digest
+    partial: Partial
+    written: int = 0
+    _uploaded_to: int = 0  # bytes handed to part uploads
+    _created: Future[str] | None = None  # the multipart upload's id, once it exists
+    _parts: list[Future[dict[str, Any]]] = field(default_factory=list)
+    _failed: BaseException | None = None
+    _slots: asyncio.Semaphore | None = None
+
+    @property
+    def fd(self) -> int:
+        return self.partial.fd
+
+    @property
+    def name(self) -> str:
+        return self.partial.name
+
+    def open_reader(self) -> int:
+        return self.partial.open_reader()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.partial.write(data)
+        self.written = self.partial.written
+        while self._failed is None and self.written - self._uploaded_to >= PART_SIZE:
+            self._start_part(self._uploaded_to, PART_SIZE)
+
+    def _start_part(self, start: int, length: int) -> None:
+        """Upload bytes ``start``..``start + length`` of the spool as the next part, on the
+        loop: the download never waits for the bucket."""
+        if self._created is None:
+            self._created = self.blobs._submit(self._create())
+        number = len(self._parts) + 1
+        part = self.blobs._submit(self._part(number, start, length))
+        part.add_done_callback(self._part_done)
+        self._parts.append(part)
+        self._uploaded_to = start + length
+
+    async def _create(self) -> str:
+        created = await self.blobs._client.create_multipart_upload(
+            Bucket=self.blobs.bucket, Key=self.blobs.key(self.digest)
+        )
+        return str(created["UploadId"])
+
+    async def _part(self, number: int, start: int, length: int) -> dict[str, Any]:
+        assert self._created is not None
+        upload_id = await asyncio.wrap_future(self._created)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(UPLOADS_AT_ONCE)
+        async with self._slots:
+            data = await asyncio.to_thread(os.pread, self.partial.fd, length, start)
+            answer = await self.blobs._client.upload_part(
+                Bucket=self.blobs.bucket,
+                Key=self.blobs.key(self.digest),
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=data,
+            )
+        return {"PartNumber": number, "ETag": answer["ETag"]}
+
+    def _part_done(self, part: Future[dict[str, Any]]) -> None:
+        if not part.cancelled() and part.exception() is not None:
+            self._fail(part.exception())  # type: ignore[arg-type]
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failed is None:
+            self._failed = exc
+            if not isinstance(exc, StorageError):
+                self.blobs._failed(exc)
+            log.warning(
+                "blob_not_stored", digest=str(self.digest), error=describe(exc), bucket=True
+            )
+
+    def commit(self) -> bool:
+        """Complete the upload (the writer checked the digest): whether the blob is in the
+        bucket now. When the bucket failed, its readers still finish from the spool, and
+        nothing is stored."""
+        try:
+            if self._failed is None:
+                self._complete()
+        except Exception as exc:
+            self._fail(exc)
+        stored = self._failed is None
+        if stored:
+            self.blobs._known[self.digest] = self.written
+            self._keep_hot()
+        else:
+            self._abort()
+        self.partial.discard()  # readers hold descriptors of their own on the spool
+        return stored
+
+    def _keep_hot(self) -> None:
+        """The spool is a verified copy: the hot tier keeps it, when it has room for it."""
+        hot = self.blobs.hot
+        if hot is not None and hot.fits(self.written):
+            try:
+                hot.take(self.partial, self.digest)
+            except OSError as exc:
+                log.info("hot_copy_not_kept", digest=str(self.digest), error=str(exc))
+
+    def _complete(self) -> None:
+        key = self.blobs.key(self.digest)
+        client = self.blobs._client
+        if self._created is None and self.written <= PART_SIZE:  # one PUT
+            data = os.pread(self.partial.fd, self.written, 0)
+            self.blobs._wait(client.put_object(Bucket=self.blobs.bucket, Key=key, Body=data))
+            return
+        # Parts not started yet: a writer that wrote the spool's descriptor itself (import).
+        while self.written - self._uploaded_to > PART_SIZE:
+            self._start_part(self._uploaded_to, PART_SIZE)
+        if self.written > self._uploaded_to:
+            self._start_part(self._uploaded_to, self.written - self._uploaded_to)
+        assert self._created is not None  # more than a part: started above if not before
+        upload_id = self._created.result(CALL_TIMEOUT)
+        parts = [part.result(CALL_TIMEOUT) for part in self._parts]
+        if self._failed is not None:
+            raise self._failed
+        self.blobs._wait(
+            client.complete_multipart_upload(
+                Bucket=self.blobs.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        )
+
+    def discard(self) -> None:
+        """The blob failed (or its digest did not match): nothing of it stays anywhere."""
+        try:
+            self._abort()
+        finally:
+            self.partial.discard()
+
+    def _abort(self) -> None:
+        created, self._created = self._created, None
+        if created is None:
+            return
+        for part in self._parts:
+            with contextlib.suppress(Exception):
+                part.result(CALL_TIMEOUT)
+        with contextlib.suppress(Exception):
+            upload_id = created.result(CALL_TIMEOUT)
+            self.blobs._wait(
+                self.blobs._client.abort_multipart_upload(
+                    Bucket=self.blobs.bucket, Key=self.blobs.key(self.digest), UploadId=upload_id
+                ),
+                timeout=30.0,
+            )

@@ -1,0 +1,599 @@
+"""Blobs in S3-compatible object storage: `mirror serve` on a real SeaweedFS bucket, in front
+of the fake Docker Hub (with its request log)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiobotocore.session import get_session
+from aiohttp import web
+from botocore.config import Config
+
+from mirror.config import load
+from mirror.engine import open_engine
+from mirror.services import maintenance
+from tests.support.binaries import require_binary
+from tests.support.fakehub import FakeHub
+from tests.support.mirror import metric_value
+from tests.support.oci import OCI_MANIFEST, make_image, make_layer, make_random_layer
+from tests.support.process import (
+    MirrorProcess,
+    dir_blobs_verified,
+    dir_manifest_digest,
+    skopeo_copy,
+)
+from tests.support.redis_server import RedisServer
+from tests.support.seaweedfs import ACCESS_KEY, READER_KEY, SECRET_KEY, SeaweedFS
+
+ACCEPT = {"Accept": OCI_MANIFEST}
+BUCKET = "mirror-blobs"
+
+
+@pytest.fixture(scope="module")
+def seaweedfs() -> Iterator[SeaweedFS]:
+    with SeaweedFS() as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(seaweedfs: SeaweedFS, request: pytest.FixtureRequest) -> str:
+    """A bucket of the test's own (the mirror creates it at start)."""
+    return f"t-{abs(hash(request.node.name)) % 10**12}"
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    with RedisServer(require_binary("redis-server")) as server:
+        yield server
+
+
+def s3_client(seaweedfs: SeaweedFS) -> object:
+    return get_session().create_client(
+        "s3",
+        endpoint_url=seaweedfs.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        config=Config(s3={"addressing_style": "path"}),
+    )
+
+
+async def objects(seaweedfs: SeaweedFS, bucket: str) -> dict[str, bytes]:
+    """Every object in the bucket: key -> bytes."""
+    found: dict[str, bytes] = {}
+    async with s3_client(seaweedfs) as client:  # type: ignore[attr-defined]
+        listed = await client.list_objects_v2(Bucket=bucket)
+        for item in listed.get("Contents", ()):
+            answer = await client.get_object(Bucket=bucket, Key=item["Key"])
+            found[item["Key"]] = await answer["Body"].read()
+    return found
+
+
+def blob_files(data_dir: Path) -> list[Path]:
+    return [p for p in data_dir.rglob("*") if p.is_file() and len(p.name) >= 64]
+
+
+@pytest_asyncio.fixture
+async def served(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, tmp_path: Path
+) -> AsyncIterator[MirrorProcess]:
+    process = MirrorProcess(tmp_path / "data", fake_hub.url, env=seaweedfs.env(bucket))
+    await asyncio.to_thread(process.start)
+    yield process
+    await asyncio.to_thread(process.stop)
+
+
+async def get(session: aiohttp.ClientSession, url: str, **headers: str) -> tuple[int, bytes]:
+    async with session.get(url, headers={**ACCEPT, **headers}) as response:
+        return response.status, await response.read()
+
+
+async def test_a_pull_lands_the_blobs_in_the_bucket_and_none_in_the_data_dir(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, served: MirrorProcess
+) -> None:
+    big = make_random_layer(20 * 1024 * 1024, seed=5)  # three parts of a multipart upload
+    small = make_layer(b"config-ish" * 100)
+    image = make_image([big, small])
+    fake_hub.add_image("library/app", "1.0", image)
+    async with aiohttp.ClientSession() as session:
+        status, body = await get(session, f"{served.url}/v2/app/manifests/1.0")
+        assert (status, body) == (200, image.manifest)
+        for layer in (big, small):
+            status, body = await get(session, f"{served.url}/v2/app/blobs/{layer.digest}")
+            assert status == 200
+            assert hashlib.sha256(body).hexdigest() == layer.digest.removeprefix("sha256:")
+        stored = await objects(seaweedfs, bucket)
+        for layer in (big, small):
+            assert stored[f"blobs/sha256/{layer.digest.removeprefix('sha256:')}"] == layer.data
+        assert blob_files(served.data_dir) == []
+
+        fake_hub.clear_log()
+        status, body = await get(
+            session, f"{served.url}/v2/app/blobs/{big.digest}", Range="bytes=100-199"
+        )
+        assert (status, body) == (206, big.data[100:200])
+        assert fake_hub.count("GET", "cdn") == 0  # from the bucket
+        async with session.get(f"{served.url}/metrics") as response:
+            page = await response.text()
+        for op in ("upload_part", "complete_multipart_upload", "put_object", "get_object"):
+            assert (
+                metric_value(page, "mirror_storage_requests_total", op=op, result="ok") or 0
+            ) >= 1, op
+        assert metric_value(page, "mirror_storage_request_duration_seconds_count", op="get_object")
+
+
+async def test_a_bad_upstream_blob_never_becomes_an_object(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, served: MirrorProcess
+) -> None:
+    layer = make_random_layer(12 * 1024 * 1024, seed=9)
+    image = make_image([layer])
+    fake_hub.add_image("library/app", "1.0", image)
+    fake_hub.corrupt_next_blob = True
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await get(session, f"{served.url}/v2/app/blobs/{layer.digest}")
+    assert await objects(seaweedfs, bucket) == {}
+    async with s3_client(seaweedfs) as client:  # type: ignore[attr-defined]
+        uploads = await client.list_multipart_uploads(Bucket=bucket)
+    assert uploads.get("Uploads", []) == []  # aborted, not left behind
+
+
+async def test_two_replicas_on_one_bucket_fetch_each_blob_once(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, redis: RedisServer, tmp_path: Path
+) -> None:
+    layer = make_random_layer(10 * 1024 * 1024, seed=31)
+    image = make_image([layer])
+    fake_hub.add_image("library/app", "1.0", image)
+    fake_hub.blob_delay_per_chunk = 0.003  # a slow upstream: the pulls overlap
+    pair = [
+        MirrorProcess(
+            tmp_path / f"data-{name}",
+            fake_hub.url,
+            "--redis-url",
+            redis.url(),
+            env=seaweedfs.env(bucket),
+            name=name,
+        )
+        for name in ("a", "b")
+    ]
+    for process in pair:
+        await asyncio.to_thread(process.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            urls = [f"{p.url}/v2/app/blobs/{layer.digest}" for p in pair * 3]
+            results = await asyncio.gather(*(get(session, url) for url in urls))
+            assert [status for status, _ in results] == [200] * 6
+            assert all(body == layer.data for _, body in results)
+            assert fake_hub.count("GET", "cdn") == 1
+
+            fake_hub.clear_log()
+            for process in pair:
+                status, body = await get(session, f"{process.url}/v2/app/blobs/{layer.digest}")
+                assert (status, body) == (200, layer.data)
+            assert fake_hub.count("GET", "cdn") == 0
+        for process in pair:
+            assert blob_files(process.data_dir) == []
+    finally:
+        for process in pair:
+            await asyncio.to_thread(process.stop)
+
+
+def mirror_command(
+    data_dir: Path, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``python -m mirror ARGS --data-dir DIR`` with the storage's environment."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MIRROR_", "AWS_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "mirror", *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, **env},
+        check=False,
+    )
+
+
+async def test_verify_finds_an_object_whose_bytes_were_replaced_and_repair_fixes_it(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, served: MirrorProcess
+) -> None:
+    layer = make_random_layer(1024 * 1024, seed=12)
+    image = make_image([layer])
+    fake_hub.add_image("library/app", "1.0", image)
+    key = f"blobs/sha256/{layer.digest.removeprefix('sha256:')}"
+    async with aiohttp.ClientSession() as session:
+        await get(session, f"{served.url}/v2/app/manifests/1.0")
+        assert await get(session, f"{served.url}/v2/app/blobs/{layer.digest}") == (200, layer.data)
+        async with s3_client(seaweedfs) as client:  # type: ignore[attr-defined]
+            await client.put_object(Bucket=bucket, Key=key, Body=b"x" * len(layer.data))
+        env = seaweedfs.env(bucket)
+
+        checked = await asyncio.to_thread(mirror_command, served.data_dir, env, "verify")
+        assert checked.returncode == 1, checked.stderr
+        assert f"corrupt {layer.digest}: needed by docker.io/library/app" in checked.stdout
+        repaired = await asyncio.to_thread(
+            mirror_command, served.data_dir, env, "verify", "--repair"
+        )
+        assert "1 taken out of service" in repaired.stdout, repaired.stderr
+        assert key not in await objects(seaweedfs, bucket)
+
+        fake_hub.clear_log()
+        assert await get(session, f"{served.url}/v2/app/blobs/{layer.digest}") == (200, layer.data)
+        assert fake_hub.count("GET", "cdn") == 1  # fetched again, whole
+        again = await asyncio.to_thread(mirror_command, served.data_dir, env, "verify")
+        assert again.returncode == 0, again.stdout
+
+
+async def test_the_budget_holds_on_the_bucket(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, tmp_path: Path
+) -> None:
+    layers = [make_random_layer(3 * 1024 * 1024, seed=40 + n) for n in range(4)]
+    for n, layer in enumerate(layers):
+        fake_hub.add_image(f"library/app{n}", "1.0", make_image([layer]))
+    process = MirrorProcess(
+        tmp_path / "data", fake_hub.url, "--max-cache-size", "7MiB", env=seaweedfs.env(bucket)
+    )
+    await asyncio.to_thread(process.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for n, layer in enumerate(layers):
+                await get(session, f"{process.url}/v2/app{n}/manifests/1.0")
+                url = f"{process.url}/v2/app{n}/blobs/{layer.digest}"
+                assert await get(session, url) == (200, layer.data)
+        for _ in range(200):  # each landing starts an eviction pass
+            stored = await objects(seaweedfs, bucket)
+            if sum(len(data) for data in stored.values()) <= 7 * 1024 * 1024:
+                break
+            await asyncio.sleep(0.1)
+        assert sum(len(data) for data in stored.values()) <= 7 * 1024 * 1024
+        newest = f"blobs/sha256/{layers[-1].digest.removeprefix('sha256:')}"
+        assert stored[newest] == layers[-1].data  # least recently pulled go first
+    finally:
+        await asyncio.to_thread(process.stop)
+
+
+async def test_with_the_storage_down_manifests_answer_and_blobs_come_from_upstream(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    cached = make_random_layer(2 * 1024 * 1024, seed=51)
+    fresh = make_random_layer(2 * 1024 * 1024, seed=52)
+    image = make_image([cached])
+    fake_hub.add_image("library/app", "1.0", image)
+    fake_hub.add_image("library/other", "1.0", make_image([fresh]))
+    with SeaweedFS() as storage:
+        process = MirrorProcess(tmp_path / "data", fake_hub.url, env=storage.env("outage"))
+        await asyncio.to_thread(process.start)
+        try:
+            async with aiohttp.ClientSession() as session:
+                manifest_url = f"{process.url}/v2/app/manifests/1.0"
+                blob_url = f"{process.url}/v2/app/blobs/{cached.digest}"
+                assert await get(session, manifest_url) == (200, image.manifest)
+                assert await get(session, blob_url) == (200, cached.data)
+
+                await asyncio.to_thread(storage.stop)
+                fake_hub.clear_log()
+                assert await get(session, manifest_url) == (200, image.manifest)
+                assert await get(session, blob_url) == (200, cached.data)
+                assert fake_hub.count("GET", "cdn") == 1  # streamed from upstream, unstored
+                async with session.get(f"{process.url}/readyz") as response:
+                    ready = await response.json()
+                assert (response.status, ready["status"]) == (200, "degraded")
+                assert ready["checks"]["storage"] == "degraded"
+                async with session.get(f"{process.url}/status.json") as response:
+                    shown = (await response.json())["disk"]["storage"]
+                assert shown == {
+                    "bucket": "outage",
+                    "endpoint": storage.endpoint,
+                    "state": "degraded",
+                }
+                async with session.get(f"{process.url}/metrics") as response:
+                    page = await response.text()
+                lost = metric_value(
+                    page, "mirror_storage_requests_total", op="get_object", result="unreachable"
+                )
+                assert lost == 1  # one call (its retries within), then the bucket is left alone
+
+                await asyncio.to_thread(storage.start)
+                for _ in range(100):  # the next probe finds it back
+                    async with session.get(f"{process.url}/readyz") as response:
+                        if (await response.json())["status"] == "ready":
+                            break
+                    await asyncio.sleep(0.1)
+                url = f"{process.url}/v2/other/blobs/{fresh.digest}"
+                await get(session, f"{process.url}/v2/other/manifests/1.0")
+                assert await get(session, url) == (200, fresh.data)
+                key = f"blobs/sha256/{fresh.digest.removeprefix('sha256:')}"
+                assert (await objects(storage, "outage"))[key] == fresh.data
+        finally:
+            await asyncio.to_thread(process.stop)
+
+
+async def test_redirect_mode_sends_clients_to_the_bucket_and_skopeo_follows(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, tmp_path: Path
+) -> None:
+    require_binary("skopeo")
+    layer = make_random_layer(1024 * 1024, seed=61)
+    image = make_image([layer])
+    fake_hub.add_image("library/app", "1.0", image)
+    env = {**seaweedfs.env(bucket), "MIRROR_STORAGE_S3_REDIRECT": "true"}
+    with MirrorProcess(tmp_path / "data", fake_hub.url, env=env) as process:
+        await skopeo_copy(f"{process.host}/app:1.0", tmp_path / "first")
+        async with aiohttp.ClientSession() as session:
+            url = f"{process.url}/v2/app/blobs/{layer.digest}"
+            async with session.get(url, allow_redirects=False) as response:
+                assert response.status == 307
+                assert response.headers["Location"].startswith(f"{seaweedfs.endpoint}/{bucket}/")
+            async with session.get(url) as response:  # followed: the bucket answers
+                assert (response.status, await response.read()) == (200, layer.data)
+        fake_hub.clear_log()
+        await skopeo_copy(f"{process.host}/app:1.0", tmp_path / "second")
+        assert dir_manifest_digest(tmp_path / "second") == image.digest
+        assert dir_blobs_verified(tmp_path / "second") == 2  # the layer and the config
+        assert fake_hub.count("GET", "cdn") == 0
+
+
+async def test_gc_aborts_multipart_uploads_abandoned_for_over_an_hour(
+    fake_hub: FakeHub,
+    seaweedfs: SeaweedFS,
+    bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = seaweedfs.env(bucket)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the standard variables
+        monkeypatch.setenv(name, env.pop(name))
+    settings = load({"data_dir": str(tmp_path / "data"), "upstream": fake_hub.url}, env=env)
+    key = "blobs/sha256/" + "ab" * 32
+    async with open_engine(settings) as engine, s3_client(seaweedfs) as client:  # type: ignore[attr-defined]
+        await client.create_multipart_upload(Bucket=bucket, Key=key)
+        young = await maintenance.gc(engine, dry_run=False)
+        assert young.partials == 0  # a crash is not told from a slow upload so soon
+        later = await maintenance.gc(engine, dry_run=False, now=time.time() + 2 * 3600)
+        assert later.partials == 1
+        uploads = await client.list_multipart_uploads(Bucket=bucket)
+        assert uploads.get("Uploads", []) == []
+
+
+def test_wrong_credentials_or_an_uncreatable_bucket_stop_the_start_in_one_line(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, tmp_path: Path
+) -> None:
+    wrong = {**seaweedfs.env("mirror-start"), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    refused = mirror_command(tmp_path / "a", wrong, "serve", "--upstream", fake_hub.url)
+    assert refused.returncode == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    assert "refused the credentials for bucket 'mirror-start'" in lines[0]
+
+    reader = {**seaweedfs.env("mirror-never"), "AWS_ACCESS_KEY_ID": READER_KEY}
+    missing = mirror_command(tmp_path / "b", reader, "serve", "--upstream", fake_hub.url)
+    assert missing.returncode == 1
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1, missing.stderr
+    assert "bucket 'mirror-never' is missing and could not be created" in lines[0]
+
+
+async def test_with_the_storage_hanging_a_pull_still_succeeds_from_upstream(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    cached = make_random_layer(2 * 1024 * 1024, seed=71)
+    image = make_image([cached])
+    fake_hub.add_image("library/app", "1.0", image)
+    with SeaweedFS() as storage:
+        process = MirrorProcess(
+            tmp_path / "data",
+            fake_hub.url,
+            "--request-timeout",
+            "1",  # how long a call to the bucket may go unanswered
+            env=storage.env("hanging"),
+        )
+        await asyncio.to_thread(process.start)
+        try:
+            async with aiohttp.ClientSession() as session:
+                manifest_url = f"{process.url}/v2/app/manifests/1.0"
+                blob_url = f"{process.url}/v2/app/blobs/{cached.digest}"
+                assert await get(session, manifest_url) == (200, image.manifest)
+                assert await get(session, blob_url) == (200, cached.data)
+
+                storage.pause()
+                fake_hub.clear_log()
+                async with session.head(blob_url) as response:  # from memory, not the bucket
+                    assert response.status == 200
+                    assert response.headers["Content-Length"] == str(len(cached.data))
+                assert fake_hub.requests() == []
+                assert await get(session, manifest_url) == (200, image.manifest)
+                assert await get(session, blob_url) == (200, cached.data)
+                assert fake_hub.count("GET", "cdn") == 1
+                async with session.get(f"{process.url}/readyz") as response:
+                    assert (await response.json())["checks"]["storage"] == "degraded"
+
+                storage.resume()
+                for _ in range(100):
+                    async with session.get(f"{process.url}/readyz") as response:
+                        if (await response.json())["status"] == "ready":
+                            break
+                    await asyncio.sleep(0.1)
+                fake_hub.clear_log()
+                assert await get(session, blob_url) == (200, cached.data)
+                assert fake_hub.count("GET", "cdn") == 0  # from the bucket again
+        finally:
+            storage.resume()
+            await asyncio.to_thread(process.stop)
+
+
+async def test_seed_and_export_from_one_bucket_import_into_another(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, tmp_path: Path
+) -> None:
+    big = make_random_layer(20 * 1024 * 1024, seed=81)  # more than a part
+    image = make_image([big, make_layer(b"small layer" * 50)])
+    fake_hub.add_image("library/app", "1.0", image)
+    connected, offline = seaweedfs.env(bucket), seaweedfs.env(f"{bucket}-offline")
+    upstream = ("--upstream", fake_hub.url)
+    seeded = await asyncio.to_thread(
+        mirror_command, tmp_path / "connected", connected, "seed", *upstream, "app:1.0"
+    )
+    assert seeded.returncode == 0, seeded.stderr
+    bundle = tmp_path / "bundle.tar"
+    exported = await asyncio.to_thread(
+        mirror_command, tmp_path / "connected", connected, "export", "--output", str(bundle)
+    )
+    assert exported.returncode == 0, exported.stderr
+    imported = await asyncio.to_thread(
+        mirror_command, tmp_path / "offline", offline, "import", str(bundle)
+    )
+    assert imported.returncode == 0, imported.stderr
+    stored = await objects(seaweedfs, f"{bucket}-offline")
+    for layer in image.blobs:
+        assert stored[f"blobs/sha256/{layer.digest.removeprefix('sha256:')}"] == layer.data
+    assert blob_files(tmp_path / "offline") == []
+
+    fake_hub.clear_log()
+    with MirrorProcess(tmp_path / "offline", fake_hub.url, "--offline", env=offline) as served:
+        destination = tmp_path / "pulled"
+        await skopeo_copy(f"{served.host}/app:1.0", destination)
+        assert dir_manifest_digest(destination) == image.digest
+        assert dir_blobs_verified(destination) == 3
+    assert fake_hub.requests() == []
+
+
+async def test_the_hot_tier_keeps_blobs_in_the_data_dir_up_to_its_size(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    small = make_random_layer(2 * 1024 * 1024, seed=91)
+    large = make_random_layer(5 * 1024 * 1024, seed=92)  # more than the whole tier
+    image = make_image([small, large])
+    fake_hub.add_image("library/app", "1.0", image)
+    with SeaweedFS() as storage:
+        env = {**storage.env("hot"), "MIRROR_STORAGE_S3_LOCAL_CACHE_SIZE": "4MiB"}
+        filler = MirrorProcess(tmp_path / "filler", fake_hub.url, env=env, name="filler")
+        other = MirrorProcess(tmp_path / "other", fake_hub.url, env=env, name="other")
+        await asyncio.to_thread(filler.start)
+        await asyncio.to_thread(other.start)
+        try:
+            async with aiohttp.ClientSession() as session:
+                await get(session, f"{filler.url}/v2/app/manifests/1.0")
+                for layer in (small, large):
+                    url = f"{filler.url}/v2/app/blobs/{layer.digest}"
+                    assert await get(session, url) == (200, layer.data)
+                hot = {path.name for path in blob_files(filler.data_dir / "hot")}
+                assert hot == {small.digest.removeprefix("sha256:")}
+                assert blob_files(filler.data_dir / "spool") == []
+
+                # The other replica reads the bucket once, then keeps a copy of its own.
+                await get(session, f"{other.url}/v2/app/manifests/1.0")
+                url = f"{other.url}/v2/app/blobs/{small.digest}"
+                assert await get(session, url) == (200, small.data)
+                kept = other.data_dir / "hot" / "sha256" / small.digest[7:9] / small.digest[7:]
+                for _ in range(200):  # copied in the background
+                    if kept.exists():
+                        break
+                    await asyncio.sleep(0.05)
+                assert kept.read_bytes() == small.data
+
+                storage.pause()  # from the data dir now: the bucket is not asked
+                fake_hub.clear_log()
+                for process in (filler, other):
+                    url = f"{process.url}/v2/app/blobs/{small.digest}"
+                    assert await get(session, url, Range="bytes=10-19") == (206, small.data[10:20])
+                    assert await get(session, url) == (200, small.data)
+                assert fake_hub.requests() == []
+        finally:
+            storage.resume()
+            for process in (filler, other):
+                await asyncio.to_thread(process.stop)
+
+
+class SlowingProxy:
+    """A loopback proxy in front of the S3 server that answers the next ``slowdowns``
+    requests for blob objects with 503 SlowDown, as a busy S3 does, and forwards the rest
+    untouched (the Host header too, which the signature covers)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.slowdowns = 0
+        self.refused = 0
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.slowdowns > 0 and "/blobs/" in request.path:
+            self.slowdowns -= 1
+            self.refused += 1
+            await request.read()
+            body = (
+                b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
+            )
+            return web.Response(status=503, body=body, content_type="application/xml")
+        assert self._session is not None
+        async with self._session.request(
+            request.method,
+            self.target + request.path_qs,
+            headers={k: v for k, v in request.headers.items() if k.lower() != "transfer-encoding"},
+            data=await request.read(),
+            allow_redirects=False,
+        ) as answer:
+            body = await answer.read()
+            headers = {
+                k: v
+                for k, v in answer.headers.items()
+                if k.lower() not in ("transfer-encoding", "content-length", "content-encoding")
+            }
+            return web.Response(status=answer.status, body=body, headers=headers)
+
+
+async def test_slow_down_answers_are_retried_and_no_client_sees_them(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, tmp_path: Path
+) -> None:
+    layer = make_random_layer(12 * 1024 * 1024, seed=101)  # two parts
+    image = make_image([layer])
+    fake_hub.add_image("library/app", "1.0", image)
+    proxy = SlowingProxy(seaweedfs.endpoint)
+    await proxy.start()
+    env = {**seaweedfs.env(bucket), "MIRROR_STORAGE_S3_ENDPOINT": proxy.url}
+    process = MirrorProcess(tmp_path / "data", fake_hub.url, env=env)
+    try:
+        await asyncio.to_thread(process.start)
+        async with aiohttp.ClientSession() as session:
+            await get(session, f"{process.url}/v2/app/manifests/1.0")
+            proxy.slowdowns = 2  # the first part upload is refused twice
+            url = f"{process.url}/v2/app/blobs/{layer.digest}"
+            assert await get(session, url) == (200, layer.data)
+            key = f"blobs/sha256/{layer.digest.removeprefix('sha256:')}"
+            assert (await objects(seaweedfs, bucket))[key] == layer.data  # stored all the same
+
+            proxy.slowdowns = 2  # and the reads from the bucket
+            fake_hub.clear_log()
+            assert await get(session, url) == (200, layer.data)
+            assert fake_hub.count("GET", "cdn") == 0
+            assert proxy.refused == 4
+            async with session.get(f"{process.url}/readyz") as response:
+                assert (await response.json())["status"] == "ready"
+    finally:
+        await asyncio.to_thread(process.stop)
+        await proxy.close()
