@@ -8,6 +8,7 @@ Tests and embedding programs swap collaborators through :class:`Overrides`.
     Engine
     ├── store        metadata (manifests, tags, negative answers): embedded SQLite or Redis,
     │                behind the in-process CachedStore
+    ├── health       one verdict on that store, shared by everything on its Redis; one probe
     ├── blobs        blob files on disk by digest
     ├── coordinator  leases across workers (flock) and replicas (Redis)
     ├── fills        blob downloads shared by their readers
@@ -37,6 +38,7 @@ from mirror.content.layer import Content
 from mirror.content.protocols import MetadataStore
 from mirror.content.redis_store import RedisStore
 from mirror.domain.reference import Digest
+from mirror.health import StoreHealth
 from mirror.metrics import Metrics
 from mirror.services.background import Background
 from mirror.services.clients import PerClient
@@ -108,23 +110,28 @@ async def open_engine(
     async with AsyncExitStack() as stack:
         blobs = await asyncio.to_thread(_open_blobs, settings, sweep=background)
         inner = overrides.store or await _open_store(settings)
+        # One Redis, one verdict on it: the store, its graph, the leases and the upstreams'
+        # shared state all follow it, and its one probe pings through the store's client.
+        health = StoreHealth(inner.ping, clock=clock)
         store = CachedStore(
             inner,
             max_entries=settings.manifest_cache_size,
             max_bytes=settings.manifest_cache_bytes,
             tag_ttl=settings.tag_ttl,
             clock=clock,
+            health=health,
         )
         stack.push_async_callback(store.close)
-        coordinator = await asyncio.to_thread(_coordinator, settings, inner)
+        stack.push_async_callback(health.close)  # the probe stops before the store closes
+        coordinator = await asyncio.to_thread(_coordinator, settings, inner, health)
         stack.push_async_callback(coordinator.close)
-        if isinstance(coordinator, RedisCoordinator):  # one Redis: one verdict on its health
-            coordinator.on_down, store.on_down = store.failed, coordinator.failed
         if isinstance(inner, RedisStore) and inner.unreachable is not None:
-            store.failed(inner.unreachable)
+            health.failed(inner.unreachable)
         errors = RecentErrors(settings.data_dir / "run", clock=clock.time)
         upstreams = await stack.enter_async_context(
-            _upstreams(settings, metrics, coordinator, overrides, errors, clock=clock)
+            _upstreams(
+                settings, metrics, coordinator, overrides, errors, health=health, clock=clock
+            )
         )
         budget = Budget(
             settings.max_cache_size,
@@ -209,6 +216,7 @@ async def _upstreams(
     overrides: Overrides,
     errors: RecentErrors,
     *,
+    health: StoreHealth,
     clock: Clock,
 ) -> AsyncIterator[dict[str, Upstream]]:
     """One client per upstream registry, sharing one HTTP session; or, offline, the
@@ -223,7 +231,7 @@ async def _upstreams(
             # A session each: the registry, its token realm and its CDN share its trust.
             session = _upstream_session(settings, upstream)
             stack.push_async_callback(session.close)
-            shared = _shared_state(settings, coordinator, name)
+            shared = _shared_state(settings, coordinator, health, name)
             client = UpstreamClient(
                 name,
                 upstream.url,
@@ -273,19 +281,21 @@ async def _open_store(settings: Settings) -> MetadataStore:
     return await EmbeddedStore.open(settings.data_dir)
 
 
-def _shared_state(settings: Settings, coordinator: Coordinator, upstream: str) -> UpstreamState:
+def _shared_state(
+    settings: Settings, coordinator: Coordinator, health: StoreHealth, upstream: str
+) -> UpstreamState:
     """Where the processes of the site share an upstream's quota and circuit state."""
     on_host = FileState(settings.data_dir / "run", upstream)
     if isinstance(coordinator, RedisCoordinator):
-        return RedisState(coordinator.client, upstream, on_host, coordinator)
+        return RedisState(coordinator.client, upstream, on_host, health)
     return on_host
 
 
-def _coordinator(settings: Settings, store: MetadataStore) -> Coordinator:
+def _coordinator(settings: Settings, store: MetadataStore, health: StoreHealth) -> Coordinator:
     local = LocalCoordinator(settings.data_dir / "locks")
     if isinstance(store, RedisStore):
         scope = data_dir_identity(settings.data_dir)
-        return RedisCoordinator(store.client, local, scope=scope)
+        return RedisCoordinator(store.client, local, scope=scope, health=health)
     return local
 
 
