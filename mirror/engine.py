@@ -152,6 +152,7 @@ async def open_engine(
             interval=overrides.eviction_interval,
             before_pass=pulls.flush,
         )
+        health.when_back(evictor.realign)  # blob records of the outage were dropped
 
         async def stored(digest: Digest, size: int) -> None:
             evictor.poke()
