@@ -242,5 +242,5 @@ class _GuardedGraph:
     async def unreferenced(self, digests: Sequence[str]) -> set[str]:
         return await self._store._guarded(self._inner.unreferenced(digests))
 
-    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> None:
-        await self._store._guarded(self._inner.reconcile(on_disk))
+    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> list[str]:
+        return await self._store._guarded(self._inner.reconcile(on_disk))

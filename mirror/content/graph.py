@@ -97,8 +97,9 @@ class ContentGraph(Protocol):
         """Those of ``digests`` that no manifest references."""
         ...
 
-    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> None:
+    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> list[str]:
         """Align blob records with the disk: ``on_disk`` maps every blob file present to its
-        (size, modification time); records of blobs not in it are marked absent. Leaves the
-        mark :attr:`Usage.reconciled` looks for."""
+        (size, modification time); records of blobs not in it are marked absent, and
+        returned (the caller looks at the disk again: one may have landed since the walk).
+        Leaves the mark :attr:`Usage.reconciled` looks for."""
         ...

@@ -287,7 +287,7 @@ class RedisGraph:
         return {digest for digest, exists in zip(digests, found, strict=True) if not exists}
 
     @_unavailable
-    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> None:
+    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> list[str]:
         pulled = await self._take_over_unscoped()
         present = await self._redis.zrange(self._lru, 0, -1)
         gone = [digest for digest in (_text(member) for member in present) if digest not in on_disk]
@@ -295,6 +295,7 @@ class RedisGraph:
         for digest, (size, mtime) in on_disk.items():
             await self.blob_stored(digest, size, max(mtime, pulled.get(digest, mtime)))
         await self._redis.hset(self._usage, "reconciled", "1")
+        return gone
 
     async def _take_over_unscoped(self) -> dict[str, float]:
         """The last pulls in blob records written before records were scoped (digest ->

@@ -209,7 +209,10 @@ async def test_a_reconciled_graph_says_so(store: MetadataStore) -> None:
     """Eviction trusts the counts only after a reconcile: a graph that lost its records
     (a Redis restarted empty) must not claim to be aligned with the disk."""
     graph = store.graph
-    await graph.reconcile({"sha256:" + "4" * 64: (10, 1.0)})
+    left = "sha256:" + "6" * 64
+    await graph.blob_stored(left, 5, at=1.0)
+    # What it marks absent is said, so the caller can look again (a fill may have landed it).
+    assert await graph.reconcile({"sha256:" + "4" * 64: (10, 1.0)}) == [left]
     await graph.blob_stored("sha256:" + "5" * 64, 20, at=2.0)
     usage = await graph.usage()
     assert (usage, usage.reconciled) == (Usage(2, 30), True)

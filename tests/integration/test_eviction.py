@@ -13,8 +13,10 @@ from pathlib import Path
 from unittest.mock import patch
 
 import aiohttp
+import pytest
 from redis.asyncio import Redis
 
+from mirror.config import Settings
 from mirror.content.blobs import BlobStore
 from mirror.content.graph import BlobEntry
 from mirror.domain.pins import Pin
@@ -482,3 +484,50 @@ async def test_blobs_that_landed_while_redis_was_down_are_evictable_after_it_is_
         finally:
             redis.close()
             server.close()
+
+
+@pytest.mark.parametrize("store", ["embedded", "redis"])
+async def test_a_blob_that_lands_while_the_graph_is_reconciled_stays_counted(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock, store: str
+) -> None:
+    """Reconciling now happens while serving (after a Redis outage, or a Redis that lost
+    its keys): a blob that lands between the walk of the disk and the graph's update must
+    not be recorded absent, or it is on disk, counted nowhere, never evicted."""
+    early, late = image_of(90), image_of(91)
+    fake_hub.add_image("library/early", "latest", early)
+    fake_hub.add_image("library/late", "latest", late)
+    with contextlib.ExitStack() as stack:
+        changes = {}
+        if store == "redis":
+            redis = stack.enter_context(RedisServer(require_binary("redis-server")))
+            changes["redis_url"] = redis.url()
+        settings = settings_for(fake_hub.url, tmp_path / "data", **changes)
+        await reconcile_while_a_blob_lands(settings, clock, early, late)
+
+
+async def reconcile_while_a_blob_lands(
+    settings: Settings, clock: FakeClock, early: Image, late: Image
+) -> None:
+    async with RunningMirror(settings, clock=clock, eviction_interval=3600) as mirror:
+        await pull(mirror, "early", early)
+        await evict(mirror)
+        content, graph = mirror.engine.content, mirror.engine.store.graph
+        walk = content.on_disk
+
+        async def a_landing_after_the_walk() -> dict[str, tuple[int, float]]:
+            walked = await walk()
+            await pull(mirror, "late", late)
+            for _ in range(500):  # its fill records it once its client has every byte
+                if (await graph.usage()).blobs == len(early.blobs) + len(late.blobs):
+                    break
+                await asyncio.sleep(0.01)
+            return walked
+
+        async with no_pass_running(mirror):
+            content.on_disk = a_landing_after_the_walk  # type: ignore[method-assign]
+            await content.reconcile()
+            content.on_disk = walk  # type: ignore[method-assign]
+            disk = await asyncio.to_thread(mirror.engine.blobs.on_disk)
+            usage = await graph.usage()
+        assert usage.bytes == sum(size for size, _ in disk.values())
+        assert on_disk(mirror, late)
