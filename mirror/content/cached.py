@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import TypeVar
 
-import structlog
 from cachetools import LRUCache
 
 from mirror.clock import SYSTEM, Clock
@@ -28,8 +27,6 @@ from mirror.content.graph import BlobEntry, ContentGraph, ImageKey, TagKey, Usag
 from mirror.content.protocols import MetadataStore, StoreUnavailable
 from mirror.domain.manifests import Manifest, References, TaggedRecord, TagRecord
 from mirror.health import StoreHealth
-
-log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
@@ -69,8 +66,9 @@ class CachedStore:
         health: StoreHealth | None = None,
     ) -> None:
         """``health`` is the verdict shared with the other users of the inner store's
-        Redis; by default, one of this store's own."""
+        Redis, which their owner (the engine) closes; by default, one of this store's own."""
         self.inner = inner
+        self._own_health = health is None
         self.health = health or StoreHealth(inner.ping, clock=clock)
         self._clock = clock
         self._tag_ttl = tag_ttl
@@ -160,7 +158,8 @@ class CachedStore:
         return await self.inner.ping()
 
     async def close(self) -> None:
-        await self.health.close()  # its probe pings through the inner store
+        if self._own_health:
+            await self.health.close()  # its probe pings through the inner store
         await self.inner.close()
 
     async def _read(self, call: Awaitable[T]) -> T | None:

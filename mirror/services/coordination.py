@@ -222,7 +222,7 @@ class RedisCoordinator:
 
     async def renew(self, key: str, token: str, info: str) -> bool:
         """Keep a lease (and publish ``info`` with it, if any). While Redis is down nobody
-        asks it: the lease is taken for kept, and runs out there if Redis lost it."""
+        asks it: the lease counts as kept (in Redis it runs out unless renewed later)."""
         if not self._health.available:
             return True
         args: list[str | int] = [token, int(self.ttl * 1000), info]

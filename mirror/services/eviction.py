@@ -130,7 +130,7 @@ class Evictor:
     def realign(self) -> None:
         """The store is back from an outage, during which landings were not recorded:
         align the graph with the disk in a pass now."""
-        self._realign = "store_back"
+        self._realign = self._realign or "store_back"
         self.poke()
 
     def stop(self) -> None:
@@ -199,12 +199,14 @@ class Evictor:
     async def _align(self) -> None:
         if self._realign is None and not (await self._store.graph.usage()).reconciled:
             self._realign = "records_lost"
-        if self._realign is None:
+        reason = self._realign
+        if reason is None:
             return
-        if self._realign != "start":
-            log.info("graph_reconciled", reason=self._realign)
+        if reason != "start":
+            log.info("graph_reconciled", reason=reason)
         await self._content.reconcile()
-        self._realign = None
+        if self._realign == reason:  # not asked again meanwhile
+            self._realign = None
 
     async def _candidates(self, protected: set[str], began: float) -> AsyncIterator[BlobEntry]:
         """Blobs on disk that no pin needs, least recently pulled first, a page at a time;
