@@ -8,6 +8,7 @@ Tests and embedding programs swap collaborators through :class:`Overrides`.
     Engine
     ├── store        metadata (manifests, tags, negative answers): embedded SQLite or Redis,
     │                behind the in-process CachedStore
+    ├── health       one verdict on that store, shared by everything on its Redis; one probe
     ├── blobs        blob bytes by digest: files in the data dir, or objects in a bucket
     ├── coordinator  leases across workers (flock) and replicas (Redis)
     ├── fills        blob downloads shared by their readers
@@ -40,6 +41,7 @@ from mirror.content.s3 import open_s3
 from mirror.content.storage import BlobStorage
 from mirror.domain.reference import Digest
 from mirror.domain.units import SizeOrShare
+from mirror.health import StoreHealth
 from mirror.metrics import Metrics
 from mirror.services.background import Background
 from mirror.services.clients import PerClient
@@ -111,23 +113,28 @@ async def open_engine(
     async with AsyncExitStack() as stack:
         blobs, scope = await _open_storage(stack, settings, metrics, sweep=background)
         inner = overrides.store or await _open_store(settings, scope)
+        # One Redis, one verdict on it: the store, its graph, the leases and the upstreams'
+        # shared state all follow it, and its one probe pings through the store's client.
+        health = StoreHealth(inner.ping, clock=clock)
         store = CachedStore(
             inner,
             max_entries=settings.manifest_cache_size,
             max_bytes=settings.manifest_cache_bytes,
             tag_ttl=settings.tag_ttl,
             clock=clock,
+            health=health,
         )
         stack.push_async_callback(store.close)
-        coordinator = await asyncio.to_thread(_coordinator, settings, inner, scope)
+        stack.push_async_callback(health.close)  # the probe stops before the store closes
+        coordinator = await asyncio.to_thread(_coordinator, settings, inner, scope, health)
         stack.push_async_callback(coordinator.close)
-        if isinstance(coordinator, RedisCoordinator):  # one Redis: one verdict on its health
-            coordinator.on_down, store.on_down = store.failed, coordinator.failed
         if isinstance(inner, RedisStore) and inner.unreachable is not None:
-            store.failed(inner.unreachable)
+            health.failed(inner.unreachable)
         errors = RecentErrors(settings.data_dir / "run", clock=clock.time)
         upstreams = await stack.enter_async_context(
-            _upstreams(settings, metrics, coordinator, overrides, errors, clock=clock)
+            _upstreams(
+                settings, metrics, coordinator, overrides, errors, health=health, clock=clock
+            )
         )
         budget = Budget(
             settings.max_cache_size,
@@ -149,6 +156,7 @@ async def open_engine(
             interval=overrides.eviction_interval,
             before_pass=pulls.flush,
         )
+        health.when_back(evictor.realign)  # blob records of the outage were dropped
 
         async def stored(digest: Digest, size: int) -> None:
             evictor.poke()
@@ -213,6 +221,7 @@ async def _upstreams(
     overrides: Overrides,
     errors: RecentErrors,
     *,
+    health: StoreHealth,
     clock: Clock,
 ) -> AsyncIterator[dict[str, Upstream]]:
     """One client per upstream registry, sharing one HTTP session; or, offline, the
@@ -227,7 +236,7 @@ async def _upstreams(
             # A session each: the registry, its token realm and its CDN share its trust.
             session = _upstream_session(settings, upstream)
             stack.push_async_callback(session.close)
-            shared = _shared_state(settings, coordinator, name)
+            shared = _shared_state(settings, coordinator, health, name)
             client = UpstreamClient(
                 name,
                 upstream.url,
@@ -301,18 +310,22 @@ async def _open_store(settings: Settings, scope: str) -> MetadataStore:
     return await EmbeddedStore.open(settings.data_dir)
 
 
-def _shared_state(settings: Settings, coordinator: Coordinator, upstream: str) -> UpstreamState:
+def _shared_state(
+    settings: Settings, coordinator: Coordinator, health: StoreHealth, upstream: str
+) -> UpstreamState:
     """Where the processes of the site share an upstream's quota and circuit state."""
     on_host = FileState(settings.data_dir / "run", upstream)
     if isinstance(coordinator, RedisCoordinator):
-        return RedisState(coordinator.client, upstream, on_host, coordinator)
+        return RedisState(coordinator.client, upstream, on_host, health)
     return on_host
 
 
-def _coordinator(settings: Settings, store: MetadataStore, scope: str) -> Coordinator:
+def _coordinator(
+    settings: Settings, store: MetadataStore, scope: str, health: StoreHealth
+) -> Coordinator:
     local = LocalCoordinator(settings.data_dir / "locks")
     if isinstance(store, RedisStore):
-        return RedisCoordinator(store.client, local, scope=scope)
+        return RedisCoordinator(store.client, local, scope=scope, health=health)
     return local
 
 

@@ -7,30 +7,26 @@ the inner store is asked again, since another replica may have revalidated the t
 
 When the inner store is unavailable (Redis down, SQLite locked or its disk full), reads
 fall back to what is in memory and then count as misses (the resolver asks the upstream),
-writes are kept in memory only, and no request asks the inner store again: a background
-probe pings it every ``retry_interval`` seconds until it answers, so no request waits on
-its timeouts. One warning says it went away, one line says it came back. The content
-graph follows the same verdict: while the store is down its calls raise
-:class:`StoreUnavailable` at once (their callers already treat the graph as best effort),
-and a graph call that finds the store gone takes it down for everyone.
+writes are kept in memory only, and no request asks the inner store again until the one
+probe of :class:`~mirror.health.StoreHealth` hears it answer, so no request waits on its
+timeouts. That verdict is shared with every other user of the same Redis (the leases, the
+upstreams' shared state). The content graph follows it too: while the store is down its
+calls raise :class:`StoreUnavailable` at once (their callers already treat the graph as
+best effort), and a graph call that finds the store gone takes it down for everyone.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import TypeVar
 
-import structlog
 from cachetools import LRUCache
 
 from mirror.clock import SYSTEM, Clock
 from mirror.content.graph import BlobEntry, ContentGraph, ImageKey, TagKey, Usage
 from mirror.content.protocols import MetadataStore, StoreUnavailable
 from mirror.domain.manifests import Manifest, References, TaggedRecord, TagRecord
-
-log = structlog.get_logger(__name__)
+from mirror.health import StoreHealth
 
 T = TypeVar("T")
 
@@ -66,25 +62,23 @@ class CachedStore:
         max_entries: int,
         tag_ttl: float,
         max_bytes: int = 64 * 1024 * 1024,
-        retry_interval: float = 2.0,
         clock: Clock = SYSTEM,
+        health: StoreHealth | None = None,
     ) -> None:
+        """``health`` is the verdict shared with the other users of the inner store's
+        Redis, which their owner (the engine) closes; by default, one of this store's own."""
         self.inner = inner
+        self._own_health = health is None
+        self.health = health or StoreHealth(inner.ping, clock=clock)
         self._clock = clock
         self._tag_ttl = tag_ttl
-        self._retry_interval = retry_interval
         self._manifests = ManifestLRU(max_entries, max_bytes)
         self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(max_entries)
         # When each tag was last read from the inner store: a record past its window (which
         # nothing revalidates: offline, or an upstream that is down) is read again at most
         # every TAG_RECHECK seconds, rather than on every request.
         self._tags_read: LRUCache[tuple[str, str, str], float] = LRUCache(max_entries)
-        self._down_since: float | None = None
-        self._probe: asyncio.Task[None] | None = None
         self._graph = _GuardedGraph(self)
-        # Told when the store goes down: the other users of the same Redis (the leases)
-        # then stop asking it too, so one timeout is all an outage costs.
-        self.on_down: Callable[[Exception], None] = lambda exc: None
 
     @property
     def manifest_bytes(self) -> int:
@@ -93,7 +87,7 @@ class CachedStore:
 
     @property
     def degraded(self) -> bool:
-        return self._down_since is not None
+        return not self.health.available
 
     async def get_manifest(self, registry: str, repository: str, digest: str) -> Manifest | None:
         key = (registry, repository, digest)
@@ -149,25 +143,23 @@ class CachedStore:
     async def list_tags(
         self, registry: str | None = None, repository: str | None = None
     ) -> list[TaggedRecord]:
-        return await self.inner.list_tags(registry, repository)
+        return await self._guarded(self.inner.list_tags(registry, repository))
 
     async def pins(self) -> list[str]:
-        return await self.inner.pins()
+        return await self._guarded(self.inner.pins())
 
     async def add_pins(self, references: Sequence[str]) -> None:
-        await self.inner.add_pins(references)
+        await self._guarded(self.inner.add_pins(references))
 
     async def remove_pins(self, references: Sequence[str]) -> int:
-        return await self.inner.remove_pins(references)
+        return await self._guarded(self.inner.remove_pins(references))
 
     async def ping(self) -> bool:
         return await self.inner.ping()
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+        if self._own_health:
+            await self.health.close()  # its probe pings through the inner store
         await self.inner.close()
 
     async def _read(self, call: Awaitable[T]) -> T | None:
@@ -177,48 +169,27 @@ class CachedStore:
         try:
             return await call
         except StoreUnavailable as exc:
-            self._went_down(exc)
+            self.health.failed(exc)
             return None
 
     async def _write(self, call: Awaitable[None]) -> None:
         await self._read(call)
 
     async def _guarded(self, call: Awaitable[T]) -> T:
-        """A graph call: refused at once while the store is down, and a failure takes it
-        down, as for the metadata calls; but raised, since a graph answer has no stand-in."""
+        """A graph call (or a listing): refused at once while the store is down, and a
+        failure takes it down, as for the metadata calls; but raised, since its answer has
+        no stand-in."""
         if not self._available():
             call.close()  # type: ignore[attr-defined]
             raise StoreUnavailable("the store is unavailable; a probe is waiting for it")
         try:
             return await call
         except StoreUnavailable as exc:
-            self._went_down(exc)
+            self.health.failed(exc)
             raise
 
     def _available(self) -> bool:
-        return self._down_since is None
-
-    def failed(self, exc: Exception) -> None:
-        """Another user of the same Redis saw it fail: go down too, and probe until back."""
-        self._went_down(exc)
-
-    def _went_down(self, exc: Exception) -> None:
-        if self._down_since is None:
-            self._down_since = self._clock.monotonic()
-            log.warning("store_unavailable", error=str(exc), retry_interval=self._retry_interval)
-            self._probe = asyncio.create_task(self._probe_until_back())
-            self.on_down(exc)
-
-    async def _probe_until_back(self) -> None:
-        while True:
-            await asyncio.sleep(self._retry_interval)
-            with contextlib.suppress(Exception):
-                if await self.inner.ping():
-                    break
-        assert self._down_since is not None
-        log.info("store_available", down_for=round(self._clock.monotonic() - self._down_since, 1))
-        self._down_since = None
-        self._probe = None
+        return self.health.available
 
 
 class _GuardedGraph:
@@ -270,5 +241,5 @@ class _GuardedGraph:
     async def unreferenced(self, digests: Sequence[str]) -> set[str]:
         return await self._store._guarded(self._inner.unreferenced(digests))
 
-    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> None:
-        await self._store._guarded(self._inner.reconcile(on_disk))
+    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> list[str]:
+        return await self._store._guarded(self._inner.reconcile(on_disk))

@@ -17,7 +17,7 @@ behind this one protocol, contract-tested alike.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from mirror.domain.manifests import References
@@ -34,6 +34,9 @@ class BlobEntry:
 class Usage:
     blobs: int
     bytes: int
+    # Does the graph still hold the mark its last reconcile left? Not when its records were
+    # lost (a Redis restarted empty, or flushed): it then counts only what landed since.
+    reconciled: bool = field(default=True, compare=False)
 
 
 # An image pull: (registry, repository, manifest digest).
@@ -82,7 +85,8 @@ class ContentGraph(Protocol):
         ...
 
     async def usage(self) -> Usage:
-        """How many blobs are present, and their bytes."""
+        """How many blobs are present, and their bytes; and whether the records are those
+        the last reconcile aligned (a store that cannot lose them says yes)."""
         ...
 
     async def holders(self, blob: str) -> set[tuple[str, str]]:
@@ -93,7 +97,9 @@ class ContentGraph(Protocol):
         """Those of ``digests`` that no manifest references."""
         ...
 
-    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> None:
+    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> list[str]:
         """Align blob records with the disk: ``on_disk`` maps every blob file present to its
-        (size, modification time); records of blobs not in it are marked absent."""
+        (size, modification time); records of blobs not in it are marked absent, and
+        returned (the caller looks at the disk again: one may have landed since the walk).
+        Leaves the mark :attr:`Usage.reconciled` looks for."""
         ...

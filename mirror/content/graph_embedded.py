@@ -143,12 +143,14 @@ class EmbeddedGraph:
         result: set[str] = await self._run(query)
         return result
 
-    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> None:
+    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> list[str]:
+        gone: list[str] = []
+
         def write() -> None:
             known = {row[0] for row in self._db.execute("SELECT digest FROM blobs WHERE present")}
+            gone.extend(known - on_disk.keys())
             self._db.executemany(
-                "UPDATE blobs SET present = 0 WHERE digest = ?",
-                [(digest,) for digest in known - on_disk.keys()],
+                "UPDATE blobs SET present = 0 WHERE digest = ?", [(digest,) for digest in gone]
             )
             self._db.executemany(
                 "INSERT INTO blobs VALUES (?, ?, 1, ?) ON CONFLICT (digest) DO UPDATE SET"
@@ -157,6 +159,7 @@ class EmbeddedGraph:
             )
 
         await self._write(write)
+        return gone
 
     async def _write(self, work: Callable[[], object]) -> None:
         def write() -> None:

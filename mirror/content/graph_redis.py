@@ -8,7 +8,8 @@ data dir's identity, ``mirror.services.coordination.data_dir_identity``)::
     mirror:v1:{R:P}:pulls          hash   tag or manifest digest -> last pull
     mirror:v1:{graph:S}:blob:D     hash   size, present (0/1), last_pulled
     mirror:v1:{graph:S}:lru        zset   present blobs, scored by last pull
-    mirror:v1:{graph:S}:usage      hash   blobs, bytes: of the present blobs
+    mirror:v1:{graph:S}:usage      hash   blobs, bytes: of the present blobs; reconciled:
+                                          "1" once reconcile aligned them with the disk
     mirror:v1:{graph}:holders:D    set    "R:P" of every repository referencing blob D
     mirror:v1:{graph}:popular      zset   "R:P:T" of every pulled tag, scored by pull count
 
@@ -17,6 +18,11 @@ dir volume share them (and one budget), replicas with data dirs of their own sha
 Redis keep their own, and still share manifests, tags and what references what. The
 ``{graph:S}`` keys share one Redis Cluster slot, so the scripts that keep a blob's record,
 the LRU order and the usage counters in step run atomically.
+
+A Redis that loses its keys (restarted without persistence, flushed) loses the mark
+``reconciled`` with them, whether or not the mirror saw an outage: eviction looks for it
+every pass and reconciles again when it is gone (blob_stored recreates the counters
+without it).
 
 Releases before the scope kept the blob records at ``mirror:v1:{graph}:blob:D``,
 ``{graph}:lru`` and ``{graph}:usage``. The first reconciliation after start (eviction's
@@ -259,8 +265,8 @@ class RedisGraph:
 
     @_unavailable
     async def usage(self) -> Usage:
-        values = await self._redis.hmget(self._usage, ["blobs", "bytes"])
-        return Usage(int(values[0] or 0), int(values[1] or 0))
+        values = await self._redis.hmget(self._usage, ["blobs", "bytes", "reconciled"])
+        return Usage(int(values[0] or 0), int(values[1] or 0), values[2] is not None)
 
     @_unavailable
     async def holders(self, blob: str) -> set[tuple[str, str]]:
@@ -281,13 +287,15 @@ class RedisGraph:
         return {digest for digest, exists in zip(digests, found, strict=True) if not exists}
 
     @_unavailable
-    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> None:
+    async def reconcile(self, on_disk: Mapping[str, tuple[int, float]]) -> list[str]:
         pulled = await self._take_over_unscoped()
         present = await self._redis.zrange(self._lru, 0, -1)
         gone = [digest for digest in (_text(member) for member in present) if digest not in on_disk]
         await self.blobs_removed(gone)
         for digest, (size, mtime) in on_disk.items():
             await self.blob_stored(digest, size, max(mtime, pulled.get(digest, mtime)))
+        await self._redis.hset(self._usage, "reconciled", "1")
+        return gone
 
     async def _take_over_unscoped(self) -> dict[str, float]:
         """The last pulls in blob records written before records were scoped (digest ->

@@ -167,8 +167,13 @@ class Content:
         return removed
 
     async def reconcile(self) -> None:
-        """Align every record with the disk (a walk of it: once, at start)."""
-        await self._graph.reconcile(await self.on_disk())
+        """Align every record with the disk (a walk of it: at start, and after the graph
+        missed landings). Pulls go on meanwhile: a blob that landed after the walk is
+        looked at again, not left on disk recorded absent."""
+        for name in await self._graph.reconcile(await self.on_disk()):
+            digest = Digest.parse(name)
+            if (found := await self.inspect(digest)) is not None:
+                await self.landed(digest, found.size)
 
     async def gone(self, digest: Digest) -> None:
         """A blob was found missing, or was removed: record it absent, then look again."""

@@ -15,8 +15,8 @@ asks the sentinels where the master is, and a connection that gets READONLY (a m
 demoted to a replica) is dropped and raised as a connection error. The client retries a
 command once after a connection error, so such a command lands on the new master; while
 no master is known the error reaches the store, whose outage mode (one verdict shared with
-the leases, see :mod:`mirror.content.cached`) answers from what it holds and probes, through
-the sentinels again, until a master answers.
+the leases and the upstream state, see :mod:`mirror.health`) answers from what it holds and
+probes, through the sentinels again, until a master answers.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ at once, and a Redis lease runs out after ``ttl`` since nobody renews it.
   processes of one host sharing one data dir.
 - ``RedisCoordinator``: ``SET NX PX`` leases renewed while held, for replicas sharing
   Redis and a data dir volume. When Redis cannot be reached it falls back to the local
-  coordinator, so workers on one host still coordinate; from then on no request asks
-  Redis: a background probe pings it and switches back once it answers.
+  coordinator, so workers on one host still coordinate; from then on no lease asks Redis
+  (not even to renew or release one taken before) until the one probe of
+  :class:`~mirror.health.StoreHealth`, shared with the metadata store, hears it answer.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -32,6 +32,8 @@ from urllib.parse import quote
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from mirror.health import StoreHealth
 
 log = structlog.get_logger(__name__)
 
@@ -115,9 +117,6 @@ class LocalCoordinator:
         pass
 
 
-# After Redis failed, how often the background probe asks whether it is back.
-RETRY_INTERVAL = 2.0
-
 # Renew the lease when a third of its time is gone, so two missed renewals still hold it.
 _RENEW = """
 local value = redis.call('GET', KEYS[1])
@@ -165,25 +164,28 @@ class _RedisLease:
         self._renewer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._renewer
-        with contextlib.suppress(RedisError):
-            await self._coordinator.drop(self._key, self._token)
+        await self._coordinator.drop(self._key, self._token)
 
 
 class RedisCoordinator:
     def __init__(
-        self, client: Redis, fallback: LocalCoordinator, *, scope: str, ttl: float = 15.0
+        self,
+        client: Redis,
+        fallback: LocalCoordinator,
+        *,
+        scope: str,
+        health: StoreHealth,
+        ttl: float = 15.0,
     ) -> None:
+        """``health`` is the verdict on ``client``'s Redis that the metadata store on it
+        shares: a failure seen here takes it down for both."""
         self._client = client
         self._fallback = fallback
         self._scope = quote(scope, safe="")
+        self._health = health
         self.ttl = ttl
         self._renew_script = client.register_script(_RENEW)
         self._release_script = client.register_script(_RELEASE)
-        self._degraded = False
-        self._probe: asyncio.Task[None] | None = None
-        # Told when Redis is found down here: the metadata store on the same Redis then
-        # stops asking it too (see CachedStore.on_down).
-        self.on_down: Callable[[Exception], None] = lambda exc: None
 
     @property
     def client(self) -> Redis:
@@ -193,7 +195,7 @@ class RedisCoordinator:
         return f"mirror:v1:{{lease:{self._scope}}}:{quote(key, safe='')}"
 
     async def acquire(self, key: str) -> Lease | None:
-        if self._degraded:
+        if not self._health.available:
             return await self._fallback.acquire(key)
         token = secrets.token_hex(8) + "|"
         try:
@@ -201,17 +203,17 @@ class RedisCoordinator:
                 self._key(key), token + "{}", nx=True, px=int(self.ttl * 1000)
             )
         except RedisError as exc:
-            self._went_down(exc)
+            self._health.failed(exc)
             return await self._fallback.acquire(key)
         return _RedisLease(self, key, token) if taken else None
 
     async def holder(self, key: str) -> dict[str, Any] | None:
-        if self._degraded:
+        if not self._health.available:
             return await self._fallback.holder(key)
         try:
             value = await self._client.get(self._key(key))
         except RedisError as exc:
-            self._went_down(exc)
+            self._health.failed(exc)
             return await self._fallback.holder(key)
         if value is None:
             return None
@@ -219,44 +221,28 @@ class RedisCoordinator:
         return _parse(raw.partition(b"|")[2])
 
     async def renew(self, key: str, token: str, info: str) -> bool:
+        """Keep a lease (and publish ``info`` with it, if any). While Redis is down nobody
+        asks it: the lease counts as kept (in Redis it runs out unless renewed later)."""
+        if not self._health.available:
+            return True
         args: list[str | int] = [token, int(self.ttl * 1000), info]
-        return bool(await self._renew_script(keys=[self._key(key)], args=args))
+        try:
+            return bool(await self._renew_script(keys=[self._key(key)], args=args))
+        except RedisError as exc:
+            self._health.failed(exc)
+            raise
 
     async def drop(self, key: str, token: str) -> None:
-        await self._release_script(keys=[self._key(key)], args=[token])
+        """Release a lease; while Redis is down it runs out there instead."""
+        if not self._health.available:
+            return
+        try:
+            await self._release_script(keys=[self._key(key)], args=[token])
+        except RedisError as exc:
+            self._health.failed(exc)
 
     async def close(self) -> None:
-        # The client belongs to the Redis store, which closes it; the probe is ours.
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
-
-    @property
-    def available(self) -> bool:
-        """Is Redis worth asking now? Others sharing the client follow the same verdict."""
-        return not self._degraded
-
-    def failed(self, exc: Exception) -> None:
-        """Another user of the client saw Redis fail: degrade, and probe until it is back."""
-        self._went_down(exc)
-
-    def _went_down(self, exc: Exception) -> None:
-        if not self._degraded:
-            self._degraded = True
-            log.warning("coordination_degraded", error=str(exc), fallback="local locks")
-            self._probe = asyncio.create_task(self._probe_until_back())
-            self.on_down(exc)
-
-    async def _probe_until_back(self) -> None:
-        while True:
-            await asyncio.sleep(RETRY_INTERVAL)
-            with contextlib.suppress(RedisError):
-                if await self._client.ping():
-                    break
-        self._degraded = False
-        self._probe = None
-        log.info("coordination_restored")
+        """Nothing of its own: the client and the probe are the Redis store's."""
 
 
 def _same_file(fd: int, path: Path) -> bool:

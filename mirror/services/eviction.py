@@ -17,6 +17,11 @@ sharing the data dir (a lease), and never holds up a request:
 - Each removal goes through :class:`~mirror.content.layer.Content`: only the copy the
   pass looked at goes, and its record changes at once, so a fill that lands the blob again
   meanwhile leaves it recorded present.
+- The graph is aligned with the disk (a walk of it) on the first pass, on the first pass
+  after Redis came back from an outage (the records of blobs that landed meanwhile were
+  never written), and on any pass that finds the graph lost the mark of its last
+  alignment (a Redis restarted empty or flushed unnoticed): what the graph does not know
+  is never evicted, so the disk would outgrow the budget.
 
 Manifests and tags stay (they are small); a later pull fetches only the missing blobs.
 """
@@ -98,9 +103,10 @@ class Evictor:
         self._data_dir = data_dir
         self._clock = clock
         self._interval = interval
-        # The first pass after start aligns the graph with the disk (a walk of the blob
-        # directory); ``reconciled`` says it is done already.
-        self._reconciled = reconciled
+        # Why the next pass must align the graph with the disk (a walk of the blob
+        # directory) first, if it must: the first pass after start does, unless
+        # ``reconciled`` says it is done already.
+        self._realign: str | None = None if reconciled else "start"
         self._closed = False
         self._wake = asyncio.Event()
         self._throttle = LogThrottle()
@@ -120,6 +126,12 @@ class Evictor:
             await self.run_once()
         except Exception as exc:  # the writer's work is done; the next pass tries again
             log.warning("eviction_failed", error=str(exc))
+
+    def realign(self) -> None:
+        """The store is back from an outage, during which landings were not recorded:
+        align the graph with the disk in a pass now."""
+        self._realign = self._realign or "store_back"
+        self.poke()
 
     def stop(self) -> None:
         """No pass after the one under way (the engine cancels that one)."""
@@ -154,9 +166,7 @@ class Evictor:
     async def _pass(self) -> Pass:
         if self._before_pass is not None:
             await self._before_pass()
-        if not self._reconciled:
-            await self._content.reconcile()
-            self._reconciled = True
+        await self._align()
         result = Pass(ran=True)
         began = self._clock()
         need, reason = await self._bytes_to_free()
@@ -185,6 +195,18 @@ class Evictor:
         result.short = max(need, 0)
         await self._report(result)
         return result
+
+    async def _align(self) -> None:
+        if self._realign is None and not (await self._store.graph.usage()).reconciled:
+            self._realign = "records_lost"
+        reason = self._realign
+        if reason is None:
+            return
+        if reason != "start":
+            log.info("graph_reconciled", reason=reason)
+        await self._content.reconcile()
+        if self._realign == reason:  # not asked again meanwhile
+            self._realign = None
 
     async def _candidates(self, protected: set[str], began: float) -> AsyncIterator[BlobEntry]:
         """Blobs on disk that no pin needs, least recently pulled first, a page at a time;

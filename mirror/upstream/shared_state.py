@@ -33,6 +33,8 @@ from urllib.parse import quote
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from mirror.health import StoreHealth
+
 FIELDS = ("blocked_until", "open_until", "remaining", "limit", "contacted_at")
 
 
@@ -92,20 +94,13 @@ class FileState:
             os.close(lock)
 
 
-class RedisHealth(Protocol):
-    """Who knows whether Redis answers (the lease coordinator, which probes it)."""
-
-    @property
-    def available(self) -> bool: ...
-
-    def failed(self, exc: Exception) -> None: ...
-
-
 class RedisState:
-    """While Redis is known to be down, no request waits on it: the file stands in."""
+    """While Redis is known to be down, no request waits on it: the file stands in. The
+    verdict (``health``) is the one the metadata store and the leases on the same Redis
+    share: a failure seen here takes it down for them too."""
 
     def __init__(
-        self, client: Redis, upstream: str, fallback: FileState, health: RedisHealth
+        self, client: Redis, upstream: str, fallback: FileState, health: StoreHealth
     ) -> None:
         self._client = client
         self._key = f"mirror:v1:{{upstream:{quote(upstream, safe='')}}}:state"

@@ -203,3 +203,27 @@ async def test_blob_records_of_an_older_release_are_taken_over(redis_client: Red
     ]
     assert await redis_client.keys("mirror:v1:{graph}:blob:*") == []
     assert not await redis_client.exists("mirror:v1:{graph}:lru", "mirror:v1:{graph}:usage")
+
+
+async def test_a_reconciled_graph_says_so(store: MetadataStore) -> None:
+    """Eviction trusts the counts only after a reconcile: a graph that lost its records
+    (a Redis restarted empty) must not claim to be aligned with the disk."""
+    graph = store.graph
+    left = "sha256:" + "6" * 64
+    await graph.blob_stored(left, 5, at=1.0)
+    # What it marks absent is said, so the caller can look again (a fill may have landed it).
+    assert await graph.reconcile({"sha256:" + "4" * 64: (10, 1.0)}) == [left]
+    await graph.blob_stored("sha256:" + "5" * 64, 20, at=2.0)
+    usage = await graph.usage()
+    assert (usage, usage.reconciled) == (Usage(2, 30), True)
+
+
+async def test_a_redis_that_lost_its_keys_is_no_longer_reconciled(redis_client: Redis) -> None:
+    graph = RedisStore(redis_client, scope="a").graph
+    assert not (await graph.usage()).reconciled  # nothing aligned it yet
+    await graph.reconcile({"sha256:" + "4" * 64: (10, 1.0)})
+    assert (await graph.usage()).reconciled
+    await redis_client.flushall()
+    await graph.blob_stored("sha256:" + "5" * 64, 20, at=2.0)  # landed after the loss
+    usage = await graph.usage()
+    assert (usage, usage.reconciled) == (Usage(1, 20), False)

@@ -13,13 +13,17 @@ from pathlib import Path
 from unittest.mock import patch
 
 import aiohttp
+import pytest
+from redis.asyncio import Redis
 
+from mirror.config import Settings
 from mirror.content.blobs import BlobStore
 from mirror.content.graph import BlobEntry
 from mirror.domain.pins import Pin
 from mirror.services.eviction import LEASE, Pass
 from tests.support.binaries import require_binary
 from tests.support.fakehub import FakeHub
+from tests.support.hung_redis import HungRedis
 from tests.support.mirror import FakeClock, RunningMirror, settings_for
 from tests.support.oci import OCI_MANIFEST, Image, make_image, make_random_layer
 from tests.support.process import MirrorProcess
@@ -399,3 +403,131 @@ async def test_replicas_with_data_dirs_of_their_own_sharing_redis_keep_their_own
                     usage = await mirror.engine.store.graph.usage()
                 assert usage.bytes == sum(size for size, _ in disk.values())
                 assert usage.bytes <= budget
+
+
+async def blob_bytes_on_disk(mirror: RunningMirror) -> int:
+    async with no_pass_running(mirror):
+        disk = await asyncio.to_thread(mirror.engine.blobs.on_disk)
+    return sum(size for size, _ in disk.values())
+
+
+async def test_a_redis_that_lost_the_graph_is_realigned_and_the_budget_holds(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
+) -> None:
+    """Redis flushed (or restarted empty between two requests) without the mirror seeing an
+    outage: the blobs on disk before it must still count, and go first."""
+    images = [image_of(seed) for seed in range(70, 77)]  # seven images of 1 MiB
+    for number, image in enumerate(images):
+        fake_hub.add_image(f"library/app{number}", "latest", image)
+    budget = int(3.5 * MIB)
+    with RedisServer(require_binary("redis-server")) as redis:
+        settings = settings_for(
+            fake_hub.url, tmp_path / "data", max_cache_size=budget, redis_url=redis.url()
+        )
+        async with RunningMirror(settings, clock=clock, eviction_interval=3600) as mirror:
+            for number in (0, 1, 2):
+                await pull(mirror, f"app{number}", images[number])
+                clock.advance(60)
+            await evict(mirror)
+            client = Redis.from_url(redis.url())
+            await client.flushall()
+            await client.aclose()
+            for number in (3, 4, 5, 6):
+                await pull(mirror, f"app{number}", images[number])
+                clock.advance(60)
+            await evict(mirror)
+            assert await blob_bytes_on_disk(mirror) <= budget
+            for number in (5, 6):  # the newest stay, whole
+                await pull(mirror, f"app{number}", images[number])
+                assert on_disk(mirror, images[number])
+
+
+async def test_blobs_that_landed_while_redis_was_down_are_evictable_after_it_is_back(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock
+) -> None:
+    """Their records were not written during the outage; Redis lost nothing else."""
+    images = [image_of(seed) for seed in range(80, 86)]  # six images of 1 MiB
+    for number, image in enumerate(images):
+        fake_hub.add_image(f"library/app{number}", "latest", image)
+    budget = int(3.5 * MIB)
+    with RedisServer(require_binary("redis-server")) as real:
+        redis = HungRedis(behind=real.port)
+        server = await asyncio.start_server(redis.serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        settings = settings_for(
+            fake_hub.url,
+            tmp_path / "data",
+            max_cache_size=budget,
+            redis_url=f"redis://127.0.0.1:{port}",
+        )
+        try:
+            async with RunningMirror(settings, clock=clock, eviction_interval=3600) as mirror:
+                for number in (0, 1):
+                    await pull(mirror, f"app{number}", images[number])
+                    clock.advance(60)
+                await evict(mirror)
+                redis.hang()
+                for number in (2, 3, 4, 5):
+                    await pull(mirror, f"app{number}", images[number])
+                    clock.advance(60)
+                assert mirror.engine.store.degraded  # the outage was noticed
+                redis.recover()
+                deadline = asyncio.get_running_loop().time() + 30
+                while mirror.engine.store.degraded:
+                    assert asyncio.get_running_loop().time() < deadline, "Redis never back"
+                    await asyncio.sleep(0.05)
+                await evict(mirror)
+                assert await blob_bytes_on_disk(mirror) <= budget
+                for number in (4, 5):  # the newest stay, whole
+                    await pull(mirror, f"app{number}", images[number])
+                    assert on_disk(mirror, images[number])
+        finally:
+            redis.close()
+            server.close()
+
+
+@pytest.mark.parametrize("store", ["embedded", "redis"])
+async def test_a_blob_that_lands_while_the_graph_is_reconciled_stays_counted(
+    fake_hub: FakeHub, tmp_path: Path, clock: FakeClock, store: str
+) -> None:
+    """Reconciling now happens while serving (after a Redis outage, or a Redis that lost
+    its keys): a blob that lands between the walk of the disk and the graph's update must
+    not be recorded absent, or it is on disk, counted nowhere, never evicted."""
+    early, late = image_of(90), image_of(91)
+    fake_hub.add_image("library/early", "latest", early)
+    fake_hub.add_image("library/late", "latest", late)
+    with contextlib.ExitStack() as stack:
+        changes = {}
+        if store == "redis":
+            redis = stack.enter_context(RedisServer(require_binary("redis-server")))
+            changes["redis_url"] = redis.url()
+        settings = settings_for(fake_hub.url, tmp_path / "data", **changes)
+        await reconcile_while_a_blob_lands(settings, clock, early, late)
+
+
+async def reconcile_while_a_blob_lands(
+    settings: Settings, clock: FakeClock, early: Image, late: Image
+) -> None:
+    async with RunningMirror(settings, clock=clock, eviction_interval=3600) as mirror:
+        await pull(mirror, "early", early)
+        await evict(mirror)
+        content, graph = mirror.engine.content, mirror.engine.store.graph
+        walk = content.on_disk
+
+        async def a_landing_after_the_walk() -> dict[str, tuple[int, float]]:
+            walked = await walk()
+            await pull(mirror, "late", late)
+            for _ in range(500):  # its fill records it once its client has every byte
+                if (await graph.usage()).blobs == len(early.blobs) + len(late.blobs):
+                    break
+                await asyncio.sleep(0.01)
+            return walked
+
+        async with no_pass_running(mirror):
+            content.on_disk = a_landing_after_the_walk  # type: ignore[method-assign]
+            await content.reconcile()
+            content.on_disk = walk  # type: ignore[method-assign]
+            disk = await asyncio.to_thread(mirror.engine.blobs.on_disk)
+            usage = await graph.usage()
+        assert usage.bytes == sum(size for size, _ in disk.values())
+        assert on_disk(mirror, late)

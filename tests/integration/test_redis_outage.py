@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import pytest
 import pytest_asyncio
+from redis.asyncio import Redis
 
+from mirror.content.protocols import StoreUnavailable
+from mirror.domain.reference import DOCKER_HUB
+from mirror.engine import Engine
+from mirror.upstream.client import UpstreamClient
+from tests.support.binaries import require_binary
 from tests.support.fakehub import FakeHub
+from tests.support.hung_redis import HungRedis
 from tests.support.mirror import RunningMirror, settings_for
-from tests.support.oci import OCI_MANIFEST, make_image, make_layer, make_random_layer
+from tests.support.oci import OCI_MANIFEST, Image, make_image, make_layer, make_random_layer
+from tests.support.redis_server import RedisServer
 
 
 @pytest_asyncio.fixture
@@ -29,43 +39,6 @@ async def silent_port() -> AsyncIterator[int]:
     server.close()
 
 
-class HungRedis:
-    """A Redis that completes the connection handshake and then answers nothing: every
-    command it is sent waits out the client's timeout. It notes each command's name."""
-
-    HANDSHAKE = frozenset({"CLIENT", "SELECT", "AUTH"})
-
-    def __init__(self) -> None:
-        self.commands: list[str] = []
-        self._held: list[asyncio.StreamWriter] = []
-
-    def asked(self) -> list[str]:
-        """Commands sent by anyone but a probe (a probe only pings)."""
-        return [name for name in self.commands if name != "PING"]
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._held.append(writer)
-        try:
-            while header := await reader.readline():
-                words = [
-                    (await reader.readexactly(int((await reader.readline())[1:]) + 2))[:-2]
-                    for _ in range(int(header[1:]))
-                ]
-                name = words[0].decode().upper()
-                if name == "HELLO":  # RESP3: a map whose "proto" says which was agreed
-                    writer.write(b"%1\r\n+proto\r\n:" + words[1] + b"\r\n")
-                elif name in self.HANDSHAKE:
-                    writer.write(b"+OK\r\n")
-                else:
-                    self.commands.append(name)
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
-            pass
-
-    def close(self) -> None:
-        for writer in self._held:
-            writer.close()
-
-
 @pytest_asyncio.fixture
 async def hung_redis() -> AsyncIterator[tuple[HungRedis, int]]:
     redis = HungRedis()
@@ -73,6 +46,29 @@ async def hung_redis() -> AsyncIterator[tuple[HungRedis, int]]:
     yield redis, server.sockets[0].getsockname()[1]
     redis.close()
     server.close()
+
+
+@pytest_asyncio.fixture
+async def redis_that_hangs() -> AsyncIterator[tuple[HungRedis, int, RedisServer]]:
+    """A real redis-server behind a :class:`HungRedis`, which the test makes hang."""
+    with RedisServer(require_binary("redis-server")) as real:
+        redis = HungRedis(behind=real.port)
+        server = await asyncio.start_server(redis.serve, "127.0.0.1", 0)
+        yield redis, server.sockets[0].getsockname()[1], real
+        redis.close()
+        server.close()
+
+
+async def no_lease_held(real: RedisServer) -> None:
+    """Wait until every fill has released its lease (its last step, after its record)."""
+    client = Redis.from_url(real.url())
+    try:
+        deadline = time.monotonic() + 30
+        while await client.keys("mirror:v1:{lease:*"):
+            assert time.monotonic() < deadline, "a lease is never released"
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
 
 
 async def test_manifest_misses_do_not_wait_on_a_redis_known_to_hang(
@@ -121,3 +117,98 @@ async def test_cold_blobs_start_promptly_while_redis_hangs(
     assert [body for _, _, body in answers] == [layer.data for layer in layers]
     # Nobody waits on Redis again: the outage is known, the local locks serve meanwhile.
     assert elapsed < 1.0, elapsed
+
+
+async def pull(mirror: RunningMirror, repository: str, image: Image) -> None:
+    status, _, body = await mirror.get(f"/v2/{repository}/manifests/latest", accept=[OCI_MANIFEST])
+    assert (status, body) == (200, image.manifest)
+    for blob in image.blobs:
+        status, _, body = await mirror.get(f"/v2/{repository}/blobs/{blob.digest}")
+        assert (status, body) == (200, blob.data)
+
+
+def shared_state(engine: Engine) -> UpstreamClient:
+    upstream = engine.upstreams[DOCKER_HUB]
+    assert isinstance(upstream, UpstreamClient)
+    return upstream
+
+
+async def ask_metadata(engine: Engine) -> None:
+    await engine.store.get_tag(DOCKER_HUB, "library/nobody", "latest")
+    with contextlib.suppress(StoreUnavailable):  # the graph has no stand-in: it says so
+        await engine.store.graph.usage()
+
+
+async def ask_leases(engine: Engine) -> None:
+    lease = await engine.coordinator.acquire("some work")
+    assert lease is not None  # from Redis, or from the local locks standing in
+    await lease.release()
+
+
+async def ask_upstream_state(engine: Engine) -> None:
+    await shared_state(engine).ratelimit.sync()  # the site-wide quota and breaker state
+
+
+USERS: dict[str, Callable[[Engine], Awaitable[None]]] = {
+    "metadata": ask_metadata,
+    "leases": ask_leases,
+    "upstream state": ask_upstream_state,
+}
+
+
+def store_probes() -> list[str]:
+    """The tasks probing Redis (an upstream's circuit breaker has a probe of its own)."""
+    names = [getattr(task.get_coro(), "__qualname__", "") for task in asyncio.all_tasks()]
+    return [
+        name
+        for name in names
+        if name.endswith("_probe_until_back") and not name.startswith("CircuitBreaker")
+    ]
+
+
+async def back(engine: Engine) -> None:
+    deadline = time.monotonic() + 30
+    while engine.store.degraded:
+        assert time.monotonic() < deadline, "the probe never found Redis back"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("first", list(USERS))
+async def test_one_failure_keeps_every_user_off_redis_until_the_one_probe_hears_it(
+    fake_hub: FakeHub,
+    tmp_path: Path,
+    redis_that_hangs: tuple[HungRedis, int, RedisServer],
+    first: str,
+) -> None:
+    redis, port, real = redis_that_hangs
+    before, during = (make_image([make_layer(f"{when} the outage".encode())]) for when in "ab")
+    fake_hub.add_image("library/before", "latest", before)
+    fake_hub.add_image("library/during", "latest", during)
+    settings = settings_for(fake_hub.url, tmp_path / "data", redis_url=f"redis://127.0.0.1:{port}")
+    async with RunningMirror(settings) as mirror:
+        engine = mirror.engine
+        await pull(mirror, "before", before)
+        await engine.background.stop()  # from here on only what the test does asks Redis
+        await no_lease_held(real)
+        held = await engine.coordinator.acquire("a lease taken before the outage")
+        assert held is not None
+
+        redis.hang()
+        asked = len(redis.asked())
+        await USERS[first](engine)
+        assert len(redis.asked()) == asked + 1  # the one command that waited out its timeout
+        for user in USERS.values():
+            await user(engine)
+        await held.publish({"size": 1})
+        await held.release()
+        await pull(mirror, "during", during)
+        assert redis.asked()[asked + 1 :] == []  # nobody asked Redis again...
+        assert len(store_probes()) == 1  # ... but the one probe
+
+        redis.recover()
+        await back(engine)
+        for user in USERS.values():
+            await user(engine)
+        # Every user asks Redis again: the store (HMGET), the leases (SET), the state (HGETALL).
+        assert {"HMGET", "SET", "HGETALL"} <= set(redis.asked()[asked + 1 :])
+        assert store_probes() == []

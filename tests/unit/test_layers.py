@@ -58,7 +58,7 @@ def test_only_the_send_helper_calls_sendfile() -> None:
 
 
 # Each layer's folder imports only from the layers below it. Top-level modules (engine,
-# config, clock, logs, metrics) are the composition root and its plumbing.
+# config, clock, health, logs, metrics) are the composition root and its plumbing.
 BELOW = {
     "domain": {"domain"},
     "content": {"domain", "content"},
