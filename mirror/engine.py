@@ -87,6 +87,7 @@ class Engine:
     evictor: Evictor
     errors: RecentErrors
     background: Background  # every task besides answering: started there, stopped together
+    clock: Clock  # what every part above measures time by
 
 
 @asynccontextmanager
@@ -107,7 +108,7 @@ async def open_engine(
     clock = as_clock(overrides.clock)
     async with AsyncExitStack() as stack:
         blobs = await asyncio.to_thread(_open_blobs, settings, sweep=background)
-        inner = overrides.store or await _open_store(settings)
+        inner = overrides.store or await _open_store(settings, clock)
         store = CachedStore(
             inner,
             max_entries=settings.manifest_cache_size,
@@ -156,6 +157,7 @@ async def open_engine(
             on_change=metrics.fills_in_flight.set,
             on_stored=stored,
             keep=budget.keeps,
+            clock=clock.monotonic,
         )
         stack.push_async_callback(fills.close)
         resolver = Resolver(
@@ -173,9 +175,10 @@ async def open_engine(
             clients=PerClient(
                 max_transfers=settings.client_max_transfers,
                 miss_rate=settings.client_miss_limit,
+                clock=clock.monotonic,
             ),
             pulls=pulls,
-            clock=clock.time,
+            clock=clock,
         )
         tasks = Background()
         if background:
@@ -198,6 +201,7 @@ async def open_engine(
             evictor,
             errors,
             tasks,
+            clock,
         )
 
 
@@ -263,14 +267,14 @@ async def check_store(settings: Settings) -> None:
         await store.close()
 
 
-async def _open_store(settings: Settings) -> MetadataStore:
+async def _open_store(settings: Settings, clock: Clock) -> MetadataStore:
     if settings.redis_url is not None:
         # Blob records are the data dir's: replicas with data dirs of their own keep theirs.
         scope = await asyncio.to_thread(data_dir_identity, settings.data_dir)
         return await RedisStore.open(
             settings.redis_url, scope=scope, ca_file=settings.redis_ca_file
         )
-    return await EmbeddedStore.open(settings.data_dir)
+    return await EmbeddedStore.open(settings.data_dir, clock=clock.time)
 
 
 def _shared_state(settings: Settings, coordinator: Coordinator, upstream: str) -> UpstreamState:

@@ -156,10 +156,12 @@ class Fills:
         on_change: Callable[[int], None] | None = None,
         on_stored: Callable[[Digest, int], Awaitable[None]] | None = None,
         keep: Callable[[int], bool] = lambda size: True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._content = content
         self._coordinator = coordinator
         self._stall_timeout = stall_timeout
+        self._clock = clock  # measures stalls of another process's fill
         self._active: dict[Digest, Fill] = {}
         self._tasks: dict[asyncio.Task[None], Fill] = {}
         # One line per kind of failure a minute: a client asking for missing blobs or an
@@ -296,7 +298,7 @@ class Fills:
 
     async def _follow(self, fill: Fill, key: str) -> None:
         """Stream another process's fill from its partial file, by polling its size."""
-        progress_at = time.monotonic()
+        progress_at = self._clock()
         try:
             while True:
                 if fill._fd is None:
@@ -312,14 +314,14 @@ class Fills:
                     written = os.fstat(fill._fd).st_size
                     if written > fill.written:
                         fill._progress(written)
-                        progress_at = time.monotonic()
+                        progress_at = self._clock()
                     landed = self._content.present(fill.digest) is not None
                     if landed and written == (fill.size or written):
                         fill.size = written
                         break
                 if holder is None and self._content.present(fill.digest) is None:
                     raise FillHandover("the process filling this blob went away")
-                if time.monotonic() - progress_at > self._stall_timeout:
+                if self._clock() - progress_at > self._stall_timeout:
                     raise UpstreamError("the process filling this blob stalled")
                 await asyncio.sleep(FOLLOW_POLL)
             self._done(fill)
