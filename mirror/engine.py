@@ -92,6 +92,7 @@ class Engine:
     evictor: Evictor
     errors: RecentErrors
     background: Background  # every task besides answering: started there, stopped together
+    clock: Clock  # what every part above measures time by
 
 
 @asynccontextmanager
@@ -112,7 +113,7 @@ async def open_engine(
     clock = as_clock(overrides.clock)
     async with AsyncExitStack() as stack:
         blobs, scope = await _open_storage(stack, settings, metrics, sweep=background)
-        inner = overrides.store or await _open_store(settings, scope)
+        inner = overrides.store or await _open_store(settings, scope, clock)
         # One Redis, one verdict on it: the store, its graph, the leases and the upstreams'
         # shared state all follow it, and its one probe pings through the store's client.
         health = StoreHealth(inner.ping, clock=clock)
@@ -168,6 +169,7 @@ async def open_engine(
             on_change=metrics.fills_in_flight.set,
             on_stored=stored,
             keep=budget.keeps,
+            clock=clock.monotonic,
         )
         stack.push_async_callback(fills.close)
         resolver = Resolver(
@@ -185,9 +187,10 @@ async def open_engine(
             clients=PerClient(
                 max_transfers=settings.client_max_transfers,
                 miss_rate=settings.client_miss_limit,
+                clock=clock.monotonic,
             ),
             pulls=pulls,
-            clock=clock.time,
+            clock=clock,
         )
         tasks = Background()
         if background:
@@ -210,6 +213,7 @@ async def open_engine(
             evictor,
             errors,
             tasks,
+            clock,
         )
 
 
@@ -301,13 +305,13 @@ async def check_store(settings: Settings) -> None:
         await store.close()
 
 
-async def _open_store(settings: Settings, scope: str) -> MetadataStore:
+async def _open_store(settings: Settings, scope: str, clock: Clock) -> MetadataStore:
     if settings.redis_url is not None:
         # Blob records are the storage's: replicas with data dirs of their own keep theirs.
         return await RedisStore.open(
             settings.redis_url, scope=scope, ca_file=settings.redis_ca_file
         )
-    return await EmbeddedStore.open(settings.data_dir)
+    return await EmbeddedStore.open(settings.data_dir, clock=clock.time)
 
 
 def _shared_state(

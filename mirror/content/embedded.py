@@ -15,7 +15,7 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,7 +70,9 @@ def _exclusive(lock: Path) -> Iterator[None]:
 
 
 class EmbeddedStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        """``clock`` is the wall time negative answers expire by and pins are dated with."""
+        self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-store")
         self._db = sqlite3.connect(path, check_same_thread=False, timeout=BUSY_TIMEOUT)
         # Workers starting together on a new data dir would race to create and migrate the
@@ -83,8 +85,10 @@ class EmbeddedStore:
         self.graph = EmbeddedGraph(self._db, self._run)
 
     @classmethod
-    async def open(cls, data_dir: Path) -> EmbeddedStore:
-        return await asyncio.to_thread(cls, data_dir / "metadata.sqlite3")
+    async def open(
+        cls, data_dir: Path, *, clock: Callable[[], float] = time.time
+    ) -> EmbeddedStore:
+        return await asyncio.to_thread(lambda: cls(data_dir / "metadata.sqlite3", clock=clock))
 
     async def get_manifest(self, registry: str, repository: str, digest: str) -> Manifest | None:
         row = await self._fetchone(
@@ -119,10 +123,10 @@ class EmbeddedStore:
             "SELECT expires_at FROM missing WHERE registry = ? AND repository = ? AND tag = ?",
             (registry, repository, tag),
         )
-        return row is not None and row[0] > time.time()
+        return row is not None and row[0] > self._clock()
 
     async def put_missing(self, registry: str, repository: str, tag: str, ttl: float) -> None:
-        now = time.time()
+        now = self._clock()
 
         def write() -> None:
             with self._db:
@@ -162,7 +166,7 @@ class EmbeddedStore:
         return [row[0] for row in rows]
 
     async def add_pins(self, references: Sequence[str]) -> None:
-        now = time.time()
+        now = self._clock()
 
         def write() -> None:
             with self._db:

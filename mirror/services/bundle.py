@@ -29,7 +29,6 @@ import dataclasses
 import json
 import re
 import shutil
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -588,7 +587,7 @@ async def _commit_usable(
     engine: Engine, candidates: list[_Candidate], failed: dict[str, str], *, pin: bool
 ) -> list[Imported]:
     """Commit (and pin) the images whose blobs are all there, of the sizes declared."""
-    now = time.time()
+    now = engine.clock.time()
     for candidate in candidates:
         if candidate.content is None or candidate.name is None:
             continue

@@ -26,6 +26,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import os
 import re
 import secrets
@@ -91,13 +92,20 @@ class Credentials:
 
 
 class Htpasswd:
-    def __init__(self, path: Path, *, threads: int = BCRYPT_THREADS) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        threads: int = BCRYPT_THREADS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
+        self._clock = clock
         # Why logins are refused: the file is missing or unreadable (None: it is read).
         self.problem: str | None = None
         self._entries: dict[str, bytes] = {}
         self._stamp: tuple[int, int, int] | None = None
-        self._checked = 0.0
+        self._checked = -math.inf  # the first refresh looks at the file
         self._key = secrets.token_bytes(32)  # for the remembered pairs; per process
         self._verified: TTLCache[bytes, bool] = TTLCache(VERIFIED_ENTRIES, ttl=3600)
         self._lock = asyncio.Lock()
@@ -156,7 +164,7 @@ class Htpasswd:
     async def refresh(self) -> None:
         """Look at the file every few seconds; re-read it when it changed, refuse every
         login while it is missing or unreadable."""
-        now = time.monotonic()
+        now = self._clock()
         if now - self._checked < RECHECK_INTERVAL:
             return
         async with self._lock:
@@ -306,11 +314,20 @@ class LoginThrottle:
 class PerClient:
     """Transfers under way and upstream misses, counted per client address."""
 
-    def __init__(self, *, max_transfers: int, miss_rate: float) -> None:
+    def __init__(
+        self,
+        *,
+        max_transfers: int,
+        miss_rate: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._max_transfers = max_transfers
+        self._clock = clock
         self._transfers: dict[str, int] = {}
         self._miss_rate = miss_rate
-        self._misses: TTLCache[str, TokenBucket] = TTLCache(TRACKED_ADDRESSES, ttl=3600)
+        self._misses: TTLCache[str, TokenBucket] = TTLCache(
+            TRACKED_ADDRESSES, ttl=3600, timer=clock
+        )
 
     def start_transfer(self, address: str | None) -> bool:
         """Count a transfer for ``address``; False (nothing counted) when it has its fill."""
@@ -343,6 +360,8 @@ class PerClient:
         bucket = self._misses.get(address)
         if bucket is None:
             # A minute's worth at once, at least one: a pull of a fresh image is several.
-            bucket = TokenBucket(self._miss_rate, max(self._miss_rate * 60, 1.0))
+            bucket = TokenBucket(
+                self._miss_rate, max(self._miss_rate * 60, 1.0), clock=self._clock
+            )
             self._misses[address] = bucket
         return bucket

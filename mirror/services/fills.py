@@ -162,10 +162,12 @@ class Fills:
         on_change: Callable[[int], None] | None = None,
         on_stored: Callable[[Digest, int], Awaitable[None]] | None = None,
         keep: Callable[[int], bool] = lambda size: True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._content = content
         self._coordinator = coordinator
         self._stall_timeout = stall_timeout
+        self._clock = clock  # measures stalls of another process's fill
         self._active: dict[Digest, Fill] = {}
         self._tasks: dict[asyncio.Task[None], Fill] = {}
         # One line per kind of failure a minute: a client asking for missing blobs or an
@@ -308,7 +310,7 @@ class Fills:
     async def _follow(self, fill: Fill, key: str) -> None:
         """Stream another process's fill from its partial file, by polling its size. A
         replica that shares no disk with it waits for the blob to land in object storage."""
-        progress_at = time.monotonic()
+        progress_at = self._clock()
         try:
             while True:
                 holder = await self._open_source(fill, key)
@@ -316,18 +318,18 @@ class Fills:
                     if await self._content.find(fill.digest) is not None:
                         raise FillLandedElsewhere("the blob landed in object storage")
                     if holder is not None:
-                        progress_at = time.monotonic()  # its holder keeps its lease alive
+                        progress_at = self._clock()  # its holder keeps its lease alive
                 if fill._fd is not None:
                     written = os.fstat(fill._fd).st_size
                     if written > fill.written:
                         fill._progress(written)
-                        progress_at = time.monotonic()
+                        progress_at = self._clock()
                     if written == (fill.size or written) and await self._landed_yet(fill):
                         fill.size = written
                         break
                 if holder is None and await self._content.find(fill.digest) is None:
                     raise FillHandover("the process filling this blob went away")
-                if time.monotonic() - progress_at > self._stall_timeout:
+                if self._clock() - progress_at > self._stall_timeout:
                     raise UpstreamError("the process filling this blob stalled")
                 await asyncio.sleep(
                     FOLLOW_POLL if fill._fd is not None or self._content.local else REMOTE_POLL

@@ -39,6 +39,7 @@ class GcReport:
 
 
 async def gc(engine: Engine, *, dry_run: bool, now: float | None = None) -> GcReport:
+    # Real time, not the engine's clock: it is compared with the files' mtimes.
     now = time.time() if now is None else now
     report = GcReport()
     report.partials = await engine.content.sweep(dry_run=dry_run, now=now)

@@ -24,7 +24,6 @@ import asyncio
 import enum
 import json
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -34,6 +33,7 @@ from urllib.parse import urlencode
 import structlog
 from cachetools import LRUCache, TTLCache
 
+from mirror.clock import SYSTEM, Clock
 from mirror.content.blobs import MemoryCopy
 from mirror.content.cached import CachedStore
 from mirror.content.layer import Content
@@ -117,7 +117,7 @@ class Resolver:
         cold_lookup_rate: float = 0.0,
         pulls: PullRecorder | None = None,
         clients: PerClient | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.store = store
         self._content = content
@@ -127,18 +127,20 @@ class Resolver:
         self._tag_ttl = tag_ttl
         self._max_stale = max_stale
         self._negative_ttl = negative_ttl
-        self._clock = clock
+        self._clock = clock.time
         self._manifest_flights: SingleFlight[tuple[Manifest, Outcome]] = SingleFlight()
         self.pulls = pulls or PullRecorder(store)
         self._graph_log = LogThrottle()
         # Ten seconds' worth at once, so one client's half is the five seconds' worth a
         # pull of several fresh images may need.
         self._cold_lookups = {
-            name: FairBudget(cold_lookup_rate, max(cold_lookup_rate * 10, 2.0))
+            name: FairBudget(
+                cold_lookup_rate, max(cold_lookup_rate * 10, 2.0), clock=clock.monotonic
+            )
             for name in upstreams
         }
         self._tag_pages: TTLCache[tuple[str, ...], TagsPage] = TTLCache(
-            TAG_PAGES, ttl=max(tag_ttl, 1e-9), timer=clock
+            TAG_PAGES, ttl=max(tag_ttl, 1e-9), timer=clock.time
         )
         # What each client address may hold and spend (the web face sets CLIENT).
         self.clients = clients or PerClient(max_transfers=1 << 30, miss_rate=0.0)

@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from mirror.clock import as_clock
 from mirror.config import Settings
 from mirror.engine import Engine, Overrides, open_engine
 from mirror.logs import LogThrottle
@@ -49,6 +50,8 @@ HEALTH_INTERVAL = 10.0
 
 
 def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web.Application:
+    overrides = overrides or Overrides()
+    clock = as_clock(overrides.clock)  # the engine's, for the logins too
     throttle = LogThrottle()
     app = web.Application(
         handler_args={"max_field_size": 16384, "logger": server_logger(throttle)},
@@ -58,11 +61,11 @@ def create_app(settings: Settings, *, overrides: Overrides | None = None) -> web
     app[LOG_THROTTLE] = throttle
     app[TRANSFERS] = Transfers(settings.send_timeout)
     if settings.auth is not None:
-        app[HTPASSWD] = Htpasswd(settings.auth.htpasswd)
+        app[HTPASSWD] = Htpasswd(settings.auth.htpasswd, clock=clock.monotonic)
         app.cleanup_ctx.append(_closing(app[HTPASSWD]))
-    app[LOGIN_THROTTLE] = LoginThrottle()
+    app[LOGIN_THROTTLE] = LoginThrottle(clock.monotonic)
     app[STOPPING] = asyncio.Event()
-    app.cleanup_ctx.append(_lifecycle(settings, overrides or Overrides()))
+    app.cleanup_ctx.append(_lifecycle(settings, overrides))
     v2.add_routes(app)
     ops.add_routes(app)
     status.add_routes(app)

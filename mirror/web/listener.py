@@ -104,6 +104,7 @@ class Listener(web.BaseSite):
     def shed(self, count: int, older_than: float) -> int:
         """End up to ``count`` handshakes begun ``older_than`` seconds ago or more, the
         oldest first; how many were ended."""
+        # Real time, not the engine's clock: handshakes run on real sockets.
         since = time.monotonic() - older_than
         # A dict keeps the order they began in.
         old = [task for task, began in self._handshakes.items() if began <= since][:count]

@@ -7,6 +7,7 @@ Redis server, the same fakeredis server object).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +23,22 @@ from mirror.content.embedded import EmbeddedStore
 from mirror.content.protocols import MetadataStore
 from mirror.content.redis_store import RedisStore
 from tests.support.binaries import require_binary
+from tests.support.mirror import FakeClock
 from tests.support.redis_server import RedisServer
+
+
+async def _real_time(seconds: float) -> None:
+    # A Redis server expires keys by its own clock, which no test can move: time passes.
+    await asyncio.sleep(seconds)
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
     open: Callable[[], Awaitable[MetadataStore]]
+    # Lets ``seconds`` pass for the stores' expiry: the test clock moves where the store
+    # reads one.
+    pass_time: Callable[[float], Awaitable[None]] = _real_time
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +57,15 @@ async def _flush(url: str) -> None:
 
 
 def _embedded(tmp_path: Path) -> Backend:
-    async def open_store() -> MetadataStore:
-        return await EmbeddedStore.open(tmp_path)
+    clock = FakeClock()
 
-    return Backend("embedded", open_store)
+    async def open_store() -> MetadataStore:
+        return await EmbeddedStore.open(tmp_path, clock=clock)
+
+    async def pass_time(seconds: float) -> None:
+        clock.advance(seconds)
+
+    return Backend("embedded", open_store, pass_time)
 
 
 def _fakeredis() -> Backend:
@@ -76,7 +91,7 @@ def _cached(inner: Backend) -> Backend:
     async def open_store() -> MetadataStore:
         return CachedStore(await inner.open(), max_entries=64, tag_ttl=300.0)
 
-    return Backend(f"cached-{inner.name}", open_store)
+    return Backend(f"cached-{inner.name}", open_store, inner.pass_time)
 
 
 @pytest_asyncio.fixture(params=["embedded", "fakeredis", "redis", "cached-fakeredis"])

@@ -184,19 +184,21 @@ async def test_tag_overwrite_replaces_every_field(store: MetadataStore) -> None:
 # --- negative cache ----------------------------------------------------------------------
 
 
-async def test_negative_entry_expires(store: MetadataStore) -> None:
+async def test_negative_entry_expires(store: MetadataStore, backend: Backend) -> None:
     await store.put_missing(HUB, "library/alpine", "nope", 0.2)
     assert await store.get_missing(HUB, "library/alpine", "nope") is True
-    await asyncio.sleep(0.35)
+    await backend.pass_time(0.35)
     assert await store.get_missing(HUB, "library/alpine", "nope") is False
 
 
-async def test_later_negative_entry_replaces_the_earlier(store: MetadataStore) -> None:
+async def test_later_negative_entry_replaces_the_earlier(
+    store: MetadataStore, backend: Backend
+) -> None:
     await store.put_missing(HUB, "library/alpine", "short", 0.2)
     await store.put_missing(HUB, "library/alpine", "short", 60)
     await store.put_missing(HUB, "library/alpine", "zero", 60)
     await store.put_missing(HUB, "library/alpine", "zero", 0)
-    await asyncio.sleep(0.35)
+    await backend.pass_time(0.35)
     assert await store.get_missing(HUB, "library/alpine", "short") is True
     assert await store.get_missing(HUB, "library/alpine", "zero") is False
 

@@ -32,6 +32,7 @@ from tests.support.secrets import (
     HUB_PASSWORD,
     HUB_USER,
 )
+from tests.support.waiting import eventually
 
 ACCEPT = [OCI_MANIFEST]
 
@@ -267,7 +268,7 @@ async def test_one_address_cannot_hold_more_transfers_than_its_share(
         status, _, _ = await fetch(f"{mirror.url}/v2/library/app/manifests/1")
         assert status == 200
         slow = asyncio.create_task(fetch(f"{mirror.url}/v2/library/app/blobs/{big.digest}"))
-        await asyncio.sleep(0.3)
+        await eventually(lambda: fake_hub.count("GET", "cdn"), "the slow transfer to start")
         status, headers, body = await fetch(f"{mirror.url}/v2/library/app/blobs/{small.digest}")
         assert (status, code(body)) == (429, "TOOMANYREQUESTS")
         assert "Retry-After" in headers

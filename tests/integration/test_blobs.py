@@ -13,6 +13,7 @@ from mirror.content.graph_embedded import EmbeddedGraph
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror, settings_for
 from tests.support.oci import Blob, make_image, make_layer, make_random_layer
+from tests.support.waiting import eventually
 
 
 def cdn_gets(hub: FakeHub) -> int:
@@ -180,7 +181,7 @@ async def test_range_on_cached_and_on_filling_blobs(
 
     # Mid-fill: the first request starts the fill, the ranged one joins it.
     whole = asyncio.create_task(mirror.get(f"/v2/app/blobs/{layer.digest}"))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: fake_hub.count("GET", "cdn"), "the fill to start")
     status, headers, body = await mirror.get(
         f"/v2/app/blobs/{layer.digest}", headers={"Range": "bytes=100-199"}
     )

@@ -6,7 +6,6 @@ test CA; tinyproxy from Debian stands in for the corporate egress proxy.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import re
@@ -28,6 +27,7 @@ from tests.support.oci import OCI_MANIFEST, make_image, make_layer
 from tests.support.process import MirrorProcess
 from tests.support.realregistry import free_port
 from tests.support.secrets import HUB_PASSWORD, HUB_USER
+from tests.support.waiting import eventually
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +147,18 @@ async def test_upstream_traffic_goes_through_the_egress_proxy_and_leaks_nothing_
         assert await pull(mirror, "/v2/app/manifests/1") == (200, image.manifest)
         path = f"/v2/app/blobs/{image.layers[0].digest}"
         assert await pull(mirror, path) == (200, image.layers[0].data)
-    await asyncio.sleep(0.2)
-    logged = proxy_log.read_text(errors="replace")
-    tunnels = set(re.findall(r"Request \(file descriptor \d+\): CONNECT (\S+) HTTP", logged))
     hosts = {url.partition("://")[2] for url in (tls_hub.url, tls_hub.token_url, tls_hub.cdn_url)}
-    assert {host.split("/")[0] for host in hosts} <= tunnels, logged
+
+    def tunnels() -> set[str]:
+        logged = proxy_log.read_text(errors="replace")
+        return set(re.findall(r"Request \(file descriptor \d+\): CONNECT (\S+) HTTP", logged))
+
+    wanted = {host.split("/")[0] for host in hosts}
+    # The proxy writes its log on its own time: wait for the tunnels it must have made
+    # (the assertion below shows the log if they never come).
+    with contextlib.suppress(AssertionError):
+        await eventually(lambda: wanted <= tunnels(), "the proxy's tunnels")
+    logged = proxy_log.read_text(errors="replace")
+    assert wanted <= tunnels(), logged
     for secret in (HUB_PASSWORD, "fake-", "Bearer", "Authorization"):
         assert secret not in logged

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 from collections.abc import AsyncIterator
@@ -14,6 +13,7 @@ from multidict import CIMultiDict
 
 from tests.support import oci
 from tests.support.fakehub import FakeHub
+from tests.support.waiting import eventually
 
 REPO = "library/demo"
 
@@ -348,6 +348,9 @@ async def test_slow_blob_notices_client_leaving(
     async with session.get(location) as response:
         await response.content.readexactly(100_000)
         response.close()  # hang up mid-transfer
-    await asyncio.sleep(0.2)
+    await eventually(
+        lambda: fake_hub.requests(server="cdn")[-1].status is not None,
+        "the CDN to notice the client leaving",
+    )
     sent = fake_hub.requests(server="cdn")[-1].bytes_sent
     assert 100_000 <= sent < layer.size

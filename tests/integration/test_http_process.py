@@ -17,6 +17,7 @@ from tests.support.fakehub import FakeHub
 from tests.support.mirror import metric_value
 from tests.support.oci import make_image, make_random_layer
 from tests.support.process import MirrorProcess
+from tests.support.waiting import eventually
 
 
 @pytest_asyncio.fixture
@@ -41,6 +42,15 @@ def log_lines(process: MirrorProcess) -> list[dict[str, object]]:
     return [json.loads(line) for line in process.log().splitlines() if line.startswith("{")]
 
 
+def v2_requests(process: MirrorProcess) -> list[dict[str, object]]:
+    """The access lines of API requests, as written so far."""
+    return [
+        line
+        for line in log_lines(process)
+        if line["event"] == "request" and str(line["path"]).startswith("/v2/")
+    ]
+
+
 async def test_the_log_says_where_it_listens_and_who_asked_what_of_which_registry(
     fake_hub: FakeHub, second_hub: FakeHub, process: MirrorProcess
 ) -> None:
@@ -52,7 +62,8 @@ async def test_the_log_says_where_it_listens_and_who_asked_what_of_which_registr
             assert response.status == 200
         async with session.get(f"{process.url}/v2/app/manifests/none") as response:
             assert response.status == 404
-    await asyncio.sleep(0.2)  # the access line is written once the answer is sent
+    # The access line is written once the answer is sent.
+    await eventually(lambda: len(v2_requests(process)) >= 2, "both access lines")
 
     [started] = [line for line in log_lines(process) if line["event"] == "mirror_started"]
     assert started["listen"] == process.host
@@ -165,6 +176,8 @@ async def test_a_flood_of_malformed_requests_and_half_closed_gets_logs_a_few_sho
         await asyncio.gather(
             *(send_raw(process.host, get_blob, half_close=True) for _ in range(10))
         )
+    # What must not happen (a traceback, a flood of lines) has no moment to wait for: a
+    # bounded while for the server to notice the connections closing.
     await asyncio.sleep(0.5)
 
     new = process.log().splitlines()[before:]
@@ -193,7 +206,7 @@ async def test_workers_writing_one_log_never_mix_their_lines(
                     await answer.read()
 
             await asyncio.gather(*(one(i) for i in range(3000)))
-        await asyncio.sleep(0.3)
+        await eventually(lambda: len(running.log().splitlines()) >= 3000, "3000 log lines")
     finally:
         await asyncio.to_thread(running.stop)
     lines = running.log().splitlines()

@@ -10,10 +10,12 @@ from mirror.domain.pins import Pin
 from mirror.engine import open_engine
 from mirror.services import bundle
 from tests.support.fakehub import FakeHub
-from tests.support.mirror import RunningMirror, settings_for
+from tests.support.mirror import RunningMirror, metric_value, settings_for
 from tests.support.oci import OCI_MANIFEST, Image, make_image, make_random_layer
+from tests.support.waiting import eventually
 
 MIB = 1024 * 1024
+FILLS = "mirror_blob_fills_in_flight"
 
 
 async def pull(mirror: RunningMirror, repository: str, image: Image) -> None:
@@ -58,7 +60,11 @@ async def test_a_pull_of_a_blob_being_imported_follows_the_import(
         digest = "sha256:" + partial.name.split(".")[1]
         data = next(blob.data for blob in image.blobs if blob.digest == digest)
         pulling = asyncio.create_task(mirror.get(f"/v2/app/blobs/{digest}"))
-        await asyncio.sleep(0.3)  # the pull is under way, the import still copying
+        # The pull has reached the blob's fill, the import still copying.
+        await eventually(
+            lambda: metric_value(mirror.engine.metrics.render().decode(), FILLS) == 1,
+            "the pull to reach the blob's fill",
+        )
         go_on.set()
         report = await importing
         status, _, body = await pulling

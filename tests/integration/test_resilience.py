@@ -163,7 +163,7 @@ async def test_the_circuit_opens_on_a_failing_upstream_and_closes_when_it_return
 
 
 async def test_a_missing_tag_is_remembered_briefly(
-    fake_hub: FakeHub, expired: RunningMirror
+    fake_hub: FakeHub, expired: RunningMirror, clock: FakeClock
 ) -> None:
     fake_hub.add_image("library/app", "1.0", make_image([make_layer(b"x")]))
     for _ in range(5):
@@ -172,7 +172,7 @@ async def test_a_missing_tag_is_remembered_briefly(
         assert json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"
     assert manifest_gets(fake_hub) <= 2  # the first 401 challenge, then one real 404
 
-    await asyncio.sleep(0.4)  # negative_ttl is 0.3 s here
+    clock.advance(0.4)  # negative_ttl is 0.3 s here
     fake_hub.add_image("library/app", "nope", make_image([make_layer(b"now it exists")]))
     assert (await expired.get("/v2/app/manifests/nope", accept=ACCEPT))[0] == 200
 

@@ -35,15 +35,18 @@ async def test_one_token_per_scope_is_reused(
     assert token_requests(fake_hub) == 2  # another repository, another scope
 
 
-async def test_an_expired_token_is_renewed(fake_hub: FakeHub, mirror: RunningMirror) -> None:
+async def test_an_expired_token_is_renewed(fake_hub: FakeHub, tmp_path: Path) -> None:
     fake_hub.token_ttl = 1
     image = make_image([make_layer(b"e")])
     fake_hub.add_image("library/alpine", "latest", image)
     fake_hub.add_image("library/alpine", "other", make_image([make_layer(b"f")]))
+    clock = MovingClock()
 
-    assert (await mirror.get("/v2/alpine/manifests/latest", accept=ACCEPT))[0] == 200
-    await asyncio.sleep(1.1)
-    status, _, _ = await mirror.get("/v2/alpine/manifests/other", accept=ACCEPT)
+    async with RunningMirror(settings_for(fake_hub.url, tmp_path / "data"), clock=clock) as mirror:
+        assert (await mirror.get("/v2/alpine/manifests/latest", accept=ACCEPT))[0] == 200
+        clock.advance(1.1)  # past the token's lifetime, on the mirror and the upstream
+        fake_hub.expire_tokens()
+        status, _, _ = await mirror.get("/v2/alpine/manifests/other", accept=ACCEPT)
 
     assert status == 200
     assert token_requests(fake_hub) == 2

@@ -14,10 +14,11 @@ import binascii
 import hashlib
 import json
 import logging
+import math
 import secrets
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -293,6 +294,11 @@ class FakeHub:
                 "issued_at": issued_at,
             }
         )
+
+    def expire_tokens(self) -> None:
+        """Every token issued so far is past its lifetime now (no test waits for it)."""
+        for token, issued in self.tokens.items():
+            self.tokens[token] = replace(issued, expires_at=-math.inf)
 
     def _basic_account(self, request: web.Request) -> str | None:
         """The user name if the request carries the expected credentials."""

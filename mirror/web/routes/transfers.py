@@ -47,6 +47,8 @@ class Transfer:
 
     def __init__(self, transport: asyncio.Transport | None, timeout: float) -> None:
         self.transport = transport
+        # Real time, not the engine's clock: the deadline is an event-loop timer on a real
+        # socket, which no test clock can move.
         self.moved_at = time.monotonic()
         self.stopped = False
         self._timeout = timeout
