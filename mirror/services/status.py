@@ -25,15 +25,17 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror import __version__
-from mirror.content.graph import ContentGraph
 from mirror.logs import LogThrottle
+
+if TYPE_CHECKING:
+    from mirror.engine import Engine
 
 SAMPLE_INTERVAL = 60.0
 HOUR = 3600.0
@@ -191,9 +193,20 @@ def disk(data_dir: Path) -> dict[str, int]:
     return {"free": usage.free, "total": usage.total}
 
 
-async def held(graph: ContentGraph) -> tuple[dict[str, int], list[dict[str, Any]]]:
-    """What the cache holds (bytes, blobs) and the most pulled images; nothing of either
-    when the store is down: the page says less, it still answers."""
+async def held(engine: Engine) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """What the cache holds (bytes, blobs, and the bucket when blobs are in one) and the
+    most pulled images; nothing from the store when it is down: the page says less, it
+    still answers."""
+    shown: dict[str, Any] = {}
+    storage = engine.settings.storage
+    if storage is not None:  # blobs in a bucket: which, and whether it answers
+        answers = await engine.content.reachable()
+        shown["storage"] = {
+            "bucket": storage.bucket,
+            "endpoint": shown_url(storage.endpoint or "AWS S3"),
+            "state": "ok" if answers else "degraded",
+        }
+    graph = engine.store.graph
     try:
         usage = await graph.usage()
         top = [
@@ -202,8 +215,23 @@ async def held(graph: ContentGraph) -> tuple[dict[str, int], list[dict[str, Any]
         ]
     except Exception as exc:
         log.debug("status_without_store", error=str(exc))
-        return {}, []
-    return {"used": usage.bytes, "blobs": usage.blobs}, top
+        return shown, []
+    return shown | {"used": usage.bytes, "blobs": usage.blobs}, top
+
+
+async def backends(engine: Engine) -> dict[str, str]:
+    """What readiness reports without requiring it: the metadata store and, with blobs in a
+    bucket, object storage; each "ok" or "degraded" (the mirror serves what it can)."""
+    store = engine.store
+    reported = {"store": "ok" if not store.degraded and await store.ping() else "degraded"}
+    if not engine.content.local:  # object storage down: blobs come from upstream, unstored
+        reported["storage"] = "ok" if await engine.content.reachable() else "degraded"
+    return reported
+
+
+def store_degraded(engine: Engine) -> bool:
+    """Is the metadata store known down (its outage mode)? For the alerting gauge."""
+    return engine.store.degraded
 
 
 def shown_url(url: str) -> str:

@@ -22,7 +22,7 @@ from mirror.metrics import Metrics
 from mirror.services.clients import Htpasswd, LoginThrottle
 from mirror.services.referrers import Referrers
 from mirror.services.signatures import SignaturePolicy
-from mirror.services.status import History, started_at, totals
+from mirror.services.status import History, started_at, store_degraded, totals
 from mirror.web.routes import ops, status, v2
 from mirror.web.routes.middleware import add_fallback_route, server_logger
 from mirror.web.routes.state import (
@@ -130,9 +130,9 @@ async def _watch_health(engine: Engine, interval: float = HEALTH_INTERVAL) -> No
     metrics, data_dir = engine.metrics, engine.settings.data_dir
     while True:
         try:
-            writable = await engine.content.writable()
+            writable = await engine.resolver.writable()
             metrics.ready.set(1 if writable else 0)
-            metrics.store_degraded.set(1 if engine.store.degraded else 0)
+            metrics.store_degraded.set(1 if store_degraded(engine) else 0)
             usage = await asyncio.to_thread(shutil.disk_usage, data_dir)
             metrics.disk_free.set(usage.free)
             metrics.disk_total.set(usage.total)

@@ -86,3 +86,18 @@ def test_each_layer_imports_only_the_layers_below_it() -> None:
                 if target is not None and target not in BELOW[layer]:
                     wrong.append(f"{path.relative_to(PACKAGE)}: {node.module}")
     assert wrong == []
+
+
+def test_the_web_layer_reaches_no_storage_through_the_engine_or_the_resolver() -> None:
+    """Routes ask services (the resolver, the status service); they never take the store,
+    the content layer or the graph off the engine or the resolver themselves."""
+    reached = []
+    for path in (PACKAGE / "web").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in {"store", "content", "graph", "blobs", "clients"}
+                and _owner(node.value) in {"engine", "_engine", "resolver", "_resolver"}
+            ):
+                reached.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: .{node.attr}")
+    assert reached == []

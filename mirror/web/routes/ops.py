@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from mirror.metrics import CONTENT_TYPE_LATEST
+from mirror.services.status import backends
 from mirror.web.routes.middleware import NOSNIFF, NOSNIFF_HEADER, add_route
 from mirror.web.routes.state import ENGINE, EXCHANGE, HTPASSWD, METRICS, RESOLVER, STOPPING
 from mirror.web.routes.v2 import check_method
@@ -45,14 +46,10 @@ async def readyz(request: web.Request) -> web.Response:
         await htpasswd.refresh()
         checks["logins"] = htpasswd.problem or "ok"
     engine = request.app[ENGINE]
-    healthy = not engine.store.degraded and await engine.store.ping()
-    store = "ok" if healthy else "degraded"
     upstreams: dict[str, Any] = {}
     for name, client in resolver.upstreams.items():
         upstreams[name] = asdict(await client.health())
-    reported = {"store": store}
-    if not engine.content.local:  # object storage down: blobs come from upstream, unstored
-        reported["storage"] = "ok" if await engine.content.reachable() else "degraded"
+    reported = await backends(engine)
     ready = all(value == "ok" for value in checks.values())
     healthy = all(value == "ok" for value in reported.values())
     status = "not ready" if not ready else "ready" if healthy else "degraded"

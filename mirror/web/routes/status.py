@@ -59,14 +59,7 @@ async def collect(app: web.Application) -> dict[str, Any]:
     disk: dict[str, Any] = {"budget": settings.max_cache_size}
     with contextlib.suppress(OSError):
         disk |= await asyncio.to_thread(status.disk, settings.data_dir)
-    if settings.storage is not None:  # blobs in a bucket: which, and whether it answers
-        answers = await engine.content.reachable()
-        disk["storage"] = {
-            "bucket": settings.storage.bucket,
-            "endpoint": status.shown_url(settings.storage.endpoint or "AWS S3"),
-            "state": "ok" if answers else "degraded",
-        }
-    held, top = await status.held(engine.store.graph)
+    held, top = await status.held(engine)
     disk |= held
     return status.document(
         started=app[STARTED],
