@@ -249,6 +249,9 @@ class BlobStore:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return Partial(path=path, final=final, fd=fd)
 
+    def new_spool(self, digest: Digest) -> Partial:
+        return self.new_partial(digest)  # discarded by its writer, never committed
+
     def sweep(self, *, dry_run: bool = False, now: float | None = None) -> int:
         """Remove partial files left by a crashed writer (or only count them); how many.
         (A lock, not an age, tells a crashed writer's: ``now`` does not matter here.)"""

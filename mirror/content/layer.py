@@ -108,6 +108,11 @@ class Content:
         """Somewhere to write a blob before it lands (blocking)."""
         return self.blobs.new_partial(digest)
 
+    def new_spool(self, digest: Digest) -> BlobWriter:
+        """A local file for the readers of another replica's fill in object storage, the
+        landed object copied into it (blocking); its writer discards it."""
+        return self.blobs.new_spool(digest)
+
     async def land(
         self,
         partial: BlobWriter,

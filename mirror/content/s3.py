@@ -31,7 +31,7 @@ import structlog
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from mirror.content.blobs import BlobStore, MemoryCopy
+from mirror.content.blobs import BlobStore, MemoryCopy, Partial
 from mirror.content.hot import HotTier
 from mirror.content.s3_client import CALL_TIMEOUT, client_options, count_requests, describe, missing
 from mirror.content.s3_writer import S3Writer
@@ -383,6 +383,9 @@ class S3Blobs:
         if self.degraded:  # its clients get it from the spool; nothing waits on the bucket
             writer._fail(StorageError("object storage is unavailable"))
         return writer
+
+    def new_spool(self, digest: Digest) -> Partial:
+        return self.spool.new_partial(digest)  # locked like a writer's, so swept after a crash
 
     def remove(self, digest: Digest, inspected: Copy) -> bool:
         found = self.stat(digest)

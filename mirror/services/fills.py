@@ -12,6 +12,10 @@ the other processes follow it: they open that file and stream it as it grows, an
 it is whole when the blob appears at its final path, which only happens after
 verification. If the filler dies before a follower has sent anything, the follower
 hands over (``FillHandover``) and the caller starts again, taking the lease itself.
+
+A replica that shares no disk with the filler (object storage) cannot read its partial
+file: it answers its readers as soon as the filler published the size, and streams the
+object from the bucket through a spool file of its own once it landed (``_relay``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import asyncio
 import enum
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -28,7 +32,7 @@ import aiohttp
 import structlog
 
 from mirror.content.layer import Content
-from mirror.content.storage import BlobWriter
+from mirror.content.storage import BlobWriter, StorageError
 from mirror.domain.errors import IntegrityError, RegistryError, UpstreamError
 from mirror.domain.reference import Digest
 from mirror.logs import LogThrottle
@@ -270,7 +274,7 @@ class Fills:
                 partial = await asyncio.to_thread(self._content.new_partial, fill.digest)
                 fill._started(partial.open_reader(), response.size)
                 await lease.publish({"partial": partial.name, "size": response.size})
-                await _copy(fill, partial, response.content)
+                await _copy(fill, partial, _batches(response.content))
             fill.verified = True
             if not self._keep(fill.written):
                 # Larger than the whole budget: its readers finish from the spool file, and
@@ -307,7 +311,8 @@ class Fills:
 
     async def _follow(self, fill: Fill, key: str) -> None:
         """Stream another process's fill from its partial file, by polling its size. A
-        replica that shares no disk with it waits for the blob to land in object storage."""
+        replica that shares no disk with it relays the object once it lands in object
+        storage, or, not knowing the size, waits for it to land."""
         progress_at = time.monotonic()
         try:
             while True:
@@ -315,6 +320,9 @@ class Fills:
                 if fill._fd is None and not self._content.local:
                     if await self._content.find(fill.digest) is not None:
                         raise FillLandedElsewhere("the blob landed in object storage")
+                    if holder is not None and holder.get("size") is not None:
+                        await self._relay(fill, key, int(holder["size"]))
+                        break
                     if holder is not None:
                         progress_at = time.monotonic()  # its holder keeps its lease alive
                 if fill._fd is not None:
@@ -340,6 +348,31 @@ class Fills:
             if not isinstance(exc, Exception):
                 raise
 
+    async def _relay(self, fill: Fill, key: str, size: int) -> None:
+        """Follow a fill in another replica that shares no disk with this one: answer the
+        readers at once (the size is known, so their headers go out now, within any
+        client's deadline for them), then copy the object into a spool file of our own as
+        it is read from the bucket, once it landed there. The holder going away first
+        fails the fill: its readers see a cut transfer, as when a fill of our own fails."""
+        spool = await asyncio.to_thread(self._content.new_spool, fill.digest)
+        try:
+            fill._started(spool.open_reader(), size)
+            while await self._content.find(fill.digest) is None:
+                if await self._coordinator.holder(key) is None:
+                    if await self._content.find(fill.digest) is not None:
+                        break  # landed as its holder let go
+                    raise UpstreamError("the replica filling this blob failed or went away")
+                await asyncio.sleep(REMOTE_POLL)
+            try:
+                await _copy(fill, spool, self._content.chunks(fill.digest, 0, size))
+            except (StorageError, FileNotFoundError) as exc:  # the bucket failed, or it went
+                raise UpstreamError(
+                    "the blob could not be read from object storage", detail={"error": str(exc)}
+                ) from None
+            log.info("blob_relayed_from_storage", digest=str(fill.digest), size=size)
+        finally:
+            await asyncio.shield(asyncio.to_thread(spool.discard))
+
     async def _open_source(self, fill: Fill, key: str) -> Mapping[str, Any] | None:
         """Open the landed blob, or else the holder's partial file, when there is none yet;
         the lease's holder (None: nobody holds it)."""
@@ -358,7 +391,20 @@ class Fills:
         return await self._content.find(fill.digest) is not None
 
 
-async def _copy(fill: Fill, partial: BlobWriter, content: aiohttp.StreamReader) -> None:
+async def _batches(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The upstream body in batches of up to WRITE_BATCH, as they arrive."""
+    while True:
+        batch = await content.read(WRITE_BATCH)
+        if not batch:
+            return
+        while len(batch) < WRITE_BATCH and (more := content.read_nowait(WRITE_BATCH)):
+            batch += more
+        yield batch
+
+
+async def _copy(fill: Fill, partial: BlobWriter, batches: AsyncIterator[bytes]) -> None:
+    """Write a blob's bytes where its readers read them, hashed on the way; IntegrityError
+    unless they are the whole blob."""
     hasher = fill.digest.hasher()
 
     def write(batch: bytes) -> None:
@@ -366,18 +412,13 @@ async def _copy(fill: Fill, partial: BlobWriter, content: aiohttp.StreamReader) 
         partial.write(batch)
 
     written = 0
-    while True:
-        batch = await content.read(WRITE_BATCH)
-        if not batch:
-            break
-        while len(batch) < WRITE_BATCH and (more := content.read_nowait(WRITE_BATCH)):
-            batch += more
+    async for batch in batches:
         await asyncio.to_thread(write, batch)
         written += len(batch)
         fill._progress(written)
     if fill.size is not None and written != fill.size:
         raise IntegrityError(
-            "the upstream blob transfer ended early",
+            "the blob transfer ended early",
             detail={"expected_size": fill.size, "received": written},
         )
     if hasher.hexdigest() != fill.digest.hex:
