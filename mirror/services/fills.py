@@ -134,6 +134,8 @@ class Fill:
         self.ready.set_result(None)
 
     def _finish(self, error: RegistryError | None = None) -> None:
+        if self.state is not FillState.RUNNING:
+            return  # ended already (a follower's own fill, taken over, ended it)
         if error is None:
             self.state = FillState.DONE
         else:
@@ -220,7 +222,7 @@ class Fills:
         if lease is not None:
             await self._fill(fill, client, repository, lease)
         else:
-            await self._follow(fill, key)
+            await self._follow(fill, key, TakeOver(self, fill, client, repository))
 
     async def close(self) -> None:
         """Stop the fills still downloading. One whose bytes are verified is let land and be
@@ -245,10 +247,15 @@ class Fills:
         self._on_change(len(self._active))
 
     async def _fill(
-        self, fill: Fill, client: Upstream, repository: str, lease: Lease
+        self,
+        fill: Fill,
+        client: Upstream,
+        repository: str,
+        lease: Lease,
+        spool: BlobWriter | None = None,
     ) -> None:
         try:
-            if await self._download(fill, client, repository, lease):
+            if await self._download(fill, client, repository, lease, spool):
                 await self._landed(fill)
         finally:
             await asyncio.shield(lease.release())
@@ -264,15 +271,22 @@ class Fills:
             await self._on_stored(fill.digest, fill.written)
 
     async def _download(
-        self, fill: Fill, client: Upstream, repository: str, lease: Lease
+        self,
+        fill: Fill,
+        client: Upstream,
+        repository: str,
+        lease: Lease,
+        spool: BlobWriter | None = None,
     ) -> bool:
-        """Fetch, verify and commit the blob: whether it landed (and was stored). A failure
-        is reported here, and ends the fill."""
+        """Fetch, verify and commit the blob (written to ``spool`` when a relay's readers
+        already read that): whether it landed (and was stored). A failure is reported here,
+        and ends the fill."""
         partial: BlobWriter | None = None
         try:
             async with client.open_blob(repository, fill.digest) as response:
-                partial = await asyncio.to_thread(self._content.new_partial, fill.digest)
-                fill._started(partial.open_reader(), response.size)
+                partial = await asyncio.to_thread(self._content.new_partial, fill.digest, spool)
+                if not fill.ready.done():
+                    fill._started(partial.open_reader(), response.size)
                 await lease.publish({"partial": partial.name, "size": response.size})
                 await _copy(fill, partial, _batches(response.content))
             fill.verified = True
@@ -309,7 +323,7 @@ class Fills:
                 raise
             return False
 
-    async def _follow(self, fill: Fill, key: str) -> None:
+    async def _follow(self, fill: Fill, key: str, take_over: TakeOver) -> None:
         """Stream another process's fill from its partial file, by polling its size. A
         replica that shares no disk with it relays the object once it lands in object
         storage, or, not knowing the size, waits for it to land."""
@@ -321,8 +335,8 @@ class Fills:
                     if await self._content.find(fill.digest) is not None:
                         raise FillLandedElsewhere("the blob landed in object storage")
                     if holder is not None and holder.get("size") is not None:
-                        await self._relay(fill, key, int(holder["size"]))
-                        break
+                        await self._relay(fill, key, int(holder["size"]), take_over)
+                        return
                     if holder is not None:
                         progress_at = time.monotonic()  # its holder keeps its lease alive
                 if fill._fd is not None:
@@ -348,21 +362,20 @@ class Fills:
             if not isinstance(exc, Exception):
                 raise
 
-    async def _relay(self, fill: Fill, key: str, size: int) -> None:
+    async def _relay(self, fill: Fill, key: str, size: int, take_over: TakeOver) -> None:
         """Follow a fill in another replica that shares no disk with this one: answer the
         readers at once (the size is known, so their headers go out now, within any
         client's deadline for them), then copy the object into a spool file of our own as
-        it is read from the bucket, once it landed there. The holder going away first
-        fails the fill: its readers see a cut transfer, as when a fill of our own fails."""
+        it is read from the bucket, once it landed there. When the holder goes away first,
+        this replica fetches the blob itself, into that spool (its readers never notice).
+        Either way the fill is ended here."""
         spool = await asyncio.to_thread(self._content.new_spool, fill.digest)
         try:
             fill._started(spool.open_reader(), size)
-            while await self._content.find(fill.digest) is None:
-                if await self._coordinator.holder(key) is None:
-                    if await self._content.find(fill.digest) is not None:
-                        break  # landed as its holder let go
-                    raise UpstreamError("the replica filling this blob failed or went away")
-                await asyncio.sleep(REMOTE_POLL)
+            lease = await self._landing(fill, key)
+            if lease is not None:
+                await take_over(lease, spool)
+                return
             try:
                 await _copy(fill, spool, self._content.chunks(fill.digest, 0, size))
             except (StorageError, FileNotFoundError) as exc:  # the bucket failed, or it went
@@ -370,8 +383,25 @@ class Fills:
                     "the blob could not be read from object storage", detail={"error": str(exc)}
                 ) from None
             log.info("blob_relayed_from_storage", digest=str(fill.digest), size=size)
+            self._done(fill)
+            fill._finish()
         finally:
             await asyncio.shield(asyncio.to_thread(spool.discard))
+
+    async def _landing(self, fill: Fill, key: str) -> Lease | None:
+        """Wait for another replica's fill to land in object storage; the lease when its
+        holder let go first (failed, or died) and this replica is to fetch the blob."""
+        while await self._content.find(fill.digest) is None:
+            if await self._coordinator.holder(key) is None:
+                lease = await self._coordinator.acquire(key)
+                if await self._content.find(fill.digest) is None and lease is not None:
+                    return lease
+                if lease is not None:
+                    await lease.release()  # landed as its holder let go
+                    return None
+                # Another replica took it over: follow that one.
+            await asyncio.sleep(REMOTE_POLL)
+        return None
 
     async def _open_source(self, fill: Fill, key: str) -> Mapping[str, Any] | None:
         """Open the landed blob, or else the holder's partial file, when there is none yet;
@@ -389,6 +419,20 @@ class Fills:
 
     async def _landed_yet(self, fill: Fill) -> bool:
         return await self._content.find(fill.digest) is not None
+
+
+@dataclass(frozen=True)
+class TakeOver:
+    """A follower's way to fetch the blob itself, into the spool its readers read, when the
+    fill it followed went away: a fill of its own under the lease it took."""
+
+    fills: Fills
+    fill: Fill
+    client: Upstream
+    repository: str
+
+    async def __call__(self, lease: Lease, spool: BlobWriter) -> None:
+        await self.fills._fill(self.fill, self.client, self.repository, lease, spool)
 
 
 async def _batches(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:

@@ -260,9 +260,11 @@ async def test_a_replica_following_another_answers_headers_before_the_blob_is_st
             await asyncio.to_thread(process.stop)
 
 
-async def test_a_follower_whose_filler_fails_cuts_its_transfer_and_a_retry_succeeds(
+async def test_a_follower_whose_filler_fails_fetches_the_blob_itself_for_its_clients(
     fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, redis: RedisServer, tmp_path: Path
 ) -> None:
+    """The filling replica's upstream fails mid-blob after the follower's client got its
+    headers: the follower takes the fill over, and its client gets the whole blob."""
     layer = make_random_layer(12 * 1024 * 1024, seed=43)
     fake_hub.add_image("library/app", "1.0", make_image([layer]))
     fake_hub.blob_delay_per_chunk = 0.03
@@ -272,26 +274,27 @@ async def test_a_follower_whose_filler_fails_cuts_its_transfer_and_a_retry_succe
         await asyncio.to_thread(process.start)
     try:
         async with aiohttp.ClientSession() as session:
-            url = f"{follower.url}/v2/app/blobs/{layer.digest}"
-            filled = asyncio.create_task(
-                session.get(f"{filler.url}/v2/app/blobs/{layer.digest}")
-            )
-            await upstream_sending(fake_hub)
-            async with session.get(url) as response:
+            url = f"{filler.url}/v2/app/blobs/{layer.digest}"
+            filled = asyncio.create_task(session.get(url))
+            upstream = await upstream_sending(fake_hub)
+            followed = f"{follower.url}/v2/app/blobs/{layer.digest}"
+            async with session.get(followed) as response:
+                assert upstream.status is None  # headers before the filler's upstream failed
                 assert response.status == 200
                 received, cut = await read_until_cut(response)
-            assert cut
-            assert layer.data.startswith(received)  # never a wrong byte
+            assert (received, cut) == (layer.data, False)
             async with await filled as response:
                 received, cut = await read_until_cut(response)
-            assert cut
-            assert layer.data.startswith(received)
+            assert cut  # the filler's own client: its transfer failed
+            assert layer.data.startswith(received)  # never a wrong byte
+            assert fake_hub.count("GET", "cdn") == 2
 
-            fake_hub.blob_delay_per_chunk = 0.0
-            assert await get(session, url) == (200, layer.data)
+            assert await get(session, url) == (200, layer.data)  # a retry: from the bucket
         assert fake_hub.count("GET", "cdn") == 2
         stored = await objects(seaweedfs, bucket)
         assert stored == {f"blobs/sha256/{layer.digest.removeprefix('sha256:')}": layer.data}
+        for process in pair:
+            assert blob_files(process.data_dir) == []
     finally:
         for process in pair:
             await asyncio.to_thread(process.stop)
