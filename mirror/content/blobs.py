@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import structlog
 
-from mirror.content.storage import Copy
+from mirror.content.storage import BlobWriter, Copy
 from mirror.domain.reference import Digest
 
 log = structlog.get_logger(__name__)
@@ -241,13 +241,19 @@ class BlobStore:
                 found[f"{algorithm.name}:{path.name}"] = (stat.st_size, stat.st_mtime)
         return found
 
-    def new_partial(self, digest: Digest) -> Partial:
+    def new_partial(self, digest: Digest, spool: BlobWriter | None = None) -> Partial:
+        if spool is not None:
+            assert isinstance(spool, Partial), "a spool of this storage's own"
+            return spool
         final = self.path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         path = final.with_name(f".{digest.hex}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return Partial(path=path, final=final, fd=fd)
+
+    def new_spool(self, digest: Digest) -> Partial:
+        return self.new_partial(digest)  # discarded by its writer, never committed
 
     def sweep(self, *, dry_run: bool = False, now: float | None = None) -> int:
         """Remove partial files left by a crashed writer (or only count them); how many.

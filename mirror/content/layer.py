@@ -104,9 +104,15 @@ class Content:
         """A landed blob's whole bytes (blocking: for small blobs, off the loop)."""
         return self.blobs.read(digest)
 
-    def new_partial(self, digest: Digest) -> BlobWriter:
-        """Somewhere to write a blob before it lands (blocking)."""
-        return self.blobs.new_partial(digest)
+    def new_partial(self, digest: Digest, spool: BlobWriter | None = None) -> BlobWriter:
+        """Somewhere to write a blob before it lands (blocking): into ``spool`` (empty, from
+        :meth:`new_spool`) when readers already read that."""
+        return self.blobs.new_partial(digest, spool)
+
+    def new_spool(self, digest: Digest) -> BlobWriter:
+        """A local file for the readers of another replica's fill in object storage, the
+        landed object copied into it (blocking); its writer discards it."""
+        return self.blobs.new_spool(digest)
 
     async def land(
         self,

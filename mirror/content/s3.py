@@ -31,11 +31,11 @@ import structlog
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from mirror.content.blobs import BlobStore, MemoryCopy
+from mirror.content.blobs import BlobStore, MemoryCopy, Partial
 from mirror.content.hot import HotTier
 from mirror.content.s3_client import CALL_TIMEOUT, client_options, count_requests, describe, missing
 from mirror.content.s3_writer import S3Writer
-from mirror.content.storage import Copy, StorageError
+from mirror.content.storage import BlobWriter, Copy, StorageError
 from mirror.domain.reference import Digest
 from mirror.metrics import Metrics
 from mirror.storage_settings import S3Settings
@@ -378,11 +378,17 @@ class S3Blobs:
     def read(self, digest: Digest) -> MemoryCopy | None:
         return None  # no copy in memory: it could not tell when the object goes
 
-    def new_partial(self, digest: Digest) -> S3Writer:
-        writer = S3Writer(self, digest, self.spool.new_partial(digest))
+    def new_partial(self, digest: Digest, spool: BlobWriter | None = None) -> S3Writer:
+        if spool is None:
+            spool = self.spool.new_partial(digest)
+        assert isinstance(spool, Partial), "a spool of this storage's own"
+        writer = S3Writer(self, digest, spool)
         if self.degraded:  # its clients get it from the spool; nothing waits on the bucket
             writer._fail(StorageError("object storage is unavailable"))
         return writer
+
+    def new_spool(self, digest: Digest) -> Partial:
+        return self.spool.new_partial(digest)  # locked like a writer's, so swept after a crash
 
     def remove(self, digest: Digest, inspected: Copy) -> bool:
         found = self.stat(digest)

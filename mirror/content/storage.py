@@ -105,7 +105,15 @@ class BlobStorage(Protocol):
 
     def read(self, digest: Digest) -> MemoryCopy | None: ...
 
-    def new_partial(self, digest: Digest) -> BlobWriter: ...
+    def new_partial(self, digest: Digest, spool: BlobWriter | None = None) -> BlobWriter:
+        """Somewhere to write a blob before it lands; ``spool``, from :meth:`new_spool`
+        and empty, is the local file to write it to."""
+        ...
+
+    def new_spool(self, digest: Digest) -> BlobWriter:
+        """A local file that never lands: the readers of a fill that another replica makes
+        in object storage stream from it while its object is copied in."""
+        ...
 
     def remove(self, digest: Digest, inspected: Copy) -> bool: ...
 

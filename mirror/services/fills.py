@@ -12,6 +12,10 @@ the other processes follow it: they open that file and stream it as it grows, an
 it is whole when the blob appears at its final path, which only happens after
 verification. If the filler dies before a follower has sent anything, the follower
 hands over (``FillHandover``) and the caller starts again, taking the lease itself.
+
+A replica that shares no disk with the filler (object storage) cannot read its partial
+file: it answers its readers as soon as the filler published the size, and streams the
+object from the bucket through a spool file of its own once it landed (``_relay``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import asyncio
 import enum
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -28,7 +32,7 @@ import aiohttp
 import structlog
 
 from mirror.content.layer import Content
-from mirror.content.storage import BlobWriter
+from mirror.content.storage import BlobWriter, StorageError
 from mirror.domain.errors import IntegrityError, RegistryError, UpstreamError
 from mirror.domain.reference import Digest
 from mirror.logs import LogThrottle
@@ -130,6 +134,8 @@ class Fill:
         self.ready.set_result(None)
 
     def _finish(self, error: RegistryError | None = None) -> None:
+        if self.state is not FillState.RUNNING:
+            return  # ended already (a follower's own fill, taken over, ended it)
         if error is None:
             self.state = FillState.DONE
         else:
@@ -218,7 +224,7 @@ class Fills:
         if lease is not None:
             await self._fill(fill, client, repository, lease)
         else:
-            await self._follow(fill, key)
+            await self._follow(fill, key, TakeOver(self, fill, client, repository))
 
     async def close(self) -> None:
         """Stop the fills still downloading. One whose bytes are verified is let land and be
@@ -243,10 +249,15 @@ class Fills:
         self._on_change(len(self._active))
 
     async def _fill(
-        self, fill: Fill, client: Upstream, repository: str, lease: Lease
+        self,
+        fill: Fill,
+        client: Upstream,
+        repository: str,
+        lease: Lease,
+        spool: BlobWriter | None = None,
     ) -> None:
         try:
-            if await self._download(fill, client, repository, lease):
+            if await self._download(fill, client, repository, lease, spool):
                 await self._landed(fill)
         finally:
             await asyncio.shield(lease.release())
@@ -262,17 +273,24 @@ class Fills:
             await self._on_stored(fill.digest, fill.written)
 
     async def _download(
-        self, fill: Fill, client: Upstream, repository: str, lease: Lease
+        self,
+        fill: Fill,
+        client: Upstream,
+        repository: str,
+        lease: Lease,
+        spool: BlobWriter | None = None,
     ) -> bool:
-        """Fetch, verify and commit the blob: whether it landed (and was stored). A failure
-        is reported here, and ends the fill."""
+        """Fetch, verify and commit the blob (written to ``spool`` when a relay's readers
+        already read that): whether it landed (and was stored). A failure is reported here,
+        and ends the fill."""
         partial: BlobWriter | None = None
         try:
             async with client.open_blob(repository, fill.digest) as response:
-                partial = await asyncio.to_thread(self._content.new_partial, fill.digest)
-                fill._started(partial.open_reader(), response.size)
+                partial = await asyncio.to_thread(self._content.new_partial, fill.digest, spool)
+                if not fill.ready.done():
+                    fill._started(partial.open_reader(), response.size)
                 await lease.publish({"partial": partial.name, "size": response.size})
-                await _copy(fill, partial, response.content)
+                await _copy(fill, partial, _batches(response.content))
             fill.verified = True
             if not self._keep(fill.written):
                 # Larger than the whole budget: its readers finish from the spool file, and
@@ -307,9 +325,10 @@ class Fills:
                 raise
             return False
 
-    async def _follow(self, fill: Fill, key: str) -> None:
+    async def _follow(self, fill: Fill, key: str, take_over: TakeOver) -> None:
         """Stream another process's fill from its partial file, by polling its size. A
-        replica that shares no disk with it waits for the blob to land in object storage."""
+        replica that shares no disk with it relays the object once it lands in object
+        storage, or, not knowing the size, waits for it to land."""
         progress_at = self._clock()
         try:
             while True:
@@ -317,6 +336,9 @@ class Fills:
                 if fill._fd is None and not self._content.local:
                     if await self._content.find(fill.digest) is not None:
                         raise FillLandedElsewhere("the blob landed in object storage")
+                    if holder is not None and holder.get("size") is not None:
+                        await self._relay(fill, key, int(holder["size"]), take_over)
+                        return
                     if holder is not None:
                         progress_at = self._clock()  # its holder keeps its lease alive
                 if fill._fd is not None:
@@ -342,6 +364,47 @@ class Fills:
             if not isinstance(exc, Exception):
                 raise
 
+    async def _relay(self, fill: Fill, key: str, size: int, take_over: TakeOver) -> None:
+        """Follow a fill in another replica that shares no disk with this one: answer the
+        readers at once (the size is known, so their headers go out now, within any
+        client's deadline for them), then copy the object into a spool file of our own as
+        it is read from the bucket, once it landed there. When the holder goes away first,
+        this replica fetches the blob itself, into that spool (its readers never notice).
+        Either way the fill is ended here."""
+        spool = await asyncio.to_thread(self._content.new_spool, fill.digest)
+        try:
+            fill._started(spool.open_reader(), size)
+            lease = await self._landing(fill, key)
+            if lease is not None:
+                await take_over(lease, spool)
+                return
+            try:
+                await _copy(fill, spool, self._content.chunks(fill.digest, 0, size))
+            except (StorageError, FileNotFoundError) as exc:  # the bucket failed, or it went
+                raise UpstreamError(
+                    "the blob could not be read from object storage", detail={"error": str(exc)}
+                ) from None
+            log.info("blob_relayed_from_storage", digest=str(fill.digest), size=size)
+            self._done(fill)
+            fill._finish()
+        finally:
+            await asyncio.shield(asyncio.to_thread(spool.discard))
+
+    async def _landing(self, fill: Fill, key: str) -> Lease | None:
+        """Wait for another replica's fill to land in object storage; the lease when its
+        holder let go first (failed, or died) and this replica is to fetch the blob."""
+        while await self._content.find(fill.digest) is None:
+            if await self._coordinator.holder(key) is None:
+                lease = await self._coordinator.acquire(key)
+                if await self._content.find(fill.digest) is None and lease is not None:
+                    return lease
+                if lease is not None:
+                    await lease.release()  # landed as its holder let go
+                    return None
+                # Another replica took it over: follow that one.
+            await asyncio.sleep(REMOTE_POLL)
+        return None
+
     async def _open_source(self, fill: Fill, key: str) -> Mapping[str, Any] | None:
         """Open the landed blob, or else the holder's partial file, when there is none yet;
         the lease's holder (None: nobody holds it)."""
@@ -360,7 +423,34 @@ class Fills:
         return await self._content.find(fill.digest) is not None
 
 
-async def _copy(fill: Fill, partial: BlobWriter, content: aiohttp.StreamReader) -> None:
+@dataclass(frozen=True)
+class TakeOver:
+    """A follower's way to fetch the blob itself, into the spool its readers read, when the
+    fill it followed went away: a fill of its own under the lease it took."""
+
+    fills: Fills
+    fill: Fill
+    client: Upstream
+    repository: str
+
+    async def __call__(self, lease: Lease, spool: BlobWriter) -> None:
+        await self.fills._fill(self.fill, self.client, self.repository, lease, spool)
+
+
+async def _batches(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The upstream body in batches of up to WRITE_BATCH, as they arrive."""
+    while True:
+        batch = await content.read(WRITE_BATCH)
+        if not batch:
+            return
+        while len(batch) < WRITE_BATCH and (more := content.read_nowait(WRITE_BATCH)):
+            batch += more
+        yield batch
+
+
+async def _copy(fill: Fill, partial: BlobWriter, batches: AsyncIterator[bytes]) -> None:
+    """Write a blob's bytes where its readers read them, hashed on the way; IntegrityError
+    unless they are the whole blob."""
     hasher = fill.digest.hasher()
 
     def write(batch: bytes) -> None:
@@ -368,18 +458,13 @@ async def _copy(fill: Fill, partial: BlobWriter, content: aiohttp.StreamReader) 
         partial.write(batch)
 
     written = 0
-    while True:
-        batch = await content.read(WRITE_BATCH)
-        if not batch:
-            break
-        while len(batch) < WRITE_BATCH and (more := content.read_nowait(WRITE_BATCH)):
-            batch += more
+    async for batch in batches:
         await asyncio.to_thread(write, batch)
         written += len(batch)
         fill._progress(written)
     if fill.size is not None and written != fill.size:
         raise IntegrityError(
-            "the upstream blob transfer ended early",
+            "the blob transfer ended early",
             detail={"expected_size": fill.size, "received": written},
         )
     if hasher.hexdigest() != fill.digest.hex:

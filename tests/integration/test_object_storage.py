@@ -23,7 +23,7 @@ from mirror.config import load
 from mirror.engine import open_engine
 from mirror.services import maintenance
 from tests.support.binaries import require_binary
-from tests.support.fakehub import FakeHub
+from tests.support.fakehub import FakeHub, LoggedRequest
 from tests.support.mirror import metric_value
 from tests.support.oci import OCI_MANIFEST, make_image, make_layer, make_random_layer
 from tests.support.process import (
@@ -181,6 +181,118 @@ async def test_two_replicas_on_one_bucket_fetch_each_blob_once(
                 status, body = await get(session, f"{process.url}/v2/app/blobs/{layer.digest}")
                 assert (status, body) == (200, layer.data)
             assert fake_hub.count("GET", "cdn") == 0
+        for process in pair:
+            assert blob_files(process.data_dir) == []
+    finally:
+        for process in pair:
+            await asyncio.to_thread(process.stop)
+
+
+def replicas(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, redis: RedisServer, tmp_path: Path
+) -> list[MirrorProcess]:
+    """Two replicas on one bucket and one Redis, each with a data dir of its own."""
+    return [
+        MirrorProcess(
+            tmp_path / f"data-{name}",
+            fake_hub.url,
+            "--redis-url",
+            redis.url(),
+            env=seaweedfs.env(bucket),
+            name=name,
+        )
+        for name in ("a", "b")
+    ]
+
+
+async def upstream_sending(fake_hub: FakeHub) -> LoggedRequest:
+    """The fake upstream's blob transfer, once it has begun sending bytes."""
+    for _ in range(600):
+        sending = [entry for entry in fake_hub.requests("GET", "cdn") if entry.bytes_sent]
+        if sending:
+            return sending[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError("the upstream blob transfer never began")
+
+
+async def read_until_cut(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+    """The body's bytes as far as they came, and whether the transfer was cut."""
+    received = bytearray()
+    try:
+        async for chunk in response.content.iter_any():
+            received += chunk
+    except aiohttp.ClientPayloadError:
+        return bytes(received), True
+    return bytes(received), False
+
+
+async def test_a_replica_following_another_answers_headers_before_the_blob_is_stored(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, redis: RedisServer, tmp_path: Path
+) -> None:
+    """The replica that did not fill a blob has no disk to stream the filler's spool from; its
+    clients still get their headers at once (containerd gives up after 30 s without them),
+    not only once the whole blob is in the bucket."""
+    layer = make_random_layer(12 * 1024 * 1024, seed=41)
+    fake_hub.add_image("library/app", "1.0", make_image([layer]))
+    fake_hub.blob_delay_per_chunk = 0.03  # about six seconds for the whole blob
+    filler, follower = pair = replicas(fake_hub, seaweedfs, bucket, redis, tmp_path)
+    for process in pair:
+        await asyncio.to_thread(process.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            filled = asyncio.create_task(
+                get(session, f"{filler.url}/v2/app/blobs/{layer.digest}")
+            )
+            upstream = await upstream_sending(fake_hub)
+            async with session.get(f"{follower.url}/v2/app/blobs/{layer.digest}") as response:
+                assert upstream.status is None, "headers only after the upstream finished"
+                assert upstream.bytes_sent < layer.size
+                assert response.status == 200
+                assert response.content_length == layer.size
+                body = await response.read()
+            assert hashlib.sha256(body).hexdigest() == layer.digest.removeprefix("sha256:")
+            assert await filled == (200, layer.data)
+        assert fake_hub.count("GET", "cdn") == 1
+        for process in pair:
+            assert blob_files(process.data_dir) == []  # the follower's spool went too
+    finally:
+        for process in pair:
+            await asyncio.to_thread(process.stop)
+
+
+async def test_a_follower_whose_filler_fails_fetches_the_blob_itself_for_its_clients(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, redis: RedisServer, tmp_path: Path
+) -> None:
+    """The filling replica's upstream fails mid-blob after the follower's client got its
+    headers: the follower takes the fill over, and its client gets the whole blob."""
+    layer = make_random_layer(12 * 1024 * 1024, seed=43)
+    fake_hub.add_image("library/app", "1.0", make_image([layer]))
+    fake_hub.blob_delay_per_chunk = 0.03
+    fake_hub.truncate_next_blob_at = 6 * 1024 * 1024  # the filler's upstream fails mid-blob
+    filler, follower = pair = replicas(fake_hub, seaweedfs, bucket, redis, tmp_path)
+    for process in pair:
+        await asyncio.to_thread(process.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"{filler.url}/v2/app/blobs/{layer.digest}"
+            filled = asyncio.create_task(session.get(url))
+            upstream = await upstream_sending(fake_hub)
+            followed = f"{follower.url}/v2/app/blobs/{layer.digest}"
+            async with session.get(followed) as response:
+                assert upstream.status is None  # headers before the filler's upstream failed
+                assert response.status == 200
+                received, cut = await read_until_cut(response)
+            assert (received, cut) == (layer.data, False)
+            async with await filled as response:
+                received, cut = await read_until_cut(response)
+            assert cut  # the filler's own client: its transfer failed
+            assert layer.data.startswith(received)  # never a wrong byte
+            assert fake_hub.count("GET", "cdn") == 2
+
+            assert await get(session, url) == (200, layer.data)  # a retry: from the bucket
+        assert fake_hub.count("GET", "cdn") == 2
+        stored = await objects(seaweedfs, bucket)
+        assert stored == {f"blobs/sha256/{layer.digest.removeprefix('sha256:')}": layer.data}
         for process in pair:
             assert blob_files(process.data_dir) == []
     finally:
