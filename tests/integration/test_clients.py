@@ -20,10 +20,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.clients import ClientError, Containerd, Dockerd, Podman, write_hosts_toml
+from tests.support.binaries import require_binary
+from tests.support.clients import (
+    ClientError,
+    Containerd,
+    Dockerd,
+    Podman,
+    remove_tree,
+    short_tempdir,
+    write_hosts_toml,
+)
 from tests.support.oci import Image, Index, make_image, make_index, make_layer
 from tests.support.process import MirrorProcess
 from tests.support.realregistry import RealRegistry
+from tests.support.redis_server import RedisServer
+from tests.support.seaweedfs import SeaweedFS
 
 TAG = "v1"
 HOST_ARCH = "amd64"  # uname -m is x86_64 on these machines and in CI
@@ -233,3 +244,49 @@ def test_ctr_reaches_a_second_upstream_by_ns_and_an_unknown_ns_is_refused(
         if line["path"] == f"/v2/{repository}/manifests/{TAG}" and line["status"] == 404
     ]
     assert refused
+
+
+def test_ctr_and_podman_pull_through_two_replicas_that_share_only_a_bucket_and_redis(
+    real_registry: RealRegistry, containerd: Containerd, tmp_path: Path
+) -> None:
+    """Replicas with data dirs of their own, one Redis and one SeaweedFS bucket: containerd
+    pulls through one, podman through the other, both get the upstream's digest, and
+    neither replica keeps a blob file (the bytes are in the bucket)."""
+    with (
+        SeaweedFS() as storage,
+        RedisServer(require_binary("redis-server")) as redis,
+    ):
+        pair = [
+            MirrorProcess(
+                tmp_path / f"data-{name}",
+                real_registry.url,
+                "--redis-url",
+                redis.url(),
+                env=storage.env("clients"),
+                name=name,
+            )
+            for name in ("a", "b")
+        ]
+        for process in pair:
+            process.start()
+        podman = Podman(short_tempdir("podman-s3-"), pair[1].host, require_binary("podman"))
+        try:
+            podman.start()
+            for case_id in ("oci-index", "docker-image"):
+                pushed = _push(real_registry, case_id)
+                platform, arch = _pull_platform(case_id)
+                hosts = write_hosts_toml(tmp_path / f"hosts-{case_id}", pair[0].url, fallback=False)
+                name = f"docker.io/{pushed.repository}:{TAG}"
+                assert containerd.pull(name, hosts, platform=platform) == pushed.digest
+                assert podman.pull(name, platform=platform) == pushed.digest
+                blobs = _blobs_for(real_registry, pushed.repository, pushed.digest, arch)
+                for process in pair:
+                    assert_pulled_through(process, pushed.repository, blobs)
+        finally:
+            podman.stop()
+            remove_tree(podman.directory)
+            for process in pair:
+                process.stop()
+        for process in pair:
+            kept = [p for p in process.data_dir.rglob("*") if p.is_file() and len(p.name) >= 64]
+            assert kept == []
