@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -212,3 +213,26 @@ async def test_one_failure_keeps_every_user_off_redis_until_the_one_probe_hears_
         # Every user asks Redis again: the store (HMGET), the leases (SET), the state (HGETALL).
         assert {"HMGET", "SET", "HGETALL"} <= set(redis.asked()[asked + 1 :])
         assert store_probes() == []
+
+
+async def test_a_readiness_probe_that_finds_redis_hanging_tells_the_one_verdict(
+    fake_hub: FakeHub, tmp_path: Path, redis_that_hangs: tuple[HungRedis, int, RedisServer]
+) -> None:
+    redis, port, real = redis_that_hangs
+    before, during = (make_image([make_layer(f"{when} readiness".encode())]) for when in "ab")
+    fake_hub.add_image("library/before", "latest", before)
+    fake_hub.add_image("library/during", "latest", during)
+    settings = settings_for(fake_hub.url, tmp_path / "data", redis_url=f"redis://127.0.0.1:{port}")
+    async with RunningMirror(settings) as mirror:
+        await pull(mirror, "before", before)
+        await mirror.engine.background.stop()  # from here on only what the test does asks Redis
+        await no_lease_held(real)
+
+        redis.hang()
+        status, _, body = await mirror.get("/readyz")
+        assert (status, json.loads(body)["checks"]["store"]) == (200, "degraded")
+        assert mirror.engine.store.degraded  # known down now, to the store and all on Redis
+        # The probe's timeout was the one paid: the pull after it sends Redis nothing.
+        asked = len(redis.asked())
+        await pull(mirror, "during", during)
+        assert redis.asked()[asked:] == []
