@@ -31,7 +31,7 @@ async def get(url: str) -> tuple[int, dict[str, str], bytes]:
 
 async def status_of(mirror: MirrorProcess) -> dict[str, Any]:
     status, _, body = await get(f"{mirror.url}/status.json")
-    assert status == 200
+    assert status == 200, (body, [line for line in mirror.log().splitlines() if "error" in line])
     document: dict[str, Any] = json.loads(body)
     return document
 
