@@ -162,7 +162,14 @@ def cold(lab: Lab, bucket: Bucket) -> list[Row]:
             reference_name="local disk",
             ratio=report.ratio_of(total[0], total[1]),
             repetitions=reps,
-            note=f"the object complete in the bucket after {median(samples['s3 landed']):.2f} s",
+            note="a client's last byte waits until the blob has landed (verified and stored)",
+        ),
+        row(
+            f"{label}: the object complete in the bucket, from the request",
+            "s",
+            median(samples["s3 landed"]),
+            repetitions=reps,
+            note="seen by HEAD on the bucket, polled every 20 ms",
         ),
     ]
 
@@ -285,7 +292,7 @@ def crowd(lab: Lab, bucket: Bucket, redis: RedisServer) -> list[Row]:
     log = AccessLog(lab.upstream.access_log)
     gets: list[float] = []
     walls: list[float] = []
-    first: dict[str, list[float]] = {"A": [], "B": []}
+    first: dict[str, list[float]] = {"filler": [], "follower": []}
     for repetition in range(lab.plan.concurrent_repetitions):
         shared = (*bucket.options(bucket.new("crowd")), "--redis-url", redis.url(repetition % 16))
         pair = [lab.new_mirror(upstream=lab.link, extra=shared) for _ in range(2)]
@@ -295,14 +302,17 @@ def crowd(lab: Lab, bucket: Bucket, redis: RedisServer) -> list[Row]:
             result = fetch_each(urls, expect_size=big.layer.size)
             gets.append(float(blob_gets(log.settle(mark), big.layer.digest)))
             walls.append(result.wall)
-            for name, mirror in zip("AB", pair, strict=True):
-                ours = [t.first_byte for t in result.transfers if t.url.startswith(mirror.url)]
-                first[name].append(max(ours))
+            worst = sorted(
+                max(t.first_byte for t in result.transfers if t.url.startswith(mirror.url))
+                for mirror in pair
+            )
+            first["filler"].append(worst[0])  # its clients stream the fill as it arrives
+            first["follower"].append(worst[1])  # its clients wait for the object
         finally:
             for mirror in pair:
                 lab.discard(mirror)
     link = big.layer.size / (lab.plan.link_mib * MIB)
-    label = f"{CLIENTS} cold clients, 2 replicas (Redis + bucket), {lab.plan.link_mib:g} MiB/s link"
+    label = f"{CLIENTS} cold clients on 2 replicas, {lab.plan.link_mib:g} MiB/s link"
     reps = lab.plan.concurrent_repetitions
     return [
         row(
@@ -322,9 +332,18 @@ def crowd(lab: Lab, bucket: Bucket, redis: RedisServer) -> list[Row]:
             reference_name="size / link rate",
             ratio=report.ratio_of(median(walls), link),
             repetitions=reps,
-            note=f"first byte, worst client: replica A {median(first['A']):.2f} s, "
-            f"replica B {median(first['B']):.2f} s",
-            samples={"wall": walls, **{f"first byte {n}": s for n, s in first.items()}},
+            samples={"wall": walls},
+        ),
+        row(
+            f"{label}: first byte (worst), other replica vs filling one",
+            "s",
+            median(first["follower"]),
+            reference=median(first["filler"]),
+            reference_name="the filling replica",
+            ratio=report.ratio_of(median(first["follower"]), median(first["filler"])),
+            repetitions=reps,
+            note="the other replica's clients get their first byte once the object is whole",
+            samples=first,
         ),
     ]
 
