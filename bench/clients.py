@@ -19,7 +19,7 @@ from pathlib import Path
 
 CURL_TIMEOUT = 600.0
 RSS_INTERVAL = 0.02
-_WRITE_OUT = "%{http_code} %{size_download} %{time_total}\\n"
+_WRITE_OUT = "%{http_code} %{size_download} %{time_total} %{time_starttransfer} %{url}\\n"
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class Transfer:
     status: int
     size: int
     seconds: float
+    first_byte: float = 0.0  # seconds from the start to the first byte of the body
+    url: str = ""  # the URL asked for (before any redirect)
 
 
 @dataclass(frozen=True)
@@ -48,13 +50,17 @@ def _curl(arguments: list[str], timeout: float) -> tuple[float, list[Transfer]]:
 
 
 def _transfer(line: str) -> Transfer:
-    status, size, seconds = line.split()
-    return Transfer(int(status), int(size), float(seconds))
+    status, size, seconds, first_byte, url = line.split(maxsplit=4)
+    return Transfer(int(status), int(size), float(seconds), float(first_byte), url)
 
 
-def fetch(url: str, *, expect_size: int, timeout: float = CURL_TIMEOUT) -> Transfer:
-    """One GET of ``url`` to /dev/null; its time is curl's, from connect to the last byte."""
-    _, transfers = _curl(["--output", "/dev/null", url], timeout)
+def fetch(
+    url: str, *, expect_size: int, timeout: float = CURL_TIMEOUT, follow: bool = False
+) -> Transfer:
+    """One GET of ``url`` to /dev/null; its time is curl's, from connect to the last byte
+    (with ``follow``, of the redirect's target too)."""
+    arguments = ["--location"] if follow else []
+    _, transfers = _curl([*arguments, "--output", "/dev/null", url], timeout)
     _check(url, transfers, expect_size)
     return transfers[0]
 
@@ -63,13 +69,19 @@ def fetch_parallel(
     url: str, clients: int, *, expect_size: int, timeout: float = CURL_TIMEOUT
 ) -> Parallel:
     """``clients`` simultaneous GETs of ``url``, each on its own connection."""
-    arguments = ["--parallel", "--parallel-immediate", "--parallel-max", str(clients)]
-    for _ in range(clients):
+    return fetch_each([url] * clients, expect_size=expect_size, timeout=timeout)
+
+
+def fetch_each(urls: list[str], *, expect_size: int, timeout: float = CURL_TIMEOUT) -> Parallel:
+    """One GET of each of ``urls``, all at once, each on its own connection; the transfers
+    in the order they ended (each names its URL)."""
+    arguments = ["--parallel", "--parallel-immediate", "--parallel-max", str(len(urls))]
+    for url in urls:
         arguments += ["--output", "/dev/null", url]
     wall, transfers = _curl(arguments, timeout)
-    if len(transfers) != clients:
-        raise RuntimeError(f"{len(transfers)} of {clients} transfers of {url} reported")
-    _check(url, transfers, expect_size)
+    if len(transfers) != len(urls):
+        raise RuntimeError(f"{len(transfers)} of {len(urls)} transfers of {urls[0]} reported")
+    _check(urls[0], transfers, expect_size)
     return Parallel(wall, transfers)
 
 

@@ -45,7 +45,7 @@ ACCEPT = ", ".join(
 )
 
 
-def _blob_gets(requests: list[Request], digest: str) -> int:
+def blob_gets(requests: list[Request], digest: str) -> int:
     return sum(1 for r in requests if r.method == "GET" and r.path.endswith(f"/blobs/{digest}"))
 
 
@@ -378,7 +378,7 @@ def _crowd_once(lab: Lab, mirror: Mirror, clients: int, log: AccessLog, into: Cr
     with MemoryWatch(mirror.pid) as memory:
         result = fetch_parallel(lab.blob_url(mirror, big), clients, expect_size=big.layer.size)
     into.walls.append(result.wall)
-    into.blob_gets.append(_blob_gets(log.settle(mark), big.layer.digest))
+    into.blob_gets.append(blob_gets(log.settle(mark), big.layer.digest))
     into.peak_kib.append(memory.peak_kib)
 
 
@@ -395,7 +395,7 @@ def _proxy_crowd(lab: Lab, clients: int) -> Crowd:
             result = fetch_parallel(lab.blob_url(proxy, big), clients, expect_size=big.layer.size)
             wait_stored(proxy, big.layer.digest)  # its own fetch to store the blob ends later
             crowd.walls.append(result.wall)
-            crowd.blob_gets.append(_blob_gets(log.settle(mark), big.layer.digest))
+            crowd.blob_gets.append(blob_gets(log.settle(mark), big.layer.digest))
         finally:
             lab.discard(proxy)
     return crowd
@@ -584,7 +584,7 @@ def defaults(lab: Lab, nginx: Service) -> list[Row]:
                 url = lab.blob_url(mirror, big)
                 times[name].append(fetch(url, expect_size=big.layer.size).seconds)
         cpu = {
-            name: _cpu_per_gib(lab, service, lab.blob_url(service, big), big.layer.size)
+            name: cpu_per_gib(lab, service, lab.blob_url(service, big), big.layer.size)
             for name, service in (("mirror", mirrors["defaults"]), ("nginx", nginx))
         }
     finally:
@@ -607,7 +607,7 @@ class CpuPerGib:
         return [s + c for s, c in zip(self.server, self.client, strict=True)]
 
 
-def _cpu_per_gib(lab: Lab, service: Service, url: str, size: int) -> CpuPerGib:
+def cpu_per_gib(lab: Lab, service: Service, url: str, size: int) -> CpuPerGib:
     samples = CpuPerGib()
     gib = CPU_FETCHES * size / (1024 * MIB)
     for _ in range(lab.plan.blob_repetitions):

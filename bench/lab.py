@@ -125,17 +125,22 @@ class Lab:
 
     def process_cpu(self, service: Service) -> float:
         """CPU seconds the service's processes (and their children) have used so far."""
-        total = 0.0
-        for pid in [service.pid, *descendants(service.pid)]:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
+        return cpu_seconds(service.pid)
 
     def manifest_url(self, service: Service, image: Image) -> str:
         return f"{service.url}/v2/{image.repository}/manifests/{image.tag}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds, user and system, a process and its children have used so far."""
+    total = 0.0
+    for each in [pid, *descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def wait_stored(proxy: Registry, digest: str, timeout: float = STORE_TIMEOUT) -> None:

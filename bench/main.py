@@ -60,14 +60,14 @@ def _plan(arguments: argparse.Namespace) -> Plan:
     return plan
 
 
-def _stop_on_sigterm() -> None:
+def stop_on_sigterm() -> None:
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
 
 
-def _step(title: str, work: Callable[[], Any]) -> Any:
+def step(title: str, work: Callable[[], Any]) -> Any:
     print(f"-- {title} ...", flush=True)
     started = time.monotonic()
     result = work()
@@ -79,30 +79,30 @@ def measure(lab: Lab) -> list[Row]:
     plan = lab.plan
     layout = lab.root / "layout"
     lab.start(lab.upstream)
-    lab.images = _step(
+    lab.images = step(
         f"building and pushing a {plan.blob_mib} MiB blob",
         lambda: content.build_and_push(layout, plan.blob_mib * MIB, lab.upstream.host),
     )
     nginx = lab.new_nginx(layout / "blobs" / "sha256")
     mirror, proxy = lab.new_mirror(), lab.new_proxy()
     rows: list[Row] = []
-    rows += _step("1. warm blob", lambda: figures.warm_blob(lab, mirror, proxy, nginx))
-    rows += _step("2. warm tag manifests (wrk)", lambda: figures.warm_manifests(lab, mirror, proxy))
+    rows += step("1. warm blob", lambda: figures.warm_blob(lab, mirror, proxy, nginx))
+    rows += step("2. warm tag manifests (wrk)", lambda: figures.warm_manifests(lab, mirror, proxy))
     wait_stored(proxy, lab.images["big"].layer.digest)
     lab.discard(mirror)
     lab.discard(proxy)
-    rows += _step("7. the defaults and their cost", lambda: figures.defaults(lab, nginx))
-    cold_rows, one_cold = _step("3. cold pull", lambda: figures.cold_pull(lab))
+    rows += step("7. the defaults and their cost", lambda: figures.defaults(lab, nginx))
+    cold_rows, one_cold = step("3. cold pull", lambda: figures.cold_pull(lab))
     rows += cold_rows
     for clients in plan.concurrency:
-        rows += _step(
+        rows += step(
             f"4/5. {clients} concurrent cold pulls",
             lambda n=clients: figures.concurrent_pulls(lab, n, one_cold, nginx),  # type: ignore[misc]
         )
     lab.stop(nginx)
-    rows += _step("6. --workers N", lambda: figures.workers_scaling(lab))
-    rows += _step("8. a whole pull by containerd", lambda: figures.whole_pull(lab))
-    rows += _step("9. instructions per request (callgrind)", lambda: instructions.figure(lab))
+    rows += step("6. --workers N", lambda: figures.workers_scaling(lab))
+    rows += step("8. a whole pull by containerd", lambda: figures.whole_pull(lab))
+    rows += step("9. instructions per request (callgrind)", lambda: instructions.figure(lab))
     return rows
 
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: not installed: {', '.join(missing)}", file=sys.stderr)
         return 2
     plan = _plan(arguments)
-    _stop_on_sigterm()
+    stop_on_sigterm()
     root = Path(tempfile.mkdtemp(prefix="mirror-bench-"))
     os.chmod(root, 0o755)  # nginx workers run as nobody and must reach the blob
     lab = Lab(root, plan, arguments.mirror)
@@ -142,13 +142,13 @@ def _publish(rows: list[Row], plan: Plan, arguments: argparse.Namespace, elapsed
         "plan": plan.__dict__,
         "elapsed_seconds": round(elapsed, 1),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "mirror_source": _source_state(),
+        "mirror_source": source_state(),
     }
     report.write_json(arguments.out, rows, context)
     print(f"\nwritten to {arguments.out}")
 
 
-def _source_state() -> dict[str, str]:
+def source_state() -> dict[str, str]:
     """The commit measured, and whether mirror/ had uncommitted changes at the time."""
     root = Path(__file__).resolve().parent.parent
 
