@@ -27,6 +27,7 @@ from mirror.domain.reference import DOCKER_HUB
 from mirror.domain.rules import AccessRules
 from mirror.domain.units import (
     SizeOrShare,
+    parse_bool,
     parse_duration,
     parse_rate,
     parse_size,
@@ -223,17 +224,6 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("expected true or false")
-
-
 def _optional_str(value: Any) -> str | None:
     return None if value in (None, "") else str(value)
 
@@ -295,7 +285,7 @@ def _upstreams(value: Any) -> dict[str, UpstreamSettings]:
         result[registry] = replace(
             settings,
             ca_file=_ca_file(fields["ca_file"]) if fields.get("ca_file") else None,
-            insecure=_bool(fields.get("insecure", False)),
+            insecure=parse_bool(fields.get("insecure", False)),
         )
     return result
 
@@ -345,7 +335,7 @@ def _auth(value: Any) -> AuthSettings | None:
         raise ValueError("htpasswd: the password file is required")
     return AuthSettings(
         _readable_file(value["htpasswd"]),
-        metrics=_bool(value.get("metrics", False)),
+        metrics=parse_bool(value.get("metrics", False)),
         realm=str(value.get("realm", "mirror")).replace('"', ""),
     )
 
@@ -423,7 +413,7 @@ _KEYS: dict[str, _Key] = {
     "min_free_space": _Key(parse_size_or_percent),
     "evict_unused_after": _Key(_optional_duration),
     "pins": _Key(_pins),
-    "offline": _Key(_bool),
+    "offline": _Key(parse_bool),
     "tls_cert": _Key(_optional_file),
     "tls_key": _Key(_optional_file),
     "auth": _Key(_auth, flag=False, env=False),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from mirror.domain.units import parse_duration, parse_size
+from mirror.domain.units import parse_bool, parse_duration, parse_size
 
 S3_ENV_PREFIX = "MIRROR_STORAGE_S3_"
 # Presigned URLs live at most a week (signature version 4's limit).
@@ -114,11 +114,11 @@ def _s3(fields: Mapping[str, Any]) -> S3Settings:
         endpoint=endpoint,
         region=_optional_text(fields.get("region")),
         prefix=prefix,
-        path_style=_field("path_style", _bool, fields.get("path_style", endpoint is not None)),
+        path_style=_field("path_style", parse_bool, fields.get("path_style", endpoint is not None)),
         ca_file=_ca_file(fields.get("ca_file")),
         access_key_id=access_key,
         secret_access_key=secret_key,
-        redirect=_field("redirect", _bool, fields.get("redirect", False)),
+        redirect=_field("redirect", parse_bool, fields.get("redirect", False)),
         redirect_expiry=expiry,
         public_endpoint=_optional_url("public_endpoint", fields.get("public_endpoint")),
         local_cache_size=_field("local_cache_size", parse_size, fields.get("local_cache_size", 0)),
@@ -168,14 +168,3 @@ def _ca_file(value: Any) -> Path | None:
     except (OSError, ssl.SSLError):
         raise ValueError(f"s3.ca_file: {path} is no readable PEM CA certificate") from None
     return path
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("expected true or false")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 _SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
 _SIZE_UNITS = {
@@ -101,3 +102,15 @@ def parse_rate(value: object) -> float:
     if match is None:
         raise ValueError("expected a rate such as 10/s, 600/min or 1000/h (or off)")
     return float(match[1]) / _RATE_UNITS[match[2]]
+
+
+def parse_bool(value: Any) -> bool:
+    """A setting's yes or no: a YAML boolean, or 1/0, true/false, yes/no, on/off."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
