@@ -20,13 +20,14 @@ import asyncio
 import io
 import os
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import Future
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
+import aiohttp
 import structlog
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
@@ -347,17 +348,10 @@ class S3Blobs:
         size = int(found.get("ContentLength", 0))
         return found["Body"], Copy(size, modified, (str(found["ETag"]), size, modified))
 
-    async def chunks(self, digest: Digest, start: int, stop: int) -> AsyncIterator[bytes]:
+    def chunks(self, digest: Digest, start: int, stop: int) -> ObjectBody:
         """Bytes ``start``..``stop`` of the object, as they arrive (the Range goes to the
         bucket); FileNotFoundError before the first when it is gone."""
-        body, _ = await self._get(digest, start, stop)
-        try:
-            while chunk := await body.read(READ_CHUNK):
-                yield chunk
-        except (BotoCoreError, OSError) as exc:
-            raise self._failed(exc) from None
-        finally:
-            body.close()
+        return ObjectBody(self, digest, start, stop)
 
     async def presign(self, digest: Digest) -> str | None:
         if not self.settings.redirect:
@@ -501,3 +495,95 @@ class _ObjectFile(io.RawIOBase):
         if not self.closed:
             self._blobs._loop.call_soon_threadsafe(self._body.close)
         super().close()
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """An object's body as it arrives on its connection, for a relay that moves the bytes
+    socket to socket (splice(2)) instead of through Python: ``head``, what the HTTP client
+    already read, then ``remaining`` bytes on ``fd`` (a duplicate of the connection's
+    socket, which the body closes)."""
+
+    head: bytes
+    fd: int
+    remaining: int
+    read_timeout: float  # how long the bucket may leave the socket without a byte
+    failed: Callable[[BaseException], StorageError]  # the error to raise when it fails
+
+
+class ObjectBody:
+    """Bytes ``start``..``stop`` of an object: chunks read through the HTTP client, or,
+    before the first is read, the connection they arrive on (:meth:`passthrough`). The GET
+    is sent at the first of either, so a missing object or a failing bucket raises before
+    a response to a client begins."""
+
+    def __init__(self, blobs: S3Blobs, digest: Digest, start: int, stop: int) -> None:
+        self._blobs, self._digest, self._start, self._stop = blobs, digest, start, stop
+        self._body: Any = None
+        self._read = False
+        self._fd: int | None = None
+
+    def __aiter__(self) -> ObjectBody:
+        return self
+
+    async def _opened(self) -> Any:
+        if self._body is None:
+            self._body, _ = await self._blobs._get(self._digest, self._start, self._stop)
+        return self._body
+
+    async def __anext__(self) -> bytes:
+        body = await self._opened()
+        self._read = True
+        try:
+            chunk: bytes = await body.read(READ_CHUNK)
+        except (BotoCoreError, OSError) as exc:
+            await self.aclose()
+            raise self._blobs._failed(exc) from None
+        if not chunk:
+            await self.aclose()
+            raise StopAsyncIteration
+        return chunk
+
+    async def passthrough(self) -> Passthrough | None:
+        """The rest of the body on its connection, taken from the HTTP client (which never
+        reads it again: the connection is closed with the body, not reused); None where
+        the bytes must go through it: TLS, a chunked or encoded body, one already read or
+        already whole in memory."""
+        response = (await self._opened()).raw_stream
+        if self._read or not isinstance(response, aiohttp.ClientResponse):
+            return None
+        connection = response.connection
+        if connection is None or connection.transport is None or connection.protocol is None:
+            return None
+        transport = connection.transport
+        sock = transport.get_extra_info("socket")
+        length = response.content_length
+        if (
+            sock is None
+            or transport.get_extra_info("sslcontext") is not None
+            or length is None
+            or {"Transfer-Encoding", "Content-Encoding"} & response.headers.keys()
+        ):
+            return None
+        content = response.content
+        if content.is_eof() or content.total_bytes >= length:
+            return None  # all of it is read: nothing to pass through
+        # Nothing runs on the loop between these two: aiohttp can read no further.
+        head = content.read_nowait()
+        connection.protocol.pause_reading()
+        self._read = True
+        self._fd = os.dup(sock.fileno())
+        return Passthrough(
+            head,
+            self._fd,
+            length - content.total_bytes,
+            float(self._blobs._client.meta.config.read_timeout),
+            self._blobs._failed,
+        )
+
+    async def aclose(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        if self._body is not None:
+            self._body.close()

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from aiohttp import web
 
@@ -60,20 +61,22 @@ async def send_stream(
     request: web.Request, response: web.StreamResponse, chunks: AsyncIterator[bytes]
 ) -> None:
     """Answer with the bytes ``chunks`` yields (a blob in object storage), and end the
-    answer. The first piece is awaited before the answer begins, so a blob that is gone
+    answer: socket to socket with splice(2) where both connections allow it, else read and
+    written. The source is opened before the answer begins, so a blob that is gone
     (FileNotFoundError) or storage that fails (StorageError) is raised while another answer
     can still be given; a failure later cuts the connection, as a shrunk file does."""
-    with request.app[TRANSFERS].running(request.transport) as transfer:
+    with (
+        request.app[TRANSFERS].running(request.transport) as transfer,
+        socket_copy(request) as sock,
+    ):
         try:
-            data = await anext(chunks, b"")
-            await response.prepare(request)
-            sent = 0
-            while data:
-                await transfer.wait(response.write(data))
-                sent += len(data)
-                request[EXCHANGE].sent = sent
-                transfer.moved()
-                data = await anext(chunks, b"")
+            relayable = sock is not None and isinstance(chunks, Relayable)
+            source = await chunks.passthrough() if relayable else None  # type: ignore[attr-defined]
+            if source is not None and sock is not None:
+                await response.prepare(request)
+                await Relay(request, response, transfer, sock, source).run()
+            else:
+                await _write_chunks(request, response, transfer, chunks)
         except ConnectionError:
             return
         except OSError:
@@ -85,6 +88,150 @@ async def send_stream(
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
     await response.write_eof()
+
+
+async def _write_chunks(
+    request: web.Request,
+    response: web.StreamResponse,
+    transfer: Transfer,
+    chunks: AsyncIterator[bytes],
+) -> None:
+    data = await anext(chunks, b"")
+    await response.prepare(request)
+    sent = 0
+    while data:
+        await transfer.wait(response.write(data))
+        sent += len(data)
+        request[EXCHANGE].sent = sent
+        transfer.moved()
+        data = await anext(chunks, b"")
+
+
+class Passthrough(Protocol):
+    """A body arriving on a connection of its own: ``head``, then ``remaining`` bytes on
+    ``fd`` (the content layer's object bodies)."""
+
+    @property
+    def head(self) -> bytes: ...
+    @property
+    def fd(self) -> int: ...
+    @property
+    def remaining(self) -> int: ...
+    @property
+    def read_timeout(self) -> float: ...
+    def failed(self, exc: BaseException) -> OSError: ...
+
+
+@runtime_checkable
+class Relayable(Protocol):
+    async def passthrough(self) -> Passthrough | None: ...
+
+
+# Bytes the pipe between the two sockets holds (Linux's limit for a process without
+# CAP_SYS_RESOURCE, /proc/sys/fs/pipe-max-size; the default of 64 KiB where it is lower).
+PIPE_SIZE = 1024 * 1024
+_SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice") else 0
+
+
+@dataclass(slots=True)
+class Relay:
+    """A response body moved from the source's socket to the client's with splice(2),
+    through a pipe: the bytes never enter Python (a relay through the HTTP client copies
+    each byte three times there, and costs more CPU than the bucket's own GET)."""
+
+    request: web.Request
+    response: web.StreamResponse
+    transfer: Transfer
+    socket: int  # the client's connection (a copy)
+    source: Passthrough
+
+    async def run(self) -> None:
+        source = self.source
+        declared = self.response.content_length
+        head = source.head
+        left = source.remaining
+        if declared is not None:  # never more than the answer said: the connection goes on
+            head = head[:declared]
+            left = min(left, declared - len(head))
+        if head:
+            await self.transfer.wait(self.response.write(head))
+        sent = len(head)
+        transport = self.request.transport
+        loop = asyncio.get_running_loop()
+        while transport is not None and transport.get_write_buffer_size():
+            await self.transfer.wait(_writable(loop, self.socket))
+        out, into = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(into, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            capacity = fcntl.fcntl(into, fcntl.F_GETPIPE_SZ)
+            held = 0  # bytes in the pipe
+            while left or held:
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("the client went away")
+                room = min(left, capacity - held)
+                taken = self._take(into, room) if room else 0
+                left -= taken
+                held += taken
+                given = self._give(out, held) if held else 0
+                held -= given
+                sent += given
+                if given:
+                    self.request[EXCHANGE].sent = sent
+                    self.transfer.moved()
+                elif not taken:
+                    await self._either(loop, room > 0, held > 0)
+        finally:
+            os.close(out)
+            os.close(into)
+
+    def _take(self, into: int, room: int) -> int:
+        """Bytes moved from the source into the pipe; 0 when none are there yet."""
+        try:
+            taken = os.splice(self.source.fd, into, room, flags=_SPLICE)
+        except BlockingIOError:  # nothing arrived yet
+            return 0
+        except OSError as exc:
+            raise self.source.failed(exc) from None
+        if taken == 0:
+            raise self.source.failed(ConnectionResetError("the body ended early"))
+        return taken
+
+    def _give(self, out: int, held: int) -> int:
+        try:
+            return os.splice(out, self.socket, held, flags=_SPLICE)
+        except BlockingIOError:  # the client's socket is full
+            return 0
+
+    async def _either(self, loop: asyncio.AbstractEventLoop, take: bool, give: bool) -> None:
+        """Wait until the source has bytes or the client's socket takes more: within the
+        send deadline while bytes wait for the client, else within the source's read
+        timeout."""
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        if take:
+            loop.add_reader(self.source.fd, wake)
+        if give:
+            loop.add_writer(self.socket, wake)
+        try:
+            if give:
+                await self.transfer.wait(ready)
+            else:
+                try:
+                    await asyncio.wait_for(ready, self.source.read_timeout)
+                except TimeoutError:
+                    raise self.source.failed(
+                        TimeoutError("object storage sent nothing in time")
+                    ) from None
+        finally:
+            if take:
+                loop.remove_reader(self.source.fd)
+            if give:
+                loop.remove_writer(self.socket)
 
 
 @contextlib.contextmanager
