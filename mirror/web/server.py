@@ -194,7 +194,7 @@ async def _shed_idle(transfers: Transfers, listener: Listener, fd_limit: int) ->
                 tls_handshakes_shed=ended,
                 stalled_downloads_ended=stalled,
                 connections=len(connections),
-                downloads=transfers.descriptors // DESCRIPTORS,
+                downloads=len(transfers),
                 fd_limit=fd_limit,
                 suppressed=suppressed,
             )

@@ -18,6 +18,11 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from tests.integration.test_abusive_clients import (
+    fetch_blob_as_clients_do,
+    first_bytes,
+    stalled_get,
+)
 from tests.integration.test_object_storage import s3_client
 from tests.integration.test_tls import Certificates
 from tests.support.fakehub import FakeHub
@@ -311,3 +316,40 @@ async def test_clients_hanging_up_mid_body_leave_no_descriptors_behind(
         )
         async with aiohttp.ClientSession() as session, session.get(url) as response:
             assert await response.read() == blob.data
+
+
+async def test_relays_that_never_read_are_counted_against_the_descriptor_limit(
+    fake_hub: FakeHub, seaweedfs: SeaweedFS, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Each relay holds six descriptors (the client's socket and its copy, the bucket's
+    connection and its copy, a pipe): the server must count them all, or a crowd of
+    clients that never read runs it out of descriptors mid-answer."""
+    process, blob = _serve(
+        fake_hub,
+        seaweedfs,
+        _bucket(request),
+        tmp_path,
+        "--client-max-transfers",
+        "1000",
+    )
+    process.prefix = ("prlimit", "--nofile=256:256", "--")
+    path = f"/v2/app/blobs/{blob.digest}"
+    async with running(process):
+        async with aiohttp.ClientSession() as session:
+            await _landed(seaweedfs, process, session, blob)
+        crowd = [await stalled_get(process.port, path) for _ in range(120)]
+        try:
+            for _ in range(3):  # new pulls still get their bytes, after 503s at worst
+                statuses, body = await fetch_blob_as_clients_do(process.url + path)
+                assert statuses[-1] == 200, statuses
+                assert body == blob.data
+            answers = [first_bytes(sock) for sock in crowd]
+        finally:
+            for sock in crowd:
+                sock.close()
+        logged = [line.get("status") for line in process.access_log()]
+        log = process.log()
+    assert not [a for a in answers if a.startswith(b"HTTP/1.1 5") and b" 503" not in a]
+    assert 500 not in logged
+    assert "Traceback" not in log
+    assert "object_storage_unavailable" not in log  # running short is not the bucket failing

@@ -20,7 +20,7 @@ from typing import BinaryIO, Protocol, runtime_checkable
 from aiohttp import web
 
 from mirror.web.routes.state import EXCHANGE, TRANSFERS
-from mirror.web.routes.transfers import Transfer
+from mirror.web.routes.transfers import RELAY_DESCRIPTORS, Transfer
 
 # Bytes per sendfile(2) call. One call for a whole blob is what FileResponse makes; calls of
 # a few MiB send a cached 1 GiB blob faster on loopback (see the README's Performance).
@@ -66,7 +66,7 @@ async def send_stream(
     (FileNotFoundError) or storage that fails (StorageError) is raised while another answer
     can still be given; a failure later cuts the connection, as a shrunk file does."""
     with (
-        request.app[TRANSFERS].running(request.transport) as transfer,
+        request.app[TRANSFERS].running(request.transport, RELAY_DESCRIPTORS) as transfer,
         socket_copy(request) as sock,
     ):
         try:

@@ -33,6 +33,9 @@ T = TypeVar("T")
 
 # What a download holds beside its connection: the blob file, the socket's duplicate.
 DESCRIPTORS = 2
+# A relay from object storage: the bucket's connection and its duplicate, the socket's
+# duplicate, the two ends of the pipe between them.
+RELAY_DESCRIPTORS = 5
 
 
 class SendStalled(ConnectionResetError):
@@ -43,10 +46,13 @@ class SendStalled(ConnectionResetError):
 class Transfer:
     """One download: when it last moved, and how to end it from outside."""
 
-    __slots__ = ("_deadline", "_timeout", "moved_at", "stopped", "transport")
+    __slots__ = ("_deadline", "_timeout", "descriptors", "moved_at", "stopped", "transport")
 
-    def __init__(self, transport: asyncio.Transport | None, timeout: float) -> None:
+    def __init__(
+        self, transport: asyncio.Transport | None, timeout: float, descriptors: int = DESCRIPTORS
+    ) -> None:
         self.transport = transport
+        self.descriptors = descriptors  # what it holds beside its connection
         # Real time, not the engine's clock: the deadline is an event-loop timer on a real
         # socket, which no test clock can move.
         self.moved_at = time.monotonic()
@@ -98,13 +104,16 @@ class Transfers:
         self._budget, self._connections = budget, connections
 
     @contextlib.contextmanager
-    def running(self, transport: asyncio.Transport | None) -> Iterator[Transfer]:
-        """A download on ``transport``, counted while it runs; OutOfDescriptors (before any
-        descriptor is taken) when the budget has no room for it."""
-        if self._connections() + (len(self._running) + 1) * DESCRIPTORS > self._budget:
+    def running(
+        self, transport: asyncio.Transport | None, descriptors: int = DESCRIPTORS
+    ) -> Iterator[Transfer]:
+        """A download on ``transport`` holding up to ``descriptors`` beside it, counted
+        while it runs; OutOfDescriptors (before any descriptor is taken) when the budget has
+        no room for it."""
+        if self._connections() + self.descriptors + descriptors > self._budget:
             self._note("download_refused_no_descriptors", budget=self._budget)
             raise OutOfDescriptors
-        transfer = Transfer(transport, self.send_timeout)
+        transfer = Transfer(transport, self.send_timeout, descriptors)
         self._running.add(transfer)
         try:
             yield transfer
@@ -116,7 +125,10 @@ class Transfers:
     @property
     def descriptors(self) -> int:
         """Descriptors the downloads under way hold beside their connections."""
-        return len(self._running) * DESCRIPTORS
+        return sum(transfer.descriptors for transfer in self._running)
+
+    def __len__(self) -> int:
+        return len(self._running)
 
     def shed(self, count: int, stalled_for: float) -> int:
         """End up to ``count`` downloads that have gone ``stalled_for`` seconds or more
