@@ -569,7 +569,10 @@ class ObjectBody:
         if content.is_eof() or content.total_bytes >= length:
             return None  # all of it is read: nothing to pass through
         # Nothing runs on the loop between these two: aiohttp can read no further.
-        head = content.read_nowait()
+        try:
+            head = content.read_nowait()
+        except aiohttp.ClientError as exc:  # the connection failed after the headers
+            raise self._blobs._failed(exc) from None
         connection.protocol.pause_reading()
         self._read = True
         self._fd = os.dup(sock.fileno())
