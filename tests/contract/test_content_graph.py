@@ -153,6 +153,7 @@ def test_an_old_data_dir_is_migrated_in_place(tmp_path: Path) -> None:
 @pytest_asyncio.fixture(params=["fakeredis", "redis"])
 async def redis_client(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
     """One Redis that several stores share, as replicas do."""
+    client: Redis
     if request.param == "fakeredis":
         client = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
     else:

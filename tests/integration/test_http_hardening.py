@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import aiohttp
 import pytest
@@ -17,6 +18,7 @@ import pytest_asyncio
 
 from mirror.config import UpstreamSettings
 from mirror.content.embedded import EmbeddedStore
+from mirror.content.protocols import MetadataStore
 from mirror.domain.manifests import Manifest, TagRecord
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror, metric_value, settings_for
@@ -153,7 +155,9 @@ async def test_an_unexpected_error_is_the_registry_error_body_counted_and_logged
 ) -> None:
     fake_hub.add_image("library/app", "latest", make_image([make_random_layer(1024, seed=103)]))
     settings = settings_for(fake_hub.url, tmp_path / "data")
-    async with RunningMirror(settings, store=BrokenStore()) as mirror:
+    # Only the calls a manifest GET makes: the store is broken, not complete.
+    broken = cast(MetadataStore, BrokenStore())
+    async with RunningMirror(settings, store=broken) as mirror:
         for _ in range(3):
             status, headers, body = await mirror.get("/v2/app/manifests/latest")
             assert status == 500

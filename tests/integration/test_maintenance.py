@@ -14,8 +14,10 @@ from unittest.mock import patch
 import aiohttp
 import pytest
 
+from mirror.content.blobs import BlobStore
 from mirror.content.graph import Usage
 from mirror.content.layer import Content
+from mirror.content.storage import Copy
 from mirror.domain.reference import Digest
 from mirror.services import maintenance
 from tests.support.fakehub import FakeHub
@@ -163,10 +165,10 @@ async def test_verify_repair_keeps_a_blob_that_lands_while_it_hashes(
         loop = asyncio.get_running_loop()
         hashes_to = maintenance._hashes_to
 
-        def pulled_meanwhile(path: Path, digest: Digest) -> tuple[bool, os.stat_result] | None:
+        def pulled_meanwhile(content: Content, digest: Digest) -> tuple[bool, Copy] | None:
             if not on_disk(mirror, later):  # a client pulls while verify reads the disk
                 asyncio.run_coroutine_threadsafe(pull(mirror.url, "later", later), loop).result()
-            return hashes_to(path, digest)
+            return hashes_to(content, digest)
 
         with patch.object(maintenance, "_hashes_to", pulled_meanwhile):
             report = await maintenance.verify(mirror.engine, repair=True)
@@ -182,24 +184,26 @@ async def test_gc_leaves_a_blob_recorded_that_lands_again_as_it_removes_it(
 ) -> None:
     async with RunningMirror(settings_for(fake_hub.url, tmp_path / "data")) as mirror:
         engine = mirror.engine
-        content = Content(engine.blobs, engine.store.graph)
+        blobs = engine.blobs
+        assert isinstance(blobs, BlobStore)  # a data dir on the local disk
+        content = Content(blobs, engine.store.graph)
         stray = b"a blob no manifest mentions"
         digest = Digest.parse("sha256:" + hashlib.sha256(stray).hexdigest())
 
         def land() -> None:
-            partial = engine.blobs.new_partial(digest)
+            partial = blobs.new_partial(digest)
             partial.write(stray)
             partial.commit()
 
         await asyncio.to_thread(land)
         await content.landed(digest, len(stray))
         old = time.time() - 2 * 3600
-        os.utime(engine.blobs.path(digest), (old, old))
+        os.utime(blobs.path(digest), (old, old))
         graph = engine.store.inner.graph
         record_removal = graph.blobs_removed
 
         async def landed_meanwhile(digests: Sequence[str]) -> None:
-            if not engine.blobs.path(digest).exists():  # an import brings it back
+            if not blobs.path(digest).exists():  # an import brings it back
                 await asyncio.to_thread(land)
                 await content.landed(digest, len(stray))
             await record_removal(digests)
@@ -207,7 +211,7 @@ async def test_gc_leaves_a_blob_recorded_that_lands_again_as_it_removes_it(
         with patch.object(graph, "blobs_removed", landed_meanwhile):
             report = await maintenance.gc(engine, dry_run=False)
         assert report.blobs == [(str(digest), len(stray))]
-        assert engine.blobs.path(digest).read_bytes() == stray
+        assert blobs.path(digest).read_bytes() == stray
         assert await engine.store.graph.usage() == Usage(1, len(stray))
 
 

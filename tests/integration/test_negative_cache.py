@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
+from mirror.upstream.client import UpstreamClient
 from tests.support.fakehub import FakeHub
 from tests.support.mirror import RunningMirror, settings_for
 from tests.support.oci import OCI_MANIFEST, make_image, make_layer
@@ -182,7 +183,9 @@ async def test_tokens_for_made_up_names_are_bounded(fake_hub: FakeHub, tmp_path:
         for number in range(1100):
             status, _, body = await mirror.get(f"/v2/nobody/x{number}/manifests/latest")
             assert (status, code(body)) == (404, "NAME_UNKNOWN")
-        assert mirror.engine.upstreams["docker.io"].cached_tokens <= 1024
+        upstream = mirror.engine.upstreams["docker.io"]
+        assert isinstance(upstream, UpstreamClient)
+        assert upstream.cached_tokens <= 1024
         fake_hub.clear_log()
         status, _, _ = await mirror.get("/v2/nobody/x7/manifests/latest")
         assert status == 404

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from mirror.config import AccessRules
 from mirror.domain.pins import Pin
+from mirror.domain.rules import AccessRules
 from tests.support.artifacts import (
     ATTESTATION_TYPE,
     COSIGN_SIG_TYPE,
