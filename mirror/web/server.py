@@ -33,7 +33,7 @@ from mirror.web.app import create_app
 from mirror.web.listener import Listener, idle, listening_socket
 from mirror.web.routes.middleware import AccessLogger
 from mirror.web.routes.state import ENGINE, STOPPING, TRANSFERS
-from mirror.web.routes.transfers import DESCRIPTORS, Transfers
+from mirror.web.routes.transfers import DESCRIPTORS, RELAY_DESCRIPTORS, Transfers
 from mirror.web.shutdown import CUT_TIMEOUT, Shutdown
 from mirror.web.tls import ServerTLS
 
@@ -170,7 +170,10 @@ async def _shed_idle(transfers: Transfers, listener: Listener, fd_limit: int) ->
         await asyncio.sleep(SHED_INTERVAL)
         connections = listener.connections
         used = len(connections) + listener.handshakes + transfers.descriptors
-        if used < high:
+        # Shed from when the largest download (a relay) would be refused, else a crowd
+        # that holds the budget just short of ``high`` is never shed and every new
+        # download gets a 503 until the crowd's send deadline.
+        if used + RELAY_DESCRIPTORS <= high:
             seen.clear()
             continue
         excess = used - low
