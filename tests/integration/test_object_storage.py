@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -902,3 +903,76 @@ async def test_a_blob_whose_upload_fails_after_its_client_finished_is_not_stored
     finally:
         await asyncio.to_thread(process.stop)
 
+
+async def test_a_stop_waits_within_its_grace_for_a_blob_still_landing(
+    fake_hub: FakeHub,
+    seaweedfs: SeaweedFS,
+    bucket: str,
+    slow_bucket: CompletionHoldingProxy,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while a blob its client had whole is still landing: the drain waits for it
+    (within the grace), so it is stored and recorded before the process exits 0."""
+    layer = make_random_layer(20 * 1024 * 1024, seed=119)
+    fake_hub.add_image("library/app", "1.0", make_image([layer]))
+    env = behind(slow_bucket, seaweedfs.env(bucket))
+    process = MirrorProcess(tmp_path / "data", fake_hub.url, env=env)
+    await asyncio.to_thread(process.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            slow_bucket.holding = True
+            assert await get(session, f"{process.url}/v2/app/blobs/{layer.digest}") == (
+                200,
+                layer.data,
+            )
+            assert slow_bucket.completed == 0, "the client waited for the upload to complete"
+        process.send_signal(signal.SIGTERM)
+        await process.wait_for_event("shutdown_draining")
+        slow_bucket.release()
+        assert await asyncio.to_thread(process.wait, 60) == 0
+        drained = await process.wait_for_event("shutdown_drained")
+        assert drained["landing"] == 0  # it had landed when the drain ended
+        assert '"blob_stored"' in process.log()
+        assert (await objects(seaweedfs, bucket))[blob_key(layer.digest)] == layer.data
+        assert blob_files(process.data_dir) == []
+    finally:
+        await asyncio.to_thread(process.stop)
+
+
+async def test_a_landing_the_stop_cuts_short_leaves_no_upload_and_no_object(
+    fake_hub: FakeHub,
+    seaweedfs: SeaweedFS,
+    bucket: str,
+    slow_bucket: CompletionHoldingProxy,
+    tmp_path: Path,
+) -> None:
+    """The bucket takes longer than the grace (and the engine's wait for landings): the
+    upload is aborted before the process exits, so no multipart upload is left for gc and
+    the completion the bucket gets late finds nothing to complete."""
+    layer = make_random_layer(20 * 1024 * 1024, seed=121)
+    fake_hub.add_image("library/app", "1.0", make_image([layer]))
+    env = behind(slow_bucket, seaweedfs.env(bucket))
+    process = MirrorProcess(tmp_path / "data", fake_hub.url, "--shutdown-grace", "1s", env=env)
+    await asyncio.to_thread(process.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            slow_bucket.holding = True
+            assert await get(session, f"{process.url}/v2/app/blobs/{layer.digest}") == (
+                200,
+                layer.data,
+            )
+            assert slow_bucket.completed == 0, "the client waited for the upload to complete"
+        await eventually(lambda: slow_bucket.held, "the completion held")
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 60) == 0
+        assert slow_bucket.completed == 0  # still held: the process did not wait for it
+        async with s3_client(seaweedfs) as client:  # type: ignore[attr-defined]
+            uploads = await client.list_multipart_uploads(Bucket=bucket)
+        assert uploads.get("Uploads", []) == []
+        slow_bucket.release()
+        await eventually(lambda: slow_bucket.completed, "the held completion answered")
+        assert await objects(seaweedfs, bucket) == {}
+        assert blob_files(process.data_dir) == []
+        assert '"blob_stored"' not in process.log()
+    finally:
+        await asyncio.to_thread(process.stop)
