@@ -63,6 +63,9 @@ class Partial:
         self._close()
         return True
 
+    async def complete(self) -> bool:
+        return await asyncio.to_thread(self.commit)
+
     def discard(self) -> None:
         try:
             self.path.unlink(missing_ok=True)

@@ -126,8 +126,10 @@ class Content:
         tell ``committed`` (a fill lets its readers finish, before any graph call), then
         record it present. The blob has landed even if recording fails: the record follows
         at the next reconciliation. False when the storage refused it (object storage
-        down): nothing was stored, and the writer's readers still finish."""
-        stored = await asyncio.to_thread(partial.commit)
+        down): nothing was stored, and the writer's readers still finish. Cut short by a
+        stop, object storage keeps nothing of it (a disk may: recorded at the next
+        reconciliation)."""
+        stored = await partial.complete()
         committed()
         if not stored:
             return False

@@ -228,7 +228,7 @@ class S3Blobs:
 
     # -- bridging the blocking protocol onto the loop ----------------------------------
 
-    def _wait(self, work: Coroutine[Any, Any, T], timeout: float = CALL_TIMEOUT) -> T:
+    def _wait(self, work: Coroutine[Any, Any, T], timeout: float | None = CALL_TIMEOUT) -> T:
         """Run ``work`` on the loop and wait for it, from a thread (never the loop's own)."""
         try:
             running = asyncio.get_running_loop()

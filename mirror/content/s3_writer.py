@@ -1,16 +1,18 @@
 """A blob being written to object storage: spooled to the data dir for its readers, and
 uploaded part by part as the spool grows, on the event loop (the download never waits for
 the bucket). The upload is completed only at commit, which the writer calls after it checked
-the digest; anything else aborts it."""
+the digest; anything else aborts it, a commit cut short too (a stop): no upload is left
+behind for gc, and no object appears that was not completed whole."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+from collections.abc import Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -24,10 +26,16 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
+
 # Bytes per part of a multipart upload (S3's minimum is 5 MiB, all but the last part).
 PART_SIZE = 8 * 1024 * 1024
 # Parts of one blob uploading at once; each holds its bytes in memory while it does.
 UPLOADS_AT_ONCE = 4
+# How long aborting an upload may take; when a stop cut its commit short, less (the stop
+# waits for it, and gc aborts what is left after an hour).
+ABORT_TIMEOUT = 30.0
+ABANDON_TIMEOUT = 5.0
 
 
 @dataclass(eq=False)
@@ -108,21 +116,30 @@ class S3Writer:
             )
 
     def commit(self) -> bool:
-        """Complete the upload (the writer checked the digest): whether the blob is in the
-        bucket now. When the bucket failed, its readers still finish from the spool, and
-        nothing is stored."""
+        """:meth:`complete`, from a thread (never the loop's own)."""
+        return self.blobs._wait(self.complete(), timeout=None)
+
+    async def complete(self) -> bool:
+        """Complete the upload (the writer checked the digest), on the loop: whether the blob
+        is in the bucket now. When the bucket failed, its readers still finish from the
+        spool, and nothing is stored. Cancelled, it aborts the upload before it ends."""
         try:
             if self._failed is None:
-                self._complete()
+                await self._finish_upload()
+        except asyncio.CancelledError:
+            await asyncio.shield(self._abandon())
+            raise
         except Exception as exc:
             self._fail(exc)
         stored = self._failed is None
-        if stored:
-            self.blobs._known[self.digest] = self.written
-            self._keep_hot()
-        else:
-            self._abort()
-        self.partial.discard()  # readers hold descriptors of their own on the spool
+        try:
+            if stored:
+                self.blobs._known[self.digest] = self.written
+                await asyncio.to_thread(self._keep_hot)
+            else:
+                await self._abort_upload()
+        finally:  # readers hold descriptors of their own on the spool
+            await asyncio.to_thread(self.partial.discard)
         return stored
 
     def _keep_hot(self) -> None:
@@ -134,12 +151,12 @@ class S3Writer:
             except OSError as exc:
                 log.info("hot_copy_not_kept", digest=str(self.digest), error=str(exc))
 
-    def _complete(self) -> None:
+    async def _finish_upload(self) -> None:
         key = self.blobs.key(self.digest)
         client = self.blobs._client
         if self._created is None and self.written <= PART_SIZE:  # one PUT
-            data = os.pread(self.partial.fd, self.written, 0)
-            self.blobs._wait(client.put_object(Bucket=self.blobs.bucket, Key=key, Body=data))
+            data = await asyncio.to_thread(os.pread, self.partial.fd, self.written, 0)
+            await self._call(client.put_object(Bucket=self.blobs.bucket, Key=key, Body=data))
             return
         # Parts not started yet: a writer that wrote the spool's descriptor itself (import).
         while self.written - self._uploaded_to > PART_SIZE:
@@ -147,11 +164,11 @@ class S3Writer:
         if self.written > self._uploaded_to:
             self._start_part(self._uploaded_to, self.written - self._uploaded_to)
         assert self._created is not None  # more than a part: started above if not before
-        upload_id = self._created.result(CALL_TIMEOUT)
-        parts = [part.result(CALL_TIMEOUT) for part in self._parts]
+        upload_id = await _within(self._created, CALL_TIMEOUT)
+        parts = [await _within(part, CALL_TIMEOUT) for part in self._parts]
         if self._failed is not None:
             raise self._failed
-        self.blobs._wait(
+        await self._call(
             client.complete_multipart_upload(
                 Bucket=self.blobs.bucket,
                 Key=key,
@@ -160,25 +177,50 @@ class S3Writer:
             )
         )
 
-    def discard(self) -> None:
-        """The blob failed (or its digest did not match): nothing of it stays anywhere."""
+    async def _call(self, work: Coroutine[Any, Any, Any], seconds: float = CALL_TIMEOUT) -> None:
+        """A call to the bucket, on the loop, as ``S3Blobs._wait`` makes one from a thread."""
         try:
-            self._abort()
-        finally:
-            self.partial.discard()
+            await asyncio.wait_for(work, seconds)
+        except TimeoutError:
+            late = TimeoutError("object storage did not answer in time")
+            raise self.blobs._failed(late) from None
 
-    def _abort(self) -> None:
+    async def _abort_upload(self, seconds: float = ABORT_TIMEOUT, *, cut: bool = False) -> None:
+        """Abort the multipart upload, if one was created, once its parts ended (or, ``cut``
+        short, cancelling those still running); its failure is left to gc."""
         created, self._created = self._created, None
         if created is None:
             return
         for part in self._parts:
-            with contextlib.suppress(Exception):
-                part.result(CALL_TIMEOUT)
+            if cut:
+                part.cancel()
+            elif not part.done():
+                with contextlib.suppress(Exception):
+                    await _within(part, CALL_TIMEOUT)
         with contextlib.suppress(Exception):
-            upload_id = created.result(CALL_TIMEOUT)
-            self.blobs._wait(
+            upload_id = await _within(created, seconds)
+            await self._call(
                 self.blobs._client.abort_multipart_upload(
                     Bucket=self.blobs.bucket, Key=self.blobs.key(self.digest), UploadId=upload_id
                 ),
-                timeout=30.0,
+                seconds,
             )
+
+    async def _abandon(self) -> None:
+        """A commit cut short (a stop): nothing of the blob stays, and soon."""
+        try:
+            await self._abort_upload(ABANDON_TIMEOUT, cut=True)
+        finally:
+            await asyncio.to_thread(self.partial.discard)
+
+    def discard(self) -> None:
+        """The blob failed (or its digest did not match): nothing of it stays anywhere."""
+        try:
+            self.blobs._wait(self._abort_upload(), timeout=None)
+        finally:
+            self.partial.discard()
+
+
+async def _within(future: Future[T], seconds: float) -> T:
+    """The result of work submitted to the loop, awaited on the loop."""
+    return await asyncio.wait_for(asyncio.wrap_future(future), seconds)

@@ -66,6 +66,11 @@ class BlobWriter(Protocol):
         still finish from the spool, and nothing is stored)."""
         ...
 
+    async def complete(self) -> bool:
+        """:meth:`commit`, awaited on the loop; cancelled, it leaves no half blob behind
+        (object storage aborts the upload)."""
+        ...
+
     def discard(self) -> None: ...
 
 

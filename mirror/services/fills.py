@@ -16,6 +16,13 @@ hands over (``FillHandover``) and the caller starts again, taking the lease itse
 A replica that shares no disk with the filler (object storage) cannot read its partial
 file: it answers its readers as soon as the filler published the size, and streams the
 object from the bucket through a spool file of its own once it landed (``_relay``).
+
+In object storage a verified blob still has to land: its upload is completed, which takes
+as long as the bucket needs for the parts it has not taken yet. Its readers do not wait for
+that: once the digest matched they get the last byte, and until the object is complete the
+fill stays, *landing*, and answers this process's new readers (and HEADs) from its spool.
+Its lease is held until then, so other replicas keep following it rather than fetch the
+blob; if the upload fails the blob is simply not stored, as when the bucket fails mid-fill.
 """
 
 from __future__ import annotations
@@ -99,6 +106,9 @@ class Fill:
     state: FillState = FillState.RUNNING
     error: RegistryError | None = None
     verified: bool = False  # every byte is in and matches the digest: only landing is left
+    # Verified and sent whole, while its storage completes it (object storage): the spool
+    # answers new readers of this process until it has landed (or failed to).
+    landing: bool = False
     _fd: int | None = None
     _readers: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -146,12 +156,29 @@ class Fill:
         self._notify()
         self._close_if_unused()
 
+    def _land(self) -> None:
+        """Verified: every reader may have the last byte now, while the blob lands."""
+        self.landing = True
+        self._finish()
+
+    def _landed(self) -> None:
+        """Landed, or failed to: new readers go to the storage (or upstream) now."""
+        if self.landing:
+            self.landing = False
+            self._notify()
+            self._close_if_unused()
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
     def _close_if_unused(self) -> None:
-        if self._readers == 0 and self.state is not FillState.RUNNING and self._fd is not None:
+        if (
+            self._readers == 0
+            and self.state is not FillState.RUNNING
+            and not self.landing
+            and self._fd is not None
+        ):
             os.close(self._fd)
             self._fd = None
 
@@ -188,8 +215,18 @@ class Fills:
 
     @property
     def in_flight(self) -> int:
-        """Blobs being downloaded or followed now."""
+        """Blobs being downloaded, followed or landed now."""
         return len(self._active)
+
+    def landing(self, digest: Digest) -> Fill | None:
+        """The fill of a blob verified here that its storage is still completing (object
+        storage): its spool answers this process's readers until the blob has landed."""
+        fill = self._active.get(digest)
+        return fill if fill is not None and fill.landing else None
+
+    def landings(self) -> int:
+        """Blobs verified here that their storage is still completing (a stop waits)."""
+        return sum(fill.landing for fill in self._active.values())
 
     async def open(self, client: Upstream, repository: str, digest: Digest) -> Fill | None:
         """The fill to read ``digest`` from, attached; None when the blob is on disk now.
@@ -229,7 +266,8 @@ class Fills:
     async def close(self) -> None:
         """Stop the fills still downloading. One whose bytes are verified is let land and be
         recorded in the content graph (up to LANDING_WAIT): stopping right after a pull
-        must not lose, nor report as failed, a blob that was fetched whole."""
+        must not lose, nor report as failed, a blob that was fetched whole. A landing in
+        object storage cut short then aborts its upload: nothing of it stays."""
         for task, fill in list(self._tasks.items()):
             if not fill.verified:
                 task.cancel()
@@ -245,7 +283,8 @@ class Fills:
         task.add_done_callback(lambda done: self._tasks.pop(done, None))
 
     def _done(self, fill: Fill) -> None:
-        self._active.pop(fill.digest, None)
+        if self._active.get(fill.digest) is fill:  # not a later fill of the same blob
+            del self._active[fill.digest]
         self._on_change(len(self._active))
 
     async def _fill(
@@ -263,9 +302,11 @@ class Fills:
             await asyncio.shield(lease.release())
 
     def _committed(self, fill: Fill) -> None:
-        """The blob is in place, verified: whatever happens now, it did not fail."""
+        """The blob is in place, verified (or, landing, failed to land): whatever happens
+        now, it did not fail."""
         self._done(fill)
         fill._finish()
+        fill._landed()
 
     async def _landed(self, fill: Fill) -> None:
         log.info("blob_stored", digest=str(fill.digest), size=fill.written)
@@ -299,12 +340,17 @@ class Fills:
                 await asyncio.to_thread(partial.discard)
                 log.info("blob_not_kept", digest=str(fill.digest), size=fill.written)
                 return False
+            if not self._content.local:
+                # Its readers need not wait for the bucket to take the last parts; the lease,
+                # held until it has, keeps the other replicas from fetching it meanwhile.
+                fill._land()
             # False: object storage refused it, and its readers had it from the spool.
             return await self._content.land(
                 partial, fill.digest, committed=lambda: self._committed(fill)
             )
         except BaseException as exc:
-            if fill.state is FillState.DONE:  # landed: only its record was cut short
+            if fill.state is FillState.DONE:  # landed, or landing: its readers had it all
+                self._committed(fill)
                 raise
             error = _as_registry_error(exc)
             if partial is not None:

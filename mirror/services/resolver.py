@@ -447,6 +447,11 @@ class Resolver:
             self.pulls.blob(str(digest))
             return CachedBlob(None, len(held), held)
         for _ in range(3):
+            landing = self.fills.landing(digest)
+            if landing is not None:  # verified here, not yet complete in the bucket
+                landing.attach()
+                self.pulls.blob(str(digest))
+                return landing
             size = await self._content.find(digest)
             if size is not None and not self._content.local:
                 self.pulls.blob(str(digest))
@@ -520,8 +525,8 @@ class Resolver:
             ) from None
 
     def holds(self, digest: Digest) -> bool:
-        """Whether the blob has landed here (one stat)."""
-        return self._content.present(digest) is not None
+        """Whether the blob has landed here (one stat), or is landing from a fill here."""
+        return self._content.present(digest) is not None or self.fills.landing(digest) is not None
 
     async def quarantine(self, digest: Digest, opened: os.stat_result) -> bool:
         """Take a blob found damaged while served (the copy ``opened``) out of service."""
@@ -538,6 +543,9 @@ class Resolver:
         size = self._content.present(digest)
         if size is not None:
             return size
+        landing = self.fills.landing(digest)
+        if landing is not None:
+            return landing.size
         await self._blob_not_known_missing(registry, repository, digest)
         try:
             return await client.head_blob(repository, digest)

@@ -243,7 +243,7 @@ class _Seeder:
 
 async def _until_done(fill: Fill, advanced: Callable[[int], None]) -> None:
     reported = 0
-    while fill.state is FillState.RUNNING:
+    while fill.state is FillState.RUNNING or fill.landing:  # seeded: in the storage
         await fill.changed()
         if fill.written > reported:
             advanced(fill.written - reported)

@@ -224,7 +224,8 @@ class SignaturePolicy:
                     data = await asyncio.to_thread(_read_all, source.open)
                 return data if data is not None and Digest.of(data) == digest else None
             try:
-                while source.state is FillState.RUNNING:
+                # Then read where it is stored (landing: verified, not in the bucket yet).
+                while source.state is FillState.RUNNING or source.landing:
                     await source.changed()
                 if source.state is FillState.FAILED:
                     raise source.error or UpstreamError(detail={"digest": digest_text})

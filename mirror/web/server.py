@@ -126,7 +126,8 @@ async def _serve(
         for task in tasks:
             shutdown.watch(task)
         await shutdown.requested.wait()
-        await shutdown.drain(site, app[ENGINE].fills.in_flight)
+        fills = app[ENGINE].fills
+        await shutdown.drain(site, fills.in_flight, fills.landings)
         for task in tasks:
             task.cancel()
     finally:

@@ -7,7 +7,8 @@
    handshakes under way are ended (no request has been sent on them yet), idle keep-alive
    connections are closed, and the transfers in flight get up to ``shutdown_grace`` to
    finish, their connections closed once they have; a fill a client is still reading goes
-   on with it (the client is sent its last byte only once the fill is verified).
+   on with it (the client is sent its last byte only once the fill is verified). Blobs
+   verified but still landing in object storage get what is left of the grace to land.
 3. aiohttp's cleanup then cuts whatever is left and closes the engine, which stops the
    fills nobody reads any more: their partial files go and their leases are released, so
    the next pull, here or on another replica, starts them again.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Callable
 
 import structlog
 
@@ -70,9 +72,12 @@ class Shutdown:
         log.info("shutdown_started", **cause, delay=self.delay, grace=self.grace)
         self.requested.set()
 
-    async def drain(self, listener: Listener, fills_in_flight: int) -> None:
+    async def drain(
+        self, listener: Listener, fills_in_flight: int, landings: Callable[[], int] = lambda: 0
+    ) -> None:
         """Keep accepting for the delay, then stop accepting and wait for the transfers in
-        flight, up to the grace; log what was waited for."""
+        flight and the ``landings`` (blobs their clients had whole, still going into object
+        storage), up to the grace; log what was waited for."""
         await self._wait(self.delay)
         handshakes = listener.handshakes
         await listener.stop()
@@ -86,7 +91,11 @@ class Shutdown:
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self.grace
-        while listener.connections and loop.time() < deadline and not self.forced.is_set():
+        while (
+            (listener.connections or landings())
+            and loop.time() < deadline
+            and not self.forced.is_set()
+        ):
             await self._wait(min(POLL, deadline - loop.time()))
         left = sum(not idle(handler) for handler in listener.connections)
         log.info(
@@ -94,6 +103,7 @@ class Shutdown:
             waited=round(loop.time() - started, 2),
             finished=max(busy - left, 0),
             cut=left,
+            landing=landings(),
         )
 
     async def _wait(self, seconds: float) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,7 +34,9 @@ from tests.support.process import (
     skopeo_copy,
 )
 from tests.support.redis_server import RedisServer
+from tests.support.s3_proxy import CompletionHoldingProxy
 from tests.support.seaweedfs import ACCESS_KEY, READER_KEY, SECRET_KEY, SeaweedFS
+from tests.support.waiting import eventually
 
 ACCEPT = {"Accept": OCI_MANIFEST}
 BUCKET = "mirror-blobs"
@@ -98,6 +101,13 @@ async def get(session: aiohttp.ClientSession, url: str, **headers: str) -> tuple
         return response.status, await response.read()
 
 
+async def landed(process: MirrorProcess, count: int = 1) -> None:
+    """Until ``count`` blobs pulled through ``process`` are complete in the bucket (and
+    recorded, their spools gone): a client has a blob once its bytes are verified, and the
+    object lands after. For tests that look at the bucket or the data dir from outside."""
+    await process.wait_for_event("blob_stored", count=count)
+
+
 async def test_a_pull_lands_the_blobs_in_the_bucket_and_none_in_the_data_dir(
     fake_hub: FakeHub, seaweedfs: SeaweedFS, bucket: str, served: MirrorProcess
 ) -> None:
@@ -112,6 +122,7 @@ async def test_a_pull_lands_the_blobs_in_the_bucket_and_none_in_the_data_dir(
             status, body = await get(session, f"{served.url}/v2/app/blobs/{layer.digest}")
             assert status == 200
             assert hashlib.sha256(body).hexdigest() == layer.digest.removeprefix("sha256:")
+        await landed(served, count=2)
         stored = await objects(seaweedfs, bucket)
         for layer in (big, small):
             assert stored[f"blobs/sha256/{layer.digest.removeprefix('sha256:')}"] == layer.data
@@ -181,6 +192,9 @@ async def test_two_replicas_on_one_bucket_fetch_each_blob_once(
                 status, body = await get(session, f"{process.url}/v2/app/blobs/{layer.digest}")
                 assert (status, body) == (200, layer.data)
             assert fake_hub.count("GET", "cdn") == 0
+        await eventually(
+            lambda: any('"blob_stored"' in process.log() for process in pair), "the landing"
+        )
         for process in pair:
             assert blob_files(process.data_dir) == []
     finally:
@@ -253,6 +267,7 @@ async def test_a_replica_following_another_answers_headers_before_the_blob_is_st
             assert hashlib.sha256(body).hexdigest() == layer.digest.removeprefix("sha256:")
             assert await filled == (200, layer.data)
         assert fake_hub.count("GET", "cdn") == 1
+        await landed(filler)
         for process in pair:
             assert blob_files(process.data_dir) == []  # the follower's spool went too
     finally:
@@ -325,6 +340,7 @@ async def test_verify_finds_an_object_whose_bytes_were_replaced_and_repair_fixes
     async with aiohttp.ClientSession() as session:
         await get(session, f"{served.url}/v2/app/manifests/1.0")
         assert await get(session, f"{served.url}/v2/app/blobs/{layer.digest}") == (200, layer.data)
+        await landed(served)  # then replaced: not while its upload still completes
         async with s3_client(seaweedfs) as client:  # type: ignore[attr-defined]
             await client.put_object(Bucket=bucket, Key=key, Body=b"x" * len(layer.data))
         env = seaweedfs.env(bucket)
@@ -390,6 +406,7 @@ async def test_with_the_storage_down_manifests_answer_and_blobs_come_from_upstre
                 blob_url = f"{process.url}/v2/app/blobs/{cached.digest}"
                 assert await get(session, manifest_url) == (200, image.manifest)
                 assert await get(session, blob_url) == (200, cached.data)
+                await landed(process)  # in the bucket before it goes
 
                 await asyncio.to_thread(storage.stop)
                 fake_hub.clear_log()
@@ -427,6 +444,7 @@ async def test_with_the_storage_down_manifests_answer_and_blobs_come_from_upstre
                 url = f"{process.url}/v2/other/blobs/{fresh.digest}"
                 await get(session, f"{process.url}/v2/other/manifests/1.0")
                 assert await get(session, url) == (200, fresh.data)
+                await landed(process, count=2)
                 key = f"blobs/sha256/{fresh.digest.removeprefix('sha256:')}"
                 assert (await objects(storage, "outage"))[key] == fresh.data
         finally:
@@ -443,6 +461,7 @@ async def test_redirect_mode_sends_clients_to_the_bucket_and_skopeo_follows(
     env = {**seaweedfs.env(bucket), "MIRROR_STORAGE_S3_REDIRECT": "true"}
     with MirrorProcess(tmp_path / "data", fake_hub.url, env=env) as process:
         await skopeo_copy(f"{process.host}/app:1.0", tmp_path / "first")
+        await landed(process, count=2)  # the layer and the config: streamed until then
         async with aiohttp.ClientSession() as session:
             url = f"{process.url}/v2/app/blobs/{layer.digest}"
             async with session.get(url, allow_redirects=False) as response:
@@ -518,6 +537,7 @@ async def test_with_the_storage_hanging_a_pull_still_succeeds_from_upstream(
                 blob_url = f"{process.url}/v2/app/blobs/{cached.digest}"
                 assert await get(session, manifest_url) == (200, image.manifest)
                 assert await get(session, blob_url) == (200, cached.data)
+                await landed(process)  # in the bucket before it hangs
 
                 storage.pause()
                 fake_hub.clear_log()
@@ -599,6 +619,7 @@ async def test_the_hot_tier_keeps_blobs_in_the_data_dir_up_to_its_size(
                 for layer in (small, large):
                     url = f"{filler.url}/v2/app/blobs/{layer.digest}"
                     assert await get(session, url) == (200, layer.data)
+                await landed(filler, count=2)  # the spool goes to the hot tier then
                 hot = {path.name for path in blob_files(filler.data_dir / "hot")}
                 assert hot == {small.digest.removeprefix("sha256:")}
                 assert blob_files(filler.data_dir / "spool") == []
@@ -700,6 +721,7 @@ async def test_slow_down_answers_are_retried_and_no_client_sees_them(
             proxy.slowdowns = 2  # the first part upload is refused twice
             url = f"{process.url}/v2/app/blobs/{layer.digest}"
             assert await get(session, url) == (200, layer.data)
+            await landed(process)
             key = f"blobs/sha256/{layer.digest.removeprefix('sha256:')}"
             assert (await objects(seaweedfs, bucket))[key] == layer.data  # stored all the same
 
@@ -725,3 +747,232 @@ def _failed_storage_calls(page: str) -> float:
             if 'result="ok"' not in series and 'result="not_found"' not in series:
                 total += float(value)
     return total
+
+
+@pytest_asyncio.fixture
+async def slow_bucket(seaweedfs: SeaweedFS) -> AsyncIterator[CompletionHoldingProxy]:
+    """The bucket behind a proxy that holds back the completion of uploads when asked."""
+    proxy = CompletionHoldingProxy(seaweedfs.endpoint)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+def behind(proxy: CompletionHoldingProxy, env: dict[str, str]) -> dict[str, str]:
+    """A mirror's environment with its bucket behind ``proxy``; its calls to the bucket
+    wait longer than the proxy holds one (the client's retry would find the upload gone)."""
+    return {**env, "MIRROR_STORAGE_S3_ENDPOINT": proxy.url, "MIRROR_REQUEST_TIMEOUT": "60"}
+
+
+def blob_key(digest: str) -> str:
+    return f"blobs/sha256/{digest.removeprefix('sha256:')}"
+
+
+async def no_fill_left(session: aiohttp.ClientSession, process: MirrorProcess) -> None:
+    """Until ``process`` has no fill under way, landing ones included (its upload completed
+    or was aborted, its spool gone)."""
+    for _ in range(600):
+        async with session.get(f"{process.url}/metrics") as response:
+            page = await response.text()
+        if metric_value(page, "mirror_blob_fills_in_flight") == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("a fill never ended")
+
+
+async def test_a_cold_pull_ends_once_verified_and_the_blob_answers_from_the_spool_meanwhile(
+    fake_hub: FakeHub,
+    seaweedfs: SeaweedFS,
+    bucket: str,
+    slow_bucket: CompletionHoldingProxy,
+    tmp_path: Path,
+) -> None:
+    """The client of a cold pull does not wait for the bucket to take the last parts: it has
+    every byte once they matched the digest. Until the object is complete, the blob's next
+    GETs, ranges and HEADs on that replica come from its verified spool (nothing asked of
+    the upstream or the bucket), a redirect-mode GET too (there is nothing to presign yet);
+    once it landed, they go to the bucket as for any stored blob."""
+    layer = make_random_layer(20 * 1024 * 1024, seed=111)  # three parts
+    fake_hub.add_image("library/app", "1.0", make_image([layer]))
+    env = behind(slow_bucket, {**seaweedfs.env(bucket), "MIRROR_STORAGE_S3_REDIRECT": "true"})
+    process = MirrorProcess(tmp_path / "data", fake_hub.url, env=env)
+    await asyncio.to_thread(process.start)  # the proxy answers on this loop meanwhile
+    try:
+        async with aiohttp.ClientSession() as session:
+            await get(session, f"{process.url}/v2/app/manifests/1.0")
+            url = f"{process.url}/v2/app/blobs/{layer.digest}"
+            slow_bucket.holding = True
+            assert await get(session, url) == (200, layer.data)
+            assert slow_bucket.completed == 0, "the client waited for the upload to complete"
+
+            fake_hub.clear_log()
+            reads = len(slow_bucket.reads(blob_key(layer.digest)))
+            async with session.get(url, allow_redirects=False) as response:
+                assert (response.status, await response.read()) == (200, layer.data)
+            assert await get(session, url, Range="bytes=100-199") == (206, layer.data[100:200])
+            async with session.head(url) as response:
+                assert response.status == 200
+                assert response.headers["Content-Length"] == str(layer.size)
+            assert fake_hub.requests() == []
+            assert len(slow_bucket.reads(blob_key(layer.digest))) == reads
+            assert slow_bucket.completed == 0  # all of it while the upload was under way
+
+            slow_bucket.release()
+            await process.wait_for_event("blob_stored")
+            async with session.get(url, allow_redirects=False) as response:
+                assert response.status == 307
+            assert (await objects(seaweedfs, bucket))[blob_key(layer.digest)] == layer.data
+        assert blob_files(process.data_dir) == []  # the spool went once the object was in
+    finally:
+        await asyncio.to_thread(process.stop)
+
+
+async def test_another_replica_waits_for_a_landing_blob_instead_of_fetching_it(
+    fake_hub: FakeHub,
+    seaweedfs: SeaweedFS,
+    bucket: str,
+    redis: RedisServer,
+    slow_bucket: CompletionHoldingProxy,
+    tmp_path: Path,
+) -> None:
+    """While one replica's blob is landing (its clients had it whole), a replica on the same
+    bucket and Redis follows it, as it follows a fill: no second upstream fetch."""
+    layer = make_random_layer(20 * 1024 * 1024, seed=113)
+    fake_hub.add_image("library/app", "1.0", make_image([layer]))
+    filler, other = replicas(fake_hub, seaweedfs, bucket, redis, tmp_path)
+    for process in (filler, other):  # one endpoint: the bucket's identity scopes the leases
+        process.env = behind(slow_bucket, process.env)
+        await asyncio.to_thread(process.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            slow_bucket.holding = True
+            url = f"{filler.url}/v2/app/blobs/{layer.digest}"
+            assert await get(session, url) == (200, layer.data)
+            assert slow_bucket.completed == 0, "the client waited for the upload to complete"
+
+            async with session.get(f"{other.url}/v2/app/blobs/{layer.digest}") as response:
+                assert response.status == 200  # following: the size was published
+                assert fake_hub.count("GET", "cdn") == 1
+                assert slow_bucket.completed == 0
+                slow_bucket.release()
+                assert await response.read() == layer.data
+        assert fake_hub.count("GET", "cdn") == 1
+        for process in (filler, other):
+            assert blob_files(process.data_dir) == []
+    finally:
+        for process in (filler, other):
+            await asyncio.to_thread(process.stop)
+
+
+async def test_a_blob_whose_upload_fails_after_its_client_finished_is_not_stored(
+    fake_hub: FakeHub,
+    seaweedfs: SeaweedFS,
+    bucket: str,
+    slow_bucket: CompletionHoldingProxy,
+    tmp_path: Path,
+) -> None:
+    """The bucket fails the completion after the client had the blob whole: nothing is
+    stored nor recorded, no upload is left behind, and the next pull fetches it again."""
+    layer = make_random_layer(20 * 1024 * 1024, seed=117)
+    fake_hub.add_image("library/app", "1.0", make_image([layer]))
+    env = behind(slow_bucket, seaweedfs.env(bucket))
+    process = MirrorProcess(tmp_path / "data", fake_hub.url, env=env)
+    await asyncio.to_thread(process.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await get(session, f"{process.url}/v2/app/manifests/1.0")
+            url = f"{process.url}/v2/app/blobs/{layer.digest}"
+            slow_bucket.holding = True
+            assert await get(session, url) == (200, layer.data)
+            assert slow_bucket.completed == 0, "the client waited for the upload to complete"
+
+            slow_bucket.release(fail=True)
+            await process.wait_for_event("blob_not_stored")
+            await no_fill_left(session, process)
+            assert await objects(seaweedfs, bucket) == {}
+            async with s3_client(seaweedfs) as client:  # type: ignore[attr-defined]
+                uploads = await client.list_multipart_uploads(Bucket=bucket)
+            assert uploads.get("Uploads", []) == []  # aborted
+            async with session.get(f"{process.url}/status.json") as response:
+                assert (await response.json())["disk"]["blobs"] == 0
+            assert blob_files(process.data_dir) == []
+
+            fake_hub.clear_log()
+            assert await get(session, url) == (200, layer.data)
+            assert fake_hub.count("GET", "cdn") == 1  # fetched again
+    finally:
+        await asyncio.to_thread(process.stop)
+
+
+async def test_a_stop_waits_within_its_grace_for_a_blob_still_landing(
+    fake_hub: FakeHub,
+    seaweedfs: SeaweedFS,
+    bucket: str,
+    slow_bucket: CompletionHoldingProxy,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while a blob its client had whole is still landing: the drain waits for it
+    (within the grace), so it is stored and recorded before the process exits 0."""
+    layer = make_random_layer(20 * 1024 * 1024, seed=119)
+    fake_hub.add_image("library/app", "1.0", make_image([layer]))
+    env = behind(slow_bucket, seaweedfs.env(bucket))
+    process = MirrorProcess(tmp_path / "data", fake_hub.url, env=env)
+    await asyncio.to_thread(process.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            slow_bucket.holding = True
+            assert await get(session, f"{process.url}/v2/app/blobs/{layer.digest}") == (
+                200,
+                layer.data,
+            )
+            assert slow_bucket.completed == 0, "the client waited for the upload to complete"
+        process.send_signal(signal.SIGTERM)
+        await process.wait_for_event("shutdown_draining")
+        slow_bucket.release()
+        assert await asyncio.to_thread(process.wait, 60) == 0
+        drained = await process.wait_for_event("shutdown_drained")
+        assert drained["landing"] == 0  # it had landed when the drain ended
+        assert '"blob_stored"' in process.log()
+        assert (await objects(seaweedfs, bucket))[blob_key(layer.digest)] == layer.data
+        assert blob_files(process.data_dir) == []
+    finally:
+        await asyncio.to_thread(process.stop)
+
+
+async def test_a_landing_the_stop_cuts_short_leaves_no_upload_and_no_object(
+    fake_hub: FakeHub,
+    seaweedfs: SeaweedFS,
+    bucket: str,
+    slow_bucket: CompletionHoldingProxy,
+    tmp_path: Path,
+) -> None:
+    """The bucket takes longer than the grace (and the engine's wait for landings): the
+    upload is aborted before the process exits, so no multipart upload is left for gc and
+    the completion the bucket gets late finds nothing to complete."""
+    layer = make_random_layer(20 * 1024 * 1024, seed=121)
+    fake_hub.add_image("library/app", "1.0", make_image([layer]))
+    env = behind(slow_bucket, seaweedfs.env(bucket))
+    process = MirrorProcess(tmp_path / "data", fake_hub.url, "--shutdown-grace", "1s", env=env)
+    await asyncio.to_thread(process.start)
+    try:
+        async with aiohttp.ClientSession() as session:
+            slow_bucket.holding = True
+            assert await get(session, f"{process.url}/v2/app/blobs/{layer.digest}") == (
+                200,
+                layer.data,
+            )
+            assert slow_bucket.completed == 0, "the client waited for the upload to complete"
+        await eventually(lambda: slow_bucket.held, "the completion held")
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 60) == 0
+        assert slow_bucket.completed == 0  # still held: the process did not wait for it
+        async with s3_client(seaweedfs) as client:  # type: ignore[attr-defined]
+            uploads = await client.list_multipart_uploads(Bucket=bucket)
+        assert uploads.get("Uploads", []) == []
+        slow_bucket.release()
+        await eventually(lambda: slow_bucket.completed, "the held completion answered")
+        assert await objects(seaweedfs, bucket) == {}
+        assert blob_files(process.data_dir) == []
+        assert '"blob_stored"' not in process.log()
+    finally:
+        await asyncio.to_thread(process.stop)

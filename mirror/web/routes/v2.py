@@ -222,7 +222,7 @@ async def _blob_body(
     if isinstance(source, CachedBlob):
         raise BlobUnknown(detail={"digest": str(digest)})
     try:
-        request[EXCHANGE].cache = "miss"
+        request[EXCHANGE].cache = "hit" if source.landing else "miss"  # landing: verified here
         return await _stream_fill(request, source, headers)
     finally:
         source.detach()
