@@ -170,7 +170,7 @@ def cold(lab: Lab, bucket: Bucket) -> list[Row]:
             reference_name="local disk",
             ratio=report.ratio_of(total[0], total[1]),
             repetitions=reps,
-            note="a client's last byte waits until the blob has landed (verified and stored)",
+            note="a client's last byte once the digest matched; the upload completes after",
         ),
         row(
             f"{label}: the object complete in the bucket, from the request",

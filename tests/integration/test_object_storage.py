@@ -72,12 +72,16 @@ def s3_client(seaweedfs: SeaweedFS) -> object:
 
 
 async def objects(seaweedfs: SeaweedFS, bucket: str) -> dict[str, bytes]:
-    """Every object in the bucket: key -> bytes."""
+    """Every object in the bucket: key -> bytes (one the mirror deletes between the
+    listing and its GET, an eviction going on, is left out)."""
     found: dict[str, bytes] = {}
     async with s3_client(seaweedfs) as client:  # type: ignore[attr-defined]
         listed = await client.list_objects_v2(Bucket=bucket)
         for item in listed.get("Contents", ()):
-            answer = await client.get_object(Bucket=bucket, Key=item["Key"])
+            try:
+                answer = await client.get_object(Bucket=bucket, Key=item["Key"])
+            except client.exceptions.NoSuchKey:
+                continue
             found[item["Key"]] = await answer["Body"].read()
     return found
 
