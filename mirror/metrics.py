@@ -78,7 +78,8 @@ class Metrics:
         )
         self.fills_in_flight = Gauge(
             "mirror_blob_fills_in_flight",
-            "Blob downloads from upstream under way (summed over worker processes).",
+            "Blob downloads from upstream under way, and blobs still landing in object storage "
+            "(summed over worker processes).",
             registry=self.registry,
             multiprocess_mode="livesum",
         )
