@@ -34,7 +34,7 @@ from tests.support.process import (
     skopeo_copy,
 )
 from tests.support.redis_server import RedisServer
-from tests.support.s3_proxy import CompletionHoldingProxy
+from tests.support.s3_proxy import CompletionHoldingProxy, S3Proxy
 from tests.support.seaweedfs import ACCESS_KEY, READER_KEY, SECRET_KEY, SeaweedFS
 from tests.support.waiting import eventually
 
@@ -652,35 +652,14 @@ async def test_the_hot_tier_keeps_blobs_in_the_data_dir_up_to_its_size(
                 await asyncio.to_thread(process.stop)
 
 
-class SlowingProxy:
-    """A loopback proxy in front of the S3 server that answers the next ``slowdowns``
-    requests for blob objects with 503 SlowDown, as a busy S3 does, and forwards the rest
-    untouched (the Host header too, which the signature covers)."""
+class SlowingProxy(S3Proxy):
+    """A proxy in front of the S3 server that answers the next ``slowdowns`` requests for
+    blob objects with 503 SlowDown, as a busy S3 does, and forwards the rest untouched."""
 
     def __init__(self, target: str) -> None:
-        self.target = target
+        super().__init__(target)
         self.slowdowns = 0
         self.refused = 0
-        self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self.url = ""
-
-    async def start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
-        self._session = aiohttp.ClientSession(auto_decompress=False)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if self.slowdowns > 0 and "/blobs/" in request.path:
@@ -691,21 +670,7 @@ class SlowingProxy:
                 b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
             )
             return web.Response(status=503, body=body, content_type="application/xml")
-        assert self._session is not None
-        async with self._session.request(
-            request.method,
-            self.target + request.path_qs,
-            headers={k: v for k, v in request.headers.items() if k.lower() != "transfer-encoding"},
-            data=await request.read(),
-            allow_redirects=False,
-        ) as answer:
-            body = await answer.read()
-            headers = {
-                k: v
-                for k, v in answer.headers.items()
-                if k.lower() not in ("transfer-encoding", "content-length", "content-encoding")
-            }
-            return web.Response(status=answer.status, body=body, headers=headers)
+        return await super()._handle(request)
 
 
 async def test_slow_down_answers_are_retried_and_no_client_sees_them(

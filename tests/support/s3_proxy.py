@@ -1,7 +1,7 @@
-"""A loopback proxy in front of an S3 server that holds back the completion of multipart
-uploads: what a bucket slower than the upstream looks like to a fill, at the moment its
-last parts are still going in. Every request is forwarded untouched (the Host header too,
-which the signature covers) and logged."""
+"""Loopback proxies in front of an S3 server, forwarding every request untouched (the Host
+header too, which the signature covers): :class:`S3Proxy`, and the one that holds back the
+completion of multipart uploads, what a bucket slower than the upstream looks like to a
+fill at the moment its last parts are still going in."""
 
 from __future__ import annotations
 
@@ -27,20 +27,11 @@ class Seen:
     query: str
 
 
-class CompletionHoldingProxy:
-    """``holding`` set, each CompleteMultipartUpload waits until :meth:`release` (``held``
-    counts those waiting, ``completed`` those the bucket or the proxy answered); released
-    with ``fail``, they are answered 500 InternalError, as a bucket that went down answers,
-    and the retries too."""
+class S3Proxy:
+    """Forwards each request to ``target``; subclasses answer some themselves."""
 
     def __init__(self, target: str) -> None:
         self.target = target
-        self.holding = False
-        self.held = 0
-        self.completed = 0
-        self.failing = False
-        self.seen: list[Seen] = []
-        self._released = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.url = ""
@@ -56,11 +47,50 @@ class CompletionHoldingProxy:
         self._session = aiohttp.ClientSession(auto_decompress=False)
 
     async def close(self) -> None:
-        self.release()
         if self._session is not None:
             await self._session.close()
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        return await self._forward(request, await request.read())
+
+    async def _forward(self, request: web.Request, body: bytes) -> web.Response:
+        assert self._session is not None
+        async with self._session.request(
+            request.method,
+            self.target + request.path_qs,
+            headers={k: v for k, v in request.headers.items() if k.lower() != "transfer-encoding"},
+            data=body,
+            allow_redirects=False,
+        ) as answer:
+            data = await answer.read()
+            # A HEAD's length is the object's: kept, where a body's is aiohttp's to set.
+            dropped: tuple[str, ...] = ("transfer-encoding", "content-encoding")
+            if request.method != "HEAD":
+                dropped += ("content-length",)
+            headers = {k: v for k, v in answer.headers.items() if k.lower() not in dropped}
+            return web.Response(status=answer.status, body=data, headers=headers)
+
+
+class CompletionHoldingProxy(S3Proxy):
+    """``holding`` set, each CompleteMultipartUpload waits until :meth:`release` (``held``
+    counts those waiting, ``completed`` those the bucket or the proxy answered); released
+    with ``fail``, they are answered 500 InternalError, as a bucket that went down answers,
+    and the retries too. Every request is logged (``seen``)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.holding = False
+        self.held = 0
+        self.completed = 0
+        self.failing = False
+        self.seen: list[Seen] = []
+        self._released = asyncio.Event()
+
+    async def close(self) -> None:
+        self.release()
+        await super().close()
 
     def release(self, *, fail: bool = False) -> None:
         self.failing = fail
@@ -90,19 +120,6 @@ class CompletionHoldingProxy:
         if completing and self.failing:
             self.completed += 1
             return web.Response(status=500, body=INTERNAL_ERROR, content_type="application/xml")
-        assert self._session is not None
-        async with self._session.request(
-            request.method,
-            self.target + request.path_qs,
-            headers={k: v for k, v in request.headers.items() if k.lower() != "transfer-encoding"},
-            data=body,
-            allow_redirects=False,
-        ) as answer:
-            data = await answer.read()
-            self.completed += completing
-            # A HEAD's length is the object's: kept, where a body's is aiohttp's to set.
-            dropped: tuple[str, ...] = ("transfer-encoding", "content-encoding")
-            if request.method != "HEAD":
-                dropped += ("content-length",)
-            headers = {k: v for k, v in answer.headers.items() if k.lower() not in dropped}
-            return web.Response(status=answer.status, body=data, headers=headers)
+        answer = await self._forward(request, body)
+        self.completed += completing
+        return answer

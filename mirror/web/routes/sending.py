@@ -70,8 +70,9 @@ async def send_stream(
         socket_copy(request) as sock,
     ):
         try:
-            relayable = sock is not None and isinstance(chunks, Relayable)
-            source = await chunks.passthrough() if relayable else None  # type: ignore[attr-defined]
+            source = None
+            if sock is not None and isinstance(chunks, Relayable):
+                source = await chunks.passthrough()
             if source is not None and sock is not None:
                 await response.prepare(request)
                 await Relay(request, response, transfer, sock, source).run()
